@@ -1,0 +1,1 @@
+"""Mask R-CNN training: data, model, Ray Train loop, evaluation and MLflow tracking."""

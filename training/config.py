@@ -1,0 +1,356 @@
+"""Typed configuration: dataclasses loaded from YAML, with dotted command-line overrides.
+
+Every field carries its meaning in a comment-docstring; `asdict()` of the root `Config` feeds
+Ray's `train_loop_config` and (flattened) MLflow's params, and is saved beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown field or holds a value of the wrong type."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded shapes dataset, generated deterministically from `seed`."""
+
+    seed: int = 0
+    num_train: int = 400
+    num_val: int = 50
+    image_size: int = 128
+    min_objects: int = 1
+    max_objects: int = 4
+    min_size: int = 16
+    """Smallest shape extent in pixels."""
+    max_size: int = 48
+    noise: float = 8.0
+    """Std of Gaussian pixel noise added to the background (0-255 scale)."""
+
+    def __post_init__(self) -> None:
+        if self.num_train < 1 or self.num_val < 1:
+            raise ConfigError(f"data.synthetic: num_train and num_val must be >= 1, got {self.num_train}, {self.num_val}")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ConfigError(f"data.synthetic: need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if not 4 <= self.min_size <= self.max_size < self.image_size:
+            raise ConfigError(
+                f"data.synthetic: need 4 <= min_size <= max_size < image_size, got {self.min_size}, {self.max_size}, {self.image_size}"
+            )
+
+
+@dataclass
+class AugmentConfig:
+    """Albumentations applied to training images only (masks and boxes stay consistent)."""
+
+    enabled: bool = True
+    hflip: float = 0.5
+    vflip: float = 0.0
+    scale_min: float = 0.75
+    """Random scale range for the scale/crop step (1.0 and 1.0 disables it)."""
+    scale_max: float = 1.25
+    scale_p: float = 0.5
+    color_jitter: float = 0.2
+    """Strength of brightness/contrast/saturation jitter (0 disables it)."""
+    color_p: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    """Where the dataset comes from. With `train` empty, the synthetic dataset is generated."""
+
+    train: str = ""
+    """Training split: a folder holding `annotations.json` and the images, or `s3://` / `gs://` prefix."""
+    val: str = ""
+    """Validation split, same forms as `train`. Empty with `train` set: `val_fraction` of train is held out."""
+    train_annotations: str = "annotations.json"
+    """Annotation file name inside the split folder."""
+    val_annotations: str = "annotations.json"
+    val_fraction: float = 0.1
+    skip_invalid: bool = False
+    """Drop invalid annotations/images (counted in the log) instead of failing on the first problem."""
+    cache_dir: str = ""
+    """Where remote datasets and the synthetic dataset are stored. Default: $MASKRCNN_CACHE or ~/.cache/maskrcnn-platform."""
+    max_image_pixels: int = 64_000_000
+    """Images above this many pixels are rejected (decompression bombs)."""
+    num_workers: int = 0
+    """DataLoader worker processes per training worker."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def resolved_cache_dir(self) -> Path:
+        base = self.cache_dir or os.environ.get("MASKRCNN_CACHE") or str(Path.home() / ".cache" / "maskrcnn-platform")
+        return Path(base).expanduser()
+
+
+BACKBONES = ("resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_large_fpn", "mobilenet_v3_small_fpn")
+
+
+@dataclass
+class ModelConfig:
+    """torchvision Mask R-CNN: backbone, input sizes and head sizes."""
+
+    backbone: str = "mobilenet_v3_large_fpn"
+    """One of resnet50_fpn, resnet50_fpn_v2, resnet18_fpn, mobilenet_v3_large_fpn, mobilenet_v3_small_fpn."""
+    weights: str = "none"
+    """Whole-model weights: `none`, or a local path / s3:// / gs:// / http(s):// URI of a state dict."""
+    backbone_weights: str = "none"
+    """Backbone-only weights (e.g. ImageNet), same forms as `weights`."""
+    trainable_backbone_layers: int = -1
+    """-1: all layers when training from scratch, 3 when weights are loaded."""
+    min_size: int = 128
+    """Shorter image side after the model's internal resize."""
+    max_size: int = 128
+    fpn_channels: int = 256
+    """FPN output channels (light backbones only; the ResNet-50 variants keep torchvision's 256)."""
+    representation_size: int = 1024
+    """Box head MLP width (light backbones only)."""
+    mask_head_channels: int = 256
+    mask_head_layers: int = 4
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    box_detections_per_img: int = 100
+    box_score_thresh: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"model.backbone: unknown backbone {self.backbone!r}, expected one of {', '.join(BACKBONES)}")
+        if self.min_size < 32 or self.max_size < self.min_size:
+            raise ConfigError(f"model: need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule; every rank steps the same schedule."""
+
+    epochs: int = 10
+    batch_size: int = 4
+    """Images per worker per step."""
+    optimizer: str = "sgd"
+    """sgd or adamw."""
+    lr: float = 0.02
+    """Learning rate for the global batch (not scaled further by the number of workers)."""
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    """cosine or step (x0.1 at 2/3 and 8/9 of training) or constant, after the linear warmup."""
+    grad_clip: float = 10.0
+    """Max gradient norm (0 disables clipping)."""
+    amp: bool = True
+    """Mixed precision; used on GPU only."""
+    seed: int = 42
+    log_every: int = 10
+    """Steps between progress lines."""
+    eval_every: int = 1
+    """Epochs between evaluations on the validation split (the last epoch is always evaluated)."""
+    max_steps_per_epoch: int = 0
+    """Cap on steps per epoch (0: the whole split). For smoke tests."""
+    threads_per_worker: int = 0
+    """torch intra-op threads per worker (0: the worker's CPU share)."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"train.optimizer: expected sgd or adamw, got {self.optimizer!r}")
+        if self.lr_schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(f"train.lr_schedule: expected cosine, step or constant, got {self.lr_schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(f"train: need epochs >= 1, batch_size >= 1, lr > 0; got {self.epochs}, {self.batch_size}, {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the validation split."""
+
+    mask_threshold: float = 0.5
+    """Probability above which a predicted mask pixel is foreground."""
+    iou_match: float = 0.5
+    """IoU needed to match a prediction with a ground-truth instance for the mask IoU metric."""
+    score_threshold: float = 0.5
+    """Predictions below this score are ignored by the mask IoU metric (COCO mAP uses all)."""
+    num_sample_images: int = 4
+    """Validation images with predicted masks drawn, logged to MLflow."""
+
+
+@dataclass
+class RayConfig:
+    """Where and how wide Ray Train runs."""
+
+    address: str = ""
+    """Existing Ray cluster (`ray://host:10001` or `auto`, e.g. KubeRay). Empty: start a local Ray."""
+    num_workers: int = 2
+    use_gpu: str = "auto"
+    """auto (GPU when the cluster has one), true or false."""
+    cpus_per_worker: int = 1
+    storage_path: str = ""
+    """Where Ray keeps checkpoints: a folder or s3:// URI. Default: ./ray_results."""
+    name: str = "maskrcnn"
+    """Run name: checkpoints go to <storage_path>/<name>."""
+    num_to_keep: int = 2
+    """Checkpoints kept, the best by `checkpoint_metric`."""
+    checkpoint_metric: str = "segm_mAP"
+    max_failures: int = 1
+    """Worker-group restarts from the last checkpoint before the run fails."""
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune search (ASHA) over learning rate and weight decay."""
+
+    num_samples: int = 4
+    lr_min: float = 0.002
+    lr_max: float = 0.05
+    weight_decay_min: float = 1e-5
+    weight_decay_max: float = 1e-3
+    max_concurrent: int = 1
+    grace_period: int = 1
+    """Epochs each trial runs before ASHA may stop it."""
+    workers_per_trial: int = 1
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking and the model registry."""
+
+    tracking_uri: str = ""
+    """Empty: $MLFLOW_TRACKING_URI, else a local SQLite store ./mlflow.db (open it with `mlflow ui`)."""
+    experiment: str = "maskrcnn"
+    model_name: str = "maskrcnn"
+    """Registered model name."""
+    register: bool = True
+    log_model: bool = True
+    """Log the final model (torchvision module) as an MLflow model."""
+
+
+@dataclass
+class Config:
+    """Everything one training run needs; saved with every checkpoint."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        return _build(cls, values, "")
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = getattr(typ, "__origin__", None)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(typ, value, where)
+    if origin is list:
+        (inner,) = typ.__args__
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{prefix or 'config'}: unknown field(s) {sorted(unknown)}; expected some of {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (the default one when `path` is None) and apply `key.sub=value` overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw.strip())
+    try:
+        return Config.from_dict(tree)
+    except TypeError as exc:  # a scalar where a section was expected, and the like
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists become comma-joined strings (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        elif isinstance(value, list):
+            out[name] = ",".join(str(v) for v in value)
+        else:
+            out[name] = value
+    return out
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

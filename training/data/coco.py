@@ -1,0 +1,390 @@
+"""COCO instance-segmentation datasets: parse, validate, map category ids, and serve samples.
+
+Validation runs before training: every problem names the file, the record and the field, and says
+what was expected. With `skip_invalid` the offending annotations (or images) are dropped and counted
+instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from faster_coco_eval.core import mask as mask_util
+from torch.utils.data import Dataset
+
+from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
+
+log = logging.getLogger(__name__)
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used: malformed JSON, missing files, bad annotations."""
+
+    def __init__(self, problems: list[str], source: str) -> None:
+        self.problems = problems
+        shown = "\n  - ".join(problems[:MAX_PROBLEMS_SHOWN])
+        more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        hint = "" if len(problems) == 1 and "JSON" in problems[0] else "\n(use data.skip_invalid=true to drop invalid records instead)"
+        super().__init__(f"{source}: {len(problems)} problem(s):\n  - {shown}{more}{hint}")
+
+
+@dataclass
+class LabelMap:
+    """Contiguous model labels (1..K, 0 is background) <-> COCO category ids (any integers)."""
+
+    category_ids: list[int]
+    names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model predicts, background included."""
+        return len(self.category_ids) + 1
+
+    def label_of(self, category_id: int) -> int:
+        return self.category_ids.index(category_id) + 1
+
+    def category_of(self, label: int) -> int:
+        return self.category_ids[label - 1]
+
+    def name_of(self, label: int) -> str:
+        return self.names[label - 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"categories": [{"label": i + 1, "id": c, "name": n} for i, (c, n) in enumerate(zip(self.category_ids, self.names))]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LabelMap:
+        cats = sorted(data["categories"], key=lambda c: c["label"])
+        return cls([int(c["id"]) for c in cats], [str(c["name"]) for c in cats])
+
+    @classmethod
+    def from_categories(cls, categories: list[dict[str, Any]]) -> LabelMap:
+        cats = sorted(categories, key=lambda c: c["id"])
+        return cls([int(c["id"]) for c in cats], [str(c["name"]) for c in cats])
+
+
+@dataclass
+class CocoSplit:
+    """A validated split: the cleaned COCO dict, the folder its `file_name`s are relative to, the label map."""
+
+    coco: dict[str, Any]
+    root: Path
+    label_map: LabelMap
+    annotation_file: Path
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [img["id"] for img in self.coco["images"]]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _check_segmentation(seg: Any, width: int, height: int, iscrowd: int) -> str | None:
+    """Return what is wrong with a segmentation, or None when it is usable."""
+    if isinstance(seg, list):
+        if iscrowd:
+            return "crowd annotations (iscrowd=1) must use RLE, got a polygon list"
+        if not seg:
+            return "empty polygon list, expected at least one polygon [x1, y1, x2, y2, x3, y3, ...]"
+        for i, poly in enumerate(seg):
+            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+                return f"polygon {i} is not a flat list of numbers"
+            if len(poly) < 6 or len(poly) % 2:
+                return f"polygon {i} has {len(poly)} coordinates, expected an even number >= 6"
+            xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
+            # COCO polygons may touch the far edge (x == width); one pixel of slack allows for rounding.
+            if xs.min() < -1 or ys.min() < -1 or xs.max() > width + 1 or ys.max() > height + 1:
+                return (
+                    f"polygon {i} is out of bounds: x in [{xs.min():g}, {xs.max():g}], y in [{ys.min():g}, {ys.max():g}], "
+                    f"expected within the image's {width}x{height}"
+                )
+            area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
+            if area <= 0:
+                return f"polygon {i} is empty (zero area)"
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            return f"RLE 'size' must be [height, width], got {size!r}"
+        if size != [height, width]:
+            return f"RLE size {size} does not match the image's [height, width] = [{height}, {width}]"
+        if isinstance(counts, list):
+            if not all(_is_int(v) and v >= 0 for v in counts):
+                return "uncompressed RLE 'counts' must be non-negative integers"
+            if sum(counts) != height * width:
+                return f"uncompressed RLE counts sum to {sum(counts)}, expected height*width = {height * width}"
+        elif not isinstance(counts, str) or not counts:
+            return f"RLE 'counts' must be a string (compressed) or a list of integers, got {type(counts).__name__}"
+        return None
+    return f"expected a polygon list or an RLE dict, got {type(seg).__name__}"
+
+
+def segmentation_to_rle(seg: Any, height: int, width: int) -> dict[str, Any]:
+    """Polygon list, uncompressed RLE or compressed RLE -> one compressed RLE."""
+    if isinstance(seg, list):
+        return mask_util.merge(mask_util.frPyObjects(seg, height, width))
+    if isinstance(seg["counts"], list):
+        return mask_util.frPyObjects(seg, height, width)
+    return {"size": list(seg["size"]), "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
+
+
+def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
+    """Any COCO segmentation -> HxW uint8 mask."""
+    return mask_util.decode(segmentation_to_rle(seg, height, width)).astype(np.uint8)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetError([f"annotation file does not exist, expected a COCO JSON file at {path}"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError([f"not UTF-8 text ({exc.reason} at byte {exc.start}), expected COCO JSON"], str(path)) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError([f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"], str(path)) from None
+
+
+def load_coco(
+    root: str | Path,
+    annotation_file: str | Path = "annotations.json",
+    skip_invalid: bool = False,
+    check_images: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> CocoSplit:
+    """Parse and validate a COCO split.
+
+    `annotation_file` is relative to `root` unless absolute; image `file_name`s are relative to
+    `root` (or to `root/images` when not found directly under `root`). Raises DatasetError listing
+    every problem, unless `skip_invalid`, which drops the bad records and logs how many.
+    """
+    root = Path(root)
+    ann_path = Path(annotation_file) if Path(annotation_file).is_absolute() else root / annotation_file
+    src = ann_path.name
+    data = _read_json(ann_path)
+    if not isinstance(data, dict):
+        raise DatasetError([f"top level is a {type(data).__name__}, expected an object with images, annotations, categories"], str(ann_path))
+    fatal: list[str] = []
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            fatal.append(f"{src}: field '{key}' is missing or not a list")
+    if fatal:
+        raise DatasetError(fatal, str(ann_path))
+
+    categories: dict[int, dict[str, Any]] = {}
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            fatal.append(f"{src}: categories[{i}]: expected {{'id': int, 'name': str}}, got {cat!r}")
+        elif cat["id"] in categories:
+            fatal.append(f"{src}: categories[{i}], field 'id': duplicate category id {cat['id']}")
+        elif cat["id"] <= 0:
+            fatal.append(f"{src}: categories[{i}], field 'id': {cat['id']} must be a positive integer")
+        else:
+            categories[cat["id"]] = {"id": cat["id"], "name": cat["name"], "supercategory": cat.get("supercategory", "")}
+    if not categories and not fatal:
+        fatal.append(f"{src}: field 'categories' is empty, expected at least one category")
+    if fatal:
+        raise DatasetError(fatal, str(ann_path))
+
+    problems: list[str] = []
+    images: dict[int, dict[str, Any]] = {}
+    bad_images = 0
+    for i, img in enumerate(data["images"]):
+        where = f"{src}: images[{i}]"
+        if not isinstance(img, dict):
+            problems.append(f"{where}: expected an object, got {img!r}")
+            bad_images += 1
+            continue
+        where = f"{src}: images[{i}] (id={img.get('id')!r}, file_name={img.get('file_name')!r})"
+        problem = None
+        if not _is_int(img.get("id")):
+            problem = f"{where}, field 'id': expected an integer"
+        elif img["id"] in images:
+            problem = f"{where}, field 'id': duplicate image id"
+        elif not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            problem = f"{where}, field 'file_name': expected a non-empty string"
+        elif not (_is_int(img.get("width")) and _is_int(img.get("height")) and img["width"] > 0 and img["height"] > 0):
+            problem = f"{where}, fields 'width'/'height': expected positive integers, got {img.get('width')!r}x{img.get('height')!r}"
+        if problem is None:
+            path = root / img["file_name"]
+            if not path.is_file() and (root / "images" / img["file_name"]).is_file():
+                path = root / "images" / img["file_name"]
+            if not path.is_file():
+                problem = f"{where}: image file not found at {path}"
+            elif check_images:
+                try:
+                    pixels = decode_image(path, max_pixels=max_pixels)
+                except ImageError as exc:
+                    problem = f"{where}: {exc}"
+                else:
+                    h, w = pixels.shape[:2]
+                    if (w, h) != (img["width"], img["height"]):
+                        problem = f"{where}: the JSON says {img['width']}x{img['height']}, the image file is {w}x{h}"
+        if problem:
+            problems.append(problem)
+            bad_images += 1
+            continue
+        images[img["id"]] = {"id": img["id"], "file_name": str(path.relative_to(root)), "width": img["width"], "height": img["height"]}
+
+    declared_image_ids = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+    annotations: list[dict[str, Any]] = []
+    bad_anns = 0
+    ann_ids: set[int] = set()
+    known_cats = ", ".join(str(c) for c in sorted(categories))
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{src}: annotations[{i}]"
+        if not isinstance(ann, dict):
+            problems.append(f"{where}: expected an object, got {ann!r}")
+            bad_anns += 1
+            continue
+        where = f"{src}: annotations[{i}] (id={ann.get('id')!r})"
+        problem = None
+        image_id, cat_id, iscrowd = ann.get("image_id"), ann.get("category_id"), ann.get("iscrowd", 0)
+        if not _is_int(ann.get("id")):
+            problem = f"{where}, field 'id': expected an integer"
+        elif ann["id"] in ann_ids:
+            problem = f"{where}, field 'id': duplicate annotation id"
+        elif not _is_int(image_id) or image_id not in declared_image_ids:
+            problem = f"{where}, field 'image_id': {image_id!r} is not the id of any image in 'images'"
+        elif image_id not in images:
+            bad_anns += 1  # its image was invalid and is already reported; drop silently with it
+            continue
+        elif not _is_int(cat_id) or cat_id not in categories:
+            problem = f"{where}, field 'category_id': {cat_id!r} is not a known category (known: {known_cats})"
+        elif iscrowd not in (0, 1):
+            problem = f"{where}, field 'iscrowd': expected 0 or 1, got {iscrowd!r}"
+        elif "segmentation" not in ann:
+            problem = f"{where}, field 'segmentation': missing, expected a polygon list or an RLE dict"
+        else:
+            img = images[image_id]
+            reason = _check_segmentation(ann["segmentation"], img["width"], img["height"], iscrowd)
+            if reason:
+                problem = f"{where}, field 'segmentation': {reason}"
+            elif "bbox" in ann and not (
+                isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4 and all(_is_number(v) for v in ann["bbox"])
+                and ann["bbox"][2] >= 0 and ann["bbox"][3] >= 0
+            ):
+                problem = f"{where}, field 'bbox': expected [x, y, width, height] with width, height >= 0, got {ann['bbox']!r}"
+        if problem is None:
+            img = images[image_id]
+            try:
+                rle = segmentation_to_rle(ann["segmentation"], img["height"], img["width"])
+            except Exception as exc:  # the C decoder's errors are not typed
+                problem = f"{where}, field 'segmentation': cannot be decoded: {exc}"
+            else:
+                area = float(mask_util.area(rle))
+                if area <= 0:
+                    problem = f"{where}, field 'segmentation': the mask is empty"
+        if problem:
+            problems.append(problem)
+            bad_anns += 1
+            continue
+        ann_ids.add(ann["id"])
+        bbox = ann.get("bbox") or [float(v) for v in mask_util.toBbox(rle)]
+        annotations.append({
+            "id": ann["id"], "image_id": image_id, "category_id": cat_id, "segmentation": ann["segmentation"],
+            "area": float(ann.get("area") or area), "bbox": [float(v) for v in bbox], "iscrowd": int(iscrowd),
+        })
+
+    if problems and not skip_invalid:
+        raise DatasetError(problems, str(ann_path))
+    if problems:
+        log.warning("%s: skipped %d invalid image(s) and %d invalid annotation(s); first: %s", ann_path, bad_images, bad_anns, problems[0])
+    if not images:
+        raise DatasetError([f"{src}: no usable images"], str(ann_path))
+    coco = {
+        "info": data.get("info", {}),
+        "images": list(images.values()),
+        "annotations": annotations,
+        "categories": list(categories.values()),
+    }
+    return CocoSplit(coco, root, LabelMap.from_categories(list(categories.values())), ann_path,
+                     dropped={"images": bad_images, "annotations": bad_anns})
+
+
+def subset(split: CocoSplit, image_ids: list[int]) -> CocoSplit:
+    """The same split restricted to `image_ids` (same label map)."""
+    keep = set(image_ids)
+    coco = dict(split.coco)
+    coco["images"] = [img for img in split.coco["images"] if img["id"] in keep]
+    coco["annotations"] = [a for a in split.coco["annotations"] if a["image_id"] in keep]
+    return CocoSplit(coco, split.root, split.label_map, split.annotation_file)
+
+
+Transform = Callable[[np.ndarray, list[np.ndarray], list[int]], tuple[np.ndarray, list[np.ndarray], list[int]]]
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) binary masks -> (N, 4) xyxy boxes covering each mask's pixels."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return boxes
+
+
+class CocoDataset(Dataset):
+    """Samples for torchvision detection models: (3xHxW float image, target dict).
+
+    Crowd annotations are left out of training targets (as in torchvision's references) but stay in
+    the COCO ground truth that evaluation uses. Boxes are derived from the (possibly augmented)
+    masks, so the two can never disagree.
+    """
+
+    def __init__(self, split: CocoSplit, transform: Transform | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.split = split
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.images = split.coco["images"]
+        self.anns_by_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in self.images}
+        for ann in split.coco["annotations"]:
+            if not ann["iscrowd"]:
+                self.anns_by_image[ann["image_id"]].append(ann)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+        """Raw sample: HxWx3 uint8 image, list of HxW masks, contiguous labels."""
+        img = self.images[index]
+        image = decode_image(self.split.root / img["file_name"], max_pixels=self.max_pixels)
+        anns = self.anns_by_image[img["id"]]
+        masks = [decode_segmentation(a["segmentation"], img["height"], img["width"]) for a in anns]
+        labels = [self.split.label_map.label_of(a["category_id"]) for a in anns]
+        return image, masks, labels
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, masks, labels = self.load(index)
+        if self.transform is not None:
+            image, masks, labels = self.transform(image, masks, labels)
+        h, w = image.shape[:2]
+        keep = [i for i, m in enumerate(masks) if m.any()]
+        mask_arr = np.stack([masks[i] for i in keep]).astype(np.uint8) if keep else np.zeros((0, h, w), np.uint8)
+        target = {
+            "boxes": torch.from_numpy(masks_to_boxes(mask_arr)).reshape(-1, 4),
+            "labels": torch.tensor([labels[i] for i in keep], dtype=torch.int64),
+            "masks": torch.from_numpy(mask_arr),
+            "image_id": torch.tensor(self.images[index]["id"]),
+        }
+        return to_tensor(image), target
+
+
+def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    images, targets = zip(*batch)
+    return list(images), list(targets)

@@ -1,0 +1,97 @@
+"""Turn a `DataConfig` into validated train/val splits, a label map and a content hash.
+
+The driver calls `prepare_data(validate=True)` before Ray starts, so a bad dataset fails in seconds
+with the offending file and field. Each Ray worker calls it again with `validate=False`: the same
+sources resolve to the same cached files (a remote node fetches its own copy), and only the JSON is
+parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import DataConfig
+from training.data.coco import CocoSplit, DatasetError, LabelMap, load_coco, subset
+from training.data.sources import content_hash, fetch_prefix
+from training.data.synthetic import synthetic_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    train: CocoSplit
+    val: CocoSplit
+    label_map: LabelMap
+    content_hash: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def split_stats(split: CocoSplit) -> dict[str, Any]:
+    counts = Counter(a["category_id"] for a in split.coco["annotations"])
+    names = dict(zip(split.label_map.category_ids, split.label_map.names))
+    return {
+        "images": len(split.coco["images"]),
+        "instances": len(split.coco["annotations"]),
+        "crowd": sum(a["iscrowd"] for a in split.coco["annotations"]),
+        "per_class": {names[c]: counts.get(c, 0) for c in split.label_map.category_ids},
+    }
+
+
+def _files_of(split: CocoSplit) -> list[str]:
+    return [str(split.annotation_file.relative_to(split.root))] + [img["file_name"] for img in split.coco["images"]]
+
+
+def prepare_data(cfg: DataConfig, validate: bool = True) -> PreparedData:
+    """Resolve, fetch and validate the dataset named by `cfg` (the synthetic one when `cfg.train` is empty)."""
+    cache = cfg.resolved_cache_dir()
+    kwargs = {"skip_invalid": cfg.skip_invalid, "check_images": validate, "max_pixels": cfg.max_image_pixels}
+    if not cfg.train:
+        if cfg.val:
+            raise DatasetError(["data.val is set but data.train is empty: give both, or neither for the synthetic dataset"], "config")
+        train_dir, val_dir = synthetic_dataset(cfg.synthetic, cache)
+        train, val = load_coco(train_dir, **kwargs), load_coco(val_dir, **kwargs)
+    else:
+        train_dir = fetch_prefix(cfg.train, cache)
+        train = load_coco(train_dir, cfg.train_annotations, **kwargs)
+        if cfg.val:
+            val = load_coco(fetch_prefix(cfg.val, cache), cfg.val_annotations, **kwargs)
+        else:
+            if not 0.0 < cfg.val_fraction < 1.0:
+                raise DatasetError([f"data.val_fraction must be in (0, 1) when data.val is empty, got {cfg.val_fraction}"], "config")
+            ids = np.array(train.image_ids)
+            rng = np.random.default_rng(0)  # fixed: the held-out split must not move between runs
+            rng.shuffle(ids)
+            n_val = max(1, int(round(len(ids) * cfg.val_fraction)))
+            if n_val >= len(ids):
+                raise DatasetError([f"{cfg.train}: {len(ids)} image(s) are too few to hold out {cfg.val_fraction:.0%} for validation"], "config")
+            val, train = subset(train, ids[:n_val].tolist()), subset(train, ids[n_val:].tolist())
+    if val.label_map.category_ids != train.label_map.category_ids:
+        raise DatasetError([
+            f"the validation categories {val.label_map.category_ids} differ from the training categories "
+            f"{train.label_map.category_ids}; both splits must declare the same categories"], str(val.annotation_file))
+    prepared = PreparedData(train, val, train.label_map)
+    if validate:
+        files = {train.root: _files_of(train)}
+        files.setdefault(val.root, []).extend(_files_of(val))
+        prepared.content_hash = content_hash_of(files)
+        prepared.stats = {"train": split_stats(train), "val": split_stats(val),
+                          "dropped": {"train": train.dropped, "val": val.dropped}}
+        log.info("dataset %s: train %d images / %d instances, val %d images / %d instances, classes %s",
+                 prepared.content_hash[:12], prepared.stats["train"]["images"], prepared.stats["train"]["instances"],
+                 prepared.stats["val"]["images"], prepared.stats["val"]["instances"], train.label_map.names)
+    return prepared
+
+
+def content_hash_of(files_by_root: dict[Path, list[str]]) -> str:
+    h = hashlib.sha256()
+    for root in sorted(files_by_root, key=str):
+        h.update(content_hash(root, sorted(set(files_by_root[root]))).encode())
+    return h.hexdigest()

@@ -1,0 +1,61 @@
+"""Evaluate a checkpoint on a split: COCO mAP (bbox, segm), per-class AP, mask IoU, sample overlays.
+
+Used by `training.ray_main` after training and by the pipeline's evaluate step (the candidate and
+the current champion are evaluated by the same function on the same split).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from training.checkpoint import load_model
+from training.config import EvalConfig
+from training.data.coco import CocoDataset, CocoSplit, collate
+from training.engine import predict, summarize_scores
+from training.metrics import Prediction, evaluate_predictions
+from training.visualize import draw_predictions
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_model(model: torch.nn.Module, split: CocoSplit, cfg: EvalConfig, batch_size: int = 4) -> tuple[dict[str, float], list[Prediction]]:
+    loader = DataLoader(CocoDataset(split), batch_size=batch_size, collate_fn=collate)
+    predictions = predict(model, loader, torch.device("cpu"), cfg.mask_threshold)
+    metrics = evaluate_predictions(split.coco, predictions, split.label_map, cfg.score_threshold, cfg.iou_match)
+    metrics.update(summarize_scores(predictions, cfg))
+    return metrics, predictions
+
+
+def evaluate_checkpoint(folder: str | Path, split: CocoSplit, cfg: EvalConfig | None = None) -> tuple[dict[str, float], list[Prediction]]:
+    """Metrics and predictions of the checkpoint in `folder` on `split` (CPU, all cores)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, config, label_map = load_model(folder)
+    if label_map.category_ids != split.label_map.category_ids:
+        raise ValueError(f"checkpoint {folder} predicts categories {label_map.category_ids}, "
+                         f"the split has {split.label_map.category_ids}")
+    return evaluate_model(model, split, cfg or config.eval)
+
+
+def write_samples(split: CocoSplit, predictions: list[Prediction], out_dir: Path, count: int, score_threshold: float) -> list[Path]:
+    """Draw the first `count` images' predictions into `out_dir` as PNG files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = CocoDataset(split)
+    by_id = {p["image_id"]: p for p in predictions}
+    paths = []
+    for index in range(min(count, len(dataset))):
+        image, _, _ = dataset.load(index)
+        image_id = dataset.images[index]["id"]
+        path = out_dir / f"val_{image_id}.png"
+        draw_predictions(image, by_id[image_id], split.label_map, score_threshold).save(path)
+        paths.append(path)
+    return paths
+
+
+def metric_summary(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("segm_mAP", "bbox_mAP", "segm_AP50", "mask_iou") if k in metrics)

@@ -1,0 +1,132 @@
+"""`train_loop_per_worker`: what each Ray Train worker runs.
+
+Ray touches the loop in four places: `prepare_model` (DDP and device), `prepare_data_loader`
+(device transfer), `ray.train.report` (metrics and rank 0's checkpoint) and `ray.train.get_checkpoint`
+(restart after a lost worker). Everything else is the plain loop in `training.engine`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from training.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from training.config import Config
+from training.data.coco import CocoDataset, collate
+from training.data.prepare import prepare_data
+from training.data.transforms import build_train_transform
+from training.engine import Progress, build_optimizer, gather_predictions, lr_lambda, predict, summarize_scores, train_one_epoch
+from training.metrics import evaluate_predictions
+from training.model import build_model
+
+log = logging.getLogger("training")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _broadcast(obj: Any) -> Any:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Train `loop_config["config"]`; optionally log to MLflow run `loop_config["mlflow_run_id"]` (rank 0)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    cfg = Config.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.train.threads_per_worker or cfg.ray.cpus_per_worker
+    torch.set_num_threads(max(1, threads))
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    device = ray.train.torch.get_device()
+    use_amp = cfg.train.amp and device.type == "cuda"
+
+    data = prepare_data(cfg.data, validate=False)
+    augment = build_train_transform(cfg.data.augment)
+    train_ds = CocoDataset(data.train, augment, max_pixels=cfg.data.max_image_pixels)
+    val_ds = CocoDataset(data.val, max_pixels=cfg.data.max_image_pixels)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.data.num_workers, drop_last=len(train_ds) >= cfg.train.batch_size * world)
+    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+    val_loader = DataLoader(val_ds, batch_size=cfg.train.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers,
+                            sampler=DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False))
+
+    model = build_model(cfg.model, data.label_map.num_classes, cfg.data.resolved_cache_dir())
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(model, cfg.train)
+    steps_per_epoch = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, cfg.train.epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    start_epoch, last_eval = 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    resume_from = loop_config.get("resume_from")
+    if checkpoint is not None or resume_from:
+        with (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(resume_from)) as folder:
+            state = load_checkpoint(folder)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"] + 1
+        last_eval = {k: v for k, v in state["metrics"].items() if not k.startswith("train_")}
+        if rank == 0:
+            log.info("resuming from %s at epoch %d", checkpoint.path if checkpoint else resume_from, start_epoch)
+
+    client = None
+    if rank == 0 and loop_config.get("mlflow_run_id"):
+        from mlflow.tracking import MlflowClient
+
+        from training.tracking import log_metrics
+        client = MlflowClient(loop_config["tracking_uri"])
+
+    progress = Progress(cfg.train.epochs - start_epoch, steps_per_epoch)
+    for epoch in range(start_epoch, cfg.train.epochs):
+        sampler.set_epoch(epoch)
+        if augment is not None:
+            augment.reseed(cfg.train.seed * 100_003 + epoch * 1009 + rank)
+        metrics: dict[str, Any] = {"epoch": epoch}
+        metrics.update(train_one_epoch(model, optimizer, scheduler, loader, device, epoch, cfg.train, progress, scaler, world))
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
+            predictions = gather_predictions(predict(model, val_loader, device, cfg.eval.mask_threshold))
+            evaluated = None
+            if rank == 0:
+                evaluated = evaluate_predictions(data.val.coco, predictions, data.label_map, cfg.eval.score_threshold, cfg.eval.iou_match)
+                evaluated.update(summarize_scores(predictions, cfg.eval))
+            last_eval = _broadcast(evaluated)
+            if rank == 0:
+                log.info("epoch %d: segm mAP %.4f, bbox mAP %.4f, mask IoU %.4f", epoch, last_eval["segm_mAP"],
+                         last_eval["bbox_mAP"], last_eval["mask_iou"])
+        metrics.update(last_eval)
+        metrics.setdefault(cfg.ray.checkpoint_metric, 0.0)  # Ray ranks checkpoints by it; absent before the first evaluation
+        if client is not None:
+            log_metrics(client, loop_config["mlflow_run_id"], {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
+                                config=cfg, label_map=data.label_map, metrics=metrics,
+                                run_info={"mlflow_run_id": loop_config.get("mlflow_run_id") or "",
+                                          "tracking_uri": loop_config.get("tracking_uri") or ""})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
