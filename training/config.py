@@ -112,6 +112,8 @@ class ModelConfig:
     """Shorter image side after the model's internal resize."""
     max_size: int = 128
     fpn_channels: int = 256
+    fpn_levels: int = 4
+    """Backbone stages feeding the FPN (light backbones): 4 means strides 4, 8, 16, 32 (plus a pooled level)."""
     """FPN output channels (light backbones only; the ResNet-50 variants keep torchvision's 256)."""
     representation_size: int = 1024
     """Box head MLP width (light backbones only)."""
@@ -131,6 +133,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone: unknown backbone {self.backbone!r}, expected one of {', '.join(BACKBONES)}")
+        if not 1 <= self.fpn_levels <= 4:
+            raise ConfigError(f"model.fpn_levels: expected 1 to 4, got {self.fpn_levels}")
         if self.min_size < 32 or self.max_size < self.min_size:
             raise ConfigError(f"model: need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
 

@@ -55,18 +55,27 @@ def _light_backbone(cfg: ModelConfig, norm_layer: type[nn.Module], trainable: in
         layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
         for name, param in body.named_parameters():
             param.requires_grad_(any(name.startswith(layer) for layer in layers) or trainable >= 5)
-        return BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-                               [64, 128, 256, 512], cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
+        names, channels = ["layer1", "layer2", "layer3", "layer4"][-cfg.fpn_levels:], [64, 128, 256, 512][-cfg.fpn_levels:]
+        return BackboneWithFPN(body, {name: str(n) for n, name in enumerate(names)}, channels, cfg.fpn_channels,
+                               extra_blocks=LastLevelMaxPool())
     make = mobilenet_v3_large if cfg.backbone == "mobilenet_v3_large_fpn" else mobilenet_v3_small
     features = make(weights=None, norm_layer=norm_layer).features
-    # Stages end where the stride changes (the blocks marked `_is_cn`), plus the last block.
-    stages = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
-    freeze_before = stages[max(0, len(stages) - trainable)] if trainable < len(stages) else 0
-    for block in features[:freeze_before]:
-        block.requires_grad_(False)
-    returned = stages[-2:]
+    # A stage ends just before each stride-2 block (marked `_is_cn`), and at the last block. torchvision's
+    # own recipe feeds the FPN two stride-32 maps, 4x4 at 128 px: far too coarse for small objects.
+    # Stage ends at strides 4, 8, 16, 32 give the FPN the fine levels Mask R-CNN expects.
+    ends = [i - 1 for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
+    returned = ends[-cfg.fpn_levels:]
+    trainable_blocks = {i for i in range(len(features)) if i > (ends[-trainable] if trainable < len(ends) else -1)}
+    for i, block in enumerate(features):
+        block.requires_grad_(i in trainable_blocks)
     return BackboneWithFPN(features, {str(i): str(n) for n, i in enumerate(returned)},
-                           [features[i].out_channels for i in returned], cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
+                           [_out_channels(features[i]) for i in returned], cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
+
+
+def _out_channels(block: nn.Module) -> int:
+    if hasattr(block, "out_channels"):
+        return block.out_channels
+    return [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
 def build_model(cfg: ModelConfig, num_classes: int, cache_dir: Path | None = None) -> MaskRCNN:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import tempfile
 from typing import Any
@@ -101,9 +102,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     progress = Progress(cfg.train.epochs - start_epoch, steps_per_epoch)
     for epoch in range(start_epoch, cfg.train.epochs):
+        _maybe_lose_worker(loop_config.get("lose_worker_once"), epoch, rank, world)
         sampler.set_epoch(epoch)
+        # Every random stream (augmentation, RPN/ROI sampling) is a function of (seed, epoch, rank),
+        # so a resumed run replays exactly what the uninterrupted run would have done.
+        epoch_seed = cfg.train.seed * 100_003 + epoch * 1009 + rank
+        seed_everything(epoch_seed)
         if augment is not None:
-            augment.reseed(cfg.train.seed * 100_003 + epoch * 1009 + rank)
+            augment.reseed(epoch_seed)
         metrics: dict[str, Any] = {"epoch": epoch}
         metrics.update(train_one_epoch(model, optimizer, scheduler, loader, device, epoch, cfg.train, progress, scaler, world))
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
@@ -130,3 +136,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
+
+
+def _maybe_lose_worker(spec: dict[str, Any] | None, epoch: int, rank: int, world: int) -> None:
+    """Fault injection for tests: the last rank dies once at `spec["epoch"]`, as a lost node would.
+
+    `spec["marker"]` is a file created before dying, so the restarted worker group goes on.
+    """
+    if not spec or epoch != spec["epoch"] or rank != world - 1 or os.path.exists(spec["marker"]):
+        return
+    open(spec["marker"], "w").close()
+    log.warning("fault injection: rank %d exits at epoch %d", rank, epoch)
+    os._exit(1)

@@ -46,7 +46,9 @@ def split_stats(split: CocoSplit) -> dict[str, Any]:
 
 
 def _files_of(split: CocoSplit) -> list[str]:
-    return [str(split.annotation_file.relative_to(split.root))] + [img["file_name"] for img in split.coco["images"]]
+    ann = split.annotation_file
+    ann_name = str(ann.relative_to(split.root)) if ann.is_relative_to(split.root) else str(ann)  # absolute: joins as itself
+    return [ann_name] + [img["file_name"] for img in split.coco["images"]]
 
 
 def prepare_data(cfg: DataConfig, validate: bool = True) -> PreparedData:

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny configs, a private dataset cache, hand-built COCO folders, one local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.config import CONFIG_DIR, Config, load_config
+
+TINY = CONFIG_DIR / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One dataset cache for the whole session (the synthetic data is generated once)."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["MASKRCNN_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture
+def tiny_config(cache_dir: Path, tmp_path: Path) -> Config:
+    """The tiny config with a private cache, Ray storage and MLflow store under tmp_path."""
+    return load_config(TINY, [f"data.cache_dir={cache_dir}", f"ray.storage_path={tmp_path / 'ray'}",
+                              f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+
+
+def write_coco(root: Path, images: list[dict[str, Any]], annotations: list[dict[str, Any]],
+               categories: list[dict[str, Any]] | None = None, name: str = "annotations.json") -> Path:
+    """Write a COCO folder; each image dict may carry `pixels` (HxWx3 uint8) which is saved as its file."""
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for img in images:
+        img = dict(img)
+        pixels = img.pop("pixels", None)
+        if pixels is None:
+            pixels = np.full((img["height"], img["width"], 3), 127, np.uint8)
+        Image.fromarray(pixels).save(root / img["file_name"])
+        records.append(img)
+    cats = categories if categories is not None else [{"id": 3, "name": "cat"}, {"id": 17, "name": "dog"}]
+    (root / name).write_text(json.dumps({"images": records, "annotations": annotations, "categories": cats}))
+    return root
+
+
+def square(x: float, y: float, size: float) -> list[list[float]]:
+    return [[x, y, x + size, y, x + size, y + size, x, y + size]]
+
+
+@pytest.fixture
+def coco_folder(tmp_path: Path) -> Path:
+    """Two 32x32 images, non-contiguous category ids 3 and 17, a polygon, an RLE and a crowd region."""
+    from faster_coco_eval.core import mask as mask_util
+
+    m = np.zeros((32, 32), np.uint8)
+    m[4:12, 20:30] = 1
+    rle = mask_util.encode(np.asfortranarray(m))
+    crowd = mask_util.encode(np.asfortranarray(np.pad(np.ones((4, 4), np.uint8), ((24, 4), (24, 4)))))
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 3, "segmentation": square(2, 2, 10), "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 17, "segmentation": {"size": [32, 32], "counts": rle["counts"].decode()}, "iscrowd": 0},
+        {"id": 3, "image_id": 2, "category_id": 17, "segmentation": {"size": [32, 32], "counts": [0, 32 * 32]}, "iscrowd": 0},
+        {"id": 4, "image_id": 2, "category_id": 3, "segmentation": {"size": [32, 32], "counts": crowd["counts"].decode()}, "iscrowd": 1},
+    ]
+    # annotation 3: an uncompressed RLE covering the whole image
+    return write_coco(tmp_path / "coco", [{"id": 1, "file_name": "a.png", "width": 32, "height": 32},
+                                          {"id": 2, "file_name": "b.png", "width": 32, "height": 32}], anns)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for every test that trains (start-up is ~10 s)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

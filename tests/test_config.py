@@ -1,0 +1,58 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from training.config import CONFIG_DIR, Config, ConfigError, flatten, load_config
+
+
+def test_default_config_loads_with_documented_defaults():
+    cfg = load_config()
+    assert cfg.data.train == ""  # the synthetic dataset
+    assert cfg.model.weights == "none"
+    assert cfg.ray.num_workers == 2
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml", "gpu.yaml"])
+def test_every_shipped_config_is_valid(name):
+    assert isinstance(load_config(CONFIG_DIR / name), Config)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.epochs=5", "train.lr=0.001", "data.augment.enabled=false",
+                             "model.anchor_sizes=[8,16,32]", "ray.address=ray://head:10001"])
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.train.lr == pytest.approx(0.001)
+    assert cfg.data.augment.enabled is False
+    assert cfg.model.anchor_sizes == [8, 16, 32]
+    assert cfg.ray.address == "ray://head:10001"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=5", "unknown field(s) ['epoch']"),
+    ("train.epochs=five", "train.epochs: expected an integer, got 'five'"),
+    ("model.backbone=vgg", "unknown backbone 'vgg'"),
+    ("train.optimizer=lamb", "expected sgd or adamw"),
+    ("train.epochs", "expected key.sub=value"),
+])
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_round_trip_and_flatten(tmp_path: Path):
+    cfg = load_config(None, ["train.epochs=3"])
+    again = Config.from_dict(cfg.to_dict())
+    assert again == cfg
+    flat = flatten(cfg.to_dict())
+    assert flat["train.epochs"] == 3
+    assert flat["model.anchor_sizes"] == "16,32,64"
+
+
+def test_missing_and_invalid_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,160 @@
+"""The main job for real: local Ray with 2 CPU workers, the tiny config, MLflow on a local SQLite store."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from training.checkpoint import load_checkpoint
+from training.config import Config
+from training.ray_main import find_latest_checkpoint, main, train
+
+pytestmark = pytest.mark.slow
+
+
+def _with(cfg: Config, **sections) -> Config:
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture(scope="module")
+def three_epochs(ray_cluster, cache_dir, tmp_path_factory):
+    """One uninterrupted 3-epoch run, shared by the assertions below and the resume comparison."""
+    from training.config import load_config
+    from conftest import TINY
+
+    tmp = tmp_path_factory.mktemp("run3")
+    cfg = load_config(TINY, [f"data.cache_dir={cache_dir}", f"ray.storage_path={tmp / 'ray'}", "train.epochs=3",
+                             f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}"])
+    return cfg, train(cfg)
+
+
+def test_loss_falls_and_checkpoint_holds_everything(three_epochs):
+    cfg, result = three_epochs
+    client = MlflowClient(result.tracking_uri)
+    losses = _history(client, result.run_id, "train_loss")
+    assert [s for s, _ in losses] == [0, 1, 2]
+    assert losses[-1][1] < losses[0][1], losses
+    state = load_checkpoint(result.checkpoint)
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "label_map", "metrics"} <= set(state)
+    assert Config.from_dict(state["config"]) == cfg
+    assert [c["name"] for c in state["label_map"]["categories"]] == ["circle", "square", "triangle"]
+    for name in ("config.yaml", "label_map.json", "metrics.json", "checkpoint.pt"):
+        assert (Path(result.checkpoint) / name).is_file()
+    # num_to_keep=2: Ray keeps the best two of three checkpoints
+    assert len(list(Path(result.checkpoint).parent.glob("checkpoint_*"))) == 2
+
+
+def test_run_is_tracked_in_mlflow(three_epochs):
+    cfg, result = three_epochs
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["model.backbone"] == "mobilenet_v3_small_fpn"
+    assert len(run.data.params) > 60  # the whole resolved config, flattened
+    assert len(run.data.tags["dataset_hash"]) == 64
+    for key in ("segm_mAP", "bbox_mAP", "mask_iou", "lr", "images_per_sec", "train_loss_mask", "segm_AP_circle"):
+        assert [s for s, _ in _history(client, result.run_id, key)] == [0, 1, 2], key
+    assert "final_segm_mAP" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "label_map.json", "dataset_stats.json", "checkpoint", "samples"} <= artifacts
+    assert "checkpoint/checkpoint.pt" in {a.path for a in client.list_artifacts(result.run_id, "checkpoint")}
+    samples = [a.path for a in client.list_artifacts(result.run_id, "samples")]
+    assert len(samples) == 2 and all(p.endswith(".png") for p in samples)
+    version = client.get_model_version(cfg.tracking.model_name, result.model_version)
+    assert version.run_id == result.run_id
+    assert version.tags["dataset_hash"] == run.data.tags["dataset_hash"]
+    assert float(version.tags["segm_mAP"]) == pytest.approx(result.metrics["segm_mAP"], abs=1e-6)
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(f"models:/{cfg.tracking.model_name}/{result.model_version}")
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 64, 64)])
+    assert set(out) == {"boxes", "labels", "scores", "masks"}
+
+
+def _inject_fault(monkeypatch, epoch: int, marker: Path) -> None:
+    """The last rank dies once at `epoch`, as a lost node would (see train_loop._maybe_lose_worker)."""
+    import training.ray_main as ray_main
+
+    real = ray_main.make_trainer
+
+    def with_fault(cfg, loop_config, run_name, callbacks=None):
+        return real(cfg, {**loop_config, "lose_worker_once": {"epoch": epoch, "marker": str(marker)}}, run_name, callbacks)
+
+    monkeypatch.setattr(ray_main, "make_trainer", with_fault)
+
+
+def test_resume_continues_where_it_stopped(three_epochs, tmp_path, monkeypatch):
+    cfg3, full = three_epochs
+    cfg = _with(cfg3, ray={"storage_path": str(tmp_path / "ray"), "max_failures": 0},
+                tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    _inject_fault(monkeypatch, 2, tmp_path / "crashed")
+    with pytest.raises(Exception, match="(?i)worker|fail"):
+        train(cfg)  # the same 3-epoch run, crashing as epoch 2 starts
+    latest = find_latest_checkpoint(str(tmp_path / "ray"), cfg.ray.name)
+    assert json.loads((Path(latest) / "metrics.json").read_text())["epoch"] == 1
+    first_run = json.loads((Path(latest) / "metrics.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(first_run).info.status == "FAILED"
+
+    resumed = train(cfg, resume="latest")
+    assert resumed.run_id == first_run  # the same MLflow run goes on
+    losses = _history(client, resumed.run_id, "train_loss")
+    assert [s for s, _ in losses] == [0, 1, 2]
+    full_losses = _history(MlflowClient(full.tracking_uri), full.run_id, "train_loss")
+    # Same seeds, sampler order, augmentation and sampling streams, optimizer and scheduler state:
+    # the numbers of the uninterrupted run, within floating-point noise.
+    for (_, a), (_, b) in zip(losses, full_losses):
+        assert a == pytest.approx(b, rel=1e-3)
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+
+
+def test_lost_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_config, tmp_path, monkeypatch):
+    marker = tmp_path / "worker-lost"
+    _inject_fault(monkeypatch, 1, marker)
+    result = train(tiny_config)  # ray.max_failures=1: one restart allowed
+    assert marker.exists(), "the fault was not injected"
+    client = MlflowClient(result.tracking_uri)
+    # epoch 0 ran once, the group restarted from its checkpoint, and epoch 1 ran once
+    assert [s for s, _ in _history(client, result.run_id, "train_loss")] == [0, 1]
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert json.loads((Path(result.checkpoint) / "metrics.json").read_text())["epoch"] in (0, 1)
+
+
+def test_tune_runs_trials_as_child_runs(ray_cluster, tiny_config):
+    from training.tune import tune
+
+    cfg = _with(tiny_config, tune={"num_samples": 2, "max_concurrent": 1, "grace_period": 1, "workers_per_trial": 1})
+    result = tune(cfg)
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    assert "best.lr" in parent.data.params
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert len(children) == 2
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    lrs = {c.data.params["train.lr"] for c in children}
+    assert len(lrs) == 2 and float(parent.data.params["best.lr"]) in {float(v) for v in lrs}
+    assert result.model_version is not None
+
+
+def test_cli_reports_a_bad_dataset_and_exits_2(tmp_path, caplog):
+    (tmp_path / "annotations.json").write_text("{not json")
+    assert main(["--data", str(tmp_path), "--val-data", str(tmp_path)]) == 2
+    assert "not valid JSON at line 1" in caplog.text
+
+
+def test_cli_rejects_an_unknown_field(caplog):
+    assert main(["--set", "train.epochz=3"]) == 2
+    assert "unknown field(s) ['epochz']" in caplog.text

@@ -1,0 +1,103 @@
+"""`--tune`: Ray Tune (ASHA) over learning rate and weight decay, one MLflow child run per trial.
+
+Ray 2.60 rejects `Tuner(TorchTrainer(...))`, so each trial is a function that builds its own
+`TorchTrainer` and forwards the workers' reports to Tune with `TuneReportCallback`; ASHA stops weak
+trials early on the checkpoint metric. The best trial's checkpoint is evaluated and registered under
+the parent run, exactly as a single training run is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from training.config import Config
+from training.data.prepare import PreparedData, prepare_data
+
+log = logging.getLogger("training")
+
+
+def _trial(params: dict[str, Any]) -> None:
+    """One trial: a full Ray Train run with this trial's lr and weight decay, logged as a child run."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune as ray_tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from training.ray_main import make_trainer, start_tracking
+
+    base = Config.from_dict(params["config"])
+    cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, lr=params["lr"], weight_decay=params["weight_decay"]),
+                              ray=dataclasses.replace(base.ray, num_workers=base.tune.workers_per_trial))
+    trial_id = ray_tune.get_context().get_trial_id()
+    data = PreparedData(*_light_data(cfg), content_hash=params["dataset_hash"])
+    run_id, tracking_uri = start_tracking(cfg, data, f"trial-{trial_id}", parent_run_id=params["parent_run_id"])
+    client = MlflowClient(tracking_uri)
+    client.set_tag(run_id, "tune.trial_id", trial_id)
+    loop_config = {"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
+    try:
+        make_trainer(cfg, loop_config, f"{params['run_name']}-{trial_id}", callbacks=[TuneReportCallback()]).fit()
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _light_data(cfg: Config):
+    data = prepare_data(cfg.data, validate=False)
+    return data.train, data.val, data.label_map
+
+
+def tune(cfg: Config):
+    """Search lr and weight decay with ASHA; evaluate and register the best trial under a parent run."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune as ray_tune
+    from ray.train import Checkpoint
+    from ray.tune.schedulers import ASHAScheduler
+
+    from training.ray_main import finalize, init_ray, start_tracking, storage_path
+
+    data = prepare_data(cfg.data, validate=True)
+    run_name = f"{cfg.ray.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent_id, tracking_uri = start_tracking(cfg, data, run_name)
+    client = MlflowClient(tracking_uri)
+    init_ray(cfg)
+    metric = cfg.ray.checkpoint_metric
+    space = {
+        "lr": ray_tune.loguniform(cfg.tune.lr_min, cfg.tune.lr_max),
+        "weight_decay": ray_tune.loguniform(cfg.tune.weight_decay_min, cfg.tune.weight_decay_max),
+        "config": cfg.to_dict(), "parent_run_id": parent_id, "dataset_hash": data.content_hash, "run_name": run_name,
+    }
+    tuner = ray_tune.Tuner(
+        # The trial function only drives its trainer; its workers hold the CPUs.
+        ray_tune.with_resources(_trial, {"CPU": 0}),
+        param_space=space,
+        tune_config=ray_tune.TuneConfig(
+            metric=metric, mode="max", num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent,
+            scheduler=ASHAScheduler(max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                                    time_attr="training_iteration"),
+        ),
+        run_config=ray_tune.RunConfig(name=run_name, storage_path=storage_path(cfg)),
+    )
+    try:
+        grid = tuner.fit()
+        best = grid.get_best_result(metric=metric, mode="max", scope="all")
+        # Trials ASHA stopped were killed inside fit(); their child runs must not stay RUNNING.
+        for run in client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, "KILLED")
+        best_lr, best_wd = best.config["lr"], best.config["weight_decay"]
+        log.info("best trial: lr %.5g, weight decay %.3g, %s %.4f", best_lr, best_wd, metric, best.metrics[metric])
+        client.log_param(parent_id, "best.lr", best_lr)
+        client.log_param(parent_id, "best.weight_decay", best_wd)
+        best_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=best_lr, weight_decay=best_wd))
+        # The trial's best report (not its last) names the checkpoint Ray kept for it.
+        history = best.metrics_dataframe.dropna(subset=["checkpoint_path"])
+        checkpoint = Checkpoint(history.loc[history[metric].idxmax(), "checkpoint_path"])
+        outcome = finalize(best_cfg, data, parent_id, tracking_uri, checkpoint)
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    client.set_terminated(parent_id, "FINISHED")
+    return outcome
