@@ -46,7 +46,7 @@ def test_round_trip_and_flatten(tmp_path: Path):
     assert again == cfg
     flat = flatten(cfg.to_dict())
     assert flat["train.epochs"] == 3
-    assert flat["model.anchor_sizes"] == "16,32,64"
+    assert flat["model.anchor_sizes"] == "16,32,64,128,256"
 
 
 def test_missing_and_invalid_files(tmp_path: Path):

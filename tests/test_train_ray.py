@@ -50,7 +50,7 @@ def test_loss_falls_and_checkpoint_holds_everything(three_epochs):
     for name in ("config.yaml", "label_map.json", "metrics.json", "checkpoint.pt"):
         assert (Path(result.checkpoint) / name).is_file()
     # num_to_keep=2: Ray keeps the best two of three checkpoints
-    assert len(list(Path(result.checkpoint).parent.glob("checkpoint_*"))) == 2
+    assert len([p for p in Path(result.checkpoint).parent.glob("checkpoint_*") if p.is_dir()]) == 2
 
 
 def test_run_is_tracked_in_mlflow(three_epochs):
@@ -143,7 +143,8 @@ def test_tune_runs_trials_as_child_runs(ray_cluster, tiny_config):
     assert "best.lr" in parent.data.params
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
     assert len(children) == 2
-    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    for child in children:  # every trial runs both epochs here, or is stopped early and says so
+        assert child.info.status == "FINISHED" or "tune.stopped_early" in child.data.tags, child.info
     lrs = {c.data.params["train.lr"] for c in children}
     assert len(lrs) == 2 and float(parent.data.params["best.lr"]) in {float(v) for v in lrs}
     assert result.model_version is not None

@@ -102,8 +102,9 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=cfg.ray.address, runtime_env={"py_modules": [str(Path(training.__file__).parent)]})
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token to manage
+        # The dashboard (loopback only) serves the State API that Ray Train uses to clean up after runs.
         ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers * cfg.ray.cpus_per_worker),
-                 include_dashboard=False, configure_logging=True, logging_level=logging.WARNING)
+                 include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=True, logging_level=logging.WARNING)
 
 
 def use_gpu(cfg: Config) -> bool:

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -146,5 +147,7 @@ def _maybe_lose_worker(spec: dict[str, Any] | None, epoch: int, rank: int, world
     if not spec or epoch != spec["epoch"] or rank != world - 1 or os.path.exists(spec["marker"]):
         return
     open(spec["marker"], "w").close()
+    # A node is lost some time into an epoch, after Ray has registered the previous checkpoint.
+    time.sleep(spec.get("delay_s", 3.0))
     log.warning("fault injection: rank %d exits at epoch %d", rank, epoch)
     os._exit(1)

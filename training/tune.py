@@ -38,10 +38,23 @@ def _trial(params: dict[str, Any]) -> None:
     loop_config = {"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
     try:
         make_trainer(cfg, loop_config, f"{params['run_name']}-{trial_id}", callbacks=[TuneReportCallback()]).fit()
-    except BaseException:
+    except SystemExit:
+        # Tune stops a trial (an ASHA decision) by exiting its thread: not a failure.
+        close_trial_run(client, run_id, cfg.train.epochs)
+        raise
+    except BaseException as exc:
+        client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+def close_trial_run(client, run_id: str, epochs: int) -> None:
+    """End a trial's run that Tune stopped: FINISHED if every epoch ran, else KILLED, tagged with how far it got."""
+    done = len(client.get_metric_history(run_id, "train_loss"))
+    if done < epochs:
+        client.set_tag(run_id, "tune.stopped_early", f"after {done} of {epochs} epochs")
+    client.set_terminated(run_id, "FINISHED" if done >= epochs else "KILLED")
 
 
 def _light_data(cfg: Config):
@@ -70,12 +83,13 @@ def tune(cfg: Config):
         "config": cfg.to_dict(), "parent_run_id": parent_id, "dataset_hash": data.content_hash, "run_name": run_name,
     }
     tuner = ray_tune.Tuner(
-        # The trial function only drives its trainer; its workers hold the CPUs.
-        ray_tune.with_resources(_trial, {"CPU": 0}),
+        # The trial function only drives its trainer; its workers hold the CPUs (Ray refuses an empty bundle).
+        ray_tune.with_resources(_trial, {"CPU": 0.01}),
         param_space=space,
         tune_config=ray_tune.TuneConfig(
             metric=metric, mode="max", num_samples=cfg.tune.num_samples, max_concurrent_trials=cfg.tune.max_concurrent,
-            scheduler=ASHAScheduler(max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+            # max_t past the last epoch: a trial that runs to the end finishes by itself, is not stopped.
+            scheduler=ASHAScheduler(max_t=cfg.train.epochs + 1, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                                     time_attr="training_iteration"),
         ),
         run_config=ray_tune.RunConfig(name=run_name, storage_path=storage_path(cfg)),
@@ -83,10 +97,10 @@ def tune(cfg: Config):
     try:
         grid = tuner.fit()
         best = grid.get_best_result(metric=metric, mode="max", scope="all")
-        # Trials ASHA stopped were killed inside fit(); their child runs must not stay RUNNING.
+        # A trial Tune stopped may end before closing its run; none may stay RUNNING.
         for run in client.search_runs([client.get_run(parent_id).info.experiment_id],
                                       f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
-            client.set_terminated(run.info.run_id, "KILLED")
+            close_trial_run(client, run.info.run_id, cfg.train.epochs)
         best_lr, best_wd = best.config["lr"], best.config["weight_decay"]
         log.info("best trial: lr %.5g, weight decay %.3g, %s %.4f", best_lr, best_wd, metric, best.metrics[metric])
         client.log_param(parent_id, "best.lr", best_lr)
