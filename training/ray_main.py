@@ -78,7 +78,7 @@ def storage_path(cfg: Config) -> str:
 
 
 def find_latest_checkpoint(root: str, name: str) -> str:
-    """The checkpoint folder with the highest epoch under `<root>/<name>*` (local storage)."""
+    """The checkpoint folder with the highest epoch under `<root>/<name>*` (local storage; for s3:// pass the checkpoint URI)."""
     base = Path(root)
     best: tuple[int, float, str] | None = None
     for metrics_file in base.glob(f"{name}*/checkpoint_*/metrics.json"):
@@ -207,8 +207,11 @@ def train(cfg: Config, resume: str | None = None, data: PreparedData | None = No
     data = data or prepare_data(cfg.data, validate=True)
     resume_from, previous_run = None, None
     if resume:
+        from ray.train import Checkpoint
+
         resume_from = find_latest_checkpoint(storage_path(cfg), cfg.ray.name) if resume == "latest" else resume
-        info = load_checkpoint(resume_from).get("run_info", {})
+        with Checkpoint(resume_from).as_directory() as folder:  # a local folder or an s3:// URI
+            info = load_checkpoint(folder).get("run_info", {})
         from training.tracking import resolve_tracking_uri
         if info.get("mlflow_run_id") and info.get("tracking_uri") == resolve_tracking_uri(cfg.tracking):
             previous_run = info["mlflow_run_id"]

@@ -7,7 +7,6 @@ Ray touches the loop in four places: `prepare_model` (DDP and device), `prepare_
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -79,10 +78,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
     start_epoch, last_eval = 0, {}
+    # Ray's own checkpoint after a worker-group restart; else the one --resume named (a folder or s3:// URI).
     checkpoint = ray.train.get_checkpoint()
     resume_from = loop_config.get("resume_from")
-    if checkpoint is not None or resume_from:
-        with (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(resume_from)) as folder:
+    if checkpoint is None and resume_from:
+        checkpoint = ray.train.Checkpoint(resume_from)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -92,7 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch = state["epoch"] + 1
         last_eval = {k: v for k, v in state["metrics"].items() if not k.startswith("train_")}
         if rank == 0:
-            log.info("resuming from %s at epoch %d", checkpoint.path if checkpoint else resume_from, start_epoch)
+            log.info("resuming from %s at epoch %d", checkpoint.path, start_epoch)
 
     client = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
