@@ -46,10 +46,7 @@ def test_tiff_16bit_scales_full_range_to_8bit(shape):
     tifffile.imwrite(buf, data)
     out = decode_image(buf.getvalue())
     assert out.shape == (6, 7, 3) and out.dtype == np.uint8
-    flat = out.reshape(-1, 3) if len(shape) == 2 else out.reshape(-1, 3)
-    assert flat[0].max() == 255
-    assert 100 in out
-    assert out.min() == 0
+    assert sorted(set(out.ravel().tolist())) == [0, 100, 255]  # 0 -> 0, 257 * 100 -> 100, 65535 -> 255
 
 
 def test_tiff_8bit_and_float():

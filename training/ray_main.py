@@ -201,18 +201,19 @@ def start_tracking(cfg: Config, data: PreparedData, run_name: str, parent_run_id
 def train(cfg: Config, resume: str | None = None, data: PreparedData | None = None) -> TrainResult:
     """Validate data, train with Ray Train, evaluate the best checkpoint, and record it all in MLflow."""
     from mlflow.tracking import MlflowClient
+    from ray.train import Checkpoint
 
-    from training.checkpoint import load_checkpoint
+    from training.tracking import resolve_tracking_uri
 
     data = data or prepare_data(cfg.data, validate=True)
     resume_from, previous_run = None, None
     if resume:
-        from ray.train import Checkpoint
-
         resume_from = find_latest_checkpoint(storage_path(cfg), cfg.ray.name) if resume == "latest" else resume
         with Checkpoint(resume_from).as_directory() as folder:  # a local folder or an s3:// URI
-            info = load_checkpoint(folder).get("run_info", {})
-        from training.tracking import resolve_tracking_uri
+            metrics_file = Path(folder) / "metrics.json"
+            if not metrics_file.is_file():
+                raise FileNotFoundError(f"--resume {resume_from}: not a checkpoint of this project (no metrics.json)")
+            info = json.loads(metrics_file.read_text())  # run_info is saved beside the metrics
         if info.get("mlflow_run_id") and info.get("tracking_uri") == resolve_tracking_uri(cfg.tracking):
             previous_run = info["mlflow_run_id"]
         log.info("resuming from %s", resume_from)
