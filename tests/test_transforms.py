@@ -1,10 +1,8 @@
 import numpy as np
-import pytest
 
-from training.config import AugmentConfig
+from training.config import AugmentConfig, SyntheticConfig
 from training.data.coco import CocoDataset, load_coco, masks_to_boxes
 from training.data.synthetic import synthetic_dataset
-from training.config import SyntheticConfig
 from training.data.transforms import TrainAugment, build_train_transform
 
 

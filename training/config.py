@@ -112,9 +112,9 @@ class ModelConfig:
     """Shorter image side after the model's internal resize."""
     max_size: int = 128
     fpn_channels: int = 256
+    """FPN output channels (light backbones only; the ResNet-50 variants keep torchvision's 256)."""
     fpn_levels: int = 4
     """Backbone stages feeding the FPN (light backbones): 4 means strides 4, 8, 16, 32 (plus a pooled level)."""
-    """FPN output channels (light backbones only; the ResNet-50 variants keep torchvision's 256)."""
     representation_size: int = 1024
     """Box head MLP width (light backbones only)."""
     mask_head_channels: int = 256

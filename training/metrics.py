@@ -55,15 +55,19 @@ def _per_class_ap(evaluator: COCOeval_faster) -> list[float]:
     return out
 
 
-def coco_map(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, label_map: LabelMap) -> dict[str, float]:
-    """AP, AP50, AP75 and per-class AP for `iou_type` ("bbox" or "segm"); 0.0 when there are no results."""
+def coco_map(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, label_map: LabelMap,
+             coco_gt: COCO | None = None) -> dict[str, float]:
+    """AP, AP50, AP75 and per-class AP for `iou_type` ("bbox" or "segm"); 0.0 when there are no results.
+
+    `coco_gt` is `gt` already indexed, for callers that evaluate several IoU types.
+    """
     names = {c["id"]: c["name"] for c in gt["categories"]}
     zero = {f"{iou_type}_mAP": 0.0, f"{iou_type}_AP50": 0.0, f"{iou_type}_AP75": 0.0}
     zero.update({f"{iou_type}_AP_{n}": 0.0 for n in label_map.names})
     if not results or not gt["annotations"]:
         return zero
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO(copy.deepcopy(gt))
+        coco_gt = coco_gt or COCO(copy.deepcopy(gt))
         coco_dt = coco_gt.loadRes(copy.deepcopy(results))
         ev = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=log.debug)
         ev.params.catIds = sorted(label_map.category_ids)
@@ -123,7 +127,9 @@ def evaluate_predictions(gt: dict[str, Any], predictions: list[Prediction], labe
     """All evaluation metrics for `predictions` against the COCO ground truth `gt`."""
     results = to_coco_results(predictions, label_map)
     metrics: dict[str, float] = {}
-    metrics.update(coco_map(gt, results, "bbox", label_map))
-    metrics.update(coco_map(gt, results, "segm", label_map))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(copy.deepcopy(gt))
+    metrics.update(coco_map(gt, results, "bbox", label_map, coco_gt))
+    metrics.update(coco_map(gt, results, "segm", label_map, coco_gt))
     metrics.update(mask_iou(gt, predictions, label_map, score_threshold, iou_match))
     return metrics

@@ -140,7 +140,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
 
-
 def _maybe_lose_worker(spec: dict[str, Any] | None, epoch: int, rank: int, world: int) -> None:
     """Fault injection for tests: the last rank dies once at `spec["epoch"]`, as a lost node would.
 

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from training.config import Config
-from training.data.prepare import PreparedData, prepare_data
+from training.data.prepare import prepare_data
 
 log = logging.getLogger("training")
 
@@ -31,7 +31,8 @@ def _trial(params: dict[str, Any]) -> None:
     cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, lr=params["lr"], weight_decay=params["weight_decay"]),
                               ray=dataclasses.replace(base.ray, num_workers=base.tune.workers_per_trial))
     trial_id = ray_tune.get_context().get_trial_id()
-    data = PreparedData(*_light_data(cfg), content_hash=params["dataset_hash"])
+    data = prepare_data(cfg.data, validate=False)  # the driver validated it; this only parses
+    data.content_hash = params["dataset_hash"]
     run_id, tracking_uri = start_tracking(cfg, data, f"trial-{trial_id}", parent_run_id=params["parent_run_id"])
     client = MlflowClient(tracking_uri)
     client.set_tag(run_id, "tune.trial_id", trial_id)
@@ -55,11 +56,6 @@ def close_trial_run(client, run_id: str, epochs: int) -> None:
     if done < epochs:
         client.set_tag(run_id, "tune.stopped_early", f"after {done} of {epochs} epochs")
     client.set_terminated(run_id, "FINISHED" if done >= epochs else "KILLED")
-
-
-def _light_data(cfg: Config):
-    data = prepare_data(cfg.data, validate=False)
-    return data.train, data.val, data.label_map
 
 
 def tune(cfg: Config):
