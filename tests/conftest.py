@@ -24,11 +24,35 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def mlflow_stack():
+    """The real local stack (PostgreSQL, Ceph's S3 gateway, `mlflow server`), started once, on free ports.
+
+    It lives under /tmp (not pytest's 0700 tmp folder): PostgreSQL runs as the `postgres` user when the
+    tests run as root, and that user must reach its data folder.
+    """
+    import shutil
+    import tempfile
+
+    from training.stack import LocalStack, Ports
+    from training.stack.procs import free_port
+
+    root = Path(tempfile.mkdtemp(prefix="maskrcnn-stack-"))
+    root.chmod(0o711)
+    stack = LocalStack(root, Ports(postgres=free_port(), s3=free_port(), ceph_mon=free_port(), mlflow=free_port()))
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
-def tiny_config(cache_dir: Path, tmp_path: Path) -> Config:
-    """The tiny config with a private cache, Ray storage and MLflow store under tmp_path."""
+def tiny_config(cache_dir: Path, tmp_path: Path, mlflow_stack) -> Config:
+    """The tiny config with a private cache and Ray storage under tmp_path, tracked on the real MLflow server."""
     return load_config(TINY, [f"data.cache_dir={cache_dir}", f"ray.storage_path={tmp_path / 'ray'}",
-                              f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+                              f"tracking.tracking_uri={mlflow_stack.tracking_uri}"])
 
 
 def write_coco(root: Path, images: list[dict[str, Any]], annotations: list[dict[str, Any]],
@@ -46,6 +70,27 @@ def write_coco(root: Path, images: list[dict[str, Any]], annotations: list[dict[
     cats = categories if categories is not None else [{"id": 3, "name": "cat"}, {"id": 17, "name": "dog"}]
     (root / name).write_text(json.dumps({"images": records, "annotations": annotations, "categories": cats}))
     return root
+
+
+def with_sections(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of `cfg` with fields of some sections replaced: `with_sections(cfg, train={"epochs": 1})`."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+
+
+def sql_rows(stack, query: str, *args: Any) -> list[tuple]:
+    """Rows straight from the stack's PostgreSQL (not through MLflow)."""
+    import psycopg2
+
+    pg = stack.postgres
+    conn = psycopg2.connect(host="127.0.0.1", port=pg.port, user=pg.user, password=pg.password, dbname=pg.db)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
 
 
 def square(x: float, y: float, size: float) -> list[list[float]]:

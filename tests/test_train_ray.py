@@ -1,13 +1,13 @@
-"""The main job for real: local Ray with 2 CPU workers, the tiny config, MLflow on a local SQLite store."""
+"""The main job for real: local Ray with 2 CPU workers, the tiny config, the real MLflow server (local stack)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import with_sections
 from mlflow.tracking import MlflowClient
 
 from training.checkpoint import load_checkpoint
@@ -17,23 +17,19 @@ from training.ray_main import find_latest_checkpoint, main, train
 pytestmark = pytest.mark.slow
 
 
-def _with(cfg: Config, **sections) -> Config:
-    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
-
-
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
 @pytest.fixture(scope="module")
-def three_epochs(ray_cluster, cache_dir, tmp_path_factory):
+def three_epochs(ray_cluster, cache_dir, tmp_path_factory, mlflow_stack):
     """One uninterrupted 3-epoch run, shared by the assertions below and the resume comparison."""
     from training.config import load_config
     from conftest import TINY
 
     tmp = tmp_path_factory.mktemp("run3")
     cfg = load_config(TINY, [f"data.cache_dir={cache_dir}", f"ray.storage_path={tmp / 'ray'}", "train.epochs=3",
-                             f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}"])
+                             f"tracking.tracking_uri={mlflow_stack.tracking_uri}"])
     return cfg, train(cfg)
 
 
@@ -74,6 +70,12 @@ def test_run_is_tracked_in_mlflow(three_epochs):
     assert version.run_id == result.run_id
     assert version.tags["dataset_hash"] == run.data.tags["dataset_hash"]
     assert float(version.tags["segm_mAP"]) == pytest.approx(result.metrics["segm_mAP"], abs=1e-6)
+    assert Config.from_dict(json.loads(version.tags["config"])) == cfg
+    assert len(version.tags["git_commit"]) == 40
+    from training.registry import alias_history
+
+    held = [i for i in alias_history(client, cfg.tracking.model_name, "challenger") if i.version == result.model_version]
+    assert len(held) == 1 and result.run_id in held[0].reason
     import mlflow.pytorch
 
     model = mlflow.pytorch.load_model(f"models:/{cfg.tracking.model_name}/{result.model_version}")
@@ -97,15 +99,14 @@ def _inject_fault(monkeypatch, epoch: int, marker: Path) -> None:
 
 def test_resume_continues_where_it_stopped(three_epochs, tmp_path, monkeypatch):
     cfg3, full = three_epochs
-    cfg = _with(cfg3, ray={"storage_path": str(tmp_path / "ray"), "max_failures": 0},
-                tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    cfg = with_sections(cfg3, ray={"storage_path": str(tmp_path / "ray"), "max_failures": 0})
     _inject_fault(monkeypatch, 2, tmp_path / "crashed")
     with pytest.raises(Exception, match="(?i)worker|fail"):
         train(cfg)  # the same 3-epoch run, crashing as epoch 2 starts
     latest = find_latest_checkpoint(str(tmp_path / "ray"), cfg.ray.name)
     assert json.loads((Path(latest) / "metrics.json").read_text())["epoch"] == 1
     first_run = json.loads((Path(latest) / "metrics.json").read_text())["mlflow_run_id"]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(cfg.tracking.tracking_uri)
     assert client.get_run(first_run).info.status == "FAILED"
 
     resumed = train(cfg, resume="latest")
@@ -135,7 +136,7 @@ def test_lost_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_config,
 def test_tune_runs_trials_as_child_runs(ray_cluster, tiny_config):
     from training.tune import tune
 
-    cfg = _with(tiny_config, tune={"num_samples": 2, "max_concurrent": 1, "grace_period": 1, "workers_per_trial": 1})
+    cfg = with_sections(tiny_config, tune={"num_samples": 2, "max_concurrent": 1, "grace_period": 1, "workers_per_trial": 1})
     result = tune(cfg)
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.run_id)

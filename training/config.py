@@ -238,6 +238,8 @@ class TrackingConfig:
     model_name: str = "maskrcnn"
     """Registered model name."""
     register: bool = True
+    alias: str = "challenger"
+    """Alias moved to each newly registered version (empty: none). The pipeline's gate moves `champion`."""
     log_model: bool = True
     """Log the final model (torchvision module) as an MLflow model."""
 

@@ -169,6 +169,7 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
         model_uri, version = "", None
         if cfg.tracking.log_model:
             tags = {"dataset_hash": data.content_hash, "run_id": run_id, "epoch": epoch,
+                    "config": json.dumps(ckpt_cfg.to_dict(), separators=(",", ":")),
                     **{k: f"{metrics[k]:.6f}" for k in ("segm_mAP", "bbox_mAP", "mask_iou", "segm_AP50")}}
             extra = [str(Path(folder) / n) for n in ("config.yaml", "label_map.json")]
             model_uri, version = log_and_register_model(tracking_uri, run_id, model, cfg.tracking, tags, extra)
@@ -225,8 +226,11 @@ def train(cfg: Config, resume: str | None = None, data: PreparedData | None = No
         loop_config = {"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "resume_from": resume_from}
         result = make_trainer(cfg, loop_config, run_name).fit()
         outcome = finalize(cfg, data, run_id, tracking_uri, best_checkpoint(result, cfg.ray.checkpoint_metric))
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as exc:
+        try:
+            client.set_tag(run_id, "failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+        finally:
+            client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     return outcome
@@ -246,6 +250,8 @@ def report(result: TrainResult) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
+    from training.tracking import ModelUploadError
+
     try:
         cfg = config_from_args(args)
         if args.tune:
@@ -257,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, SourceError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
+    except ModelUploadError as exc:
+        log.error("%s", exc)
+        return 1
     report(result)
     return 0
 

@@ -23,6 +23,11 @@ from training.config import TrackingConfig
 log = logging.getLogger(__name__)
 
 MAX_PARAMS_PER_BATCH = 100
+
+
+class ModelUploadError(RuntimeError):
+    """The model's files could not be uploaded to the artifact store; nothing was registered."""
+
 MAX_PARAM_LENGTH = 6000
 
 
@@ -82,25 +87,41 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
 
 def log_and_register_model(tracking_uri: str, run_id: str, model: Any, cfg: TrackingConfig,
                            tags: dict[str, Any], extra_files: list[str] | None = None) -> tuple[str, str | None]:
-    """Log the torch model as an MLflow model of `run_id`, and register it with `tags` when configured.
+    """Log the torch model as an MLflow model of `run_id`; when configured, register it with `tags` and
+    point `cfg.alias` (default `challenger`) at the new version.
 
+    Registration happens only after the upload has returned, so a failed upload registers nothing.
     Returns (model URI, registered version or None).
     """
+    from training.registry import register_model, set_alias
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        info = _log_model(run_id, model, extra_files)
+    except Exception as exc:
+        raise ModelUploadError(f"uploading the model of run {run_id} to the artifact store (through {tracking_uri}) "
+                               f"failed, so no model version was registered: {exc}") from exc
+    if not cfg.register:
+        return info.model_uri, None
+    client = MlflowClient(tracking_uri)
+    commit = git_commit()
+    version = register_model(client, cfg.model_name, info.model_uri, run_id,
+                             {**tags, **({"git_commit": commit} if commit else {})})
+    if cfg.alias:
+        set_alias(client, cfg.model_name, cfg.alias, version, reason=f"trained in run {run_id}")
+    return info.model_uri, version
+
+
+def _log_model(run_id: str, model: Any, extra_files: list[str] | None) -> Any:
     import torch
     import torchvision
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    # On exit start_run ends the run (FAILED on an exception); train() then sets its final status.
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         # A pickled torchvision module: Mask R-CNN's data-dependent control flow does not torch.export
         # (MLflow's default 'pt2'). Explicit requirements skip MLflow's slow inference of them.
         info = mlflow.pytorch.log_model(
             model, name="model", serialization_format="pickle", extra_files=extra_files,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"],
-            registered_model_name=cfg.model_name if cfg.register else None,
         )
-    version = str(info.registered_model_version) if cfg.register and info.registered_model_version is not None else None
-    if version is not None:
-        client = MlflowClient(tracking_uri)
-        for key, value in tags.items():
-            client.set_model_version_tag(cfg.model_name, version, key, str(value))
-    return info.model_uri, version
+    return info

@@ -1,0 +1,69 @@
+"""Registry on the real MLflow server: registration with evidence, aliases that move, and their history."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import sql_rows
+from mlflow.tracking import MlflowClient
+
+from training.registry import CHAMPION, alias_history, get_alias, register_model, set_alias
+from training.tracking import _log_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def three_versions(mlflow_stack):
+    import mlflow
+
+    client = MlflowClient(mlflow_stack.tracking_uri)
+    mlflow.set_tracking_uri(mlflow_stack.tracking_uri)
+    name = f"registry-{time.time_ns()}"
+    exp_id = client.create_experiment(name)
+    versions = []
+    for i in range(3):
+        run_id = client.create_run(exp_id).info.run_id
+        info = _log_model(run_id, torch.nn.Linear(2, 2), None)
+        versions.append(register_model(client, name, info.model_uri, run_id, {"segm_mAP": 0.1 * i, "dataset_hash": "h"}))
+    return client, name, versions
+
+
+def test_register_keeps_tags_and_run(three_versions):
+    client, name, versions = three_versions
+    assert versions == ["1", "2", "3"]
+    mv = client.get_model_version(name, "3")
+    assert mv.tags["segm_mAP"] == "0.2" and mv.tags["dataset_hash"] == "h"
+    assert mv.status == "READY" and mv.run_id
+
+
+def test_champion_moves_and_history_is_kept(three_versions, mlflow_stack):
+    client, name, _ = three_versions
+    assert get_alias(client, name, CHAMPION) is None
+    assert set_alias(client, name, CHAMPION, "1", reason="first") is None
+    assert set_alias(client, name, CHAMPION, "2", reason="better") == "1"
+    assert set_alias(client, name, CHAMPION, "2", reason="again") == "2"  # no-op: no new interval
+    assert set_alias(client, name, CHAMPION, "1", reason="rollback") == "2"
+    assert get_alias(client, name, CHAMPION).version == "1"
+
+    history = alias_history(client, name, CHAMPION)
+    assert [(h.version, h.reason) for h in history] == [("1", "first"), ("2", "better"), ("1", "rollback")]
+    assert history[0].until == history[1].since and history[1].until == history[2].since
+    assert history[-1].until is None
+    assert all(h.since < (h.until or "9") for h in history)
+    # the alias itself, in PostgreSQL
+    assert sql_rows(mlflow_stack, "SELECT version FROM registered_model_aliases WHERE name = %s AND alias = %s",
+                name, CHAMPION) == [(1,)]
+
+
+def test_unknown_version_is_refused_and_nothing_moves(three_versions):
+    from mlflow.exceptions import MlflowException
+
+    client, name, _ = three_versions
+    before = get_alias(client, name, "challenger")
+    with pytest.raises(MlflowException):
+        set_alias(client, name, "challenger", "99")
+    assert get_alias(client, name, "challenger") == before
+    assert all(h.version != "99" for h in alias_history(client, name, "challenger"))

@@ -1,0 +1,122 @@
+"""The MLflow model registry: register a run's model with its evidence, move aliases, keep alias history.
+
+MLflow aliases (`champion`, `challenger`) point at one version and forget where they pointed before. Every
+move made here is also recorded on the versions themselves: tag `alias_history.<alias>` holds a JSON list
+of `{"since", "until", "reason"}` intervals (UTC, ISO 8601), so `alias_history()` can say which version held
+`champion` when, and why, from the registry alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class AliasInterval:
+    """One stretch of time during which `version` held `alias`; `until` is None while it still does."""
+
+    alias: str
+    version: str
+    since: str
+    until: str | None
+    reason: str
+
+
+def history_tag(alias: str) -> str:
+    return f"alias_history.{alias}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _missing(exc: MlflowException) -> bool:
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def register_model(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, Any],
+                   timeout: float = 300) -> str:
+    """Register `model_uri` (already fully uploaded) as a new version of `name`, tagged with `tags`.
+
+    Call it only after the upload has returned: a version never points at files that are not there.
+    Returns the new version number.
+    """
+    try:
+        client.create_registered_model(name, description="Mask R-CNN instance segmentation (torchvision).")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id,
+                                          tags={k: str(v) for k, v in tags.items()}, await_creation_for=int(timeout))
+    if version.status != "READY":
+        raise MlflowException(f"model version {name}/{version.version} is {version.status}, not READY")
+    log.info("registered %s version %s from run %s", name, version.version, run_id)
+    return str(version.version)
+
+
+def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version holding `alias`, or None when no version does (or the model does not exist)."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if _missing(exc):
+            return None
+        raise
+
+
+def _intervals(mv: ModelVersion, alias: str) -> list[dict[str, Any]]:
+    raw = (mv.tags or {}).get(history_tag(alias))
+    return json.loads(raw) if raw else []
+
+
+def _write_intervals(client: MlflowClient, name: str, version: str, alias: str, items: list[dict[str, Any]]) -> None:
+    client.set_model_version_tag(name, version, history_tag(alias), json.dumps(items, separators=(",", ":")))
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str, reason: str = "") -> str | None:
+    """Point `alias` at `version` and record the move; returns the version that held it before (or None).
+
+    Order: the new holder's interval is opened, the alias is moved, then the old holder's interval is
+    closed, so a crash half-way leaves history that still names the version the alias points at.
+    """
+    version = str(version)
+    previous = get_alias(client, name, alias)
+    if previous is not None and str(previous.version) == version:
+        return version
+    stamp = now_iso()
+    target = client.get_model_version(name, version)
+    _write_intervals(client, name, version, alias,
+                     [*_intervals(target, alias), {"since": stamp, "until": None, "reason": reason}])
+    client.set_registered_model_alias(name, alias, version)
+    if previous is not None:
+        old = _intervals(previous, alias)
+        for item in old:
+            if item["until"] is None:
+                item["until"] = stamp
+        _write_intervals(client, name, str(previous.version), alias, old)
+    log.info("%s: alias %r -> version %s (was %s)%s", name, alias, version,
+             previous.version if previous else "unset", f": {reason}" if reason else "")
+    return str(previous.version) if previous is not None else None
+
+
+def alias_history(client: MlflowClient, name: str, alias: str) -> list[AliasInterval]:
+    """Every interval any version of `name` held `alias`, oldest first."""
+    out = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        for item in _intervals(mv, alias):
+            out.append(AliasInterval(alias, str(mv.version), item["since"], item.get("until"), item.get("reason", "")))
+    return sorted(out, key=lambda i: (i.since, int(i.version)))

@@ -1,0 +1,59 @@
+"""`uv run -m training.stack up|down|status|env`: the local MLflow stack on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from training.stack.local import LocalStack, Ports
+from training.stack.procs import StackError
+
+log = logging.getLogger("training.stack")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.stack", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("--dir", type=Path, default=None, help="stack folder (default $MASKRCNN_STACK_DIR or ./.stack)")
+    defaults = Ports()
+    parser.add_argument("--postgres-port", type=int, default=defaults.postgres, help="first `up` only")
+    parser.add_argument("--s3-port", type=int, default=defaults.s3, help="first `up` only")
+    parser.add_argument("--ceph-mon-port", type=int, default=defaults.ceph_mon, help="first `up` only")
+    parser.add_argument("--mlflow-port", type=int, default=defaults.mlflow, help="first `up` only")
+    return parser
+
+
+def exports(stack: LocalStack) -> str:
+    return "\n".join(f"export {k}={v}" for k, v in stack.env().items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    ports = Ports(args.postgres_port, args.s3_port, args.ceph_mon_port, args.mlflow_port)
+    stack = LocalStack(args.dir, ports)
+    try:
+        if args.command == "up":
+            stack.up()
+            log.info("stack is up in %s; MLflow UI at %s", stack.root, stack.tracking_uri)
+            print(f"# export these (or: eval \"$(uv run -m training.stack env)\")\n{exports(stack)}")
+        elif args.command == "down":
+            stack.down()
+            log.info("stack stopped; data kept in %s", stack.root)
+        elif args.command == "env":
+            print(exports(stack))
+        else:
+            status = stack.status()
+            for name, pid in status.items():
+                print(f"{name:10s} {'running, pid ' + str(pid) if pid else 'stopped'}")
+            return 0 if all(status.values()) else 3
+    except StackError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
