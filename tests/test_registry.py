@@ -67,3 +67,16 @@ def test_unknown_version_is_refused_and_nothing_moves(three_versions):
         set_alias(client, name, "challenger", "99")
     assert get_alias(client, name, "challenger") == before
     assert all(h.version != "99" for h in alias_history(client, name, "challenger"))
+
+
+def test_cli_moves_an_alias_and_shows_the_history(three_versions, mlflow_stack, monkeypatch, capsys):
+    from training.registry import main
+
+    client, name, _ = three_versions
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_stack.tracking_uri)
+    assert main(["set-alias", "challenger", "3", "--name", name, "--reason", "by hand"]) == 0
+    assert get_alias(client, name, "challenger").version == "3"
+    assert main(["show", name]) == 0
+    out = capsys.readouterr().out
+    assert "history of 'challenger':" in out and "by hand" in out
+    assert main(["show", "no-such-model"]) == 1

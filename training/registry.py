@@ -120,3 +120,52 @@ def alias_history(client: MlflowClient, name: str, alias: str) -> list[AliasInte
         for item in _intervals(mv, alias):
             out.append(AliasInterval(alias, str(mv.version), item["since"], item.get("until"), item.get("reason", "")))
     return sorted(out, key=lambda i: (i.since, int(i.version)))
+
+
+def get_args_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m training.registry",
+                                     description="Show or move model aliases (tracking URI from $MLFLOW_TRACKING_URI).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("show", help="versions, their key tags and aliases, and the history of each alias")
+    show.add_argument("name", nargs="?", default="maskrcnn")
+    move = sub.add_parser("set-alias", help="point an alias at a version (recorded in the history)")
+    move.add_argument("alias")
+    move.add_argument("version")
+    move.add_argument("--name", default="maskrcnn")
+    move.add_argument("--reason", default="set by hand")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    client = MlflowClient()
+    try:
+        if args.command == "set-alias":
+            set_alias(client, args.name, args.alias, args.version, args.reason)
+            return 0
+        model = client.get_registered_model(args.name)
+    except MlflowException as exc:
+        log.error("%s", exc.message)
+        return 1
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    print(f"{'version':>7}  {'segm_mAP':>8}  {'mask_iou':>8}  {'aliases':20}  run")
+    for mv in sorted(client.search_model_versions(f"name = '{args.name}'"), key=lambda v: int(v.version)):
+        tags = mv.tags or {}
+        print(f"{mv.version:>7}  {tags.get('segm_mAP', '-'):>8.8}  {tags.get('mask_iou', '-'):>8.8}  "
+              f"{','.join(aliases.get(str(mv.version), [])):20}  {mv.run_id}")
+    for alias in sorted({a for names in aliases.values() for a in names} | {CHAMPION}):
+        print(f"\nhistory of {alias!r}:")
+        for item in alias_history(client, args.name, alias):
+            print(f"  v{item.version:<5} {item.since} -> {item.until or 'now':29}  {item.reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
