@@ -3,6 +3,7 @@ and directly (rows in PostgreSQL, objects in the bucket), including restarts and
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -226,3 +227,12 @@ def test_postgres_from_the_wheel_serves_where_no_system_build_is(tmp_path_factor
         again.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root has PostgreSQL run as another user")
+def test_postgres_as_root_names_a_folder_its_user_cannot_reach(tmp_path):
+    from training.stack.postgres import Postgres
+
+    assert tmp_path.parent.stat().st_mode & 0o001 == 0  # pytest's base folder is private (0700)
+    with pytest.raises(StackError, match=f"user cannot reach {tmp_path / 'pg'}: give its parent folders o\\+x"):
+        Postgres(tmp_path / "pg", free_port(), "u", "p", "d").init()
