@@ -45,7 +45,8 @@ def s3_client():
     import boto3
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
+    # A fresh session: boto3's default one caches the first credentials it resolved for the process.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None)
 
 
 def gcs_client():

@@ -1,0 +1,66 @@
+"""Publish a serving package to `s3://` or `gs://`, and prove it arrived intact.
+
+Files are uploaded with `SHA256SUMS` last, then every object is downloaded again and checked against
+it. Only a package that passed this check may be pointed at by an InferenceService.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from serving.package import CHECKSUM_FILE, PACKAGE_FILES, PackageError, verify_package
+from training.data.sources import gcs_client, s3_client, split_uri
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(RuntimeError):
+    """The package could not be uploaded, or what arrived does not match its checksums."""
+
+
+def _put(uri: str, local: Path) -> None:
+    scheme, bucket, key = split_uri(uri)
+    if scheme == "s3":
+        s3_client().upload_file(str(local), bucket, key)
+    elif scheme == "gs":
+        gcs_client().bucket(bucket).blob(key).upload_from_filename(str(local))
+    else:
+        raise PublishError(f"{uri}: expected an s3:// or gs:// destination")
+
+
+def _get(uri: str, local: Path) -> None:
+    scheme, bucket, key = split_uri(uri)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if scheme == "s3":
+        s3_client().download_file(bucket, key, str(local))
+    else:
+        gcs_client().bucket(bucket).blob(key).download_to_filename(str(local))
+
+
+def publish_package(package_dir: str | Path, uri: str) -> str:
+    """Upload the package folder to `uri` (a prefix) and verify it there; returns the normalized URI."""
+    package_dir = Path(package_dir)
+    verify_package(package_dir)  # never upload a package that is already broken
+    uri = uri.rstrip("/")
+    if not uri.startswith(("s3://", "gs://")):
+        raise PublishError(f"{uri}: expected an s3:// or gs:// destination")
+    try:
+        for name in (*PACKAGE_FILES, CHECKSUM_FILE):
+            _put(f"{uri}/{name}", package_dir / name)
+    except PublishError:
+        raise
+    except Exception as exc:  # boto3 / google-cloud raise many types; the message names the cause
+        raise PublishError(f"uploading the serving package to {uri} failed: {exc}") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for name in (*PACKAGE_FILES, CHECKSUM_FILE):
+                _get(f"{uri}/{name}", Path(tmp) / name)
+            verify_package(tmp)
+        except PackageError as exc:
+            raise PublishError(f"the package uploaded to {uri} does not match its checksums: {exc}") from exc
+        except Exception as exc:
+            raise PublishError(f"reading back the package at {uri} failed: {exc}") from exc
+    log.info("published the serving package to %s (checksums verified after upload)", uri)
+    return uri

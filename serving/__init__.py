@@ -1,0 +1,1 @@
+"""Serving: the model package the pipeline publishes and the predictor loads."""
