@@ -183,3 +183,15 @@ def gcs_emulator():
     os.environ.pop("STORAGE_EMULATOR_HOST", None)
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture
+def k8s_emulator(tmp_path):
+    """kmock's in-memory Kubernetes API on 127.0.0.1 with the InferenceService resource, and a kubeconfig
+    for it. An emulator: no controllers, so tests play KServe (see IsvcController)."""
+    from k8s_emulator import KubernetesApiEmulator
+
+    emulator = KubernetesApiEmulator().start()
+    emulator.kubeconfig = str(emulator.write_kubeconfig(tmp_path / "kubeconfig"))
+    yield emulator
+    emulator.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from training.checkpoint import load_model
 from training.config import EvalConfig
-from training.data.coco import CocoDataset, CocoSplit, collate
+from training.data.coco import CocoDataset, CocoSplit, LabelMap, collate
 from training.engine import predict, summarize_scores
 from training.metrics import Prediction, evaluate_predictions
 from training.visualize import draw_predictions
@@ -59,3 +60,34 @@ def write_samples(split: CocoSplit, predictions: list[Prediction], out_dir: Path
 
 def metric_summary(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("segm_mAP", "bbox_mAP", "segm_AP50", "mask_iou") if k in metrics)
+
+
+def evaluate_alias(tracking_uri: str, name: str, alias: str, split: CocoSplit,
+                   cfg: EvalConfig | None = None) -> tuple[str, dict[str, float]] | None:
+    """Evaluate the registered version holding `alias` (e.g. the champion) on `split`.
+
+    Returns (version, metrics), or None when no version holds the alias, or when it was trained on other
+    categories than `split` has (then its numbers are not comparable; logged).
+    """
+    import json
+
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    from training.registry import get_alias
+
+    client = MlflowClient(tracking_uri)
+    holder = get_alias(client, name, alias)
+    if holder is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        labels = json.loads(Path(client.download_artifacts(holder.run_id, "label_map.json", tmp)).read_text())
+    if LabelMap.from_dict(labels).category_ids != split.label_map.category_ids:
+        log.warning("%s@%s (v%s) predicts other categories than this dataset; not compared", name, alias, holder.version)
+        return None
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    metrics, _ = evaluate_model(model.eval(), split, cfg or EvalConfig())
+    log.info("%s@%s (v%s): %s", name, alias, holder.version, metric_summary(metrics))
+    return str(holder.version), metrics

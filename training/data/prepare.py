@@ -97,3 +97,29 @@ def content_hash_of(files_by_root: dict[Path, list[str]]) -> str:
     for root in sorted(files_by_root, key=str):
         h.update(content_hash(root, sorted(set(files_by_root[root]))).encode())
     return h.hexdigest()
+
+
+def export_prepared(data: PreparedData, folder: str | Path) -> Path:
+    """Write the validated splits as self-contained COCO folders (`train/`, `val/`: annotations.json plus
+    the images, hard-linked where possible) and `dataset.json` (content hash, statistics, label map)."""
+    import json
+    import os
+    import shutil
+
+    folder = Path(folder)
+    for name, split in (("train", data.train), ("val", data.val)):
+        out = folder / name
+        out.mkdir(parents=True, exist_ok=True)
+        for img in split.coco["images"]:
+            src, dst = split.root / img["file_name"], out / img["file_name"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        (out / "annotations.json").write_text(json.dumps(split.coco))
+    (folder / "dataset.json").write_text(json.dumps(
+        {"content_hash": data.content_hash, "stats": data.stats, "label_map": data.label_map.to_dict()}, indent=2))
+    return folder

@@ -18,10 +18,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=["up", "down", "status", "env"])
     parser.add_argument("--dir", type=Path, default=None, help="stack folder (default $MASKRCNN_STACK_DIR or ./.stack)")
     defaults = Ports()
-    parser.add_argument("--postgres-port", type=int, default=defaults.postgres, help="first `up` only")
-    parser.add_argument("--s3-port", type=int, default=defaults.s3, help="first `up` only")
-    parser.add_argument("--ceph-mon-port", type=int, default=defaults.ceph_mon, help="first `up` only")
-    parser.add_argument("--mlflow-port", type=int, default=defaults.mlflow, help="first `up` only")
+    parser.add_argument("--postgres-port", type=int, help=f"first `up` only (default {defaults.postgres})")
+    parser.add_argument("--s3-port", type=int, help=f"first `up` only (default {defaults.s3})")
+    parser.add_argument("--ceph-mon-port", type=int, help=f"first `up` only (default {defaults.ceph_mon})")
+    parser.add_argument("--mlflow-port", type=int, help=f"first `up` only (default {defaults.mlflow})")
     return parser
 
 
@@ -32,8 +32,9 @@ def exports(stack: LocalStack) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
-    ports = Ports(args.postgres_port, args.s3_port, args.ceph_mon_port, args.mlflow_port)
-    stack = LocalStack(args.dir, ports)
+    given = {k: v for k, v in (("postgres", args.postgres_port), ("s3", args.s3_port), ("ceph_mon", args.ceph_mon_port),
+                                ("mlflow", args.mlflow_port)) if v is not None}
+    stack = LocalStack(args.dir, Ports(**given) if given else None)
     try:
         if args.command == "up":
             stack.up()

@@ -1,0 +1,46 @@
+"""`uv run -m pipelines.compile [--image IMAGE] [--output PATH]`: write the pipeline YAML for the Kubeflow UI.
+
+The committed `pipelines/maskrcnn_pipeline.yaml` is compiled with the default image name; compile
+again with `--image` (or $MASKRCNN_IMAGE) naming the image you pushed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_OUTPUT = Path(__file__).with_name("maskrcnn_pipeline.yaml")
+log = logging.getLogger("pipelines.compile")
+
+
+def compile_pipeline(output: Path = DEFAULT_OUTPUT, image: str | None = None) -> Path:
+    if image:
+        os.environ["MASKRCNN_IMAGE"] = image
+    import pipelines.components
+    import pipelines.pipeline
+
+    importlib.reload(pipelines.components)  # the image is read when the components are defined
+    importlib.reload(pipelines.pipeline)
+    from kfp import compiler
+
+    compiler.Compiler().compile(pipelines.pipeline.maskrcnn_pipeline, str(output))
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__)
+    parser.add_argument("--image", default=None, help="base image of every step (default $MASKRCNN_IMAGE or maskrcnn-platform:0.1.0)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    path = compile_pipeline(args.output, args.image)
+    log.info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

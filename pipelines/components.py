@@ -1,0 +1,124 @@
+"""The pipeline's steps as KFP v2 lightweight components: thin, typed adapters over the library.
+(No `from __future__ import annotations` here: KFP reads the real types.)
+
+Each body imports the project (installed in the image, or the uv environment for the local runner),
+so `install_kfp_package=False`. The docstrings are the step descriptions in the Kubeflow UI.
+"""
+
+
+import os
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+IMAGE = os.environ.get("MASKRCNN_IMAGE", "maskrcnn-platform:0.1.0")
+
+
+def component(func):
+    return dsl.component(func, base_image=IMAGE, install_kfp_package=False)
+
+
+@component
+def prepare_data(config: str, overrides: list, data: str, val_data: str, dataset: Output[Dataset]) -> NamedTuple(
+        "PreparedOutputs", content_hash=str, train_images=int, val_images=int):
+    """Validate the COCO dataset (the same checks as training), split it, and write both splits with
+    their statistics and content hash. Empty `data`: the embedded synthetic dataset."""
+    from collections import namedtuple
+
+    from pipelines.steps import load_step_config
+    from training.data.prepare import export_prepared, prepare_data as prepare
+
+    cfg = load_step_config(config, overrides, data=data, val_data=val_data)
+    prepared = prepare(cfg.data, validate=True)
+    export_prepared(prepared, dataset.path)
+    dataset.metadata.update({"content_hash": prepared.content_hash, "classes": prepared.label_map.names})
+    out = namedtuple("PreparedOutputs", ["content_hash", "train_images", "val_images"])
+    return out(prepared.content_hash, prepared.stats["train"]["images"], prepared.stats["val"]["images"])
+
+
+@component
+def train(config: str, overrides: list, dataset: Input[Dataset], ray_address: str, tracking_uri: str,
+          model: Output[Model]) -> NamedTuple("TrainOutputs", run_id=str, model_uri=str):
+    """Train Mask R-CNN with Ray Train, on the Ray cluster at `ray_address` (e.g. KubeRay's
+    `ray://raycluster-head-svc:10001`) or on a local Ray when empty. The model artifact holds the best
+    checkpoint; the run is logged to MLflow (the model is registered only if promoted)."""
+    import shutil
+    from collections import namedtuple
+
+    from pipelines.steps import load_step_config
+    from training.ray_main import train as train_model
+
+    cfg = load_step_config(config, overrides, dataset=dataset.path, ray_address=ray_address, tracking_uri=tracking_uri)
+    result = train_model(cfg)
+    shutil.copytree(result.checkpoint, model.path, dirs_exist_ok=True)
+    model.metadata.update({"mlflow_run_id": result.run_id, "tracking_uri": result.tracking_uri,
+                           "model_uri": result.model_uri, "dataset_hash": dataset.metadata.get("content_hash", "")})
+    return namedtuple("TrainOutputs", ["run_id", "model_uri"])(result.run_id, result.model_uri)
+
+
+@component
+def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, model_name: str,
+             metrics: Output[Metrics]) -> NamedTuple("EvalOutputs", segm_map=float, mask_iou=float, bbox_map=float,
+                                                     champion_version=str, champion_segm_map=float):
+    """COCO mAP (bbox, segm) and mask IoU of the candidate on the held-out split, and of the current
+    `champion` from the MLflow registry on the same split (champion_version is empty when there is none)."""
+    from collections import namedtuple
+
+    from pipelines.steps import evaluate_candidate_and_champion
+
+    out = evaluate_candidate_and_champion(dataset.path, model.path, tracking_uri, model_name)
+    for key, value in out.items():
+        if isinstance(value, float):
+            metrics.log_metric(key, value)
+    names = ["segm_map", "mask_iou", "bbox_map", "champion_version", "champion_segm_map"]
+    return namedtuple("EvalOutputs", names)(*(out[n] for n in names))
+
+
+@component
+def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_map: float, min_segm_map: float,
+         min_mask_iou: float, margin: float, run_id: str, tracking_uri: str,
+         metrics: Output[Metrics]) -> NamedTuple("GateOutputs", decision=str, reason=str):
+    """Promote only if segm mAP and mask IoU pass their thresholds and segm mAP beats the champion's by
+    `margin`. The decision and its reason go to the Metrics and to the MLflow run (tags gate.*)."""
+    from collections import namedtuple
+
+    from pipelines.steps import record_gate
+    from training.gate import decide
+
+    result = decide(segm_map, mask_iou, min_segm_map=min_segm_map, min_mask_iou=min_mask_iou, margin=margin,
+                    champion_segm_map=champion_segm_map if champion_version else None, champion_version=champion_version)
+    record_gate(tracking_uri, run_id, result.promote, result.reason)
+    metrics.log_metric("promote", 1.0 if result.promote else 0.0)
+    metrics.metadata["reason"] = result.reason
+    return namedtuple("GateOutputs", ["decision", "reason"])("promote" if result.promote else "reject", result.reason)
+
+
+@component
+def promote(model: Input[Model], run_id: str, model_uri: str, tracking_uri: str, model_name: str, reason: str,
+            storage_prefix: str, isvc_name: str, namespace: str, canary_percent: int, ready_timeout: float,
+            kubeconfig: str) -> str:
+    """Register the version in MLflow, upload its serving package (weights, config, label map, checksums)
+    to `storage_prefix` and verify it, patch the InferenceService's storageUri (canary when
+    canary_percent > 0), wait for Ready or roll back, then move the `champion` alias. Returns the URI."""
+    from pipelines.steps import resolve_tracking
+    from pipelines.promote import promote as run_promote
+
+    result = run_promote(checkpoint_dir=model.path, run_id=run_id, model_uri=model_uri,
+                         tracking_uri=resolve_tracking(tracking_uri), model_name=model_name, storage_prefix=storage_prefix,
+                         reason=reason, tags={"dataset_hash": model.metadata.get("dataset_hash", "")},
+                         isvc_name=isvc_name, namespace=namespace,
+                         canary_percent=canary_percent if canary_percent > 0 else None,
+                         ready_timeout=ready_timeout, kubeconfig=kubeconfig)
+    return result.storage_uri
+
+
+@component
+def reject(reason: str, run_id: str, tracking_uri: str, metrics: Output[Metrics]) -> str:
+    """Record that the candidate was not promoted, and why; nothing is registered or deployed."""
+    from pipelines.steps import record_rejection
+
+    record_rejection(tracking_uri, run_id, reason)
+    metrics.log_metric("promoted", 0.0)
+    metrics.metadata["reason"] = reason
+    return reason

@@ -1,0 +1,149 @@
+"""The KFP v2 pipeline: the committed YAML, and whole local runs (KFP's SubprocessRunner) on the tiny
+config with real Ray, the real MLflow stack and its S3 server. The InferenceService lives in kmock's
+in-memory Kubernetes API (an emulator: no API server can run here), with the test playing KServe."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from k8s_emulator import IsvcController
+from mlflow.tracking import MlflowClient
+
+from pipelines.compile import DEFAULT_OUTPUT, compile_pipeline
+
+ISVC, NAMESPACE, PREVIOUS = "maskrcnn", "models", "s3://models/maskrcnn/previous"
+
+
+def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
+    monkeypatch.delenv("MASKRCNN_IMAGE", raising=False)
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml")
+    assert fresh.read_text() == DEFAULT_OUTPUT.read_text(), "stale: run `uv run -m pipelines.compile` and commit"
+
+
+def test_yaml_has_the_steps_and_the_gate_condition():
+    spec = yaml.safe_load(DEFAULT_OUTPUT.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    assert {f"exec-{n}" for n in ("prepare-data", "train", "evaluate", "gate", "promote", "reject")} == set(executors)
+    for executor in executors.values():
+        assert executor["container"]["image"] == "maskrcnn-platform:0.1.0"
+    tasks = spec["root"]["dag"]["tasks"]
+    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
+    conditions = [t["triggerPolicy"]["condition"] for t in branches.values()]
+    assert "inputs.parameter_values['pipelinechannel--gate-decision'] == 'promote'" in conditions
+    assert any(c.startswith("!(") for c in conditions)  # the Else branch
+    assert tasks["evaluate"]["dependentTasks"] == ["prepare-data", "train"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"min_segm_map", "min_mask_iou", "margin", "storage_prefix", "isvc_name", "canary_percent"} <= set(params)
+    assert spec["components"]["comp-train"]["outputDefinitions"]["artifacts"]["model"]["artifactType"]["schemaTitle"] == "system.Model"
+    # docstrings: the pipeline's is in the YAML; each component carries its own (KFP's pipeline IR has
+    # no per-task description field, so tasks also get display names)
+    assert spec["pipelineInfo"]["description"].startswith("The Mask R-CNN pipeline")
+    from pipelines import components
+
+    assert "Ray Train" in components.train.component_spec.description
+    assert tasks["train"]["taskInfo"]["name"] == "train"
+
+
+@pytest.fixture
+def pipeline_env(ray_cluster, mlflow_stack, cache_dir, k8s_emulator, tmp_path, monkeypatch):
+    """Everything one local run needs: S3 keys and endpoint in the environment (the promote step
+    inherits it), a unique experiment and model name, an InferenceService serving PREVIOUS."""
+    import ray
+
+    for key, value in mlflow_stack.env().items():
+        monkeypatch.setenv(key, value)
+    name = f"pipe-{time.time_ns()}"
+    ctl = IsvcController(k8s_emulator.kubeconfig, ISVC, NAMESPACE)
+    ctl.create(PREVIOUS)
+    params = dict(
+        config="tiny", data="", val_data="", model_name=name, tracking_uri=mlflow_stack.tracking_uri,
+        overrides=[f"ray.storage_path={tmp_path / 'ray'}", f"tracking.experiment={name}", "train.epochs=1"],
+        ray_address=ray.get_runtime_context().gcs_address, min_segm_map=0.0, min_mask_iou=0.0, margin=-1.0,
+        storage_prefix=f"s3://{mlflow_stack.state.models_bucket}", isvc_name=ISVC, namespace=NAMESPACE,
+        canary_percent=0, ready_timeout=60.0, kubeconfig=k8s_emulator.kubeconfig)
+    return params, ctl, MlflowClient(mlflow_stack.tracking_uri), tmp_path / "pipeline-root"
+
+
+def _run(params, root, **changes):
+    from pipelines.run_local import run_local
+
+    run_local(root, **{**params, **changes})
+
+
+def _only_run(client, experiment):
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+@pytest.mark.slow
+def test_a_good_model_is_promoted_and_served(pipeline_env, mlflow_stack, tmp_path):
+    params, ctl, client, root = pipeline_env
+    with ctl:
+        _run(params, root)
+    name = params["model_name"]
+    champion = client.get_model_version_by_alias(name, "champion")
+    run = _only_run(client, name)
+    assert champion.run_id == run.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["gate.decision"] == "promote"
+    uri = f"s3://{mlflow_stack.state.models_bucket}/{name}/v{champion.version}"
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == uri  # exactly the uploaded location
+    assert champion.tags["serving.storage_uri"] == uri
+    from serving.package import verify_package
+    from training.data.sources import fetch_prefix
+
+    package = fetch_prefix(uri, tmp_path / "download")
+    assert set(verify_package(package)) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
+    # the Model artifact really holds the checkpoint
+    (model_dir,) = list(root.glob("*/train/model"))
+    assert (model_dir / "checkpoint.pt").stat().st_size > 100_000
+
+
+@pytest.mark.slow
+def test_a_bad_model_is_rejected_and_nothing_moves(pipeline_env):
+    params, ctl, client, root = pipeline_env
+    with ctl:
+        _run(params, root, min_segm_map=0.99, min_mask_iou=0.99)  # returns: the run is green
+    name = params["model_name"]
+    run = _only_run(client, name)
+    assert run.data.tags["gate.decision"] == "reject" and run.data.tags["promoted"] == "false"
+    assert "segm mAP" in run.data.tags["gate.reason"] and "< threshold 0.9900" in run.data.tags["gate.reason"]
+    assert "gate.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert client.search_model_versions(f"name = '{name}'") == []
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == PREVIOUS and ctl.seen == []
+
+
+@pytest.mark.slow
+def test_a_failed_upload_leaves_the_inference_service_untouched(pipeline_env):
+    params, ctl, client, root = pipeline_env
+    with ctl, pytest.raises(RuntimeError, match="promote"):
+        _run(params, root, storage_prefix="s3://no-such-bucket/models")
+    name = params["model_name"]
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == PREVIOUS and ctl.seen == []
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert "uploading the serving package to s3://no-such-bucket" in version.tags["promotion.failed"]
+    with pytest.raises(Exception, match="(?i)alias|not found|does not exist"):
+        client.get_model_version_by_alias(name, "champion")
+
+
+@pytest.mark.slow
+def test_a_service_that_never_becomes_ready_is_rolled_back(pipeline_env):
+    params, ctl, client, root = pipeline_env
+    ctl.becomes_ready = False
+    with ctl, pytest.raises(RuntimeError, match="promote"):
+        _run(params, root, ready_timeout=5.0)
+    name = params["model_name"]
+    assert ctl.seen and ctl.seen[0].endswith(f"/{name}/v1")  # it was pointed at the new package...
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == PREVIOUS  # ...and rolled back
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert "rolled back to " + PREVIOUS in version.tags["promotion.failed"]
+
+
+def test_component_image_installs_the_locked_project_as_non_root():
+    text = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    assert "uv sync --locked --no-dev" in text
+    for package in ("training", "pipelines", "serving"):
+        assert f"COPY {package} ./{package}" in text
+    assert "USER app" in text and "PATH=/opt/venv/bin:$PATH" in text  # kfp's `python3` is the locked env's

@@ -1,0 +1,31 @@
+"""The promotion gate: thresholds on the candidate, and a margin over the current champion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+
+
+def decide(segm_map: float, mask_iou: float, *, min_segm_map: float, min_mask_iou: float, margin: float,
+           champion_segm_map: float | None = None, champion_version: str = "") -> GateDecision:
+    """Promote only if segm mAP and mask IoU reach their thresholds and segm mAP beats the champion's
+    (measured on the same split) by at least `margin`. With no champion, the thresholds decide."""
+    failures = []
+    if segm_map < min_segm_map:
+        failures.append(f"segm mAP {segm_map:.4f} < threshold {min_segm_map:.4f}")
+    if mask_iou < min_mask_iou:
+        failures.append(f"mask IoU {mask_iou:.4f} < threshold {min_mask_iou:.4f}")
+    if champion_segm_map is not None and segm_map < champion_segm_map + margin:
+        failures.append(f"segm mAP {segm_map:.4f} does not beat champion v{champion_version} "
+                        f"({champion_segm_map:.4f}) by the margin {margin:+.4f}")
+    if failures:
+        return GateDecision(False, "rejected: " + "; ".join(failures))
+    versus = (f", beats champion v{champion_version} ({champion_segm_map:.4f}) by {segm_map - champion_segm_map:+.4f}"
+              if champion_segm_map is not None else ", no champion yet")
+    return GateDecision(True, f"promoted: segm mAP {segm_map:.4f} >= {min_segm_map:.4f}, "
+                              f"mask IoU {mask_iou:.4f} >= {min_mask_iou:.4f}{versus}")
