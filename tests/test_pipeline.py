@@ -79,7 +79,7 @@ def _only_run(client, experiment):
 
 
 @pytest.mark.slow
-def test_a_good_model_is_promoted_and_served(pipeline_env, mlflow_stack, tmp_path):
+def test_a_good_model_is_promoted_and_served_k8s_emulator(pipeline_env, mlflow_stack, tmp_path):
     params, ctl, client, root = pipeline_env
     with ctl:
         _run(params, root)
@@ -99,10 +99,19 @@ def test_a_good_model_is_promoted_and_served(pipeline_env, mlflow_stack, tmp_pat
     # the Model artifact really holds the checkpoint
     (model_dir,) = list(root.glob("*/train/model"))
     assert (model_dir / "checkpoint.pt").stat().st_size > 100_000
+    # the next run's evaluate step finds this champion and scores it on the same split: the same
+    # model, so the same numbers as the candidate
+    from pipelines.steps import evaluate_candidate_and_champion
+
+    (dataset_dir,) = list(root.glob("*/prepare-data/dataset"))
+    scores = evaluate_candidate_and_champion(str(dataset_dir), str(model_dir), params["tracking_uri"], name)
+    assert scores["champion_version"] == champion.version
+    assert scores["champion_segm_map"] == pytest.approx(scores["segm_map"], abs=1e-9)
+    assert scores["champion_mask_iou"] == pytest.approx(scores["mask_iou"], abs=1e-9)
 
 
 @pytest.mark.slow
-def test_a_bad_model_is_rejected_and_nothing_moves(pipeline_env):
+def test_a_bad_model_is_rejected_and_nothing_moves_k8s_emulator(pipeline_env):
     params, ctl, client, root = pipeline_env
     with ctl:
         _run(params, root, min_segm_map=0.99, min_mask_iou=0.99)  # returns: the run is green
@@ -116,7 +125,7 @@ def test_a_bad_model_is_rejected_and_nothing_moves(pipeline_env):
 
 
 @pytest.mark.slow
-def test_a_failed_upload_leaves_the_inference_service_untouched(pipeline_env):
+def test_a_failed_upload_leaves_the_inference_service_untouched_k8s_emulator(pipeline_env):
     params, ctl, client, root = pipeline_env
     with ctl, pytest.raises(RuntimeError, match="promote"):
         _run(params, root, storage_prefix="s3://no-such-bucket/models")
@@ -129,7 +138,7 @@ def test_a_failed_upload_leaves_the_inference_service_untouched(pipeline_env):
 
 
 @pytest.mark.slow
-def test_a_service_that_never_becomes_ready_is_rolled_back(pipeline_env):
+def test_a_service_that_never_becomes_ready_is_rolled_back_k8s_emulator(pipeline_env):
     params, ctl, client, root = pipeline_env
     ctl.becomes_ready = False
     with ctl, pytest.raises(RuntimeError, match="promote"):
