@@ -195,3 +195,36 @@ def k8s_emulator(tmp_path):
     emulator.kubeconfig = str(emulator.write_kubeconfig(tmp_path / "kubeconfig"))
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def serving_package(tmp_path_factory) -> Path:
+    """A serving package of a tiny, untrained but seeded model (it predicts low-score instances)."""
+    import torch
+
+    from serving.package import export_package
+    from training.checkpoint import save_checkpoint
+    from training.data.coco import LabelMap
+    from training.model import build_model
+
+    cfg = load_config(TINY, [])
+    torch.manual_seed(0)
+    labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
+    model = build_model(cfg.model, labels.num_classes)
+    root = tmp_path_factory.mktemp("serving")
+    ckpt = save_checkpoint(root / "ckpt", model=model, optimizer=None, scheduler=None, scaler=None, epoch=0,
+                           config=cfg, label_map=labels, metrics={}, run_info={"mlflow_run_id": "r1"})
+    return export_package(ckpt, root / "package", {"model_version": "7"})
+
+
+def encode_image(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    if fmt == "TIFF":
+        import tifffile
+
+        tifffile.imwrite(buf, pixels)
+    else:
+        Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()

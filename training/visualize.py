@@ -11,7 +11,7 @@ from training.data.coco import LabelMap, decode_segmentation
 from training.metrics import Prediction
 
 
-def _colour(i: int) -> tuple[int, int, int]:
+def colour(i: int) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)
     return int(r * 255), int(g * 255), int(b * 255)
 
@@ -30,11 +30,11 @@ def draw_predictions(image: np.ndarray, pred: Prediction, label_map: LabelMap, s
     for n, i in enumerate(keep):
         mask = decode_segmentation(pred["masks"][i], h, w).astype(bool)
         mask = np.repeat(np.repeat(mask, scale, 0), scale, 1)
-        out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(_colour(n), np.float32)
+        out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour(n), np.float32)
     canvas = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for n, i in enumerate(keep):
         x0, y0, x1, y1 = (float(v) * scale for v in pred["boxes"][i])
-        draw.rectangle([x0, y0, x1, y1], outline=_colour(n), width=max(1, scale // 2))
+        draw.rectangle([x0, y0, x1, y1], outline=colour(n), width=max(1, scale // 2))
         draw.text((x0 + 1, y0 + 1), f"{label_map.name_of(int(pred['labels'][i]))} {pred['scores'][i]:.2f}", fill=(255, 255, 255))
     return canvas

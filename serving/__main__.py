@@ -1,0 +1,50 @@
+"""`uv run -m serving --model-dir PATH_OR_URI`: serve a serving package over KServe V1/V2, with the web page.
+
+In a KServe InferenceService the storage initializer mounts `storageUri` at /mnt/models (the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from serving.predictor import DEFAULT_MODEL_DIR, MaskRCNNPredictor
+
+log = logging.getLogger("serving")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
+    p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="package folder, or s3:// / gs:// prefix")
+    p.add_argument("--model-name", default="maskrcnn")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--max-detections", type=int, default=100)
+    p.add_argument("--max-pixels", type=int, default=16_000_000, help="larger images are refused (decompression bombs)")
+    p.add_argument("--max-body-mb", type=float, default=32.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, _ = get_args_parser().parse_known_args(argv)  # kserve parses its own flags at import
+    import uvicorn
+
+    from serving.app import build_app
+
+    model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,
+                              max_detections=args.max_detections, max_pixels=args.max_pixels)
+    model.load()
+    app = build_app(model, int(args.max_body_mb * (1 << 20)))
+    log.info("loaded in %.1f s; serving on http://%s:%d (web page: /ui)", time.perf_counter() - started, args.host,
+             args.http_port)
+    uvicorn.run(app, host=args.host, port=args.http_port, log_config=None, timeout_keep_alive=65)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The KServe predictor: Mask R-CNN from a serving package, over V1 and V2 (Open Inference Protocol).
+
+Requests (images as base64; JPG, PNG or TIFF):
+- V1 `POST /v1/models/<name>:predict`:
+  `{"instances": [{"image": {"b64": "..."}}], "parameters": {"score_threshold": 0.5, "max_detections": 100, "overlay": false}}`
+- V2 `POST /v2/models/<name>/infer`: one BYTES input named `image` (base64 strings in JSON), the same
+  parameters in the request's `parameters`.
+
+Each image's result: `{"width", "height", "model_version", "detections": [{"label", "category_id",
+"score", "box": [x0, y0, x1, y1], "mask": COCO RLE}]}`, plus `overlay_png` (base64 PNG) when asked.
+V2 returns the same JSON, one string per image, in the BYTES output `detections`.
+Decoding and pre-processing are training's own (`training.data.images`), not a copy.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kserve import Model
+from kserve.errors import InferenceError, InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from PIL import Image
+
+from serving.package import load_package
+from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
+from training.metrics import encode_masks
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
+
+
+class MaskRCNNPredictor(Model):
+    """Loads (and checksum-verifies) a serving package from a folder, `s3://` or `gs://` prefix."""
+
+    def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = 0.5,
+                 max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8,
+                 mask_threshold: float = 0.5):
+        super().__init__(name)
+        self.model_dir = model_dir
+        self.score_threshold, self.max_detections = score_threshold, max_detections
+        self.max_pixels, self.max_images, self.mask_threshold = min(max_pixels, DEFAULT_MAX_PIXELS), max_images, mask_threshold
+        self.model: torch.nn.Module | None = None
+        self.version = ""
+        self._lock = threading.Lock()  # one forward pass at a time: they use every core already
+        self.last_forward_seconds = 0.0
+
+    def load(self) -> bool:
+        folder = Path(self.model_dir)
+        if self.model_dir.startswith(("s3://", "gs://")):
+            from training.data.sources import fetch_prefix
+
+            folder = fetch_prefix(self.model_dir, Path(os.environ.get("MASKRCNN_CACHE", "/tmp/maskrcnn-serving")))
+        self.model, self.config, self.label_map = load_package(folder)  # raises PackageError on a bad checksum
+        meta = json.loads((folder / "metadata.json").read_text())
+        self.version = str(meta.get("model_version") or meta.get("mlflow_run_id") or "")
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.ready = True
+        log.info("model %s ready: version %s, classes %s", self.name, self.version or "?", self.label_map.names)
+        return self.ready
+
+    # -- request parsing -------------------------------------------------------------------------
+    def _options(self, params: dict[str, Any] | None) -> tuple[float, int, bool]:
+        params = params or {}
+        try:
+            threshold = float(params.get("score_threshold", self.score_threshold))
+            max_det = int(params.get("max_detections", self.max_detections))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"parameters: score_threshold must be a number and max_detections an integer ({exc})")
+        if not 0.0 <= threshold <= 1.0:
+            raise InvalidInput(f"parameters.score_threshold: expected a number in [0, 1], got {threshold}")
+        if max_det < 1:
+            raise InvalidInput(f"parameters.max_detections: expected an integer >= 1, got {max_det}")
+        return threshold, max_det, bool(params.get("overlay", False))
+
+    @staticmethod
+    def _bytes_of(item: Any, where: str) -> bytes:
+        if isinstance(item, dict):
+            if "b64" in item:
+                item = item["b64"]
+            elif "image" in item:
+                return MaskRCNNPredictor._bytes_of(item["image"], f"{where}.image")
+            else:
+                raise InvalidInput(f"{where}: expected an object with 'image' or 'b64' (base64 image), got keys {sorted(item)}")
+        if isinstance(item, bytes):
+            return item
+        if not isinstance(item, str):
+            raise InvalidInput(f"{where}: expected a base64 string, got {type(item).__name__}")
+        try:
+            return base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"{where}: not valid base64") from None
+
+    def _images_v1(self, payload: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
+        instances = payload.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise InvalidInput("missing field 'instances': expected a non-empty list of {\"image\": {\"b64\": ...}}")
+        return [self._bytes_of(x, f"instances[{i}]") for i, x in enumerate(instances)], payload.get("parameters") or {}
+
+    def _images_v2(self, request: InferRequest) -> tuple[list[bytes], dict[str, Any]]:
+        inputs = [i for i in request.inputs if i.name == "image"]
+        if not inputs:
+            raise InvalidInput(f"missing input 'image' (BYTES, base64 images); got {[i.name for i in request.inputs]}")
+        tensor = inputs[0]
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(f"input 'image': expected datatype BYTES, got {tensor.datatype}")
+        data = tensor.data if tensor.data is not None else []
+        if isinstance(data, np.ndarray):
+            data = data.reshape(-1).tolist()
+        if not data:
+            raise InvalidInput("input 'image': no data")
+        params = dict(request.parameters or {})
+        return [self._bytes_of(x, f"image[{i}]") for i, x in enumerate(data)], params
+
+    # -- inference -------------------------------------------------------------------------------
+    def _decode(self, blobs: list[bytes]) -> list[np.ndarray]:
+        if len(blobs) > self.max_images:
+            raise InvalidInput(f"{len(blobs)} images in one request; at most {self.max_images}")
+        images = []
+        for i, blob in enumerate(blobs):
+            try:
+                images.append(decode_image(blob, self.max_pixels, name=f"image[{i}]"))
+            except ImageError as exc:
+                raise InvalidInput(str(exc)) from None
+        return images
+
+    def infer(self, images: list[np.ndarray], threshold: float, max_det: int, overlay: bool) -> list[dict[str, Any]]:
+        """Detections for decoded RGB images (the same code path for both protocols and the web page)."""
+        import time
+
+        if self.model is None:
+            raise InferenceError("model is not loaded")
+        try:
+            with self._lock, torch.inference_mode():
+                start = time.perf_counter()
+                outputs = self.model([to_tensor(img) for img in images])
+                self.last_forward_seconds = time.perf_counter() - start
+        except Exception as exc:
+            log.exception("forward pass failed")
+            raise InferenceError(f"model failure: {type(exc).__name__}: {exc}") from exc
+        results = []
+        for img, out in zip(images, outputs):
+            keep = (out["scores"] >= threshold).nonzero().flatten()[:max_det]
+            masks = (out["masks"][keep, 0] > self.mask_threshold).to(torch.uint8).numpy()
+            rles = encode_masks(masks) if len(keep) else []
+            detections = []
+            for j, k in enumerate(keep.tolist()):
+                label = int(out["labels"][k])
+                detections.append({"label": self.label_map.name_of(label), "category_id": self.label_map.category_of(label),
+                                   "score": round(float(out["scores"][k]), 5),
+                                   "box": [round(float(v), 2) for v in out["boxes"][k]], "mask": rles[j]})
+            result = {"width": int(img.shape[1]), "height": int(img.shape[0]), "model_version": self.version,
+                      "detections": detections}
+            if overlay:
+                result["overlay_png"], result["mask_png"] = self._overlay(img, detections)
+            results.append(result)
+        return results
+
+    def _overlay(self, image: np.ndarray, detections: list[dict[str, Any]]) -> tuple[str, str]:
+        """(the image with masks, boxes, labels and scores drawn; the masks alone, one colour each), as base64 PNGs."""
+        from training.data.coco import decode_segmentation
+        from training.visualize import colour, draw_predictions
+
+        pred = {"boxes": np.array([d["box"] for d in detections]).reshape(-1, 4),
+                "scores": np.array([d["score"] for d in detections]),
+                "labels": np.array([self.label_map.label_of(d["category_id"]) for d in detections]),
+                "masks": [d["mask"] for d in detections]}
+        h, w = image.shape[:2]
+        masks = np.zeros((h, w, 3), np.uint8)
+        for n, d in enumerate(detections):
+            masks[decode_segmentation(d["mask"], h, w).astype(bool)] = colour(n)
+        return (_png_b64(draw_predictions(image, pred, self.label_map, score_threshold=0.0)),
+                _png_b64(Image.fromarray(masks)))
+
+    async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> dict | InferResponse:
+        if isinstance(payload, InferRequest):
+            blobs, params = self._images_v2(payload)
+            results = self.infer(self._decode(blobs), *self._options(params))
+            data = [json.dumps(r, separators=(",", ":")) for r in results]
+            output = InferOutput("detections", [len(data)], "BYTES", data)
+            # kserve 0.21 fails to build a response without an id: generate one when the client sent none
+            return InferResponse(payload.id or str(uuid.uuid4()), self.name, [output], model_version=self.version or None)
+        if not isinstance(payload, dict):
+            raise InvalidInput(f"expected a JSON object, got {type(payload).__name__}")
+        blobs, params = self._images_v1(payload)
+        return {"predictions": self.infer(self._decode(blobs), *self._options(params))}
+
+
+def _png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()

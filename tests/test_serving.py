@@ -1,0 +1,173 @@
+"""The KServe predictor, in-process: load() and predict() directly, then the HTTP app (kserve's own
+routes and error handlers) through FastAPI's TestClient, both protocols, every bad-input case."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import encode_image
+from faster_coco_eval.core import mask as mask_util
+from fastapi.testclient import TestClient
+
+from serving.package import CHECKSUM_FILE, PackageError
+from serving.predictor import MaskRCNNPredictor
+from training.data.images import decode_image, to_tensor
+
+MAX_BODY = 1 << 20
+
+
+def picture(seed: int = 0, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size, 3), 30, np.uint8)
+    img[10:40, 12:44] = rng.integers(120, 255, 3, dtype=np.uint8)
+    return img
+
+
+@pytest.fixture(scope="module")
+def predictor(serving_package):
+    model = MaskRCNNPredictor("maskrcnn", str(serving_package), score_threshold=0.0, max_pixels=1_000_000)
+    assert model.load() and model.ready
+    return model
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    from serving.app import build_app
+
+    with TestClient(build_app(predictor, max_body_bytes=MAX_BODY), raise_server_exceptions=False) as c:
+        yield c
+
+
+def v1(image: bytes, **params) -> dict:
+    return {"instances": [{"image": {"b64": base64.b64encode(image).decode()}}], "parameters": params}
+
+
+def test_load_refuses_a_package_that_does_not_match_its_checksums(serving_package, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(serving_package, tmp_path / "pkg")
+    (copy / "model.pt").write_bytes((copy / "model.pt").read_bytes()[:-10])
+    model = MaskRCNNPredictor("m", str(copy))
+    with pytest.raises(PackageError, match=r"model\.pt: sha256"):
+        model.load()
+    assert not model.ready
+    (copy / CHECKSUM_FILE).unlink()
+    with pytest.raises(PackageError, match="SHA256SUMS: missing"):
+        MaskRCNNPredictor("m", str(copy)).load()
+
+
+def test_infer_matches_the_model_run_directly(predictor):
+    img = picture()
+    (result,) = predictor.infer([img], threshold=0.0, max_det=100, overlay=False)
+    with torch.inference_mode():
+        (direct,) = predictor.model([to_tensor(img)])
+    assert len(result["detections"]) == len(direct["scores"]) > 0
+    for det, box, score in zip(result["detections"], direct["boxes"], direct["scores"]):
+        assert det["box"] == pytest.approx(box.tolist(), abs=0.01) and det["score"] == pytest.approx(float(score), abs=1e-5)
+        assert det["label"] in ("circle", "square", "triangle") and det["category_id"] in (1, 2, 3)
+        assert mask_util.decode({"size": det["mask"]["size"], "counts": det["mask"]["counts"].encode()}).shape == (64, 64)
+    assert result["width"] == result["height"] == 64 and result["model_version"] == "7"
+
+
+def test_threshold_and_max_detections_filter(predictor):
+    (everything,) = predictor.infer([picture()], 0.0, 100, False)
+    scores = sorted((d["score"] for d in everything["detections"]), reverse=True)
+    cut = scores[len(scores) // 2]
+    (some,) = predictor.infer([picture()], cut, 100, False)
+    assert all(d["score"] >= cut for d in some["detections"]) and len(some["detections"]) < len(scores)
+    (two,) = predictor.infer([picture()], 0.0, 2, False)
+    assert [d["score"] for d in two["detections"]] == scores[:2]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
+def test_v1_predict_over_http(client, fmt):
+    resp = client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture(), fmt), max_detections=3))
+    assert resp.status_code == 200, resp.text
+    (pred,) = resp.json()["predictions"]
+    assert 0 < len(pred["detections"]) <= 3
+    assert set(pred["detections"][0]) == {"label", "category_id", "score", "box", "mask"}
+    assert isinstance(pred["detections"][0]["mask"]["counts"], str)  # RLE, not dense lists
+
+
+def test_overlay_and_mask_png_are_images(client):
+    resp = client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture()), overlay=True, max_detections=2))
+    pred = resp.json()["predictions"][0]
+    overlay = decode_image(base64.b64decode(pred["overlay_png"]))
+    masks = decode_image(base64.b64decode(pred["mask_png"]))
+    assert overlay.shape[0] >= 64 and masks.shape == (64, 64, 3) and masks.any()
+
+
+def _v2(image: bytes, with_id: bool) -> dict:
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode()]}],
+            "parameters": {"max_detections": 2}}
+    if with_id:
+        body["id"] = "req-1"
+    return body
+
+
+@pytest.mark.parametrize("with_id", [True, False])
+def test_v2_infer_with_and_without_a_request_id(client, with_id):
+    resp = client.post("/v2/models/maskrcnn/infer", json=_v2(encode_image(picture()), with_id))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["id"] == "req-1" if with_id else len(body["id"]) == 36  # generated
+    (output,) = body["outputs"]
+    assert output["name"] == "detections" and output["datatype"] == "BYTES"
+    result = json.loads(output["data"][0])
+    assert len(result["detections"]) == 2 and result["model_version"] == "7"
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (v1(b"this is not an image"), 400, "not a decodable image"),
+    (v1(encode_image(picture())[:60]), 400, "corrupt image data"),
+    (v1(encode_image(np.zeros((1100, 1000, 3), np.uint8))), 400, "above the limit of 1000000"),
+    ({"instances": []}, 400, "missing field 'instances'"),
+    ({"images": ["x"]}, 400, "missing field 'instances'"),
+    ({"instances": [{"picture": "x"}]}, 400, "expected an object with 'image' or 'b64'"),
+    ({"instances": [{"b64": "%%%"}]}, 400, "not valid base64"),
+    (v1(encode_image(picture()), score_threshold=2), 400, "score_threshold: expected a number in [0, 1]"),
+    ({"inputs": [{"name": "pixels", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}, 400, "missing input 'image'"),
+])
+def test_bad_input_is_a_400_and_the_server_keeps_serving(client, body, status, message):
+    path = "/v2/models/maskrcnn/infer" if "inputs" in body else "/v1/models/maskrcnn:predict"
+    resp = client.post(path, json=body)
+    assert resp.status_code == status, resp.text
+    assert message in resp.json()["error"]
+    assert client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture()))).status_code == 200
+
+
+def test_oversized_body_is_refused_before_it_is_read(client):
+    resp = client.post("/v1/models/maskrcnn:predict", content=b"x" * (MAX_BODY + 1),
+                       headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and f"above the limit of {MAX_BODY} bytes" in resp.json()["error"]
+    assert client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture()))).status_code == 200
+
+
+def test_a_model_failure_is_a_500_with_a_json_error(client, predictor, monkeypatch):
+    def broken(images):
+        raise RuntimeError("CUDA error: device-side assert")
+
+    monkeypatch.setattr(predictor, "model", broken)
+    resp = client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture())))
+    assert resp.status_code == 500 and "model failure: RuntimeError: CUDA error" in resp.json()["error"]
+
+
+def test_metrics_count_requests_by_status_and_version(client):
+    client.post("/v1/models/maskrcnn:predict", json={"instances": []})
+    client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture())))
+    text = client.get("/metrics").text
+    assert 'maskrcnn_requests_total{model_version="7",protocol="v1",status="400"}' in text
+    assert 'maskrcnn_requests_total{model_version="7",protocol="v1",status="200"}' in text
+    assert 'maskrcnn_detections_per_image_count{model_version="7"}' in text
+    assert "request_predict_seconds" in text or "kserve" in text  # kserve's own metrics are served too
+
+
+def test_health_and_model_ready(client):
+    assert client.get("/v1/models/maskrcnn").json() == {"name": "maskrcnn", "ready": True}
+    assert client.get("/v2/health/ready").status_code == 200
+    page = client.get("/ui")
+    assert page.status_code == 200 and "circle, square, triangle" not in page.text and '"circle"' in page.text
