@@ -1,0 +1,125 @@
+"""The predictor as users run it: `python -m serving` in its own process on 127.0.0.1, a bounded load
+of concurrent clients, and the web page driven in a real headless Chromium (Debian's, via Playwright)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import encode_image
+
+from training.stack.procs import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def server(serving_package, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "serving.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serving", "--model-dir", str(serving_package), "--host", "127.0.0.1",
+                                 "--http-port", str(port), "--score-threshold", "0.0", "--max-detections", "5"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models/maskrcnn", timeout=2) as resp:
+                if json.loads(resp.read())["ready"]:
+                    break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        pytest.fail("server not ready: " + log.read_text()[-3000:])
+    yield url, proc
+    proc.terminate()
+    proc.wait(20)
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{url}/v1/models/maskrcnn:predict", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_bounded_load_has_no_errors_and_memory_levels_off(server):
+    url, proc = server
+    rng = np.random.default_rng(0)
+    images = [base64.b64encode(encode_image(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))).decode() for _ in range(4)]
+    bodies = [{"instances": [{"image": {"b64": images[i % 4]}}]} for i in range(100)]
+
+    def round_of_requests() -> list[int]:
+        with ThreadPoolExecutor(8) as pool:  # 8 concurrent clients
+            return [status for status, _ in pool.map(lambda b: post(url, b), bodies)]
+
+    statuses = round_of_requests()  # warm-up round
+    after_warmup = rss_mb(proc.pid)
+    for _ in range(2):
+        statuses += round_of_requests()
+    assert statuses.count(200) == len(statuses) == 300, {s: statuses.count(s) for s in set(statuses)}
+    growth = rss_mb(proc.pid) - after_warmup
+    assert growth < 64, f"RSS grew {growth:.0f} MB over 200 requests after warm-up"
+    # bad input in the middle of it all does not take the server down
+    assert post(url, {"instances": [{"image": {"b64": "aGVsbG8="}}]})[0] == 400
+    assert post(url, bodies[0])[0] == 200
+
+
+def test_web_page_uploads_an_image_and_shows_the_overlay(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    image = tmp_path / "shapes.png"
+    pixels = np.full((64, 64, 3), 30, np.uint8)
+    pixels[10:40, 12:44] = (220, 80, 40)
+    image.write_bytes(encode_image(pixels))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.goto(f"{url}/ui")
+        assert "circle, square, triangle" in page.text_content("#classes")
+        # this untrained test model scores below the page's default 0.5: start from 0
+        page.eval_on_selector("#threshold", "el => { el.value = '0'; el.dispatchEvent(new Event('change')); }")
+        page.set_input_files("#file", str(image))
+        page.wait_for_function("document.getElementById('overlay').src.startsWith('data:image/png')", timeout=60_000)
+        shown = page.locator("#rows tr").count()
+        assert 0 < shown <= 5
+        assert page.get_attribute("#download-mask", "href").startswith("data:image/png;base64,")
+        assert page.get_attribute("#download-json", "href").startswith("blob:")
+        first = page.text_content("#status")
+        assert "detection(s), model version 7" in first
+        shot = tmp_path / "web-page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        # a higher threshold: fewer (or no) rows
+        page.eval_on_selector("#threshold", "el => { el.value = '0.95'; el.dispatchEvent(new Event('change')); }")
+        page.wait_for_function("document.getElementById('status').textContent !== '' && "
+                               "document.getElementById('status').textContent !== 'predicting...'", timeout=60_000)
+        page.wait_for_timeout(300)
+        assert page.locator("#rows tr").count() < shown
+        assert page.text_content("#threshold-value") == "0.95"
+        browser.close()
+    assert shot.stat().st_size > 5_000
+    print(f"screenshot: {shot}")
