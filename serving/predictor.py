@@ -47,7 +47,7 @@ class MaskRCNNPredictor(Model):
     def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = 0.5,
                  max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8,
                  mask_threshold: float = 0.5):
-        super().__init__(name)
+        super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
         self.max_pixels, self.max_images, self.mask_threshold = min(max_pixels, DEFAULT_MAX_PIXELS), max_images, mask_threshold
@@ -188,6 +188,7 @@ class MaskRCNNPredictor(Model):
         if isinstance(payload, InferRequest):
             blobs, params = self._images_v2(payload)
             results = self.infer(self._decode(blobs), *self._options(params))
+            self._timing_header(response_headers)
             data = [json.dumps(r, separators=(",", ":")) for r in results]
             output = InferOutput("detections", [len(data)], "BYTES", data)
             # kserve 0.21 fails to build a response without an id: generate one when the client sent none
@@ -195,7 +196,14 @@ class MaskRCNNPredictor(Model):
         if not isinstance(payload, dict):
             raise InvalidInput(f"expected a JSON object, got {type(payload).__name__}")
         blobs, params = self._images_v1(payload)
-        return {"predictions": self.infer(self._decode(blobs), *self._options(params))}
+        results = self.infer(self._decode(blobs), *self._options(params))
+        self._timing_header(response_headers)
+        return {"predictions": results}
+
+    def _timing_header(self, response_headers: dict[str, str] | None) -> None:
+        """`x-forward-ms`: this request's forward pass (no await since it ran, so no other request's)."""
+        if response_headers is not None:
+            response_headers["x-forward-ms"] = f"{self.last_forward_seconds * 1000:.2f}"
 
 
 def _png_b64(image: Image.Image) -> str:

@@ -91,6 +91,7 @@ def test_v1_predict_over_http(client, fmt):
     assert 0 < len(pred["detections"]) <= 3
     assert set(pred["detections"][0]) == {"label", "category_id", "score", "box", "mask"}
     assert isinstance(pred["detections"][0]["mask"]["counts"], str)  # RLE, not dense lists
+    assert 0 < float(resp.headers["x-forward-ms"]) < 60_000
 
 
 def test_overlay_and_mask_png_are_images(client):

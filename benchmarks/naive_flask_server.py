@@ -1,0 +1,43 @@
+"""The baseline: Mask R-CNN behind Flask as the usual tutorials write it. Not for production.
+
+Same model and weights as the predictor (loaded from the same serving package), one JSON image per
+request, every output as dense nested lists (`masks.tolist()`), Flask's threaded server.
+`python benchmarks/naive_flask_server.py PACKAGE_DIR PORT`
+"""
+
+import base64
+import io
+import sys
+import time
+
+import torch
+from flask import Flask, jsonify, request
+from PIL import Image
+from torchvision.transforms.functional import to_tensor
+
+from serving.package import load_package
+
+app = Flask(__name__)
+model, _, _ = load_package(sys.argv[1])
+
+
+@app.route("/ready")
+def ready():
+    return "ok"
+
+
+@app.route("/predict", methods=["POST"])
+def predict():
+    image = Image.open(io.BytesIO(base64.b64decode(request.json["image"]))).convert("RGB")
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model([to_tensor(image)])[0]
+    forward_ms = (time.perf_counter() - start) * 1000
+    response = jsonify({"boxes": out["boxes"].tolist(), "labels": out["labels"].tolist(),
+                        "scores": out["scores"].tolist(), "masks": out["masks"].tolist()})
+    response.headers["x-forward-ms"] = f"{forward_ms:.2f}"
+    return response
+
+
+if __name__ == "__main__":
+    app.run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)
