@@ -26,6 +26,17 @@ def ready():
     return "ok"
 
 
+@app.before_request
+def started():
+    request.environ["bench.start"] = time.perf_counter()
+
+
+@app.after_request
+def server_time(response):
+    response.headers["x-server-ms"] = f"{(time.perf_counter() - request.environ['bench.start']) * 1000:.2f}"
+    return response
+
+
 @app.route("/predict", methods=["POST"])
 def predict():
     image = Image.open(io.BytesIO(base64.b64decode(request.json["image"]))).convert("RGB")

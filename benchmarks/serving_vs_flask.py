@@ -4,7 +4,9 @@ Both serve the same serving package (the default config's architecture, seeded w
 and get the same images from the same clients. Reported per server: cold start (process start to
 ready), throughput with C concurrent clients, p50/p99 latency, and the share of latency spent in the
 model's forward pass (each server reports its own forward time in `x-forward-ms`). Server overhead
-(p50 latency minus forward time, over p50) is measured with one client, where no queueing hides in it.
+(p50 latency minus forward time, over p50) is measured with one client, where no queueing hides in it;
+"in-server" is the same from the server's own clock (`x-server-ms`: request arrival to response start),
+which leaves out the client, which shares these cores, and the loopback transfer.
 
     uv run python benchmarks/serving_vs_flask.py [--requests 120] [--concurrency 4] [--image-size 256]
 """
@@ -81,13 +83,14 @@ def start(argv: list[str], ready_url: str, log_file: Path) -> tuple[subprocess.P
             time.sleep(0.1)
 
 
-def call(url: str, body: bytes) -> tuple[float, float, int]:
+def call(url: str, body: bytes) -> tuple[float, float, int, float]:
     began = time.perf_counter()
     req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=300) as resp:
         payload = resp.read()
         forward = float(resp.headers["x-forward-ms"]) / 1000
-    return time.perf_counter() - began, forward, len(payload)
+        inside = float(resp.headers["x-server-ms"]) / 1000
+    return time.perf_counter() - began, forward, len(payload), inside
 
 
 def run_load(url: str, bodies: list[bytes], concurrency: int) -> dict[str, float]:
@@ -97,7 +100,8 @@ def run_load(url: str, bodies: list[bytes], concurrency: int) -> dict[str, float
     wall = time.perf_counter() - began
     lat = sorted(r[0] for r in results)
     return {"throughput": len(bodies) / wall, "p50": lat[len(lat) // 2], "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-            "forward": statistics.median(r[1] for r in results), "bytes": statistics.median(r[2] for r in results)}
+            "forward": statistics.median(r[1] for r in results), "bytes": statistics.median(r[2] for r in results),
+            "inside": statistics.median(r[3] for r in results)}
 
 
 def main() -> int:
@@ -137,12 +141,13 @@ def main() -> int:
     base, ours = rows["naive Flask"], rows["KServe predictor"]
     print(f"\n{args.requests} requests, {args.concurrency} concurrent clients, {args.image_size}px PNG, same package\n")
     print(f"| server | cold start s | img/s ({args.concurrency} clients) | p50 ms | p99 ms | forward share of p50 "
-          f"| overhead, 1 client | response KB |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| overhead, 1 client | in-server overhead, 1 client | response KB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         s, l = r["single"], r["loaded"]
         print(f"| {name} | {r['cold']:.1f} | {l['throughput']:.2f} | {l['p50'] * 1000:.0f} | {l['p99'] * 1000:.0f} | "
-              f"{l['forward'] / l['p50']:.0%} | {(s['p50'] - s['forward']) / s['p50']:.1%} | {l['bytes'] / 1024:.0f} |")
+              f"{l['forward'] / l['p50']:.0%} | {(s['p50'] - s['forward']) / s['p50']:.1%} | "
+              f"{(s['inside'] - s['forward']) / s['inside']:.1%} | {l['bytes'] / 1024:.0f} |")
     print(f"\npredictor / baseline: throughput x{ours['loaded']['throughput'] / base['loaded']['throughput']:.2f}, "
           f"p50 x{ours['loaded']['p50'] / base['loaded']['p50']:.2f}, p99 x{ours['loaded']['p99'] / base['loaded']['p99']:.2f}, "
           f"response size x{ours['loaded']['bytes'] / base['loaded']['bytes']:.4f}")

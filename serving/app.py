@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -61,7 +62,8 @@ class BodyTooLarge(Exception):
 
 
 class RequestMetrics:
-    """ASGI middleware: count prediction responses by protocol, status and model version."""
+    """ASGI middleware: count prediction responses by protocol, status and model version, and add
+    `x-server-ms` (time inside the server) beside the predictor's `x-forward-ms`."""
 
     def __init__(self, app, model: MaskRCNNPredictor):
         self.app, self.model = app, model
@@ -72,10 +74,14 @@ class RequestMetrics:
         if protocol is None:
             return await self.app(scope, receive, send)
         status = {"code": 500}
+        began = time.perf_counter()
 
         async def record(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                # time inside this server, from the request's arrival to the response's start
+                server_ms = f"{(time.perf_counter() - began) * 1000:.2f}".encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"x-server-ms", server_ms)]}
             await send(message)
 
         try:
