@@ -172,3 +172,18 @@ def test_health_and_model_ready(client):
     assert client.get("/v2/health/ready").status_code == 200
     page = client.get("/ui")
     assert page.status_code == 200 and "circle, square, triangle" not in page.text and '"circle"' in page.text
+
+
+def test_predict_called_directly_for_both_protocols(predictor):
+    import asyncio
+
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    b64 = base64.b64encode(encode_image(picture())).decode()
+    headers: dict[str, str] = {}
+    out = asyncio.run(predictor.predict({"instances": [{"b64": b64}], "parameters": {"max_detections": 1}}, None, headers))
+    assert len(out["predictions"][0]["detections"]) == 1 and float(headers["x-forward-ms"]) > 0
+    request = InferRequest("maskrcnn", [InferInput("image", [1], "BYTES", [b64])], request_id=None)
+    response = asyncio.run(predictor.predict(request))
+    assert response.id and response.model_version == "7"
+    assert json.loads(response.outputs[0].data[0])["width"] == 64
