@@ -17,12 +17,16 @@ from training.model import build_model
 
 
 @pytest.fixture
-def checkpoint(tiny_config, tmp_path) -> Path:
+def checkpoint(tmp_path) -> Path:
+    from conftest import TINY
+    from training.config import load_config
+
+    config = load_config(TINY, [])
     torch.manual_seed(0)
     labels = LabelMap([3, 7], ["cat", "dog"])
-    model = build_model(tiny_config.model, labels.num_classes)
+    model = build_model(config.model, labels.num_classes)
     return save_checkpoint(tmp_path / "ckpt", model=model, optimizer=None, scheduler=None, scaler=None, epoch=4,
-                           config=tiny_config, label_map=labels, metrics={"segm_mAP": 0.5},
+                           config=config, label_map=labels, metrics={"segm_mAP": 0.5},
                            run_info={"mlflow_run_id": "abc"})
 
 
