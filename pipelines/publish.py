@@ -11,32 +11,13 @@ import tempfile
 from pathlib import Path
 
 from serving.package import CHECKSUM_FILE, PACKAGE_FILES, PackageError, verify_package
-from training.data.sources import gcs_client, s3_client, split_uri
+from training.data.sources import download_object, split_uri, upload_object
 
 log = logging.getLogger(__name__)
 
 
 class PublishError(RuntimeError):
     """The package could not be uploaded, or what arrived does not match its checksums."""
-
-
-def _put(uri: str, local: Path) -> None:
-    scheme, bucket, key = split_uri(uri)
-    if scheme == "s3":
-        s3_client().upload_file(str(local), bucket, key)
-    elif scheme == "gs":
-        gcs_client().bucket(bucket).blob(key).upload_from_filename(str(local))
-    else:
-        raise PublishError(f"{uri}: expected an s3:// or gs:// destination")
-
-
-def _get(uri: str, local: Path) -> None:
-    scheme, bucket, key = split_uri(uri)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    if scheme == "s3":
-        s3_client().download_file(bucket, key, str(local))
-    else:
-        gcs_client().bucket(bucket).blob(key).download_to_filename(str(local))
 
 
 def publish_package(package_dir: str | Path, uri: str) -> str:
@@ -48,15 +29,13 @@ def publish_package(package_dir: str | Path, uri: str) -> str:
         raise PublishError(f"{uri}: expected an s3:// or gs:// destination")
     try:
         for name in (*PACKAGE_FILES, CHECKSUM_FILE):
-            _put(f"{uri}/{name}", package_dir / name)
-    except PublishError:
-        raise
-    except Exception as exc:  # boto3 / google-cloud raise many types; the message names the cause
+            upload_object(f"{uri}/{name}", package_dir / name)
+    except Exception as exc:  # SourceError; the message names the object and the cause
         raise PublishError(f"uploading the serving package to {uri} failed: {exc}") from exc
     with tempfile.TemporaryDirectory() as tmp:
         try:
             for name in (*PACKAGE_FILES, CHECKSUM_FILE):
-                _get(f"{uri}/{name}", Path(tmp) / name)
+                download_object(uri, f"{split_uri(uri)[2]}/{name}", Path(tmp) / name)
             verify_package(tmp)
         except PackageError as exc:
             raise PublishError(f"the package uploaded to {uri} does not match its checksums: {exc}") from exc

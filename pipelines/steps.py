@@ -42,19 +42,18 @@ def load_step_config(config: str, overrides: list[str], *, data: str = "", val_d
 
 def evaluate_candidate_and_champion(dataset_dir: str, checkpoint_dir: str, tracking_uri: str,
                                     model_name: str) -> dict[str, Any]:
-    from training.checkpoint import load_model
     from training.data.coco import load_coco
     from training.evaluate import evaluate_alias, evaluate_checkpoint, metric_summary
     from training.registry import CHAMPION
 
-    _, cfg, _ = load_model(checkpoint_dir)
+    eval_cfg = load_config(Path(checkpoint_dir) / "config.yaml", []).eval  # the YAML beside checkpoint.pt
     val = load_coco(Path(dataset_dir) / "val")
-    metrics, _ = evaluate_checkpoint(checkpoint_dir, val, cfg.eval)
+    metrics, _ = evaluate_checkpoint(checkpoint_dir, val, eval_cfg)
     log.info("candidate: %s", metric_summary(metrics))
     out: dict[str, Any] = {"segm_map": metrics["segm_mAP"], "mask_iou": metrics["mask_iou"], "bbox_map": metrics["bbox_mAP"],
                            "segm_ap50": metrics["segm_AP50"], "mask_recall": metrics.get("mask_recall", 0.0),
                            "champion_version": "", "champion_segm_map": -1.0}
-    champion = evaluate_alias(resolve_tracking(tracking_uri), model_name, CHAMPION, val, cfg.eval)
+    champion = evaluate_alias(resolve_tracking(tracking_uri), model_name, CHAMPION, val, eval_cfg)
     if champion is not None:
         version, champ = champion
         out.update({"champion_version": version, "champion_segm_map": champ["segm_mAP"],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from serving.predictor import MaskRCNNPredictor
 
@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"
 REQUESTS = Counter("maskrcnn_requests_total", "Prediction requests by protocol, HTTP status and model version",
                    ["protocol", "status", "model_version"])
-DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per image", ["model_version"],
-                       buckets=(0, 1, 2, 5, 10, 20, 50, 100))
 
 
 class BodyLimit:
@@ -100,16 +98,6 @@ def build_app(model: MaskRCNNPredictor, max_body_bytes: int = 32 << 20) -> FastA
     rest = RESTServer(kms.FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, http_port=0)
     rest.create_application()
     app: FastAPI = kms.app
-
-    original_infer = model.infer
-
-    def counted_infer(*args, **kwargs):
-        results = original_infer(*args, **kwargs)
-        for r in results:
-            DETECTIONS.labels(model.version or "unknown").observe(len(r["detections"]))
-        return results
-
-    model.infer = counted_infer
 
     @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:

@@ -31,6 +31,7 @@ from kserve import Model
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
+from prometheus_client import Histogram
 
 from serving.package import load_package
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
@@ -38,6 +39,8 @@ from training.metrics import encode_masks
 
 log = logging.getLogger(__name__)
 
+DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per image", ["model_version"],
+                       buckets=(0, 1, 2, 5, 10, 20, 50, 100))
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 
 
@@ -163,6 +166,7 @@ class MaskRCNNPredictor(Model):
                       "detections": detections}
             if overlay:
                 result["overlay_png"], result["mask_png"] = self._overlay(img, detections)
+            DETECTIONS.labels(self.version or "unknown").observe(len(detections))
             results.append(result)
         return results
 

@@ -228,3 +228,16 @@ def encode_image(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
     else:
         Image.fromarray(pixels).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def render_kustomization(path: str) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize` renders from `path` (relative to the repository root)."""
+    import shutil
+
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to render the kustomizations"
+    out = subprocess.run([kubectl, "kustomize", str(Path(__file__).resolve().parents[1] / path)],
+                         capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]

@@ -4,27 +4,16 @@ platform relies on, above all the storageUri path that the pipeline's promote st
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import render_kustomization as render
 
 from pipelines.deploy import storage_uri_of
 
-ROOT = Path(__file__).resolve().parents[1]
 KUSTOMIZATIONS = ["deployment/overlays/production", "deployment/overlays/canary", "ray", "mlflow/k8s/overlays/gcs",
                   "mlflow/k8s/overlays/minio"]
 K8S_VERSION = "1.31"
-
-
-def render(path: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is needed to render the kustomizations"
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / path)], capture_output=True, text=True, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 def by_kind(objects: list[dict], kind: str) -> dict:

@@ -4,13 +4,12 @@ Dockerfile, `.env.example`, and the kustomize manifests (rendered with the real 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import render_kustomization
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose-mlflow.yaml"
@@ -80,18 +79,10 @@ def test_server_image_pins_the_locked_versions():
     assert "USER mlflow" in text
 
 
-def render(overlay: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is needed to render the kustomizations"
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "mlflow" / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
-
-
 @pytest.mark.parametrize("overlay, scheme", [("gcs", "gs://"), ("minio", "s3://")])
 def test_kubernetes_manifests_render_and_take_credentials_from_secrets(overlay, scheme):
     objects = {(o["kind"], o["metadata"]["name"].rsplit("-", 1)[0] if o["kind"] == "ConfigMap" else o["metadata"]["name"]): o
-               for o in render(overlay)}
+               for o in render_kustomization(f"mlflow/k8s/overlays/{overlay}")}
     assert {("Namespace", "mlflow"), ("ServiceAccount", "mlflow"), ("Service", "mlflow"), ("Deployment", "mlflow"),
             ("ConfigMap", "mlflow-artifacts")} <= set(objects)
     deploy = objects[("Deployment", "mlflow")]

@@ -76,7 +76,8 @@ def _list(uri: str) -> list[RemoteObject]:
     return objs
 
 
-def _download(uri: str, key: str, dest: Path) -> None:
+def download_object(uri: str, key: str, dest: Path) -> None:
+    """Download object `key` of the bucket named in `uri` (s3:// or gs://) to `dest`."""
     scheme, bucket, _ = split_uri(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -86,6 +87,20 @@ def _download(uri: str, key: str, dest: Path) -> None:
             gcs_client().bucket(bucket).blob(key).download_to_filename(str(dest))
     except Exception as exc:
         raise SourceError(f"{scheme}://{bucket}/{key}: download failed: {exc}") from exc
+
+
+def upload_object(uri: str, src: Path) -> None:
+    """Upload the file `src` to the object `uri` (s3://bucket/key or gs://bucket/key)."""
+    scheme, bucket, key = split_uri(uri)
+    if scheme not in ("s3", "gs"):
+        raise SourceError(f"{uri}: expected an s3:// or gs:// destination")
+    try:
+        if scheme == "s3":
+            s3_client().upload_file(str(src), bucket, key)
+        else:
+            gcs_client().bucket(bucket).blob(key).upload_from_filename(str(src))
+    except Exception as exc:
+        raise SourceError(f"{uri}: upload failed: {exc}") from exc
 
 
 def fetch_prefix(uri: str, cache_dir: Path) -> Path:
@@ -109,7 +124,7 @@ def fetch_prefix(uri: str, cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     for obj in objects:
         rel = obj.key[len(prefix):].lstrip("/") if prefix else obj.key
-        _download(uri, obj.key, tmp / rel)
+        download_object(uri, obj.key, tmp / rel)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     (dest / ".complete").touch()
@@ -137,7 +152,7 @@ def fetch_file(uri: str, cache_dir: Path) -> Path:
             raise SourceError(f"{uri}: download failed: {exc}") from exc
     elif scheme in ("s3", "gs"):
         _, bucket, key = split_uri(uri)
-        _download(uri, key, tmp)
+        download_object(uri, key, tmp)
     else:
         raise SourceError(f"{uri}: unsupported scheme {scheme!r}")
     tmp.rename(dest)

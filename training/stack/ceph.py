@@ -13,8 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from training.stack.procs import (StackError, pid_alive, port_open, read_pid, require_binary, run, stop_pid, tail,
-                                  wait_for)
+from training.stack.procs import StackError, port_open, require_binary, run, running_pid, stop_pid, tail, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +126,7 @@ rgw_dns_name = 127.0.0.1
         log.info("Ceph: new cluster %s in %s", fsid, r)
 
     def _pid(self, name: str) -> int | None:
-        pid = read_pid(self.run_dir / f"ceph-{name}.pid")
-        return pid if pid is not None and pid_alive(pid) else None
+        return running_pid(self.run_dir / f"ceph-{name}.pid")
 
     def _log(self, name: str) -> Path:
         return self.log_dir / f"ceph-{name}.log"

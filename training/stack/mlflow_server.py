@@ -7,7 +7,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from training.stack.procs import pid_alive, read_pid, spawn, stop_pid, wait_for
+from training.stack.procs import running_pid, spawn, stop_pid, wait_for
 
 
 class MlflowServer:
@@ -31,8 +31,7 @@ class MlflowServer:
             return False
 
     def pid(self) -> int | None:
-        pid = read_pid(self.pid_file)
-        return pid if pid is not None and pid_alive(pid) else None
+        return running_pid(self.pid_file)
 
     def start(self, timeout: float = 120) -> None:
         if self.pid() is not None:

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from training.stack.procs import StackError, pid_alive, port_open, read_pid, require_binary, run, tail, wait_for
+from training.stack.procs import StackError, port_open, running_pid, require_binary, run, tail, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,7 @@ class Postgres:
         log.info("PostgreSQL: new cluster in %s", self.data)
 
     def pid(self) -> int | None:
-        pid = read_pid(self.data / "postmaster.pid")
-        return pid if pid is not None and pid_alive(pid) else None
+        return running_pid(self.data / "postmaster.pid")
 
     def start(self, timeout: float = 60) -> None:
         if self.pid() is not None:

@@ -33,12 +33,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def require_port(port: int, service: str) -> None:
-    if not port_is_free(port):
-        raise StackError(f"{service}: port {port} on 127.0.0.1 is already taken by another process; "
-                         f"stop it or choose another port (see `--help`)")
-
-
 def require_binary(name: str, hint: str, search: list[Path] | None = None) -> str:
     for folder in search or []:
         if (folder / name).is_file():
