@@ -9,10 +9,12 @@ ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/opt/venv PAT
     PYTHONUNBUFFERED=1
 
 WORKDIR /app
-# Dependencies first (cached while only the code changes), then the project itself.
+# Dependencies first (cached while only the code changes), then the project itself (not devstack/:
+# development infrastructure has no place in the production image).
 COPY pyproject.toml uv.lock ./
 RUN uv sync --locked --no-dev --no-install-project
 COPY training ./training
+COPY release ./release
 COPY pipelines ./pipelines
 COPY serving ./serving
 RUN uv sync --locked --no-dev \

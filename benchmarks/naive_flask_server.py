@@ -15,7 +15,7 @@ from flask import Flask, jsonify, request
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
-from serving.package import load_package
+from training.export import load_package
 
 app = Flask(__name__)
 model, _, _ = load_package(sys.argv[1])

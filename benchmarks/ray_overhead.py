@@ -26,6 +26,7 @@ from training.data.prepare import prepare_data
 from training.data.transforms import build_train_transform
 from training.engine import build_optimizer, lr_lambda, train_one_epoch
 from training.model import build_model
+from training.logs import setup_logging
 
 log = logging.getLogger("benchmark")
 
@@ -49,7 +50,7 @@ def plain_loop_in_ray_task(cfg) -> list[float]:
     import ray
 
     from training.config import Config
-    from training.ray_main import init_ray
+    from training.trainer import init_ray
 
     init_ray(cfg)
     task = ray.remote(num_cpus=cfg.ray.cpus_per_worker)(lambda d: plain_loop(Config.from_dict(d)))
@@ -57,7 +58,7 @@ def plain_loop_in_ray_task(cfg) -> list[float]:
 
 
 def ray_path(cfg) -> tuple[list[float], float]:
-    from training.ray_main import init_ray, make_trainer
+    from training.trainer import init_ray, make_trainer
 
     started = time.perf_counter()
     init_ray(cfg)
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="steps per epoch")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    setup_logging(logging.WARNING, "%(message)s")
     cfg = load_config(None, [
         f"train.epochs={args.epochs}", f"train.max_steps_per_epoch={args.steps}", f"train.threads_per_worker={args.threads}",
         "train.eval_every=1000", "train.log_every=1000", "ray.num_workers=1", f"ray.cpus_per_worker={args.threads}",

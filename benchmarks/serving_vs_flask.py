@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.stack.procs import free_port  # noqa: E402
+from devstack.procs import free_port  # noqa: E402
+from training.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("benchmarks.serving")
 
@@ -38,7 +39,7 @@ log = logging.getLogger("benchmarks.serving")
 def make_package(folder: Path, image_size: int) -> Path:
     import torch
 
-    from serving.package import export_package
+    from training.export import export_package
     from training.checkpoint import save_checkpoint
     from training.config import CONFIG_DIR, load_config
     from training.data.coco import LabelMap
@@ -105,7 +106,7 @@ def run_load(url: str, bodies: list[bytes], concurrency: int) -> dict[str, float
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--concurrency", type=int, default=4)

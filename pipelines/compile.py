@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from training.logs import setup_logging
+
 DEFAULT_OUTPUT = Path(__file__).with_name("maskrcnn_pipeline.yaml")
 log = logging.getLogger("pipelines.compile")
 
@@ -32,7 +34,7 @@ def compile_pipeline(output: Path = DEFAULT_OUTPUT, image: str | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__)
     parser.add_argument("--image", default=None, help="base image of every step (default $MASKRCNN_IMAGE or maskrcnn-platform:0.1.0)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)

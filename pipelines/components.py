@@ -41,19 +41,21 @@ def prepare_data(config: str, overrides: list, data: str, val_data: str, dataset
 def train(config: str, overrides: list, dataset: Input[Dataset], ray_address: str, tracking_uri: str,
           model: Output[Model]) -> NamedTuple("TrainOutputs", run_id=str, model_uri=str):
     """Train Mask R-CNN with Ray Train, on the Ray cluster at `ray_address` (e.g. KubeRay's
-    `ray://raycluster-head-svc:10001`) or on a local Ray when empty. The model artifact holds the best
-    checkpoint; the run is logged to MLflow (the model is registered only if promoted)."""
-    import shutil
+    `ray://raycluster-head-svc:10001`) or on a local Ray when empty. The model artifact is the serving
+    package of the best checkpoint (weights, config, label map, metadata, checksums), the same files
+    the run logs to MLflow as its model; it is registered only if promoted."""
     from collections import namedtuple
 
     from pipelines.steps import load_step_config
-    from training.ray_main import train as train_model
+    from training.data.prepare import load_prepared
+    from training.trainer import train as train_model
 
     cfg = load_step_config(config, overrides, dataset=dataset.path, ray_address=ray_address, tracking_uri=tracking_uri)
-    result = train_model(cfg)
-    shutil.copytree(result.checkpoint, model.path, dirs_exist_ok=True)
+    data = load_prepared(dataset.path, cfg.data.max_image_pixels)  # the hash the prepare step computed
+    result = train_model(cfg, data=data, package_dir=model.path)
     model.metadata.update({"mlflow_run_id": result.run_id, "tracking_uri": result.tracking_uri,
-                           "model_uri": result.model_uri, "dataset_hash": dataset.metadata.get("content_hash", "")})
+                           "model_uri": result.model_uri, "dataset_hash": data.content_hash,
+                           "segm_mAP": result.metrics["segm_mAP"]})
     return namedtuple("TrainOutputs", ["run_id", "model_uri"])(result.run_id, result.model_uri)
 
 
@@ -61,13 +63,17 @@ def train(config: str, overrides: list, dataset: Input[Dataset], ray_address: st
 def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, model_name: str,
              metrics: Output[Metrics]) -> NamedTuple("EvalOutputs", segm_map=float, mask_iou=float, bbox_map=float,
                                                      champion_version=str, champion_segm_map=float):
-    """COCO mAP (bbox, segm) and mask IoU of the candidate on the held-out split, and of the current
-    `champion` from the MLflow registry on the same split (champion_version is empty when there is none)."""
+    """COCO mAP (bbox, segm) and mask IoU of the candidate's serving package on the held-out split, and of
+    the current `champion`'s package from the MLflow registry on the same split (champion_version is
+    empty when there is none)."""
     from collections import namedtuple
 
-    from pipelines.steps import evaluate_candidate_and_champion
+    from release.scoring import score_candidate_and_champion
+    from training.data.prepare import load_prepared
+    from training.tracking import resolve_tracking_uri
 
-    out = evaluate_candidate_and_champion(dataset.path, model.path, tracking_uri, model_name)
+    out = score_candidate_and_champion(model.path, load_prepared(dataset.path).val, resolve_tracking_uri(tracking_uri),
+                                       model_name)
     for key, value in out.items():
         if isinstance(value, float):
             metrics.log_metric(key, value)
@@ -83,30 +89,33 @@ def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_
     `margin`. The decision and its reason go to the Metrics and to the MLflow run (tags gate.*)."""
     from collections import namedtuple
 
-    from pipelines.steps import record_gate
-    from training.gate import decide
+    from mlflow.tracking import MlflowClient
+
+    from release.gate import decide, record_gate
+    from training.tracking import resolve_tracking_uri
 
     result = decide(segm_map, mask_iou, min_segm_map=min_segm_map, min_mask_iou=min_mask_iou, margin=margin,
                     champion_segm_map=champion_segm_map if champion_version else None, champion_version=champion_version)
-    record_gate(tracking_uri, run_id, result.promote, result.reason)
+    record_gate(MlflowClient(resolve_tracking_uri(tracking_uri)), run_id, result)
     metrics.log_metric("promote", 1.0 if result.promote else 0.0)
     metrics.metadata["reason"] = result.reason
-    return namedtuple("GateOutputs", ["decision", "reason"])("promote" if result.promote else "reject", result.reason)
+    return namedtuple("GateOutputs", ["decision", "reason"])(result.decision, result.reason)
 
 
 @component
-def promote(model: Input[Model], run_id: str, model_uri: str, tracking_uri: str, model_name: str, reason: str,
+def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: str, reason: str,
             storage_prefix: str, isvc_name: str, namespace: str, canary_percent: int, ready_timeout: float,
             kubeconfig: str) -> str:
-    """Register the version in MLflow, upload its serving package (weights, config, label map, checksums)
-    to `storage_prefix` and verify it, patch the InferenceService's storageUri (canary when
-    canary_percent > 0), wait for Ready or roll back, then move the `champion` alias. Returns the URI."""
-    from pipelines.steps import resolve_tracking
-    from pipelines.promote import promote as run_promote
+    """Register the version in MLflow with its evidence (metrics, dataset hash, git commit, config, run,
+    the gate's decision), upload its serving package to `storage_prefix` and verify it, patch the
+    InferenceService's storageUri (canary when canary_percent > 0), wait for Ready or roll back, then
+    move the `champion` alias. Returns the URI."""
+    from release.gate import GateDecision
+    from release.promote import promote as run_promote
+    from training.tracking import resolve_tracking_uri
 
-    result = run_promote(checkpoint_dir=model.path, run_id=run_id, model_uri=model_uri,
-                         tracking_uri=resolve_tracking(tracking_uri), model_name=model_name, storage_prefix=storage_prefix,
-                         reason=reason, tags={"dataset_hash": model.metadata.get("dataset_hash", "")},
+    result = run_promote(package_dir=model.path, model_uri=model_uri, tracking_uri=resolve_tracking_uri(tracking_uri),
+                         model_name=model_name, storage_prefix=storage_prefix, gate=GateDecision(True, reason),
                          isvc_name=isvc_name, namespace=namespace,
                          canary_percent=canary_percent if canary_percent > 0 else None,
                          ready_timeout=ready_timeout, kubeconfig=kubeconfig)
@@ -114,11 +123,9 @@ def promote(model: Input[Model], run_id: str, model_uri: str, tracking_uri: str,
 
 
 @component
-def reject(reason: str, run_id: str, tracking_uri: str, metrics: Output[Metrics]) -> str:
-    """Record that the candidate was not promoted, and why; nothing is registered or deployed."""
-    from pipelines.steps import record_rejection
-
-    record_rejection(tracking_uri, run_id, reason)
+def reject(reason: str, metrics: Output[Metrics]) -> str:
+    """Record that the candidate was not promoted, and why (the gate step already tagged the MLflow run
+    and logged gate.json); nothing is registered or deployed."""
     metrics.log_metric("promoted", 0.0)
     metrics.metadata["reason"] = reason
     return reason

@@ -41,12 +41,11 @@ def maskrcnn_pipeline(
                    min_mask_iou=min_mask_iou, margin=margin, run_id=trained.outputs["run_id"], tracking_uri=tracking_uri)
     decided.set_caching_options(False)
     with dsl.If(decided.outputs["decision"] == "promote", name="passed-the-gate"):
-        promoted = promote(model=trained.outputs["model"], run_id=trained.outputs["run_id"],
-                           model_uri=trained.outputs["model_uri"], tracking_uri=tracking_uri, model_name=model_name,
+        promoted = promote(model=trained.outputs["model"], model_uri=trained.outputs["model_uri"], tracking_uri=tracking_uri, model_name=model_name,
                            reason=decided.outputs["reason"], storage_prefix=storage_prefix, isvc_name=isvc_name,
                            namespace=namespace, canary_percent=canary_percent, ready_timeout=ready_timeout,
                            kubeconfig=kubeconfig)
         promoted.set_caching_options(False)
     with dsl.Else(name="rejected"):
-        rejected = reject(reason=decided.outputs["reason"], run_id=trained.outputs["run_id"], tracking_uri=tracking_uri)
+        rejected = reject(reason=decided.outputs["reason"])
         rejected.set_caching_options(False)

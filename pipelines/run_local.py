@@ -1,7 +1,7 @@
 """`uv run -m pipelines.run_local ...`: run the whole pipeline on this machine with KFP's local runner.
 
 Each step runs as a subprocess of this environment (`kfp.local.SubprocessRunner`), with a local Ray,
-the MLflow server of $MLFLOW_TRACKING_URI (e.g. from `uv run -m training.stack up`), object storage
+the MLflow server of $MLFLOW_TRACKING_URI (e.g. from `uv run -m devstack up`), object storage
 from the usual variables (`AWS_ENDPOINT_URL_S3`, keys; or `STORAGE_EMULATOR_HOST` for gs://), and the
 Kubernetes API of `--kubeconfig` (empty `--isvc-name`: no deployment, the alias still moves).
 """
@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+from training.logs import setup_logging
 
 log = logging.getLogger("pipelines.run_local")
 
@@ -32,30 +34,38 @@ def run_local(pipeline_root: str | Path, **params: Any) -> None:
     maskrcnn_pipeline(**params)
 
 
+# Where a local run differs from the pipeline's own defaults: the tiny config, the local stack's bucket,
+# and no InferenceService unless one is named.
+LOCAL_DEFAULTS = {"config": "tiny", "storage_prefix": "s3://models", "isvc_name": ""}
+HELP = {
+    "config": "config name in training/configs or a YAML path",
+    "overrides": "override a config field, SECTION.FIELD=VALUE (repeatable)",
+    "tracking_uri": "default $MLFLOW_TRACKING_URI",
+    "storage_prefix": "where serving packages go (s3:// or gs://)",
+    "isvc_name": "InferenceService to point at the new model (empty: none)",
+}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
+    """One flag per pipeline parameter, with the pipeline's own types and defaults (but LOCAL_DEFAULTS)."""
+    import inspect
+
+    from pipelines.pipeline import maskrcnn_pipeline
+
     p = argparse.ArgumentParser(prog="python -m pipelines.run_local", description=__doc__)
-    p.add_argument("--config", default="tiny", help="config name in training/configs or a YAML path (default tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    p.add_argument("--data", default="")
-    p.add_argument("--val-data", default="")
-    p.add_argument("--ray-address", default="")
-    p.add_argument("--tracking-uri", default="", help="default $MLFLOW_TRACKING_URI")
-    p.add_argument("--model-name", default="maskrcnn")
-    p.add_argument("--min-segm-map", type=float, default=0.5)
-    p.add_argument("--min-mask-iou", type=float, default=0.7)
-    p.add_argument("--margin", type=float, default=0.0)
-    p.add_argument("--storage-prefix", default="s3://models", help="where serving packages go (s3:// or gs://)")
-    p.add_argument("--isvc-name", default="", help="InferenceService to point at the new model (empty: none)")
-    p.add_argument("--namespace", default="default")
-    p.add_argument("--canary-percent", type=int, default=0)
-    p.add_argument("--ready-timeout", type=float, default=600.0)
-    p.add_argument("--kubeconfig", default="")
+    for name, param in inspect.signature(maskrcnn_pipeline.pipeline_func).parameters.items():
+        default = LOCAL_DEFAULTS.get(name, param.default)
+        text = f"{HELP.get(name, '')} (default: {default!r})".strip()
+        if param.annotation in (list, "list"):
+            p.add_argument("--set", dest=name, action="append", default=list(default), metavar="SECTION.FIELD=VALUE", help=text)
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", type=param.annotation, default=default, help=text)
     p.add_argument("--pipeline-root", default="./pipeline_runs", help="where step artifacts are written")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = vars(get_args_parser().parse_args(argv))
     root = args.pop("pipeline_root")
     try:

@@ -11,6 +11,7 @@ import sys
 import time
 
 from serving.predictor import DEFAULT_MODEL_DIR, MaskRCNNPredictor
+from training.logs import setup_logging
 
 log = logging.getLogger("serving")
 
@@ -30,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args, _ = get_args_parser().parse_known_args(argv)  # kserve parses its own flags at import
     import uvicorn
 

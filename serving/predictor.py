@@ -9,7 +9,8 @@ Requests (images as base64; JPG, PNG or TIFF):
 Each image's result: `{"width", "height", "model_version", "detections": [{"label", "category_id",
 "score", "box": [x0, y0, x1, y1], "mask": COCO RLE}]}`, plus `overlay_png` (base64 PNG) when asked.
 V2 returns the same JSON, one string per image, in the BYTES output `detections`.
-Decoding and pre-processing are training's own (`training.data.images`), not a copy.
+Decoding, pre-processing (`training.data.images`) and post-processing (`training.engine.postprocess`,
+with the mask threshold from the package's config) are training's own, not copies.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
 from prometheus_client import Histogram
 
-from serving.package import load_package
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
-from training.metrics import encode_masks
+from training.engine import postprocess
+from training.export import load_package, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,12 @@ class MaskRCNNPredictor(Model):
     """Loads (and checksum-verifies) a serving package from a folder, `s3://` or `gs://` prefix."""
 
     def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = 0.5,
-                 max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8,
-                 mask_threshold: float = 0.5):
+                 max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8):
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
-        self.max_pixels, self.max_images, self.mask_threshold = min(max_pixels, DEFAULT_MAX_PIXELS), max_images, mask_threshold
+        self.max_pixels, self.max_images = min(max_pixels, DEFAULT_MAX_PIXELS), max_images
+        self.mask_threshold = 0.5  # replaced by the package's eval.mask_threshold on load
         self.model: torch.nn.Module | None = None
         self.version = ""
         self._lock = threading.Lock()  # one forward pass at a time: they use every core already
@@ -66,7 +67,8 @@ class MaskRCNNPredictor(Model):
 
             folder = fetch_prefix(self.model_dir, Path(os.environ.get("MASKRCNN_CACHE", "/tmp/maskrcnn-serving")))
         self.model, self.config, self.label_map = load_package(folder)  # raises PackageError on a bad checksum
-        meta = json.loads((folder / "metadata.json").read_text())
+        self.mask_threshold = self.config.eval.mask_threshold  # the threshold the model was evaluated with
+        meta = read_metadata(folder)
         self.version = str(meta.get("model_version") or meta.get("mlflow_run_id") or "")
         torch.set_num_threads(os.cpu_count() or 1)
         self.ready = True
@@ -154,14 +156,12 @@ class MaskRCNNPredictor(Model):
             raise InferenceError(f"model failure: {type(exc).__name__}: {exc}") from exc
         results = []
         for img, out in zip(images, outputs):
-            keep = (out["scores"] >= threshold).nonzero().flatten()[:max_det]
-            masks = (out["masks"][keep, 0] > self.mask_threshold).to(torch.uint8).numpy()
-            rles = encode_masks(masks) if len(keep) else []
-            # whole tensors to Python lists once: element-wise tensor indexing costs microseconds each
-            labels, scores, boxes = out["labels"][keep].tolist(), out["scores"][keep].tolist(), out["boxes"][keep].tolist()
+            pred = postprocess(out, self.mask_threshold, threshold, max_det)
+            # whole arrays to Python lists once: element-wise indexing costs microseconds each
+            labels, scores, boxes = pred["labels"].tolist(), pred["scores"].tolist(), pred["boxes"].tolist()
             detections = [{"label": self.label_map.name_of(label), "category_id": self.label_map.category_of(label),
                            "score": round(score, 5), "box": [round(v, 2) for v in box], "mask": rle}
-                          for label, score, box, rle in zip(labels, scores, boxes, rles)]
+                          for label, score, box, rle in zip(labels, scores, boxes, pred["masks"])]
             result = {"width": int(img.shape[1]), "height": int(img.shape[0]), "model_version": self.version,
                       "detections": detections}
             if overlay:

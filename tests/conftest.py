@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devstack.procs import free_port
 from training.config import CONFIG_DIR, Config, load_config
 
 TINY = CONFIG_DIR / "tiny.yaml"
@@ -38,8 +39,7 @@ def mlflow_stack():
     import shutil
     import tempfile
 
-    from training.stack import LocalStack, Ports
-    from training.stack.procs import free_port
+    from devstack import LocalStack, Ports
 
     root = Path(tempfile.mkdtemp(prefix="maskrcnn-stack-"))
     root.chmod(0o711)
@@ -132,12 +132,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -153,7 +147,7 @@ def _wait(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
 @pytest.fixture(scope="module")
 def s3_emulator():
     """moto's S3 server (an emulator: the fast tier; the real S3 server is the stack's)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait(port, proc)
@@ -174,7 +168,7 @@ def s3_emulator():
 @pytest.fixture(scope="module")
 def gcs_emulator():
     """gcp-storage-emulator: a local GCS endpoint, in memory."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
                              "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait(port, proc)
@@ -202,7 +196,7 @@ def serving_package(tmp_path_factory) -> Path:
     """A serving package of a tiny, untrained but seeded model (it predicts low-score instances)."""
     import torch
 
-    from serving.package import export_package
+    from training.export import export_package
     from training.checkpoint import save_checkpoint
     from training.data.coco import LabelMap
     from training.model import build_model

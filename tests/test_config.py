@@ -56,3 +56,24 @@ def test_missing_and_invalid_files(tmp_path: Path):
     bad.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_cli_flags_and_pipeline_parameters_set_the_same_fields(tmp_path):
+    """One mapping from named options to config fields, whether they come from flags or the pipeline."""
+    from pipelines.steps import load_step_config
+    from training.config import option_overrides
+    from training.ray_main import config_from_args, get_args_parser
+
+    args = get_args_parser().parse_args(["--config", "tiny", "--data", "s3://b/train", "--val-data", "s3://b/val",
+                                         "--address", "ray://head:10001", "--no-register"])
+    from_cli = config_from_args(args)
+    from_pipeline = load_step_config("tiny", [], data="s3://b/train", val_data="s3://b/val", ray_address="ray://head:10001")
+    for cfg in (from_cli, from_pipeline):
+        assert (cfg.data.train, cfg.data.val, cfg.ray.address, cfg.tracking.register) == \
+            ("s3://b/train", "s3://b/val", "ray://head:10001", False)
+    assert option_overrides(epochs=5, skip_invalid=True, data="", address=None) == ["train.epochs=5", "data.skip_invalid=true"]
+    with pytest.raises(ConfigError, match="unknown option 'epoch'"):
+        option_overrides(epoch=5)
+    # a prepared dataset folder names both splits
+    prepared = load_step_config("tiny", ["train.epochs=1"], dataset=str(tmp_path))
+    assert (prepared.data.train, prepared.data.val, prepared.train.epochs) == (str(tmp_path / "train"), str(tmp_path / "val"), 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from k8s_emulator import IsvcController
 
-from pipelines.deploy import DeployError, update_storage_uri
+from release.deploy import DeployError, update_storage_uri
 
 
 def test_patch_then_ready_returns_the_previous_uri_emulator(k8s_emulator):

@@ -1,6 +1,6 @@
 """The promotion gate's arithmetic."""
 
-from training.gate import decide
+from release.gate import decide
 
 
 def test_thresholds_and_no_champion_promote():

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import render_kustomization as render
 
-from pipelines.deploy import storage_uri_of
+from release.deploy import storage_uri_of
 
 KUSTOMIZATIONS = ["deployment/overlays/production", "deployment/overlays/canary", "ray", "mlflow/k8s/overlays/gcs",
                   "mlflow/k8s/overlays/minio"]

@@ -2,9 +2,18 @@ import re
 
 import pytest
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from training.config import ModelConfig
+from training.initialize import initialize
 from training.model import build_model
+
+
+def _initialized(cfg: ModelConfig, num_classes: int, cache_dir=None):
+    """What a training run does: the architecture, then its initial weights and frozen stages."""
+    from pathlib import Path
+
+    return initialize(build_model(cfg, num_classes), cfg, Path(cache_dir or "/nonexistent-cache"))
 
 
 def _tiny(backbone: str, **kw) -> ModelConfig:
@@ -50,8 +59,9 @@ def test_weights_load_from_a_path_and_skip_a_head_of_another_size(tmp_path, capl
     source = build_model(_tiny("mobilenet_v3_small_fpn"), num_classes=3)
     path = tmp_path / "weights.pt"
     torch.save({"model": source.state_dict()}, path)
-    same = build_model(_tiny("mobilenet_v3_small_fpn", weights=str(path)), num_classes=3)
-    # With weights, BatchNorm becomes torchvision's FrozenBatchNorm (fine-tuning); its tensors carry over.
+    same = _initialized(_tiny("mobilenet_v3_small_fpn", weights=str(path), frozen_batchnorm=True), num_classes=3)
+    # With frozen_batchnorm, BatchNorm becomes torchvision's FrozenBatchNorm (fine-tuning); its tensors carry over.
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in same.backbone.body.modules())
     loaded = same.state_dict()
     common = [k for k in source.state_dict() if k in loaded]
     assert len(common) > 100
@@ -63,9 +73,9 @@ def test_weights_load_from_a_path_and_skip_a_head_of_another_size(tmp_path, capl
         assert torch.allclose(source.backbone(image[None])["0"], same.backbone(image[None])["0"], atol=1e-5)
     caplog.set_level("INFO")
     skipped = lambda: int(re.findall(r"skipped (\d+)", caplog.text)[-1])  # noqa: E731
-    build_model(_tiny("mobilenet_v3_small_fpn", weights=str(path)), num_classes=3)
+    _initialized(_tiny("mobilenet_v3_small_fpn", weights=str(path), frozen_batchnorm=True), num_classes=3)
     same_classes = skipped()  # BatchNorm's num_batches_tracked, which FrozenBatchNorm has not
-    other = build_model(_tiny("mobilenet_v3_small_fpn", weights=str(path)), num_classes=7)
+    other = _initialized(_tiny("mobilenet_v3_small_fpn", weights=str(path), frozen_batchnorm=True), num_classes=7)
     # 6 more: weight and bias of cls_score, bbox_pred and mask_fcn_logits, whose shapes depend on the classes
     assert skipped() == same_classes + 6
     assert other.roi_heads.box_predictor.cls_score.out_features == 7
@@ -77,11 +87,51 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     path = tmp_path / "w.pt"
     torch.save({"something.else": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match="none of its 1 tensors match"):
-        build_model(_tiny("mobilenet_v3_small_fpn", weights=str(path)), num_classes=3)
+        _initialized(_tiny("mobilenet_v3_small_fpn", weights=str(path)), num_classes=3)
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     from training.data.sources import SourceError
 
     with pytest.raises(SourceError, match="no such file"):
-        build_model(_tiny("mobilenet_v3_small_fpn", weights=str(tmp_path / "absent.pt")), num_classes=3)
+        _initialized(_tiny("mobilenet_v3_small_fpn", weights=str(tmp_path / "absent.pt")), num_classes=3)
+
+
+def test_building_the_architecture_reads_no_weights(monkeypatch):
+    """A config naming init weights on an unreachable host builds without touching the network."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("build_model opened a network connection")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    cfg = _tiny("mobilenet_v3_small_fpn", weights="https://weights.invalid/model.pt",
+                backbone_weights="s3://no-such-bucket/backbone.pt")
+    model = build_model(cfg, num_classes=3)
+    assert all(p.requires_grad for p in model.parameters())  # freezing is initialisation's job too
+
+
+@pytest.mark.parametrize("backbone,trainable,frozen_prefixes,trainable_prefixes", [
+    ("resnet18_fpn", 3, ["conv1", "layer1"], ["layer2", "layer3", "layer4"]),
+    ("resnet18_fpn", 0, ["conv1", "layer4"], []),
+    ("mobilenet_v3_small_fpn", 5, [], ["0.", "12."]),
+])
+def test_initialize_freezes_all_but_the_last_stages(backbone, trainable, frozen_prefixes, trainable_prefixes):
+    model = _initialized(_tiny(backbone, trainable_backbone_layers=trainable), 3)
+    grads = dict((name, p.requires_grad) for name, p in model.backbone.body.named_parameters())
+    for prefix in frozen_prefixes:
+        assert not any(v for k, v in grads.items() if k.startswith(prefix)), prefix
+    for prefix in trainable_prefixes:
+        assert all(v for k, v in grads.items() if k.startswith(prefix)), prefix
+    assert all(p.requires_grad for p in model.roi_heads.parameters())  # heads always train
+
+
+def test_mobilenet_keeps_exactly_the_last_n_stages_trainable():
+    from training.model import stage_ends
+
+    model = _initialized(_tiny("mobilenet_v3_large_fpn", trainable_backbone_layers=3), 3)
+    blocks = list(model.backbone.body.children())
+    ends = stage_ends(blocks)
+    first = ends[-4] + 1  # the first block of the third-to-last stage
+    assert [all(p.requires_grad for p in b.parameters()) for b in blocks] == [i >= first for i in range(len(blocks))]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.publish import PublishError, publish_package
-from serving.package import CHECKSUM_FILE, PackageError, export_package, load_package, verify_package
+from release.publish import PublishError, publish_package
+from training.export import CHECKSUM_FILE, PackageError, export_package, load_package, verify_package
 from training.checkpoint import save_checkpoint
 from training.data.coco import LabelMap
 from training.model import build_model
@@ -38,7 +38,7 @@ def test_export_then_load_gives_the_same_model(checkpoint, tmp_path):
     assert meta["model_version"] == "7" and meta["mlflow_run_id"] == "abc" and meta["epoch"] == 4
     model, config, labels = load_package(package)
     assert labels.names == ["cat", "dog"]
-    original = torch.load(checkpoint / "checkpoint.pt", weights_only=False)["model"]
+    original = torch.load(checkpoint / "checkpoint.pt", weights_only=True)["model"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, original[key]), key
 
@@ -51,6 +51,67 @@ def test_a_changed_file_is_named(checkpoint, tmp_path):
     (package / CHECKSUM_FILE).unlink()
     with pytest.raises(PackageError, match="SHA256SUMS: missing"):
         load_package(package)
+
+
+def test_a_package_naming_unreachable_init_weights_loads_without_network(checkpoint, tmp_path, monkeypatch):
+    """A model trained from init weights (a URI only the training cluster could reach) loads in a serving
+    pod without egress: the architecture comes from the config, the weights from model.pt, nothing is fetched."""
+    import socket
+
+    import yaml
+
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    config["model"].update(weights="https://weights.invalid/coco.pt", backbone_weights="s3://no-such-bucket/imagenet.pt")
+    state = torch.load(checkpoint / "checkpoint.pt", weights_only=True)
+    state["config"] = config
+    torch.save(state, checkpoint / "checkpoint.pt")
+    package = export_package(checkpoint, tmp_path / "pkg")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("loading a package opened a network connection")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("MASKRCNN_CACHE", str(tmp_path / "empty-cache"))
+    model, cfg, _ = load_package(package)
+    assert cfg.model.weights == "https://weights.invalid/coco.pt"
+    assert torch.equal(model.state_dict()["roi_heads.box_predictor.cls_score.weight"],
+                       state["model"]["roi_heads.box_predictor.cls_score.weight"])
+    assert not (tmp_path / "empty-cache").exists()
+
+
+def test_checkpoints_load_as_weights_only(checkpoint):
+    """A checkpoint.pt holding a pickled object (code that would run on load) is refused."""
+    import pickle
+
+    from training.checkpoint import load_checkpoint
+
+    state = torch.load(checkpoint / "checkpoint.pt", weights_only=True)
+    assert load_checkpoint(checkpoint)["epoch"] == 4  # ours load: tensors and plain values only
+    state["run_info"] = {"payload": Path("/etc/passwd")}  # any non-allow-listed class
+    torch.save(state, checkpoint / "checkpoint.pt")
+    with pytest.raises(pickle.UnpicklingError, match="(?i)weights only"):
+        load_checkpoint(checkpoint)
+
+
+def test_export_command_writes_a_package(checkpoint, tmp_path):
+    from training.export import main
+
+    assert main([str(checkpoint), str(tmp_path / "out")]) == 0
+    assert set(verify_package(tmp_path / "out")) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["epoch"] == 4
+    assert main([str(tmp_path / "not-a-checkpoint"), str(tmp_path / "out2")]) == 2
+
+
+def test_stamping_changes_metadata_only(checkpoint, tmp_path):
+    from training.export import read_metadata, stamp_package
+
+    package = export_package(checkpoint, tmp_path / "pkg")
+    before = verify_package(package)
+    stamp_package(package, {"model_version": "12"})
+    after = verify_package(package)
+    assert read_metadata(package)["model_version"] == "12" and read_metadata(package)["mlflow_run_id"] == "abc"
+    assert {k for k in before if before[k] != after[k]} == {"metadata.json"}
 
 
 def _s3_env(monkeypatch, stack) -> None:

@@ -4,6 +4,7 @@ in-memory Kubernetes API (an emulator: no API server can run here), with the tes
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def _only_run(client, experiment):
 
 
 @pytest.mark.slow
-def test_a_good_model_is_promoted_and_served_k8s_emulator(pipeline_env, mlflow_stack, tmp_path):
+def test_a_good_model_is_promoted_and_served_k8s_emulator(pipeline_env, mlflow_stack, tmp_path, capsys):
     params, ctl, client, root = pipeline_env
     with ctl:
         _run(params, root)
@@ -91,20 +92,48 @@ def test_a_good_model_is_promoted_and_served_k8s_emulator(pipeline_env, mlflow_s
     uri = f"s3://{mlflow_stack.state.models_bucket}/{name}/v{champion.version}"
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == uri  # exactly the uploaded location
     assert champion.tags["serving.storage_uri"] == uri
-    from serving.package import verify_package
+    from training.export import verify_package
     from training.data.sources import fetch_prefix
 
     package = fetch_prefix(uri, tmp_path / "download")
-    assert set(verify_package(package)) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
-    # the Model artifact really holds the checkpoint
-    (model_dir,) = list(root.glob("*/train/model"))
-    assert (model_dir / "checkpoint.pt").stat().st_size > 100_000
-    # the next run's evaluate step finds this champion and scores it on the same split: the same
-    # model, so the same numbers as the candidate
-    from pipelines.steps import evaluate_candidate_and_champion
+    served = verify_package(package)
+    assert set(served) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
+    # One artifact: the Model artifact, the model logged in MLflow and the published package hold the
+    # same weights, config and label map (only metadata.json gains the version number)
+    from training.export import read_metadata
+    from training.tracking import download_model
 
+    (model_dir,) = list(root.glob("*/train/model"))
+    logged = verify_package(download_model(params["tracking_uri"], f"models:/{name}/{champion.version}", tmp_path / "logged"))
+    for file in ("model.pt", "config.yaml", "label_map.json"):
+        assert served[file] == logged[file] == verify_package(model_dir)[file], file
+    assert read_metadata(package)["model_version"] == champion.version
+    # The dataset's identity is computed once: the prepare step's hash is the run's and the version's
     (dataset_dir,) = list(root.glob("*/prepare-data/dataset"))
-    scores = evaluate_candidate_and_champion(str(dataset_dir), str(model_dir), params["tracking_uri"], name)
+    prepared_hash = json.loads((dataset_dir / "dataset.json").read_text())["content_hash"]
+    assert run.data.tags["dataset_hash"] == champion.tags["dataset_hash"] == prepared_hash
+    # The promoted version carries the same evidence as one registered by training, plus the gate's decision
+    assert float(champion.tags["segm_mAP"]) == pytest.approx(run.data.metrics["final_segm_mAP"], abs=1e-6)
+    assert len(champion.tags["git_commit"]) == 40 and champion.tags["run_id"] == run.info.run_id
+    assert champion.tags["gate.decision"] == "promote" and champion.tags["gate.reason"].startswith("promoted:")
+    assert json.loads(champion.tags["config"])["train"]["epochs"] == 1
+    from training.registry import main as registry_main
+
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = params["tracking_uri"]
+    try:
+        assert registry_main(["show", name]) == 0
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith(champion.version + " "))
+    assert champion.tags["segm_mAP"][:8] in row and "-" not in row.split()[1:3]
+    # the next run's evaluate step finds this champion and scores its package on the same split: the
+    # same model, so the same numbers as the candidate
+    from release.scoring import score_candidate_and_champion
+    from training.data.prepare import load_prepared
+
+    scores = score_candidate_and_champion(model_dir, load_prepared(dataset_dir).val, params["tracking_uri"], name)
     assert scores["champion_version"] == champion.version
     assert scores["champion_segm_map"] == pytest.approx(scores["segm_map"], abs=1e-9)
     assert scores["champion_mask_iou"] == pytest.approx(scores["mask_iou"], abs=1e-9)
@@ -153,6 +182,9 @@ def test_a_service_that_never_becomes_ready_is_rolled_back_k8s_emulator(pipeline
 def test_component_image_installs_the_locked_project_as_non_root():
     text = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
     assert "uv sync --locked --no-dev" in text
-    for package in ("training", "pipelines", "serving"):
+    for package in ("training", "release", "pipelines", "serving"):
         assert f"COPY {package} ./{package}" in text
+    # development infrastructure stays out of the image
+    assert "COPY devstack" not in text
+    assert "devstack" in (Path(__file__).resolve().parents[1] / ".dockerignore").read_text().split()
     assert "USER app" in text and "PATH=/opt/venv/bin:$PATH" in text  # kfp's `python3` is the locked env's

@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import time
 
+import shutil
+
 import pytest
-import torch
 from conftest import sql_rows
 from mlflow.tracking import MlflowClient
 
-from training.registry import CHAMPION, alias_history, get_alias, register_model, set_alias
-from training.tracking import _log_model
+from training.export import stamp_package
+from training.registry import CHAMPION, alias_history, get_alias, register_package, set_alias
+from training.tracking import log_package
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def three_versions(mlflow_stack):
-    import mlflow
-
+def three_versions(mlflow_stack, serving_package, tmp_path_factory):
+    """Three runs, each logging a serving package (with its own metrics) and registering it."""
     client = MlflowClient(mlflow_stack.tracking_uri)
-    mlflow.set_tracking_uri(mlflow_stack.tracking_uri)
     name = f"registry-{time.time_ns()}"
     exp_id = client.create_experiment(name)
+    tmp = tmp_path_factory.mktemp("registry")
     versions = []
     for i in range(3):
         run_id = client.create_run(exp_id).info.run_id
-        info = _log_model(run_id, torch.nn.Linear(2, 2), None)
-        versions.append(register_model(client, name, info.model_uri, run_id, {"segm_mAP": 0.1 * i, "dataset_hash": "h"}))
+        package = stamp_package(shutil.copytree(serving_package, tmp / f"package{i}"),
+                                {"metrics": {"segm_mAP": 0.1 * i, "mask_iou": 0.5}, "dataset_hash": "h",
+                                 "mlflow_run_id": run_id, "git_commit": "c" * 40})
+        versions.append(register_package(client, name, log_package(client, run_id, package), package))
     return client, name, versions
 
 
@@ -35,7 +38,9 @@ def test_register_keeps_tags_and_run(three_versions):
     client, name, versions = three_versions
     assert versions == ["1", "2", "3"]
     mv = client.get_model_version(name, "3")
-    assert mv.tags["segm_mAP"] == "0.2" and mv.tags["dataset_hash"] == "h"
+    assert mv.tags["segm_mAP"] == "0.200000" and mv.tags["dataset_hash"] == "h"
+    assert mv.tags["git_commit"] == "c" * 40 and mv.tags["run_id"] == mv.run_id
+    assert mv.tags["config"].startswith('{"data":') and "gate.decision" not in mv.tags
     assert mv.status == "READY" and mv.run_id
 
 
@@ -79,4 +84,5 @@ def test_cli_moves_an_alias_and_shows_the_history(three_versions, mlflow_stack, 
     assert main(["show", name]) == 0
     out = capsys.readouterr().out
     assert "history of 'challenger':" in out and "by hand" in out
+    assert "0.200000" in out and "0.500000" in out  # each version's metrics, from its evidence tags
     assert main(["show", "no-such-model"]) == 1

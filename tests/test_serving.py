@@ -13,7 +13,7 @@ from conftest import encode_image
 from faster_coco_eval.core import mask as mask_util
 from fastapi.testclient import TestClient
 
-from serving.package import CHECKSUM_FILE, PackageError
+from training.export import CHECKSUM_FILE, PackageError
 from serving.predictor import MaskRCNNPredictor
 from training.data.images import decode_image, to_tensor
 
@@ -71,6 +71,35 @@ def test_infer_matches_the_model_run_directly(predictor):
         assert det["label"] in ("circle", "square", "triangle") and det["category_id"] in (1, 2, 3)
         assert mask_util.decode({"size": det["mask"]["size"], "counts": det["mask"]["counts"].encode()}).shape == (64, 64)
     assert result["width"] == result["height"] == 64 and result["model_version"] == "7"
+
+
+def test_predictor_and_evaluation_share_post_processing(predictor, serving_package, tmp_path):
+    """Serving's masks are evaluation's masks (one post-processing function), at the mask threshold of
+    the package's config: a package evaluated at 0.8 is served at 0.8."""
+    import shutil
+
+    from training.engine import predict
+    from training.export import export_package
+
+    img = picture()
+    image_tensor = to_tensor(img)
+    (evaluated,) = predict(predictor.model, [([image_tensor], [{"image_id": torch.tensor(1)}])], torch.device("cpu"),
+                           predictor.config.eval.mask_threshold)
+    (served,) = predictor.infer([img], threshold=0.0, max_det=100, overlay=False)
+    assert [d["mask"] for d in served["detections"]] == evaluated["masks"]
+
+    # the same weights, exported from a checkpoint whose config evaluates masks at 0.8
+    checkpoint = shutil.copytree(serving_package.parent / "ckpt", tmp_path / "ckpt")
+    state = torch.load(checkpoint / "checkpoint.pt", weights_only=True)
+    state["config"]["eval"]["mask_threshold"] = 0.8
+    torch.save(state, checkpoint / "checkpoint.pt")
+    strict_predictor = MaskRCNNPredictor("strict", str(export_package(checkpoint, tmp_path / "strict")), score_threshold=0.0)
+    strict_predictor.load()
+    assert strict_predictor.mask_threshold == 0.8
+    (tight,) = strict_predictor.infer([img], threshold=0.0, max_det=100, overlay=False)
+    area = lambda r: sum(mask_util.area({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()})  # noqa: E731
+                         for d in r["detections"])
+    assert area(tight) < area(served)
 
 
 def test_threshold_and_max_detections_filter(predictor):

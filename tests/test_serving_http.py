@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import encode_image
 
-from training.stack.procs import free_port
+from devstack.procs import free_port
 
 pytestmark = pytest.mark.slow
 

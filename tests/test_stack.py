@@ -13,9 +13,9 @@ import pytest
 from conftest import sql_rows, with_sections
 from mlflow.tracking import MlflowClient
 
-from training.ray_main import train
-from training.stack import LocalStack, Ports, StackError
-from training.stack.procs import free_port, port_is_free
+from training.trainer import train
+from devstack import LocalStack, Ports, StackError
+from devstack.procs import free_port, port_is_free
 from training.tracking import ModelUploadError
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,9 @@ def test_artifacts_and_model_land_in_the_bucket(restarted_run, mlflow_stack):
     version = client.get_model_version(cfg.tracking.model_name, result.model_version)
     model_id = version.source.removeprefix("models:/")
     model_keys = _keys(mlflow_stack, f"artifacts/{exp_id}/models/{model_id}/artifacts/")
-    assert {"MLmodel", "data/model.pth", "requirements.txt"} <= {k.split("/artifacts/", 1)[1] for k in model_keys}
+    # ...and those files are the serving package: weights only, with its checksums
+    assert {k.split("/artifacts/", 1)[1] for k in model_keys} == {"model.pt", "config.yaml", "label_map.json",
+                                                                  "metadata.json", "SHA256SUMS"}
 
 
 def test_model_upload_with_the_object_store_down_fails_the_run_and_registers_nothing(
@@ -115,13 +117,13 @@ def test_model_upload_with_the_object_store_down_fails_the_run_and_registers_not
     import training.tracking as tracking
 
     cfg = with_sections(tiny_config, train={"epochs": 1}, tracking={"experiment": "s3-down", "model_name": "s3-down-model"})
-    real = tracking._log_model
+    real = tracking._upload_package
 
     def gateway_down_then_log(*args, **kwargs):
         mlflow_stack.s3.stop_gateway()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tracking, "_log_model", gateway_down_then_log)
+    monkeypatch.setattr(tracking, "_upload_package", gateway_down_then_log)
     # fewer client retries than the default ~4 min of back-off, so the failure shows quickly
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -177,7 +179,7 @@ def test_up_refuses_a_taken_port(tmp_path):
 
 
 def test_a_server_that_fails_to_start_reports_its_log(tmp_path):
-    from training.stack.mlflow_server import MlflowServer
+    from devstack.mlflow_server import MlflowServer
 
     bad_db = f"postgresql+nosuchdriver://nobody:secret@127.0.0.1:{free_port()}/none"
     server = MlflowServer(tmp_path, free_port(), bad_db, "s3://bucket/x", "http://127.0.0.1:1", "k", "s")
@@ -188,7 +190,7 @@ def test_a_server_that_fails_to_start_reports_its_log(tmp_path):
 
 
 def test_missing_binary_names_the_package_to_install(monkeypatch, tmp_path):
-    from training.stack.ceph import CephS3
+    from devstack.ceph import CephS3
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no ceph binaries on PATH
     with pytest.raises(StackError, match=r"binary 'ceph-authtool' not found on PATH; .*apt-get install radosgw"):
@@ -202,7 +204,7 @@ def test_postgres_from_the_wheel_serves_where_no_system_build_is(tmp_path_factor
 
     import psycopg2
 
-    from training.stack.postgres import Postgres, major_version, wheel_bin_dirs
+    from devstack.postgres import Postgres, major_version, wheel_bin_dirs
 
     (bin_dir,) = wheel_bin_dirs()
     root = Path(tempfile.mkdtemp(prefix="pg-wheel-"))
@@ -231,7 +233,7 @@ def test_postgres_from_the_wheel_serves_where_no_system_build_is(tmp_path_factor
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root has PostgreSQL run as another user")
 def test_postgres_as_root_names_a_folder_its_user_cannot_reach(tmp_path):
-    from training.stack.postgres import Postgres
+    from devstack.postgres import Postgres
 
     assert tmp_path.parent.stat().st_mode & 0o001 == 0  # pytest's base folder is private (0700)
     with pytest.raises(StackError, match=f"user cannot reach {tmp_path / 'pg'}: give its parent folders o\\+x"):

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from training.checkpoint import load_checkpoint
 from training.config import Config
-from training.ray_main import find_latest_checkpoint, main, train
+from training.ray_main import main
+from training.trainer import find_latest_checkpoint, train
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def three_epochs(ray_cluster, cache_dir, tmp_path_factory, mlflow_stack):
 
     tmp = tmp_path_factory.mktemp("run3")
     cfg = load_config(TINY, [f"data.cache_dir={cache_dir}", f"ray.storage_path={tmp / 'ray'}", "train.epochs=3",
-                             f"tracking.tracking_uri={mlflow_stack.tracking_uri}"])
+                             "train.eval_every=2", f"tracking.tracking_uri={mlflow_stack.tracking_uri}"])
     return cfg, train(cfg)
 
 
@@ -49,7 +50,7 @@ def test_loss_falls_and_checkpoint_holds_everything(three_epochs):
     assert len([p for p in Path(result.checkpoint).parent.glob("checkpoint_*") if p.is_dir()]) == 2
 
 
-def test_run_is_tracked_in_mlflow(three_epochs):
+def test_run_is_tracked_in_mlflow(three_epochs, tmp_path):
     cfg, result = three_epochs
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.run_id)
@@ -58,8 +59,11 @@ def test_run_is_tracked_in_mlflow(three_epochs):
     assert run.data.params["model.backbone"] == "mobilenet_v3_small_fpn"
     assert len(run.data.params) > 60  # the whole resolved config, flattened
     assert len(run.data.tags["dataset_hash"]) == 64
-    for key in ("segm_mAP", "bbox_mAP", "mask_iou", "lr", "images_per_sec", "train_loss_mask", "segm_AP_circle"):
+    for key in ("lr", "images_per_sec", "train_loss_mask"):
         assert [s for s, _ in _history(client, result.run_id, key)] == [0, 1, 2], key
+    # eval_every=2: epoch 1 and the last epoch were evaluated; nothing is logged where nothing was measured
+    for key in ("segm_mAP", "bbox_mAP", "mask_iou", "segm_AP_circle"):
+        assert [s for s, _ in _history(client, result.run_id, key)] == [1, 2], key
     assert "final_segm_mAP" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "label_map.json", "dataset_stats.json", "checkpoint", "samples"} <= artifacts
@@ -68,18 +72,25 @@ def test_run_is_tracked_in_mlflow(three_epochs):
     assert len(samples) == 2 and all(p.endswith(".png") for p in samples)
     version = client.get_model_version(cfg.tracking.model_name, result.model_version)
     assert version.run_id == result.run_id
+    assert version.source == result.model_uri and result.model_uri.startswith("models:/m-")
     assert version.tags["dataset_hash"] == run.data.tags["dataset_hash"]
     assert float(version.tags["segm_mAP"]) == pytest.approx(result.metrics["segm_mAP"], abs=1e-6)
     assert Config.from_dict(json.loads(version.tags["config"])) == cfg
-    assert len(version.tags["git_commit"]) == 40
+    assert len(version.tags["git_commit"]) == 40 and version.tags["run_id"] == result.run_id
     from training.registry import alias_history
 
     held = [i for i in alias_history(client, cfg.tracking.model_name, "challenger") if i.version == result.model_version]
     assert len(held) == 1 and result.run_id in held[0].reason
-    import mlflow.pytorch
+    # The registered model is the serving package, weights only, byte for byte what KServe would load
+    from training.export import load_package, read_metadata, verify_package
+    from training.tracking import download_model
 
-    model = mlflow.pytorch.load_model(f"models:/{cfg.tracking.model_name}/{result.model_version}")
-    model.eval()
+    package = download_model(result.tracking_uri, f"models:/{cfg.tracking.model_name}/{result.model_version}",
+                             tmp_path / "model")
+    assert set(verify_package(package)) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
+    assert not list(package.rglob("*.pkl")) and not (package / "MLmodel").exists()
+    assert read_metadata(package)["metrics"]["segm_mAP"] == pytest.approx(result.metrics["segm_mAP"], abs=1e-9)
+    model, _, _ = load_package(package)
     with torch.no_grad():
         (out,) = model([torch.rand(3, 64, 64)])
     assert set(out) == {"boxes", "labels", "scores", "masks"}
@@ -87,14 +98,14 @@ def test_run_is_tracked_in_mlflow(three_epochs):
 
 def _inject_fault(monkeypatch, epoch: int, marker: Path) -> None:
     """The last rank dies once at `epoch`, as a lost node would (see train_loop._maybe_lose_worker)."""
-    import training.ray_main as ray_main
+    import training.trainer as trainer
 
-    real = ray_main.make_trainer
+    real = trainer.make_trainer
 
     def with_fault(cfg, loop_config, run_name, callbacks=None):
         return real(cfg, {**loop_config, "lose_worker_once": {"epoch": epoch, "marker": str(marker)}}, run_name, callbacks)
 
-    monkeypatch.setattr(ray_main, "make_trainer", with_fault)
+    monkeypatch.setattr(trainer, "make_trainer", with_fault)
 
 
 def test_resume_continues_where_it_stopped(three_epochs, tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
 """Checkpoints: one folder holding model, optimizer, scheduler, epoch, config and label map.
 
-`checkpoint.pt` has everything resume needs; `config.yaml` and `label_map.json` beside it let a
-person (or the serving package) see what made it without loading torch.
+`checkpoint.pt` has everything resume needs, as tensors and plain Python values only, so it loads
+with `torch.load(weights_only=True)` (no pickled code); `config.yaml` and `label_map.json` beside it
+let a person see what made it without loading torch. `training.export` turns a checkpoint into the
+serving package, the one model artifact.
 """
 
 from __future__ import annotations
@@ -37,29 +39,31 @@ def save_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.op
         "epoch": epoch,
         "config": config.to_dict(),
         "label_map": label_map.to_dict(),
-        "metrics": metrics,
-        "run_info": run_info or {},
+        "metrics": {k: _plain(v) for k, v in metrics.items()},
+        "run_info": dict(run_info or {}),
     }, folder / CHECKPOINT_FILE)
     save_config(config, folder / "config.yaml")
     (folder / "label_map.json").write_text(json.dumps(label_map.to_dict(), indent=2))
-    (folder / "metrics.json").write_text(json.dumps({**metrics, **(run_info or {})}, indent=2, sort_keys=True))
+    (folder / "metrics.json").write_text(json.dumps({**metrics, **(run_info or {})}, indent=2, sort_keys=True, default=_plain))
     return folder
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python numbers: `weights_only` loading accepts only plain types and tensors."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, torch.Tensor) else value
+
+
 def load_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents (tensors and plain values), loaded as weights only."""
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {folder}: not a checkpoint folder")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(folder: str | Path) -> tuple[nn.Module, Config, LabelMap]:
-    """The model of a checkpoint, in eval mode on CPU, with its config and label map."""
-    from training.model import build_model
-
-    state = load_checkpoint(folder)
-    config = Config.from_dict(state["config"])
-    label_map = LabelMap.from_dict(state["label_map"])
-    model = build_model(config.model, label_map.num_classes)
-    model.load_state_dict(state["model"])
-    return model.eval(), config, label_map
+def read_checkpoint_info(folder: str | Path) -> dict[str, Any]:
+    """`metrics.json` beside the weights (epoch, metrics, MLflow run): readable without torch."""
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not a checkpoint of this project (no metrics.json)")
+    return json.loads(path.read_text())

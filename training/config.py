@@ -1,7 +1,11 @@
 """Typed configuration: dataclasses loaded from YAML, with dotted command-line overrides.
 
-Every field carries its meaning in a comment-docstring; `asdict()` of the root `Config` feeds
-Ray's `train_loop_config` and (flattened) MLflow's params, and is saved beside every checkpoint.
+Every field carries its meaning in the docstring below it (a test fails on an undocumented field);
+`asdict()` of the root `Config` feeds Ray's `train_loop_config` and (flattened) MLflow's params, and
+is saved beside every checkpoint and in every serving package.
+
+`option_overrides` is the one mapping from named options (the CLI's flags, the pipeline's
+parameters) to `section.field=value` overrides.
 """
 
 from __future__ import annotations
@@ -27,14 +31,21 @@ class SyntheticConfig:
     """The embedded shapes dataset, generated deterministically from `seed`."""
 
     seed: int = 0
+    """Generator seed: the same seed and sizes give the same images, byte for byte."""
     num_train: int = 400
+    """Training images."""
     num_val: int = 50
+    """Validation images (generated with another seed stream, never seen in training)."""
     image_size: int = 128
+    """Side of the square images in pixels."""
     min_objects: int = 1
+    """Fewest shapes per image."""
     max_objects: int = 4
+    """Most shapes per image."""
     min_size: int = 16
     """Smallest shape extent in pixels."""
     max_size: int = 48
+    """Largest shape extent in pixels (below `image_size`)."""
     noise: float = 8.0
     """Std of Gaussian pixel noise added to the background (0-255 scale)."""
 
@@ -54,15 +65,21 @@ class AugmentConfig:
     """Albumentations applied to training images only (masks and boxes stay consistent)."""
 
     enabled: bool = True
+    """Augment at all (false: training images go in as they are)."""
     hflip: float = 0.5
+    """Probability of a horizontal flip."""
     vflip: float = 0.0
+    """Probability of a vertical flip."""
     scale_min: float = 0.75
     """Random scale range for the scale/crop step (1.0 and 1.0 disables it)."""
     scale_max: float = 1.25
+    """Upper end of the random scale range."""
     scale_p: float = 0.5
+    """Probability of the scale/crop step."""
     color_jitter: float = 0.2
     """Strength of brightness/contrast/saturation jitter (0 disables it)."""
     color_p: float = 0.5
+    """Probability of the colour jitter."""
 
 
 @dataclass
@@ -76,7 +93,9 @@ class DataConfig:
     train_annotations: str = "annotations.json"
     """Annotation file name inside the split folder."""
     val_annotations: str = "annotations.json"
+    """Annotation file name inside the validation folder."""
     val_fraction: float = 0.1
+    """Share of the training images held out for validation when `val` is empty (a fixed split)."""
     skip_invalid: bool = False
     """Drop invalid annotations/images (counted in the log) instead of failing on the first problem."""
     cache_dir: str = ""
@@ -86,7 +105,9 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per training worker."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """The embedded synthetic dataset, used when `train` is empty."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training-time augmentation."""
 
     def resolved_cache_dir(self) -> Path:
         base = self.cache_dir or os.environ.get("MASKRCNN_CACHE") or str(Path.home() / ".cache" / "maskrcnn-platform")
@@ -98,7 +119,11 @@ BACKBONES = ("resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_la
 
 @dataclass
 class ModelConfig:
-    """torchvision Mask R-CNN: backbone, input sizes and head sizes."""
+    """torchvision Mask R-CNN: backbone, input sizes and head sizes, and where initial weights come from.
+
+    `training.model.build_model` builds the architecture from these fields and reads no file;
+    `weights`, `backbone_weights` and `trainable_backbone_layers` are applied afterwards, by training
+    only (`training.initialize`), so a checkpoint or serving package loads without them."""
 
     backbone: str = "mobilenet_v3_large_fpn"
     """One of resnet50_fpn, resnet50_fpn_v2, resnet18_fpn, mobilenet_v3_large_fpn, mobilenet_v3_small_fpn."""
@@ -107,10 +132,14 @@ class ModelConfig:
     backbone_weights: str = "none"
     """Backbone-only weights (e.g. ImageNet), same forms as `weights`."""
     trainable_backbone_layers: int = -1
-    """-1: all layers when training from scratch, 3 when weights are loaded."""
+    """Backbone stages left trainable (0-5); -1: all when training from scratch, 3 when weights are loaded."""
+    frozen_batchnorm: bool = False
+    """Backbone BatchNorm as torchvision's FrozenBatchNorm2d (fixed statistics): the usual choice when
+    fine-tuning from pretrained weights with small batches. From scratch it must stay false."""
     min_size: int = 128
     """Shorter image side after the model's internal resize."""
     max_size: int = 128
+    """Longer image side cap after the model's internal resize."""
     fpn_channels: int = 256
     """FPN output channels (light backbones only; the ResNet-50 variants keep torchvision's 256)."""
     fpn_levels: int = 4
@@ -118,17 +147,29 @@ class ModelConfig:
     representation_size: int = 1024
     """Box head MLP width (light backbones only)."""
     mask_head_channels: int = 256
+    """Mask head convolution width (light backbones only)."""
     mask_head_layers: int = 4
+    """Mask head convolutions (light backbones only)."""
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    """Anchor size in pixels per feature level, finest first (one per level is used)."""
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    """Anchor aspect ratios (height / width), the same at every level."""
     rpn_pre_nms_top_n_train: int = 2000
+    """Proposals per level kept before NMS while training."""
     rpn_post_nms_top_n_train: int = 2000
+    """Proposals kept after NMS while training."""
     rpn_pre_nms_top_n_test: int = 1000
+    """Proposals per level kept before NMS at inference."""
     rpn_post_nms_top_n_test: int = 1000
+    """Proposals kept after NMS at inference."""
     rpn_batch_size_per_image: int = 256
+    """Anchors sampled per image for the RPN loss."""
     box_batch_size_per_image: int = 512
+    """Proposals sampled per image for the box and mask losses."""
     box_detections_per_img: int = 100
+    """Most detections the model returns per image."""
     box_score_thresh: float = 0.05
+    """Detections below this score are dropped inside the model (evaluation and serving filter further)."""
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -137,6 +178,13 @@ class ModelConfig:
             raise ConfigError(f"model.fpn_levels: expected 1 to 4, got {self.fpn_levels}")
         if self.min_size < 32 or self.max_size < self.min_size:
             raise ConfigError(f"model: need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if not -1 <= self.trainable_backbone_layers <= 5:
+            raise ConfigError(f"model.trainable_backbone_layers: expected -1 to 5, got {self.trainable_backbone_layers}")
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether initial weights are named (they are loaded by training only)."""
+        return self.weights != "none" or self.backbone_weights != "none"
 
 
 @dataclass
@@ -144,6 +192,7 @@ class TrainConfig:
     """Optimisation schedule; every rank steps the same schedule."""
 
     epochs: int = 10
+    """Passes over the training split."""
     batch_size: int = 4
     """Images per worker per step."""
     optimizer: str = "sgd"
@@ -151,8 +200,11 @@ class TrainConfig:
     lr: float = 0.02
     """Learning rate for the global batch (not scaled further by the number of workers)."""
     momentum: float = 0.9
+    """SGD momentum (unused by adamw)."""
     weight_decay: float = 1e-4
+    """L2 penalty (decoupled for adamw)."""
     warmup_steps: int = 100
+    """Steps of linear warmup from 0.1% of `lr`; from-scratch training diverges without it."""
     lr_schedule: str = "cosine"
     """cosine or step (x0.1 at 2/3 and 8/9 of training) or constant, after the linear warmup."""
     grad_clip: float = 10.0
@@ -160,6 +212,7 @@ class TrainConfig:
     amp: bool = True
     """Mixed precision; used on GPU only."""
     seed: int = 42
+    """Seed of weights, sampling, shuffling and augmentation (per epoch and rank, so resume replays exactly)."""
     log_every: int = 10
     """Steps between progress lines."""
     eval_every: int = 1
@@ -183,7 +236,7 @@ class EvalConfig:
     """Evaluation on the validation split."""
 
     mask_threshold: float = 0.5
-    """Probability above which a predicted mask pixel is foreground."""
+    """Probability above which a predicted mask pixel is foreground (evaluation and the predictor alike)."""
     iou_match: float = 0.5
     """IoU needed to match a prediction with a ground-truth instance for the mask IoU metric."""
     score_threshold: float = 0.5
@@ -199,9 +252,11 @@ class RayConfig:
     address: str = ""
     """Existing Ray cluster (`ray://host:10001` or `auto`, e.g. KubeRay). Empty: start a local Ray."""
     num_workers: int = 2
+    """Ray Train workers (DDP ranks)."""
     use_gpu: str = "auto"
     """auto (GPU when the cluster has one), true or false."""
     cpus_per_worker: int = 1
+    """CPUs Ray reserves for each worker (and its torch threads unless train.threads_per_worker is set)."""
     storage_path: str = ""
     """Where Ray keeps checkpoints: a folder or s3:// URI. Default: ./ray_results."""
     name: str = "maskrcnn"
@@ -209,6 +264,7 @@ class RayConfig:
     num_to_keep: int = 2
     """Checkpoints kept, the best by `checkpoint_metric`."""
     checkpoint_metric: str = "segm_mAP"
+    """Metric (higher is better) that ranks checkpoints; the best one is evaluated and logged as the model."""
     max_failures: int = 1
     """Worker-group restarts from the last checkpoint before the run fails."""
 
@@ -218,14 +274,21 @@ class TuneConfig:
     """Ray Tune search (ASHA) over learning rate and weight decay."""
 
     num_samples: int = 4
+    """Trials (points sampled from the search space)."""
     lr_min: float = 0.002
+    """Lower end of the log-uniform learning-rate range."""
     lr_max: float = 0.05
+    """Upper end of the log-uniform learning-rate range."""
     weight_decay_min: float = 1e-5
+    """Lower end of the log-uniform weight-decay range."""
     weight_decay_max: float = 1e-3
+    """Upper end of the log-uniform weight-decay range."""
     max_concurrent: int = 1
+    """Trials running at once (each takes `workers_per_trial` workers)."""
     grace_period: int = 1
     """Epochs each trial runs before ASHA may stop it."""
     workers_per_trial: int = 1
+    """Ray Train workers of each trial."""
 
 
 @dataclass
@@ -235,13 +298,15 @@ class TrackingConfig:
     tracking_uri: str = ""
     """Empty: $MLFLOW_TRACKING_URI, else a local SQLite store ./mlflow.db (open it with `mlflow ui`)."""
     experiment: str = "maskrcnn"
+    """MLflow experiment of the runs."""
     model_name: str = "maskrcnn"
     """Registered model name."""
     register: bool = True
+    """Register the logged model as a new version (the pipeline registers only what passes its gate)."""
     alias: str = "challenger"
     """Alias moved to each newly registered version (empty: none). The pipeline's gate moves `champion`."""
     log_model: bool = True
-    """Log the final model (torchvision module) as an MLflow model."""
+    """Log the serving package of the best checkpoint as the run's MLflow model (weights only, no pickle)."""
 
 
 @dataclass
@@ -249,12 +314,19 @@ class Config:
     """Everything one training run needs; saved with every checkpoint."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """The dataset."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture and its initial weights."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation schedule."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation, and the mask threshold serving uses too."""
     ray: RayConfig = field(default_factory=RayConfig)
+    """Ray Train: cluster, workers, checkpoints."""
     tune: TuneConfig = field(default_factory=TuneConfig)
+    """Ray Tune search space (with `--tune`)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow tracking and registration."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -322,9 +394,48 @@ def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
 
 
+# Named options (CLI flags and pipeline parameters, by the CLI's spelling) -> the field each one sets.
+OPTION_FIELDS = {
+    "data": "data.train",
+    "val_data": "data.val",
+    "skip_invalid": "data.skip_invalid",
+    "epochs": "train.epochs",
+    "num_workers": "ray.num_workers",
+    "address": "ray.address",
+    "storage_path": "ray.storage_path",
+    "tracking_uri": "tracking.tracking_uri",
+    "register": "tracking.register",
+}
+
+
+def option_overrides(**options: Any) -> list[str]:
+    """`section.field=value` strings for the named options that are set; None and "" leave a field alone.
+
+    `option_overrides(data="s3://b/train", epochs=5, register=False)` ->
+    `["data.train=s3://b/train", "train.epochs=5", "tracking.register=false"]`.
+    """
+    out = []
+    for name, value in options.items():
+        if name not in OPTION_FIELDS:
+            raise ConfigError(f"unknown option {name!r}; expected one of {sorted(OPTION_FIELDS)}")
+        if value is None or value == "":
+            continue
+        out.append(f"{OPTION_FIELDS[name]}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+def config_path(name_or_path: str | Path | None) -> Path:
+    """A config file: a name in training/configs (`default`, `tiny`, `gpu`) or a YAML path; None: the default."""
+    if not name_or_path:
+        return DEFAULT_CONFIG
+    text = str(name_or_path)
+    return Path(text) if text.endswith((".yaml", ".yml")) or "/" in text else CONFIG_DIR / f"{text}.yaml"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (the default one when `path` is None) and apply `key.sub=value` overrides."""
-    path = Path(path) if path else DEFAULT_CONFIG
+    """Load a YAML config (a path or a name in training/configs; the default one when None) and apply
+    `key.sub=value` overrides."""
+    path = config_path(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:

@@ -150,6 +150,21 @@ def train_one_epoch(
     return out
 
 
+def postprocess(output: dict[str, torch.Tensor], mask_threshold: float, score_threshold: float = 0.0,
+                max_detections: int | None = None) -> Prediction:
+    """One image's model output -> a Prediction: detections scoring at least `score_threshold` (at most
+    `max_detections`, best first), boxes/scores/labels as numpy, masks binarised at `mask_threshold` and
+    encoded as COCO RLE. Evaluation and the predictor both call this, so they never drift."""
+    keep = (output["scores"] >= score_threshold).nonzero().flatten()[:max_detections]
+    masks = (output["masks"][keep, 0] > mask_threshold).to(torch.uint8).cpu().numpy()
+    return {
+        "boxes": output["boxes"][keep].cpu().numpy(),
+        "scores": output["scores"][keep].cpu().numpy(),
+        "labels": output["labels"][keep].cpu().numpy(),
+        "masks": encode_masks(masks),
+    }
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, mask_threshold: float = 0.5) -> list[Prediction]:
     """Predictions for every image in `loader` (boxes, scores, labels, RLE masks), in image coordinates."""
@@ -158,14 +173,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, mask_thres
     for images, targets in loader:
         outputs = model([i.to(device) for i in images])
         for target, o in zip(targets, outputs):
-            masks = (o["masks"][:, 0] > mask_threshold).to(torch.uint8).cpu().numpy()
-            out.append({
-                "image_id": int(target["image_id"]),
-                "boxes": o["boxes"].cpu().numpy(),
-                "scores": o["scores"].cpu().numpy(),
-                "labels": o["labels"].cpu().numpy(),
-                "masks": encode_masks(masks),
-            })
+            out.append({"image_id": int(target["image_id"]), **postprocess(o, mask_threshold)})
     return out
 
 

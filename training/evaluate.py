@@ -1,11 +1,12 @@
-"""Evaluate a checkpoint on a split: COCO mAP (bbox, segm), per-class AP, mask IoU, sample overlays.
+"""Evaluate a serving package on a split: COCO mAP (bbox, segm), per-class AP, mask IoU, sample overlays.
 
-Used by `training.ray_main` after training and by the pipeline's evaluate step (the candidate and
-the current champion are evaluated by the same function on the same split).
+What is scored is what is served: training scores the package it logs, and the release layer scores
+the candidate's package and the registered champion's package with the same function on the same split.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -15,10 +16,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from training.checkpoint import load_model
 from training.config import EvalConfig
 from training.data.coco import CocoDataset, CocoSplit, LabelMap, collate
 from training.engine import predict, summarize_scores
+from training.export import load_package
 from training.metrics import Prediction, evaluate_predictions
 from training.visualize import draw_predictions
 
@@ -33,12 +34,13 @@ def evaluate_model(model: torch.nn.Module, split: CocoSplit, cfg: EvalConfig, ba
     return metrics, predictions
 
 
-def evaluate_checkpoint(folder: str | Path, split: CocoSplit, cfg: EvalConfig | None = None) -> tuple[dict[str, float], list[Prediction]]:
-    """Metrics and predictions of the checkpoint in `folder` on `split` (CPU, all cores)."""
+def evaluate_package(folder: str | Path, split: CocoSplit, cfg: EvalConfig | None = None) -> tuple[dict[str, float], list[Prediction]]:
+    """Metrics and predictions of the serving package in `folder` (checksums verified) on `split`
+    (CPU, all cores). `cfg` defaults to the package's own evaluation settings."""
     torch.set_num_threads(os.cpu_count() or 1)
-    model, config, label_map = load_model(folder)
+    model, config, label_map = load_package(folder)
     if label_map.category_ids != split.label_map.category_ids:
-        raise ValueError(f"checkpoint {folder} predicts categories {label_map.category_ids}, "
+        raise ValueError(f"package {folder} predicts categories {label_map.category_ids}, "
                          f"the split has {split.label_map.category_ids}")
     return evaluate_model(model, split, cfg or config.eval)
 
@@ -64,30 +66,25 @@ def metric_summary(metrics: dict[str, Any]) -> str:
 
 def evaluate_alias(tracking_uri: str, name: str, alias: str, split: CocoSplit,
                    cfg: EvalConfig | None = None) -> tuple[str, dict[str, float]] | None:
-    """Evaluate the registered version holding `alias` (e.g. the champion) on `split`.
+    """Evaluate the serving package of the registered version holding `alias` (e.g. the champion) on `split`.
 
     Returns (version, metrics), or None when no version holds the alias, or when it was trained on other
     categories than `split` has (then its numbers are not comparable; logged).
     """
-    import json
-
-    import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
     from training.registry import get_alias
+    from training.tracking import download_model
 
-    client = MlflowClient(tracking_uri)
-    holder = get_alias(client, name, alias)
+    holder = get_alias(MlflowClient(tracking_uri), name, alias)
     if holder is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        labels = json.loads(Path(client.download_artifacts(holder.run_id, "label_map.json", tmp)).read_text())
-    if LabelMap.from_dict(labels).category_ids != split.label_map.category_ids:
-        log.warning("%s@%s (v%s) predicts other categories than this dataset; not compared", name, alias, holder.version)
-        return None
-    mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu")
-    torch.set_num_threads(os.cpu_count() or 1)
-    metrics, _ = evaluate_model(model.eval(), split, cfg or EvalConfig())
+        package = download_model(tracking_uri, f"models:/{name}/{holder.version}", tmp)
+        labels = LabelMap.from_dict(json.loads((package / "label_map.json").read_text()))
+        if labels.category_ids != split.label_map.category_ids:
+            log.warning("%s@%s (v%s) predicts other categories than this dataset; not compared", name, alias, holder.version)
+            return None
+        metrics, _ = evaluate_package(package, split, cfg)
     log.info("%s@%s (v%s): %s", name, alias, holder.version, metric_summary(metrics))
     return str(holder.version), metrics

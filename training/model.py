@@ -1,17 +1,16 @@
-"""torchvision Mask R-CNN builder: backbones, input sizes, head sizes, optional weights.
+"""torchvision Mask R-CNN builder: the architecture only, from the config. It reads no file.
 
 The ResNet-50 variants are torchvision's own `maskrcnn_resnet50_fpn(_v2)` so that torchvision's
 COCO checkpoints load into them; only the RPN/ROI sampling settings come from the config. The light
 backbones (ResNet-18, MobileNetV3) get FPN width, box-head width and mask-head size from the config,
 and anchors with one size tuple per FPN level, which those backbones need.
+
+Initial weights and frozen layers are a training-only step (`training.initialize`); a checkpoint or a
+serving package is loaded into the architecture built here (`training.export.load_package`).
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
-import torch
 from torch import nn
 from torchvision.models import mobilenet_v3_large, mobilenet_v3_small, resnet18
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
@@ -23,53 +22,40 @@ from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from training.config import ModelConfig
-from training.data.sources import fetch_file
-
-log = logging.getLogger(__name__)
 
 
-def _load_state_dict(uri: str, cache_dir: Path) -> dict[str, torch.Tensor]:
-    path = fetch_file(uri, cache_dir)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):  # our checkpoints and common training scripts nest the weights
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Load the tensors whose names and shapes match; log what was skipped (e.g. a head with other classes)."""
-    own = module.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(set(state) - set(usable))
-    if not usable:
-        raise ValueError(f"{what}: none of its {len(state)} tensors match this model; is it for another architecture?")
-    module.load_state_dict(usable, strict=False)
-    log.info("%s: loaded %d tensors, skipped %d (name or shape differs)%s", what, len(usable), len(skipped),
-             f", e.g. {skipped[:3]}" if skipped else "")
-
-
-def _light_backbone(cfg: ModelConfig, norm_layer: type[nn.Module], trainable: int) -> BackboneWithFPN:
+def _light_backbone(cfg: ModelConfig) -> BackboneWithFPN:
     if cfg.backbone == "resnet18_fpn":
-        body = resnet18(weights=None, norm_layer=norm_layer)
-        layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
-        for name, param in body.named_parameters():
-            param.requires_grad_(any(name.startswith(layer) for layer in layers) or trainable >= 5)
+        body = resnet18(weights=None)
         names, channels = ["layer1", "layer2", "layer3", "layer4"][-cfg.fpn_levels:], [64, 128, 256, 512][-cfg.fpn_levels:]
         return BackboneWithFPN(body, {name: str(n) for n, name in enumerate(names)}, channels, cfg.fpn_channels,
                                extra_blocks=LastLevelMaxPool())
     make = mobilenet_v3_large if cfg.backbone == "mobilenet_v3_large_fpn" else mobilenet_v3_small
-    features = make(weights=None, norm_layer=norm_layer).features
+    features = make(weights=None).features
     # A stage ends just before each stride-2 block (marked `_is_cn`), and at the last block. torchvision's
     # own recipe feeds the FPN two stride-32 maps, 4x4 at 128 px: far too coarse for small objects.
     # Stage ends at strides 4, 8, 16, 32 give the FPN the fine levels Mask R-CNN expects.
-    ends = [i - 1 for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
-    returned = ends[-cfg.fpn_levels:]
-    trainable_blocks = {i for i in range(len(features)) if i > (ends[-trainable] if trainable < len(ends) else -1)}
-    for i, block in enumerate(features):
-        block.requires_grad_(i in trainable_blocks)
+    returned = stage_ends(features)[-cfg.fpn_levels:]
     return BackboneWithFPN(features, {str(i): str(n) for n, i in enumerate(returned)},
                            [_out_channels(features[i]) for i in returned], cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Replace every BatchNorm2d below `module` with FrozenBatchNorm2d (the same tensors, fixed statistics)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = misc_ops.FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+
+
+def stage_ends(blocks: list[nn.Module] | nn.Sequential) -> list[int]:
+    """Indices of the last block of each MobileNetV3 stage (one per output stride)."""
+    blocks = list(blocks)
+    return [i - 1 for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
 
 
 def _out_channels(block: nn.Module) -> int:
@@ -78,13 +64,12 @@ def _out_channels(block: nn.Module) -> int:
     return [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
-def build_model(cfg: ModelConfig, num_classes: int, cache_dir: Path | None = None) -> MaskRCNN:
-    """A Mask R-CNN for `num_classes` (background included) as `cfg` describes."""
-    cache_dir = cache_dir or Path.home() / ".cache" / "maskrcnn-platform"
-    pretrained = cfg.weights != "none" or cfg.backbone_weights != "none"
-    trainable = cfg.trainable_backbone_layers if cfg.trainable_backbone_layers >= 0 else (3 if pretrained else 5)
-    # From scratch, torchvision's FrozenBatchNorm is an identity: train real BatchNorm instead.
-    norm_layer = misc_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+def build_model(cfg: ModelConfig, num_classes: int) -> MaskRCNN:
+    """A Mask R-CNN for `num_classes` (background included) as `cfg` describes, randomly initialised.
+
+    Every parameter is trainable; `training.initialize.initialize` loads initial weights and freezes
+    backbone stages when a training run asks for them.
+    """
     kwargs = dict(
         min_size=cfg.min_size, max_size=cfg.max_size,
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
@@ -94,33 +79,29 @@ def build_model(cfg: ModelConfig, num_classes: int, cache_dir: Path | None = Non
     )
     if cfg.backbone in ("resnet50_fpn", "resnet50_fpn_v2"):
         build = maskrcnn_resnet50_fpn if cfg.backbone == "resnet50_fpn" else maskrcnn_resnet50_fpn_v2
-        model = build(weights=None, weights_backbone=None, num_classes=num_classes,
-                      trainable_backbone_layers=trainable if pretrained else None, **kwargs)
-        backbone_module = model.backbone.body
+        model = build(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)  # all layers trainable
     else:
-        backbone = _light_backbone(cfg, norm_layer, trainable)
-        levels = len(backbone.body.return_layers) + 1  # the FPN's returned levels plus the max-pool level
-        sizes = tuple((s,) for s in cfg.anchor_sizes[:levels])
-        if len(sizes) < levels:
-            raise ValueError(f"model.anchor_sizes: {cfg.backbone} has {levels} feature levels, got {len(cfg.anchor_sizes)} sizes")
-        anchors = AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * levels)
-        out = backbone.out_channels
-        mask_layers = (cfg.mask_head_channels,) * cfg.mask_head_layers
-        model = MaskRCNN(
-            backbone, num_classes=None, rpn_anchor_generator=anchors,
-            box_head=TwoMLPHead(out * 7 * 7, cfg.representation_size),
-            box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
-            mask_head=MaskRCNNHeads(out, mask_layers, 1),
-            mask_predictor=MaskRCNNPredictor(mask_layers[-1], cfg.mask_head_channels, num_classes),
-            **kwargs,
-        )
-        backbone_module = backbone.body
-    if cfg.backbone_weights != "none":
-        load_matching(backbone_module, _load_state_dict(cfg.backbone_weights, cache_dir), f"backbone weights {cfg.backbone_weights}")
-    if cfg.weights != "none":
-        load_matching(model, _load_state_dict(cfg.weights, cache_dir), f"weights {cfg.weights}")
+        model = _light_model(cfg, num_classes, kwargs)
+    if cfg.frozen_batchnorm:
+        # torchvision picks FrozenBatchNorm2d only when it downloads weights itself, which it never does here.
+        freeze_batchnorm(model.backbone.body)
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _light_model(cfg: ModelConfig, num_classes: int, kwargs: dict) -> MaskRCNN:
+    backbone = _light_backbone(cfg)
+    levels = len(backbone.body.return_layers) + 1  # the FPN's returned levels plus the max-pool level
+    sizes = tuple((s,) for s in cfg.anchor_sizes[:levels])
+    if len(sizes) < levels:
+        raise ValueError(f"model.anchor_sizes: {cfg.backbone} has {levels} feature levels, got {len(cfg.anchor_sizes)} sizes")
+    anchors = AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * levels)
+    out = backbone.out_channels
+    mask_layers = (cfg.mask_head_channels,) * cfg.mask_head_layers
+    return MaskRCNN(
+        backbone, num_classes=None, rpn_anchor_generator=anchors,
+        box_head=TwoMLPHead(out * 7 * 7, cfg.representation_size),
+        box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
+        mask_head=MaskRCNNHeads(out, mask_layers, 1),
+        mask_predictor=MaskRCNNPredictor(mask_layers[-1], cfg.mask_head_channels, num_classes),
+        **kwargs,
+    )

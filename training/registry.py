@@ -4,6 +4,11 @@ MLflow aliases (`champion`, `challenger`) point at one version and forget where 
 move made here is also recorded on the versions themselves: tag `alias_history.<alias>` holds a JSON list
 of `{"since", "until", "reason"}` intervals (UTC, ISO 8601), so `alias_history()` can say which version held
 `champion` when, and why, from the registry alone.
+
+Whoever registers (a training run with `tracking.register`, or the release layer after the gate), a
+version is registered by `register_package`, with the same evidence tags read from the serving package
+it points to: metrics, dataset hash, git commit, config, run id, epoch, and the gate's decision when
+there was one.
 """
 
 from __future__ import annotations
@@ -12,16 +17,19 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from training.logs import setup_logging
+
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-CHALLENGER = "challenger"
+EVIDENCE_METRICS = ("segm_mAP", "bbox_mAP", "mask_iou", "segm_AP50", "mask_recall")
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ def _missing(exc: MlflowException) -> bool:
 
 
 def register_model(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, Any],
-                   timeout: float = 300) -> str:
+                   timeout: float = 300) -> str:  # the mechanism; callers use register_package
     """Register `model_uri` (already fully uploaded) as a new version of `name`, tagged with `tags`.
 
     Call it only after the upload has returned: a version never points at files that are not there.
@@ -60,12 +68,42 @@ def register_model(client: MlflowClient, name: str, model_uri: str, run_id: str,
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id,
+    version = client.create_model_version(name, source=model_uri, run_id=run_id or None, model_id=model_id,
                                           tags={k: str(v) for k, v in tags.items()}, await_creation_for=int(timeout))
     if version.status != "READY":
         raise MlflowException(f"model version {name}/{version.version} is {version.status}, not READY")
     log.info("registered %s version %s from run %s", name, version.version, run_id)
     return str(version.version)
+
+
+def evidence_tags(package_dir: str | Path, gate: dict[str, str] | None = None) -> dict[str, str]:
+    """The tags every registered version carries, read from its serving package (metadata and config).
+
+    `gate`: the gate's outcome (`{"decision": ..., "reason": ...}`) when a gate decided, as `gate.*` tags.
+    """
+    import yaml
+
+    from training.export import read_metadata
+
+    package = Path(package_dir)
+    meta = read_metadata(package)
+    metrics = meta.get("metrics") or {}
+    config = yaml.safe_load((package / "config.yaml").read_text())
+    tags = {k: f"{float(metrics[k]):.6f}" for k in EVIDENCE_METRICS if k in metrics}
+    tags.update({"dataset_hash": meta.get("dataset_hash", ""), "git_commit": meta.get("git_commit", ""),
+                 "run_id": meta.get("mlflow_run_id", ""), "epoch": str(meta.get("epoch", "")),
+                 "config": json.dumps(config, separators=(",", ":"))})
+    for key, value in (gate or {}).items():
+        tags[f"gate.{key}"] = value
+    return {k: v for k, v in tags.items() if v != ""}
+
+
+def register_package(client: MlflowClient, name: str, model_uri: str, package_dir: str | Path,
+                     gate: dict[str, str] | None = None) -> str:
+    """Register the logged model `model_uri` (whose files are the package in `package_dir`) as a new
+    version of `name`, with the evidence tags. Returns the version number."""
+    tags = evidence_tags(package_dir, gate)
+    return register_model(client, name, model_uri, tags.get("run_id", ""), tags)
 
 
 def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -139,7 +177,7 @@ def get_args_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = get_args_parser().parse_args(argv)
     client = MlflowClient()
     try:

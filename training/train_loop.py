@@ -28,7 +28,9 @@ from training.data.prepare import prepare_data
 from training.data.transforms import build_train_transform
 from training.engine import Progress, build_optimizer, gather_predictions, lr_lambda, predict, summarize_scores, train_one_epoch
 from training.metrics import evaluate_predictions
+from training.initialize import initialize
 from training.model import build_model
+from training.logs import setup_logging
 
 log = logging.getLogger("training")
 
@@ -49,7 +51,7 @@ def _broadcast(obj: Any) -> Any:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Train `loop_config["config"]`; optionally log to MLflow run `loop_config["mlflow_run_id"]` (rank 0)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    setup_logging(force=True)
     cfg = Config.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -70,7 +72,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_loader = DataLoader(val_ds, batch_size=cfg.train.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers,
                             sampler=DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False))
 
-    model = build_model(cfg.model, data.label_map.num_classes, cfg.data.resolved_cache_dir())
+    model = initialize(build_model(cfg.model, data.label_map.num_classes), cfg.model, cfg.data.resolved_cache_dir())
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model, cfg.train)
     steps_per_epoch = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
@@ -113,22 +115,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         seed_everything(epoch_seed)
         if augment is not None:
             augment.reseed(epoch_seed)
-        metrics: dict[str, Any] = {"epoch": epoch}
-        metrics.update(train_one_epoch(model, optimizer, scheduler, loader, device, epoch, cfg.train, progress, scaler, world))
+        trained = train_one_epoch(model, optimizer, scheduler, loader, device, epoch, cfg.train, progress, scaler, world)
+        measured: dict[str, Any] = {}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
             predictions = gather_predictions(predict(model, val_loader, device, cfg.eval.mask_threshold))
             evaluated = None
             if rank == 0:
                 evaluated = evaluate_predictions(data.val.coco, predictions, data.label_map, cfg.eval.score_threshold, cfg.eval.iou_match)
                 evaluated.update(summarize_scores(predictions, cfg.eval))
-            last_eval = _broadcast(evaluated)
+            measured = last_eval = _broadcast(evaluated)
             if rank == 0:
                 log.info("epoch %d: segm mAP %.4f, bbox mAP %.4f, mask IoU %.4f", epoch, last_eval["segm_mAP"],
                          last_eval["bbox_mAP"], last_eval["mask_iou"])
-        metrics.update(last_eval)
-        metrics.setdefault(cfg.ray.checkpoint_metric, 0.0)  # Ray ranks checkpoints by it; absent before the first evaluation
+        # Ray ranks checkpoints by the latest evaluation (absent before the first: 0); MLflow gets only
+        # what was measured at this epoch, so its charts show no value that was not taken.
+        metrics: dict[str, Any] = {"epoch": epoch, **trained, cfg.ray.checkpoint_metric: 0.0, **last_eval}
         if client is not None:
-            log_metrics(client, loop_config["mlflow_run_id"], {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            log_metrics(client, loop_config["mlflow_run_id"], {**trained, **measured}, step=epoch)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

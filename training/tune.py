@@ -13,19 +13,20 @@ import logging
 import time
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from training.config import Config
 from training.data.prepare import prepare_data
+from training.tracking import open_run, tracked_run
+from training.trainer import finalize, init_ray, make_trainer, storage_path
 
 log = logging.getLogger("training")
 
 
 def _trial(params: dict[str, Any]) -> None:
     """One trial: a full Ray Train run with this trial's lr and weight decay, logged as a child run."""
-    from mlflow.tracking import MlflowClient
     from ray import tune as ray_tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from training.ray_main import make_trainer, start_tracking
 
     base = Config.from_dict(params["config"])
     cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, lr=params["lr"], weight_decay=params["weight_decay"]),
@@ -33,43 +34,33 @@ def _trial(params: dict[str, Any]) -> None:
     trial_id = ray_tune.get_context().get_trial_id()
     data = prepare_data(cfg.data, validate=False)  # the driver validated it; this only parses
     data.content_hash = params["dataset_hash"]
-    run_id, tracking_uri = start_tracking(cfg, data, f"trial-{trial_id}", parent_run_id=params["parent_run_id"])
+    run_id, tracking_uri = open_run(cfg, data, f"trial-{trial_id}", parent_run_id=params["parent_run_id"])
     client = MlflowClient(tracking_uri)
     client.set_tag(run_id, "tune.trial_id", trial_id)
     loop_config = {"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
-    try:
+    # Tune stops a trial (an ASHA decision) by exiting its thread: not a failure.
+    with tracked_run(client, run_id, stopped_status=lambda: trial_status(client, run_id, cfg.train.epochs)):
         make_trainer(cfg, loop_config, f"{params['run_name']}-{trial_id}", callbacks=[TuneReportCallback()]).fit()
-    except SystemExit:
-        # Tune stops a trial (an ASHA decision) by exiting its thread: not a failure.
-        close_trial_run(client, run_id, cfg.train.epochs)
-        raise
-    except BaseException as exc:
-        client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
 
 
-def close_trial_run(client, run_id: str, epochs: int) -> None:
-    """End a trial's run that Tune stopped: FINISHED if every epoch ran, else KILLED, tagged with how far it got."""
+def trial_status(client: MlflowClient, run_id: str, epochs: int) -> str:
+    """The status of a trial's run that Tune stopped: FINISHED if every epoch ran, else KILLED, tagged with
+    how far it got."""
     done = len(client.get_metric_history(run_id, "train_loss"))
     if done < epochs:
         client.set_tag(run_id, "tune.stopped_early", f"after {done} of {epochs} epochs")
-    client.set_terminated(run_id, "FINISHED" if done >= epochs else "KILLED")
+    return "FINISHED" if done >= epochs else "KILLED"
 
 
 def tune(cfg: Config):
     """Search lr and weight decay with ASHA; evaluate and register the best trial under a parent run."""
-    from mlflow.tracking import MlflowClient
     from ray import tune as ray_tune
     from ray.train import Checkpoint
     from ray.tune.schedulers import ASHAScheduler
 
-    from training.ray_main import finalize, init_ray, start_tracking, storage_path
-
     data = prepare_data(cfg.data, validate=True)
     run_name = f"{cfg.ray.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent_id, tracking_uri = start_tracking(cfg, data, run_name)
+    parent_id, tracking_uri = open_run(cfg, data, run_name)
     client = MlflowClient(tracking_uri)
     init_ray(cfg)
     metric = cfg.ray.checkpoint_metric
@@ -90,13 +81,13 @@ def tune(cfg: Config):
         ),
         run_config=ray_tune.RunConfig(name=run_name, storage_path=storage_path(cfg)),
     )
-    try:
+    with tracked_run(client, parent_id):
         grid = tuner.fit()
         best = grid.get_best_result(metric=metric, mode="max", scope="all")
         # A trial Tune stopped may end before closing its run; none may stay RUNNING.
         for run in client.search_runs([client.get_run(parent_id).info.experiment_id],
                                       f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
-            close_trial_run(client, run.info.run_id, cfg.train.epochs)
+            client.set_terminated(run.info.run_id, trial_status(client, run.info.run_id, cfg.train.epochs))
         best_lr, best_wd = best.config["lr"], best.config["weight_decay"]
         log.info("best trial: lr %.5g, weight decay %.3g, %s %.4f", best_lr, best_wd, metric, best.metrics[metric])
         client.log_param(parent_id, "best.lr", best_lr)
@@ -105,9 +96,4 @@ def tune(cfg: Config):
         # The trial's best report (not its last) names the checkpoint Ray kept for it.
         history = best.metrics_dataframe.dropna(subset=["checkpoint_path"])
         checkpoint = Checkpoint(history.loc[history[metric].idxmax(), "checkpoint_path"])
-        outcome = finalize(best_cfg, data, parent_id, tracking_uri, checkpoint)
-    except BaseException:
-        client.set_terminated(parent_id, "FAILED")
-        raise
-    client.set_terminated(parent_id, "FINISHED")
-    return outcome
+        return finalize(best_cfg, data, parent_id, tracking_uri, checkpoint)

@@ -94,6 +94,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
+def polygon_area(poly: list[float]) -> float:
+    """Area of a flat [x0, y0, x1, y1, ...] polygon (shoelace formula)."""
+    xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
+    return 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+
+
 def _check_segmentation(seg: Any, width: int, height: int, iscrowd: int) -> str | None:
     """Return what is wrong with a segmentation, or None when it is usable."""
     if isinstance(seg, list):
@@ -113,8 +119,7 @@ def _check_segmentation(seg: Any, width: int, height: int, iscrowd: int) -> str 
                     f"polygon {i} is out of bounds: x in [{xs.min():g}, {xs.max():g}], y in [{ys.min():g}, {ys.max():g}], "
                     f"expected within the image's {width}x{height}"
                 )
-            area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
-            if area <= 0:
+            if polygon_area(poly) <= 0:
                 return f"polygon {i} is empty (zero area)"
         return None
     if isinstance(seg, dict):

@@ -24,6 +24,8 @@ from training.data.synthetic import synthetic_dataset
 
 log = logging.getLogger(__name__)
 
+PREPARED_FILE = "dataset.json"
+
 
 @dataclass
 class PreparedData:
@@ -120,6 +122,22 @@ def export_prepared(data: PreparedData, folder: str | Path) -> Path:
             except OSError:
                 shutil.copy2(src, dst)
         (out / "annotations.json").write_text(json.dumps(split.coco))
-    (folder / "dataset.json").write_text(json.dumps(
+    (folder / PREPARED_FILE).write_text(json.dumps(
         {"content_hash": data.content_hash, "stats": data.stats, "label_map": data.label_map.to_dict()}, indent=2))
     return folder
+
+
+def load_prepared(folder: str | Path, max_pixels: int | None = None) -> PreparedData:
+    """A dataset written by `export_prepared`, with the content hash and statistics computed when it was
+    prepared: the dataset's identity is computed once per run, from the data as the user gave it, and
+    every later step (training, registration) carries that same hash."""
+    import json
+
+    folder = Path(folder)
+    meta_file = folder / PREPARED_FILE
+    if not meta_file.is_file():
+        raise DatasetError([f"not a prepared dataset: {PREPARED_FILE} is missing (write one with export_prepared)"], str(folder))
+    meta = json.loads(meta_file.read_text())
+    kwargs = {"check_images": False, **({"max_pixels": max_pixels} if max_pixels else {})}
+    train, val = load_coco(folder / "train", **kwargs), load_coco(folder / "val", **kwargs)
+    return PreparedData(train, val, train.label_map, meta["content_hash"], meta["stats"])

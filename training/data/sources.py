@@ -16,6 +16,7 @@ import shutil
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,22 @@ def fetch_file(uri: str, cache_dir: Path) -> Path:
     return dest
 
 
+def _hash_file(h: Any, path: Path) -> Any:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, hex (what `sha256sum` prints)."""
+    return _hash_file(hashlib.sha256(), path).hexdigest()
+
+
 def content_hash(folder: Path, files: list[str]) -> str:
     """sha256 over the named files' relative names and bytes: the dataset's identity in MLflow."""
     h = hashlib.sha256()
     for rel in sorted(files):
         h.update(rel.encode() + b"\0")
-        with open(folder / rel, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _hash_file(h, folder / rel)
     return h.hexdigest()

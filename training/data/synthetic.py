@@ -21,6 +21,7 @@ from faster_coco_eval.core import mask as mask_util
 from PIL import Image, ImageDraw
 
 from training.config import SyntheticConfig
+from training.data.coco import polygon_area
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _write_split(out: Path, rng: np.random.Generator, cfg: SyntheticConfig, coun
         Image.fromarray(pixels).save(out / name, optimize=False)
         images.append({"id": image_id, "file_name": name, "width": cfg.image_size, "height": cfg.image_size})
         for kind, visible, poly in shapes:
-            full_area = _polygon_area(poly)
+            full_area = polygon_area(poly)
             area = int(visible.sum())
             if area < 0.5 * cfg.min_size or area < MIN_VISIBLE * full_area:
                 continue
@@ -95,11 +96,6 @@ def _write_split(out: Path, rng: np.random.Generator, cfg: SyntheticConfig, coun
     coco = {"info": {"description": "synthetic shapes", "version": GENERATOR_VERSION},
             "images": images, "annotations": annotations, "categories": CATEGORIES}
     (out / "annotations.json").write_text(json.dumps(coco))
-
-
-def _polygon_area(poly: list[float]) -> float:
-    xs, ys = np.asarray(poly[0::2]), np.asarray(poly[1::2])
-    return 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
 
 
 def synthetic_dataset(cfg: SyntheticConfig, cache_dir: Path) -> tuple[Path, Path]:

@@ -1,4 +1,4 @@
-"""`uv run -m training.stack up|down|status|env`: the local MLflow stack on 127.0.0.1."""
+"""`uv run -m devstack up|down|status|env`: the local MLflow stack on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import logging
 import sys
 from pathlib import Path
 
-from training.stack.local import LocalStack, Ports
-from training.stack.procs import StackError
+from devstack.local import LocalStack, Ports
+from devstack.procs import StackError
+from training.logs import setup_logging
 
-log = logging.getLogger("training.stack")
+log = logging.getLogger("devstack")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.stack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status", "env"])
     parser.add_argument("--dir", type=Path, default=None, help="stack folder (default $MASKRCNN_STACK_DIR or ./.stack)")
     defaults = Ports()
@@ -30,7 +31,7 @@ def exports(stack: LocalStack) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = get_args_parser().parse_args(argv)
     given = {k: v for k, v in (("postgres", args.postgres_port), ("s3", args.s3_port), ("ceph_mon", args.ceph_mon_port),
                                 ("mlflow", args.mlflow_port)) if v is not None}
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             stack.up()
             log.info("stack is up in %s; MLflow UI at %s", stack.root, stack.tracking_uri)
-            print(f"# export these (or: eval \"$(uv run -m training.stack env)\")\n{exports(stack)}")
+            print(f"# export these (or: eval \"$(uv run -m devstack env)\")\n{exports(stack)}")
         elif args.command == "down":
             stack.down()
             log.info("stack stopped; data kept in %s", stack.root)

@@ -7,7 +7,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from training.stack.procs import running_pid, spawn, stop_pid, wait_for
+from devstack.procs import running_pid, spawn, stop_pid, wait_for
 
 
 class MlflowServer:

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from training.stack.procs import StackError, port_open, running_pid, require_binary, run, tail, wait_for
+from devstack.procs import StackError, port_open, running_pid, require_binary, run, tail, wait_for
 
 log = logging.getLogger(__name__)
 

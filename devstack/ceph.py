@@ -13,7 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from training.stack.procs import StackError, port_open, require_binary, run, running_pid, stop_pid, tail, wait_for
+from devstack.procs import StackError, port_open, require_binary, run, running_pid, stop_pid, tail, wait_for
 
 log = logging.getLogger(__name__)
 

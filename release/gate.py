@@ -1,14 +1,29 @@
-"""The promotion gate: thresholds on the candidate, and a margin over the current champion."""
+"""The promotion gate: thresholds on the candidate, and a margin over the current champion; its decision
+is recorded on the candidate's MLflow run (tags `gate.decision`, `gate.reason`; `gate.json` on rejection)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GateDecision:
     promote: bool
     reason: str
+
+    @property
+    def decision(self) -> str:
+        return "promote" if self.promote else "reject"
+
+    def tags(self) -> dict[str, str]:
+        """The decision as the registry's `gate.*` evidence."""
+        return {"decision": self.decision, "reason": self.reason}
 
 
 def decide(segm_map: float, mask_iou: float, *, min_segm_map: float, min_mask_iou: float, margin: float,
@@ -29,3 +44,13 @@ def decide(segm_map: float, mask_iou: float, *, min_segm_map: float, min_mask_io
               if champion_segm_map is not None else ", no champion yet")
     return GateDecision(True, f"promoted: segm mAP {segm_map:.4f} >= {min_segm_map:.4f}, "
                               f"mask IoU {mask_iou:.4f} >= {min_mask_iou:.4f}{versus}")
+
+
+def record_gate(client: MlflowClient, run_id: str, decision: GateDecision) -> None:
+    """Tag the candidate's run with the decision and its reason; a rejection also logs `gate.json`."""
+    client.set_tag(run_id, "gate.decision", decision.decision)
+    client.set_tag(run_id, "gate.reason", decision.reason)
+    if not decision.promote:
+        client.set_tag(run_id, "promoted", "false")
+        client.log_text(run_id, json.dumps({"promoted": False, "reason": decision.reason}, indent=2), "gate.json")
+    log.info("gate: %s", decision.reason)

@@ -14,10 +14,10 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from training.stack.ceph import CephS3
-from training.stack.mlflow_server import MlflowServer
-from training.stack.postgres import Postgres
-from training.stack.procs import StackError, port_is_free
+from devstack.ceph import CephS3
+from devstack.mlflow_server import MlflowServer
+from devstack.postgres import Postgres
+from devstack.procs import StackError, port_is_free
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from serving.package import CHECKSUM_FILE, PACKAGE_FILES, PackageError, verify_package
+from training.export import CHECKSUM_FILE, PACKAGE_FILES, PackageError, verify_package
 from training.data.sources import download_object, split_uri, upload_object
 
 log = logging.getLogger(__name__)

@@ -1,19 +1,26 @@
-"""The serving package: what the pipeline uploads and the predictor loads, checked by checksum.
+"""The serving package: the one model artifact. Training logs it to MLflow as the run's model, the
+registry's versions point to it, the pipeline publishes it, the evaluate step scores the champion
+from it, and KServe's predictor loads it.
 
 A package is a folder holding:
 
 - `model.pt`: the model's `state_dict` only (loads with `torch.load(weights_only=True)`: no pickled code),
-- `config.yaml`: the training config, from which the predictor rebuilds the same architecture and
-  pre-processing,
+- `config.yaml`: the training config, from which the architecture, pre-processing and post-processing
+  (`eval.mask_threshold`) are rebuilt,
 - `label_map.json`: contiguous label -> category id and name,
-- `metadata.json`: where it came from (MLflow run, model version, metrics, dataset hash),
+- `metadata.json`: the evidence (MLflow run, metrics, dataset hash, git commit, epoch; the registered
+  version once promoted),
 - `SHA256SUMS`: `sha256sum` format over every other file (check by hand with `sha256sum -c SHA256SUMS`).
+
+`uv run -m training.export CHECKPOINT OUT` writes the package of a checkpoint folder.
 """
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,10 @@ import torch
 from training.checkpoint import load_checkpoint
 from training.config import Config, load_config, save_config
 from training.data.coco import LabelMap
+from training.data.sources import sha256_file
+from training.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 CHECKSUM_FILE = "SHA256SUMS"
 PACKAGE_FILES = ("model.pt", "config.yaml", "label_map.json", "metadata.json")
@@ -29,14 +40,6 @@ PACKAGE_FILES = ("model.pt", "config.yaml", "label_map.json", "metadata.json")
 
 class PackageError(RuntimeError):
     """A serving package is incomplete or does not match its checksums; the message names the file."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_package(checkpoint_dir: str | Path, out_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -49,13 +52,26 @@ def export_package(checkpoint_dir: str | Path, out_dir: str | Path, metadata: di
     (out / "label_map.json").write_text(json.dumps(state["label_map"], indent=2))
     meta = {"epoch": state.get("epoch"), "metrics": state.get("metrics", {}), **(state.get("run_info") or {}),
             **(metadata or {})}
-    (out / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-    write_checksums(out)
+    _write_metadata(out, meta)
     return out
 
 
-def write_checksums(folder: Path) -> None:
-    lines = [f"{sha256(folder / name)}  {name}" for name in PACKAGE_FILES]
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "metadata.json").read_text())
+
+
+def stamp_package(folder: str | Path, updates: dict[str, Any]) -> Path:
+    """Add `updates` to the package's metadata (e.g. final metrics, the registered version) and rewrite
+    `SHA256SUMS`. The weights, config and label map are untouched."""
+    folder = Path(folder)
+    verify_package(folder)
+    _write_metadata(folder, {**read_metadata(folder), **updates})
+    return folder
+
+
+def _write_metadata(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    lines = [f"{sha256_file(folder / name)}  {name}" for name in PACKAGE_FILES]
     (folder / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
 
 
@@ -83,14 +99,18 @@ def verify_package(folder: str | Path) -> dict[str, str]:
         path = folder / name
         if not path.is_file():
             raise PackageError(f"{path}: missing from the package")
-        actual = sha256(path)
+        actual = sha256_file(path)
         if actual != digest:
             raise PackageError(f"{path}: sha256 {actual} does not match {digest} in {CHECKSUM_FILE}")
     return sums
 
 
 def load_package(folder: str | Path) -> tuple[torch.nn.Module, Config, LabelMap]:
-    """Verify and load a package: (model in eval mode on CPU, config, label map)."""
+    """Verify and load a package: (model in eval mode on CPU, config, label map).
+
+    The architecture is rebuilt from the config and the weights are loaded into it; initial weights
+    named in the config are never fetched (that is a training-only step).
+    """
     from training.model import build_model
 
     folder = Path(folder)
@@ -100,3 +120,32 @@ def load_package(folder: str | Path) -> tuple[torch.nn.Module, Config, LabelMap]
     model = build_model(config.model, label_map.num_classes)
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), config, label_map
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.export",
+                                description="Write the serving package (weights, config, label map, metadata, "
+                                            "SHA256SUMS) of a training checkpoint folder.")
+    p.add_argument("checkpoint", help="checkpoint folder (holds checkpoint.pt), local or s3:// (a Ray checkpoint URI)")
+    p.add_argument("out", help="package folder to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = get_args_parser().parse_args(argv)
+    from ray.train import Checkpoint
+
+    try:
+        with Checkpoint(args.checkpoint).as_directory() as folder:
+            out = export_package(folder, args.out)
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+    meta = read_metadata(out)
+    log.info("wrote the serving package of %s (epoch %s) to %s", args.checkpoint, meta.get("epoch"), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""`uv run -m release promote|rollback`: gate, register, publish and deploy a trained model, or roll back.
+
+The tracking server is $MLFLOW_TRACKING_URI (or --tracking-uri); object storage and Kubernetes come
+from the usual variables and kubeconfig, as for the pipeline.
+
+  uv run -m release promote RUN_ID --storage-prefix s3://models [--isvc-name maskrcnn --namespace models]
+  uv run -m release rollback 3 --isvc-name maskrcnn --namespace models --reason "incident 42"
+
+`promote` downloads the run's model (its serving package), scores it and the current champion on the
+same validation split (`--val-data`, default: the split the model was trained with), applies the gate,
+and promotes it when it passes. Exit status: 0 promoted (or rolled back), 3 rejected by the gate,
+1 publish/deploy failure (rolled back where it got that far), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from release.deploy import DeployError
+from release.publish import PublishError
+from training.logs import setup_logging
+
+log = logging.getLogger("release")
+
+REJECTED = 3
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m release", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracking-uri", default="", help="default $MLFLOW_TRACKING_URI")
+    p.add_argument("--model-name", default="maskrcnn", help="registered model name")
+    p.add_argument("--isvc-name", default="", help="InferenceService to point at the model (empty: none)")
+    p.add_argument("--namespace", default="models")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for Ready before rolling back")
+    p.add_argument("--kubeconfig", default="", help="default: in-cluster config, else ~/.kube/config")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("promote", help="score, gate, register, publish, deploy, move champion")
+    up.add_argument("run_id", help="MLflow run whose logged model is the candidate")
+    up.add_argument("--storage-prefix", required=True, help="s3:// or gs:// prefix for serving packages")
+    up.add_argument("--val-data", default="", help="validation split (folder, s3://, gs://); default: the model's own")
+    up.add_argument("--min-segm-map", type=float, default=0.5)
+    up.add_argument("--min-mask-iou", type=float, default=0.7)
+    up.add_argument("--margin", type=float, default=0.0, help="segm mAP the candidate must beat the champion by")
+    up.add_argument("--canary-percent", type=int, default=0)
+    back = sub.add_parser("rollback", help="serve an earlier published version again and move champion to it")
+    back.add_argument("version")
+    back.add_argument("--reason", default="rolled back by hand")
+    return p
+
+
+def logged_model_of(client, run_id: str) -> str:
+    """The URI (`models:/m-...`) of the serving package logged by `run_id`; the newest if it logged several."""
+    run = client.get_run(run_id)
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                         order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    ready = [m for m in models if str(m.status).endswith("READY")]
+    if not ready:
+        raise FileNotFoundError(f"run {run_id} logged no model (train with tracking.log_model=true)")
+    return f"models:/{ready[0].model_id}"
+
+
+def validation_split(package: Path, val_data: str):
+    """The split to score on: `val_data`, else the validation split of the data the package was trained on."""
+    from training.config import load_config
+    from training.data.prepare import prepare_data
+
+    cfg = load_config(package / "config.yaml", [f"data.val={val_data}"] if val_data else [])
+    return prepare_data(cfg.data, validate=True).val
+
+
+def cmd_promote(args: argparse.Namespace, tracking_uri: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from release.gate import decide, record_gate
+    from release.promote import promote
+    from release.scoring import score_candidate_and_champion
+    from training.tracking import download_model
+
+    client = MlflowClient(tracking_uri)
+    model_uri = logged_model_of(client, args.run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = download_model(tracking_uri, model_uri, tmp)
+        scores = score_candidate_and_champion(package, validation_split(package, args.val_data), tracking_uri,
+                                              args.model_name)
+        decision = decide(scores["segm_map"], scores["mask_iou"], min_segm_map=args.min_segm_map,
+                          min_mask_iou=args.min_mask_iou, margin=args.margin,
+                          champion_segm_map=scores["champion_segm_map"] if scores["champion_version"] else None,
+                          champion_version=scores["champion_version"])
+        record_gate(client, args.run_id, decision)
+        if not decision.promote:
+            log.warning("%s", decision.reason)
+            return REJECTED
+        result = promote(package_dir=package, model_uri=model_uri, tracking_uri=tracking_uri, model_name=args.model_name,
+                         storage_prefix=args.storage_prefix, gate=decision, isvc_name=args.isvc_name,
+                         namespace=args.namespace, canary_percent=args.canary_percent or None,
+                         ready_timeout=args.ready_timeout, kubeconfig=args.kubeconfig)
+    log.info("%s v%s is the champion, served from %s", args.model_name, result.version, result.storage_uri)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, tracking_uri: str) -> int:
+    from release.promote import rollback
+
+    result = rollback(tracking_uri=tracking_uri, model_name=args.model_name, version=args.version, reason=args.reason,
+                      isvc_name=args.isvc_name, namespace=args.namespace, ready_timeout=args.ready_timeout,
+                      kubeconfig=args.kubeconfig)
+    log.info("%s v%s is the champion again, served from %s", args.model_name, result.version, result.storage_uri)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = get_args_parser().parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
+    from training.config import ConfigError
+    from training.data.coco import DatasetError
+    from training.tracking import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        return cmd_promote(args, tracking_uri) if args.command == "promote" else cmd_rollback(args, tracking_uri)
+    except (FileNotFoundError, ConfigError, DatasetError, MlflowException) as exc:
+        log.error("%s", exc)
+        return 2
+    except (PublishError, DeployError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The training library: Ray set-up, the `TorchTrainer`, the tracked run, and evaluate-log-register.
+
+`train(cfg)` is what the CLI (`training.ray_main`), Ray Tune (`training.tune`) and the pipeline's
+train step call: validate the data, open (or reopen) the MLflow run, train with Ray Train, then
+`finalize` the best checkpoint into the serving package, score that package on the validation split,
+and log it as the run's model (registered when `tracking.register`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from training.checkpoint import read_checkpoint_info
+from training.config import Config
+from training.data.prepare import PreparedData, prepare_data
+from training.tracking import git_commit, open_run, resolve_tracking_uri, tracked_run
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run put things."""
+
+    run_id: str
+    tracking_uri: str
+    checkpoint: str
+    metrics: dict[str, float]
+    model_uri: str = ""
+    model_version: str | None = None
+    model_name: str = ""
+    package: str = ""
+    """The serving package's folder when `train(package_dir=...)` asked to keep it (else it lives in MLflow only)."""
+
+
+def storage_path(cfg: Config) -> str:
+    return cfg.ray.storage_path or str(Path.cwd() / "ray_results")
+
+
+def find_latest_checkpoint(root: str, name: str) -> str:
+    """The checkpoint folder with the highest epoch under `<root>/<name>*` (local storage; for s3:// pass the checkpoint URI)."""
+    base = Path(root)
+    best: tuple[int, float, str] | None = None
+    for metrics_file in base.glob(f"{name}*/checkpoint_*/metrics.json"):
+        epoch = json.loads(metrics_file.read_text()).get("epoch", -1)
+        key = (epoch, metrics_file.stat().st_mtime, str(metrics_file.parent))
+        best = max(best, key) if best else key
+    if best is None:
+        raise FileNotFoundError(f"--resume: no checkpoint of run {name!r} under {base} (pass a checkpoint folder instead)")
+    return best[2]
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        import training
+
+        # Ship this package to a remote cluster that does not have it installed (e.g. a bare KubeRay image).
+        ray.init(address=cfg.ray.address, runtime_env={"py_modules": [str(Path(training.__file__).parent)]})
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token to manage
+        # The dashboard (loopback only) serves the State API that Ray Train uses to clean up after runs.
+        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers * cfg.ray.cpus_per_worker),
+                 include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=True, logging_level=logging.WARNING)
+
+
+def use_gpu(cfg: Config) -> bool:
+    if cfg.ray.use_gpu == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return cfg.ray.use_gpu.lower() in ("true", "1", "yes")
+
+
+def make_trainer(cfg: Config, loop_config: dict[str, Any], run_name: str, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from training.train_loop import train_loop_per_worker
+
+    gpu = use_gpu(cfg)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path(cfg),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep, checkpoint_score_attribute=cfg.ray.checkpoint_metric,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def best_checkpoint(result: Any, metric: str):
+    ranked = [(m.get(metric, float("-inf")), c) for c, m in (result.best_checkpoints or [])]
+    if ranked:
+        return max(ranked, key=lambda x: x[0])[1]
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return result.checkpoint
+
+
+def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, checkpoint: Any,
+             package_dir: str | Path | None = None) -> TrainResult:
+    """Export the best checkpoint's serving package, score it on the validation split, log the checkpoint,
+    sample images and the package (as the run's model), and register it when configured."""
+    from training.evaluate import evaluate_package, metric_summary, write_samples
+    from training.export import export_package, stamp_package
+    from training.registry import register_package, set_alias
+    from training.tracking import log_metrics, log_package
+
+    client = MlflowClient(tracking_uri)
+    with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+        epoch = read_checkpoint_info(folder).get("epoch", 0)
+        package = export_package(folder, package_dir or Path(tmp) / "package",
+                                 {"dataset_hash": data.content_hash, "git_commit": git_commit(),
+                                  "mlflow_run_id": run_id, "tracking_uri": tracking_uri})
+        log.info("evaluating the best checkpoint's package (epoch %d) on %d validation images", epoch,
+                 len(data.val.coco["images"]))
+        metrics, predictions = evaluate_package(package, data.val, cfg.eval)
+        stamp_package(package, {"metrics": metrics})
+        log.info("final: %s", metric_summary(metrics))
+        log_metrics(client, run_id, {f"final_{k}": v for k, v in metrics.items()}, step=epoch)
+        client.log_artifacts(run_id, folder, "checkpoint")
+        for path in write_samples(data.val, predictions, Path(tmp) / "samples", cfg.eval.num_sample_images,
+                                  cfg.eval.score_threshold):
+            client.log_artifact(run_id, str(path), "samples")
+        model_uri, version = "", None
+        if cfg.tracking.log_model:
+            model_uri = log_package(client, run_id, package)
+            if cfg.tracking.register:
+                version = register_package(client, cfg.tracking.model_name, model_uri, package)
+                if cfg.tracking.alias:
+                    set_alias(client, cfg.tracking.model_name, cfg.tracking.alias, version, reason=f"trained in run {run_id}")
+    return TrainResult(run_id, tracking_uri, checkpoint.path, metrics, model_uri, version, cfg.tracking.model_name,
+                       str(package_dir or ""))
+
+
+def _resume_point(cfg: Config, resume: str) -> tuple[str, str | None]:
+    """(checkpoint to resume from, MLflow run to continue or None) for `--resume [CHECKPOINT]`."""
+    from ray.train import Checkpoint
+
+    resume_from = find_latest_checkpoint(storage_path(cfg), cfg.ray.name) if resume == "latest" else resume
+    with Checkpoint(resume_from).as_directory() as folder:  # a local folder or an s3:// URI
+        info = read_checkpoint_info(folder)  # run_info is saved beside the metrics
+    log.info("resuming from %s", resume_from)
+    if info.get("mlflow_run_id") and info.get("tracking_uri") == resolve_tracking_uri(cfg.tracking):
+        return resume_from, info["mlflow_run_id"]
+    return resume_from, None
+
+
+def train(cfg: Config, resume: str | None = None, data: PreparedData | None = None,
+          package_dir: str | Path | None = None) -> TrainResult:
+    """Validate data, train with Ray Train, evaluate the best checkpoint's package, and record it all in MLflow.
+
+    `data`: an already prepared dataset (its content hash is the run's `dataset_hash`); `package_dir`:
+    also keep the serving package there.
+    """
+    data = data or prepare_data(cfg.data, validate=True)
+    resume_from, previous_run = _resume_point(cfg, resume) if resume else (None, None)
+    run_name = f"{cfg.ray.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id, tracking_uri = open_run(cfg, data, run_name, run_id=previous_run)
+    with tracked_run(MlflowClient(tracking_uri), run_id):
+        init_ray(cfg)
+        loop_config = {"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "resume_from": resume_from}
+        result = make_trainer(cfg, loop_config, run_name).fit()
+        return finalize(cfg, data, run_id, tracking_uri, best_checkpoint(result, cfg.ray.checkpoint_metric), package_dir)
