@@ -103,7 +103,7 @@ def test_skip_invalid_drops_and_counts(tmp_path: Path, caplog):
         load_coco(root)
     split = load_coco(root, skip_invalid=True)
     assert [a["id"] for a in split.coco["annotations"]] == [1]
-    assert split.dropped == {"images": 1, "annotations": 2}
+    assert split.dropped == {"images": 1, "annotations": 2, "polygon_parts": 0}
     assert "skipped 1 invalid image(s) and 2 invalid annotation(s)" in caplog.text
 
 

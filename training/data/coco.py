@@ -19,6 +19,7 @@ from faster_coco_eval.core import mask as mask_util
 from torch.utils.data import Dataset
 
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
+from training.data.sources import escapes_folder
 
 log = logging.getLogger(__name__)
 
@@ -100,43 +101,80 @@ def polygon_area(poly: list[float]) -> float:
     return 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
 
 
-def _check_segmentation(seg: Any, width: int, height: int, iscrowd: int) -> str | None:
-    """Return what is wrong with a segmentation, or None when it is usable."""
+MIN_PART_AREA = 1.0
+"""A part of a multi-part polygon smaller than this (square pixels), or with fewer than 3 points, is
+degenerate: it is dropped and counted, and the instance keeps its other parts."""
+
+
+def _check_polygons(seg: list[Any], width: int, height: int) -> tuple[str | None, list[list[float]], int]:
+    """(what is wrong or None, the usable parts, how many degenerate parts were dropped)."""
+    if not seg:
+        return "empty polygon list, expected at least one polygon [x1, y1, x2, y2, x3, y3, ...]", [], 0
+    kept: list[list[float]] = []
+    degenerate: list[tuple[int, str]] = []
+    for i, poly in enumerate(seg):
+        if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+            return f"polygon {i} is not a flat list of numbers", [], 0
+        if len(poly) % 2:
+            return f"polygon {i} has {len(poly)} coordinates, expected an even number >= 6", [], 0
+        if len(poly) < 6:
+            degenerate.append((i, f"polygon {i} has {len(poly)} coordinates, expected an even number >= 6"))
+            continue
+        xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
+        # COCO polygons may touch the far edge (x == width); one pixel of slack allows for rounding.
+        if xs.min() < -1 or ys.min() < -1 or xs.max() > width + 1 or ys.max() > height + 1:
+            return (
+                f"polygon {i} is out of bounds: x in [{xs.min():g}, {xs.max():g}], y in [{ys.min():g}, {ys.max():g}], "
+                f"expected within the image's {width}x{height}"
+            ), [], 0
+        area = polygon_area(poly)
+        if area <= 0 or (len(seg) > 1 and area < MIN_PART_AREA):
+            degenerate.append((i, f"polygon {i} is empty (zero area)" if area <= 0 else f"polygon {i} is a sliver ({area:.2g} px²)"))
+            continue
+        kept.append(poly)
+    if not kept:
+        if len(degenerate) == 1:
+            return degenerate[0][1], [], 0
+        return f"all {len(degenerate)} polygons are degenerate (zero area, a sliver or fewer than 3 points)", [], 0
+    return None, kept, len(degenerate)
+
+
+def _check_rle(seg: dict[str, Any], width: int, height: int) -> str | None:
+    size, counts = seg.get("size"), seg.get("counts")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+        return f"RLE 'size' must be [height, width], got {size!r}"
+    if size != [height, width]:
+        return f"RLE size {size} does not match the image's [height, width] = [{height}, {width}]"
+    if isinstance(counts, list):
+        if not all(_is_int(v) and v >= 0 for v in counts):
+            return "uncompressed RLE 'counts' must be non-negative integers"
+        if sum(counts) != height * width:
+            return f"uncompressed RLE counts sum to {sum(counts)}, expected height*width = {height * width}"
+        return None
+    if not isinstance(counts, str) or not counts:
+        return f"RLE 'counts' must be a string (compressed) or a list of integers, got {type(counts).__name__}"
+    # The compressed form is only checked by decoding it; a malformed string would otherwise pass here
+    # and stop training later with a bare decoder error.
+    if not counts.isascii() or not all(48 <= ord(c) < 112 for c in counts):
+        return "compressed RLE 'counts' is malformed: expected COCO's compressed string (characters '0' to 'o')"
+    try:
+        mask = mask_util.decode({"size": size, "counts": counts.encode()})
+    except Exception as exc:  # the C decoder raises untyped errors; its message says what is wrong
+        return f"compressed RLE 'counts' is malformed, it cannot be decoded: {exc}"
+    if mask.shape[:2] != (height, width):
+        return f"compressed RLE 'counts' decodes to {mask.shape[1]}x{mask.shape[0]}, expected {width}x{height}"
+    return None
+
+
+def _check_segmentation(seg: Any, width: int, height: int, iscrowd: int) -> tuple[str | None, Any, int]:
+    """(what is wrong with a segmentation or None, the usable segmentation, degenerate parts dropped)."""
     if isinstance(seg, list):
         if iscrowd:
-            return "crowd annotations (iscrowd=1) must use RLE, got a polygon list"
-        if not seg:
-            return "empty polygon list, expected at least one polygon [x1, y1, x2, y2, x3, y3, ...]"
-        for i, poly in enumerate(seg):
-            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
-                return f"polygon {i} is not a flat list of numbers"
-            if len(poly) < 6 or len(poly) % 2:
-                return f"polygon {i} has {len(poly)} coordinates, expected an even number >= 6"
-            xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
-            # COCO polygons may touch the far edge (x == width); one pixel of slack allows for rounding.
-            if xs.min() < -1 or ys.min() < -1 or xs.max() > width + 1 or ys.max() > height + 1:
-                return (
-                    f"polygon {i} is out of bounds: x in [{xs.min():g}, {xs.max():g}], y in [{ys.min():g}, {ys.max():g}], "
-                    f"expected within the image's {width}x{height}"
-                )
-            if polygon_area(poly) <= 0:
-                return f"polygon {i} is empty (zero area)"
-        return None
+            return "crowd annotations (iscrowd=1) must use RLE, got a polygon list", seg, 0
+        return _check_polygons(seg, width, height)
     if isinstance(seg, dict):
-        size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
-            return f"RLE 'size' must be [height, width], got {size!r}"
-        if size != [height, width]:
-            return f"RLE size {size} does not match the image's [height, width] = [{height}, {width}]"
-        if isinstance(counts, list):
-            if not all(_is_int(v) and v >= 0 for v in counts):
-                return "uncompressed RLE 'counts' must be non-negative integers"
-            if sum(counts) != height * width:
-                return f"uncompressed RLE counts sum to {sum(counts)}, expected height*width = {height * width}"
-        elif not isinstance(counts, str) or not counts:
-            return f"RLE 'counts' must be a string (compressed) or a list of integers, got {type(counts).__name__}"
-        return None
-    return f"expected a polygon list or an RLE dict, got {type(seg).__name__}"
+        return _check_rle(seg, width, height), seg, 0
+    return f"expected a polygon list or an RLE dict, got {type(seg).__name__}", seg, 0
 
 
 def segmentation_to_rle(seg: Any, height: int, width: int) -> dict[str, Any]:
@@ -224,6 +262,9 @@ def load_coco(
             problem = f"{where}, field 'id': duplicate image id"
         elif not isinstance(img.get("file_name"), str) or not img["file_name"]:
             problem = f"{where}, field 'file_name': expected a non-empty string"
+        elif escapes_folder(img["file_name"]):
+            problem = (f"{where}, field 'file_name': escapes the dataset folder (an absolute path or '..'); "
+                       f"expected a path relative to {root}")
         elif not (_is_int(img.get("width")) and _is_int(img.get("height")) and img["width"] > 0 and img["height"] > 0):
             problem = f"{where}, fields 'width'/'height': expected positive integers, got {img.get('width')!r}x{img.get('height')!r}"
         if problem is None:
@@ -249,7 +290,7 @@ def load_coco(
 
     declared_image_ids = {im.get("id") for im in data["images"] if isinstance(im, dict)}
     annotations: list[dict[str, Any]] = []
-    bad_anns = 0
+    bad_anns = parts_dropped = 0
     ann_ids: set[int] = set()
     known_cats = ", ".join(str(c) for c in sorted(categories))
     for i, ann in enumerate(data["annotations"]):
@@ -278,7 +319,7 @@ def load_coco(
             problem = f"{where}, field 'segmentation': missing, expected a polygon list or an RLE dict"
         else:
             img = images[image_id]
-            reason = _check_segmentation(ann["segmentation"], img["width"], img["height"], iscrowd)
+            reason, segmentation, degenerate = _check_segmentation(ann["segmentation"], img["width"], img["height"], iscrowd)
             if reason:
                 problem = f"{where}, field 'segmentation': {reason}"
             elif "bbox" in ann and not (
@@ -289,7 +330,7 @@ def load_coco(
         if problem is None:
             img = images[image_id]
             try:
-                rle = segmentation_to_rle(ann["segmentation"], img["height"], img["width"])
+                rle = segmentation_to_rle(segmentation, img["height"], img["width"])
             except Exception as exc:  # the C decoder's errors are not typed
                 problem = f"{where}, field 'segmentation': cannot be decoded: {exc}"
             else:
@@ -301,9 +342,12 @@ def load_coco(
             bad_anns += 1
             continue
         ann_ids.add(ann["id"])
+        if degenerate:
+            parts_dropped += degenerate
+            log.debug("%s: dropped %d degenerate polygon part(s)", where, degenerate)
         bbox = ann.get("bbox") or [float(v) for v in mask_util.toBbox(rle)]
         annotations.append({
-            "id": ann["id"], "image_id": image_id, "category_id": cat_id, "segmentation": ann["segmentation"],
+            "id": ann["id"], "image_id": image_id, "category_id": cat_id, "segmentation": segmentation,
             "area": float(ann.get("area") or area), "bbox": [float(v) for v in bbox], "iscrowd": int(iscrowd),
         })
 
@@ -311,8 +355,15 @@ def load_coco(
         raise DatasetError(problems, str(ann_path))
     if problems:
         log.warning("%s: skipped %d invalid image(s) and %d invalid annotation(s); first: %s", ann_path, bad_images, bad_anns, problems[0])
+    if parts_dropped:
+        log.warning("%s: dropped %d degenerate polygon part(s) (zero area, a sliver or fewer than 3 points); "
+                    "their instances keep their other parts", ann_path, parts_dropped)
     if not images:
         raise DatasetError([f"{src}: no usable images"], str(ann_path))
+    if not any(a["iscrowd"] == 0 for a in annotations):
+        raise DatasetError([f"{src}: no annotations: none of the {len(images)} image(s) has an instance to learn "
+                            f"(field 'annotations' is empty{' after dropping invalid ones' if bad_anns else ''} or "
+                            f"holds crowd regions only); expected at least one non-crowd instance"], str(ann_path))
     coco = {
         "info": data.get("info", {}),
         "images": list(images.values()),
@@ -320,7 +371,7 @@ def load_coco(
         "categories": list(categories.values()),
     }
     return CocoSplit(coco, root, LabelMap.from_categories(list(categories.values())), ann_path,
-                     dropped={"images": bad_images, "annotations": bad_anns})
+                     dropped={"images": bad_images, "annotations": bad_anns, "polygon_parts": parts_dropped})
 
 
 def subset(split: CocoSplit, image_ids: list[int]) -> CocoSplit:

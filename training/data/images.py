@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -59,6 +60,21 @@ def _to_rgb(array: np.ndarray, where: str) -> np.ndarray:
     raise ImageError(f"{where}: unsupported image shape {array.shape}, expected HxW, HxWx1, HxWx3 or HxWx4")
 
 
+FORMATS = "JPG, PNG or TIFF"
+MAX_SAMPLES_PER_PIXEL = 4
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _reason(exc: BaseException) -> str:
+    """A decoder's message without Python object reprs (`<_io.BytesIO object at 0x...>`)."""
+    text = _OBJECT_REPR.sub("the data", str(exc)).strip()
+    return text or type(exc).__name__
+
+
+def _first_bytes(data: bytes) -> str:
+    return " ".join(f"{b:02x}" for b in data[:8])
+
+
 def _is_tiff(head: bytes) -> bool:
     return head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -75,19 +91,26 @@ def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXEL
     except OSError as exc:
         raise ImageError(f"{where}: cannot read file: {exc.strerror or exc}") from None
     if not data:
-        raise ImageError(f"{where}: empty file, expected a JPG, PNG or TIFF image")
+        raise ImageError(f"{where}: empty file, expected a {FORMATS} image")
     if _is_tiff(data[:4]):
         try:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 page = tif.pages[0]
-                pixels = int(np.prod(page.shape[:2])) if page.ndim >= 2 else 0
+                # Width x height (x depth, for volumes) from the tags, whatever the sample layout: a planar
+                # (C, H, W) page has its width last, so the shape's first two axes do not bound it.
+                width, height, depth = int(page.imagewidth), int(page.imagelength), max(int(page.imagedepth or 1), 1)
+                pixels = width * height * depth
                 if pixels > max_pixels:
-                    raise ImageError(f"{where}: image has {pixels} pixels, above the limit of {max_pixels}")
+                    raise ImageError(f"{where}: TIFF image is {width}x{height}{f'x{depth}' if depth > 1 else ''} = "
+                                     f"{pixels} pixels, above the limit of {max_pixels}")
+                if int(page.size) > max_pixels * MAX_SAMPLES_PER_PIXEL:
+                    raise ImageError(f"{where}: TIFF image holds {int(page.size)} samples ({page.shape}), above the limit "
+                                     f"of {max_pixels * MAX_SAMPLES_PER_PIXEL} ({MAX_SAMPLES_PER_PIXEL} per pixel)")
                 array = page.asarray()
         except ImageError:
             raise
         except Exception as exc:  # tifffile raises many types for corrupt data
-            raise ImageError(f"{where}: corrupt or unsupported TIFF: {exc}") from None
+            raise ImageError(f"{where}: corrupt or unsupported TIFF: {_reason(exc)}") from None
         return _to_rgb(_to_uint8(array, where), where)
     try:
         with warnings.catch_warnings():
@@ -107,10 +130,12 @@ def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXEL
                 return np.asarray(img, dtype=np.uint8).copy()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{where}: not a decodable image (expected JPG, PNG or TIFF): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{where}: not a decodable image, expected {FORMATS} (its first bytes are {_first_bytes(data)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{where}: image too large to decode safely: {_reason(exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{where}: corrupt image data: {exc}") from None
+        raise ImageError(f"{where}: corrupt image data, expected {FORMATS}: {_reason(exc)}") from None
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

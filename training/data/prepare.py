@@ -77,6 +77,11 @@ def prepare_data(cfg: DataConfig, validate: bool = True) -> PreparedData:
             if n_val >= len(ids):
                 raise DatasetError([f"{cfg.train}: {len(ids)} image(s) are too few to hold out {cfg.val_fraction:.0%} for validation"], "config")
             val, train = subset(train, ids[:n_val].tolist()), subset(train, ids[n_val:].tolist())
+    for name, split in (("train", train), ("val", val)):
+        if not any(a["iscrowd"] == 0 for a in split.coco["annotations"]):
+            raise DatasetError([f"the {name} split has no annotations ({len(split.coco['images'])} image(s), none with "
+                                f"a non-crowd instance); expected at least one instance to {'learn' if name == 'train' else 'score'}"],
+                               str(split.annotation_file))
     if val.label_map.category_ids != train.label_map.category_ids:
         raise DatasetError([
             f"the validation categories {val.label_map.category_ids} differ from the training categories "

@@ -15,7 +15,7 @@ import os
 import shutil
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,13 @@ class RemoteObject:
     key: str
     size: int
     etag: str
+
+
+def escapes_folder(name: str) -> bool:
+    """Whether a relative name (a `file_name`, an object key under a prefix) could reach outside its folder:
+    an absolute path, a drive, or a `..` component."""
+    posix = PurePosixPath(name.replace("\\", "/"))
+    return posix.is_absolute() or bool(PureWindowsPath(name).drive) or ".." in posix.parts
 
 
 def split_uri(uri: str) -> tuple[str, str, str]:
@@ -125,6 +132,11 @@ def fetch_prefix(uri: str, cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     for obj in objects:
         rel = obj.key[len(prefix):].lstrip("/") if prefix else obj.key
+        if not rel or escapes_folder(rel):
+            raise SourceError(f"{scheme}://{split_uri(uri)[1]}/{obj.key}: the object key escapes the prefix {uri} "
+                              f"(an absolute path or '..'); refusing to write it outside {dest}")
+    for obj in objects:
+        rel = obj.key[len(prefix):].lstrip("/") if prefix else obj.key
         download_object(uri, obj.key, tmp / rel)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
@@ -139,7 +151,10 @@ def fetch_file(uri: str, cache_dir: Path) -> Path:
         if not path.is_file():
             raise SourceError(f"{uri}: no such file")
         return path
-    dest = cache_dir / "files" / hashlib.sha256(uri.encode()).hexdigest()[:24] / uri.rstrip("/").rsplit("/", 1)[-1]
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if name in ("", ".", "..") or escapes_folder(name):
+        raise SourceError(f"{uri}: expected a URI naming a file, got the name {name!r}")
+    dest = cache_dir / "files" / hashlib.sha256(uri.encode()).hexdigest()[:24] / name
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
