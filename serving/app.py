@@ -7,12 +7,14 @@ binds 0.0.0.0) and tests can use FastAPI's TestClient on the very same app.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import time
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import Counter
 
@@ -26,10 +28,16 @@ REQUESTS = Counter("maskrcnn_requests_total", "Prediction requests by protocol, 
 
 
 class BodyLimit:
-    """ASGI middleware: refuse request bodies above `max_bytes` with 400 before they are read whole."""
+    """ASGI middleware: refuse request bodies above `max_bytes` with 400 before they are read whole.
 
-    def __init__(self, app, max_bytes: int):
+    The refused upload is still received and thrown away (up to `drain_bytes`) before the answer is
+    sent: a server that answers and closes while the client is still sending makes the client's kernel
+    see a reset, and a plain client (urllib, requests) then reports "connection reset" instead of the 400.
+    """
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int | None = None):
         self.app, self.max_bytes = app, max_bytes
+        self.drain_bytes = drain_bytes if drain_bytes is not None else max(4 * max_bytes, 64 << 20)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -37,14 +45,15 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_big = f"request body above the limit of {self.max_bytes} bytes"
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await JSONResponse({"error": too_big}, status_code=400)(scope, receive, send)
-        seen = 0
+            return await self._refuse(scope, receive, send, too_big, more_body=True)
+        seen, more = 0, True
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, more
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise BodyTooLarge(too_big)
             return message
@@ -52,7 +61,17 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         except BodyTooLarge as exc:
-            await JSONResponse({"error": str(exc)}, status_code=400)(scope, receive, send)
+            await self._refuse(scope, receive, send, str(exc), more_body=more)
+
+    async def _refuse(self, scope, receive, send, error: str, more_body: bool) -> None:
+        drained = 0
+        while more_body and drained < self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            drained += len(message.get("body", b""))
+            more_body = message.get("more_body", False)
+        await JSONResponse({"error": error}, status_code=400, headers={"connection": "close"})(scope, receive, send)
 
 
 class BodyTooLarge(Exception):
@@ -88,6 +107,18 @@ class RequestMetrics:
             REQUESTS.labels(protocol, str(status["code"]), self.model.version or "unknown").inc()
 
 
+def _script_json(value) -> str:
+    """JSON that is safe inside a <script> element: no `</script>`, no `<!--`, no `&` entity tricks."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_page(model_name: str, class_names: list[str]) -> str:
+    """The web page for this model. Names come from the command line and the package, so they are escaped
+    for where they land: HTML text, or JSON inside the page's script."""
+    return (PAGE.read_text().replace("{{MODEL_NAME_HTML}}", html.escape(model_name))
+            .replace("{{MODEL_NAME_JSON}}", _script_json(model_name)).replace("{{CLASSES_JSON}}", _script_json(class_names)))
+
+
 def build_app(model: MaskRCNNPredictor, max_body_bytes: int = 32 << 20) -> FastAPI:
     """Register the (loaded) model with kserve's data plane and return the FastAPI app."""
     import kserve.model_server as kms
@@ -101,8 +132,15 @@ def build_app(model: MaskRCNNPredictor, max_body_bytes: int = 32 << 20) -> FastA
 
     @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return PAGE.read_text().replace("{{MODEL_NAME}}", model.name).replace(
-            "{{CLASSES}}", json.dumps(model.label_map.names))
+        return render_page(model.name, model.label_map.names)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the offending input, and a NaN or Infinity in it (Python's JSON
+        # parser accepts them) then fails to serialise: a 500 for a bad request. Say where and what, not the input.
+        detail = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
+        summary = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in detail)
+        return JSONResponse({"error": f"invalid request body: {summary}", "detail": detail}, status_code=422)
 
     app.add_middleware(RequestMetrics, model=model)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)

@@ -15,6 +15,7 @@ with the mask threshold from the package's config) are training's own, not copie
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -23,6 +24,7 @@ import logging
 import os
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from PIL import Image
 from prometheus_client import Histogram
 
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
-from training.engine import postprocess
+from training.engine import MASK_BUDGET_BYTES, detect
 from training.export import load_package, read_metadata
 
 log = logging.getLogger(__name__)
@@ -49,15 +51,19 @@ class MaskRCNNPredictor(Model):
     """Loads (and checksum-verifies) a serving package from a folder, `s3://` or `gs://` prefix."""
 
     def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = 0.5,
-                 max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8):
+                 max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8,
+                 mask_budget_bytes: int = MASK_BUDGET_BYTES):
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
         self.max_pixels, self.max_images = min(max_pixels, DEFAULT_MAX_PIXELS), max_images
+        self.mask_budget_bytes = mask_budget_bytes
         self.mask_threshold = 0.5  # replaced by the package's eval.mask_threshold on load
         self.model: torch.nn.Module | None = None
         self.version = ""
         self._lock = threading.Lock()  # one forward pass at a time: they use every core already
+        # One inference thread: requests queue holding their compressed bodies only, not decoded images.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.last_forward_seconds = 0.0
 
     def load(self) -> bool:
@@ -76,13 +82,18 @@ class MaskRCNNPredictor(Model):
         return self.ready
 
     # -- request parsing -------------------------------------------------------------------------
-    def _options(self, params: dict[str, Any] | None) -> tuple[float, int, bool]:
-        params = params or {}
+    def _options(self, params: Any) -> tuple[float, int, bool]:
+        params = {} if params is None else params
+        if not isinstance(params, dict):
+            raise InvalidInput(f"parameters: expected an object such as {{\"score_threshold\": 0.5}}, got {type(params).__name__}")
         try:
             threshold = float(params.get("score_threshold", self.score_threshold))
-            max_det = int(params.get("max_detections", self.max_detections))
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"parameters: score_threshold must be a number and max_detections an integer ({exc})")
+            raw_max = params.get("max_detections", self.max_detections)
+            max_det = int(raw_max)
+            if isinstance(raw_max, bool) or (isinstance(raw_max, float) and raw_max != max_det):
+                raise ValueError(f"{raw_max!r} is not a whole number")
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInput(f"parameters: score_threshold must be a number and max_detections an integer ({exc})") from None
         if not 0.0 <= threshold <= 1.0:
             raise InvalidInput(f"parameters.score_threshold: expected a number in [0, 1], got {threshold}")
         if max_det < 1:
@@ -102,6 +113,8 @@ class MaskRCNNPredictor(Model):
             return item
         if not isinstance(item, str):
             raise InvalidInput(f"{where}: expected a base64 string, got {type(item).__name__}")
+        if item.startswith("data:") and ";base64," in item[:100]:  # a data URL, as browsers produce them
+            item = item.split(",", 1)[1]
         try:
             return base64.b64decode(item, validate=True)
         except (binascii.Error, ValueError):
@@ -111,7 +124,7 @@ class MaskRCNNPredictor(Model):
         instances = payload.get("instances")
         if not isinstance(instances, list) or not instances:
             raise InvalidInput("missing field 'instances': expected a non-empty list of {\"image\": {\"b64\": ...}}")
-        return [self._bytes_of(x, f"instances[{i}]") for i, x in enumerate(instances)], payload.get("parameters") or {}
+        return [self._bytes_of(x, f"instances[{i}]") for i, x in enumerate(instances)], payload.get("parameters")
 
     def _images_v2(self, request: InferRequest) -> tuple[list[bytes], dict[str, Any]]:
         inputs = [i for i in request.inputs if i.name == "image"]
@@ -123,22 +136,47 @@ class MaskRCNNPredictor(Model):
         data = tensor.data if tensor.data is not None else []
         if isinstance(data, np.ndarray):
             data = data.reshape(-1).tolist()
-        if not data:
-            raise InvalidInput("input 'image': no data")
+        if not isinstance(data, list) or not data:
+            raise InvalidInput("input 'image': no data, expected a list of base64 strings")
+        shape = list(tensor.shape or [])
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise InvalidInput(f"input 'image': shape {shape} is not a list of non-negative integers; expected [{len(data)}]")
+        if int(np.prod(shape)) != len(data):
+            raise InvalidInput(f"input 'image': shape {shape} holds {int(np.prod(shape))} element(s), but data has "
+                               f"{len(data)}; expected shape [{len(data)}]")
         params = dict(request.parameters or {})
         return [self._bytes_of(x, f"image[{i}]") for i, x in enumerate(data)], params
 
     # -- inference -------------------------------------------------------------------------------
-    def _decode(self, blobs: list[bytes]) -> list[np.ndarray]:
+    def _decode(self, blob: bytes, index: int) -> np.ndarray:
+        try:
+            image = decode_image(blob, self.max_pixels, name=f"image[{index}]")
+        except ImageError as exc:
+            raise InvalidInput(str(exc)) from None
+        self._check_shape(image, index)
+        return image
+
+    def _check_shape(self, image: np.ndarray, index: int) -> None:
+        """The model resizes the shorter side to min_size, capped by max_size on the longer side; a strip so
+        thin that its shorter side would round to 0 pixels cannot be run."""
+        h, w = image.shape[:2]
+        cfg = self.config.model
+        scale = min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
+        if int(min(h, w) * scale) < 1:
+            raise InvalidInput(f"image[{index}]: {w}x{h} pixels (aspect ratio {max(h, w) / min(h, w):.0f}:1) is too "
+                               f"elongated: the model resizes its longer side to {cfg.max_size} px, leaving the shorter "
+                               f"side under 1 px; expected an aspect ratio of at most {int(cfg.max_size // 1)}:1")
+
+    def _run(self, blobs: list[bytes], threshold: float, max_det: int, overlay: bool) -> tuple[list[dict[str, Any]], float]:
+        """Decode and infer one image at a time, so one request holds one decoded image (and its masks) at
+        once; returns the results and the seconds spent in forward passes."""
         if len(blobs) > self.max_images:
             raise InvalidInput(f"{len(blobs)} images in one request; at most {self.max_images}")
-        images = []
+        results, forward_s = [], 0.0
         for i, blob in enumerate(blobs):
-            try:
-                images.append(decode_image(blob, self.max_pixels, name=f"image[{i}]"))
-            except ImageError as exc:
-                raise InvalidInput(str(exc)) from None
-        return images
+            results += self.infer([self._decode(blob, i)], threshold, max_det, overlay)
+            forward_s += self.last_forward_seconds  # this thread's: the executor runs one request at a time
+        return results, forward_s
 
     def infer(self, images: list[np.ndarray], threshold: float, max_det: int, overlay: bool) -> list[dict[str, Any]]:
         """Detections for decoded RGB images (the same code path for both protocols and the web page)."""
@@ -146,17 +184,17 @@ class MaskRCNNPredictor(Model):
 
         if self.model is None:
             raise InferenceError("model is not loaded")
-        try:
-            with self._lock, torch.inference_mode():
-                start = time.perf_counter()
-                outputs = self.model([to_tensor(img) for img in images])
-                self.last_forward_seconds = time.perf_counter() - start
-        except Exception as exc:
-            log.exception("forward pass failed")
-            raise InferenceError(f"model failure: {type(exc).__name__}: {exc}") from exc
         results = []
-        for img, out in zip(images, outputs):
-            pred = postprocess(out, self.mask_threshold, threshold, max_det)
+        for img in images:
+            try:
+                with self._lock:
+                    start = time.perf_counter()
+                    (pred,) = detect(self.model, [to_tensor(img)], self.mask_threshold, threshold, max_det,
+                                     self.mask_budget_bytes)
+                    self.last_forward_seconds = time.perf_counter() - start
+            except Exception as exc:
+                log.exception("forward pass failed")
+                raise InferenceError(f"model failure: {type(exc).__name__}: {exc}") from exc
             # whole arrays to Python lists once: element-wise indexing costs microseconds each
             labels, scores, boxes = pred["labels"].tolist(), pred["scores"].tolist(), pred["boxes"].tolist()
             detections = [{"label": self.label_map.name_of(label), "category_id": self.label_map.category_of(label),
@@ -188,10 +226,13 @@ class MaskRCNNPredictor(Model):
 
     async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> dict | InferResponse:
+        # Decoding and the forward pass are CPU-bound: they run on the inference thread, so the event loop
+        # keeps answering liveness and readiness probes (and other requests' I/O) meanwhile.
+        loop = asyncio.get_running_loop()
         if isinstance(payload, InferRequest):
             blobs, params = self._images_v2(payload)
-            results = self.infer(self._decode(blobs), *self._options(params))
-            self._timing_header(response_headers)
+            results, forward_s = await loop.run_in_executor(self._executor, self._run, blobs, *self._options(params))
+            self._timing_header(response_headers, forward_s)
             data = [json.dumps(r, separators=(",", ":")) for r in results]
             output = InferOutput("detections", [len(data)], "BYTES", data)
             # kserve 0.21 fails to build a response without an id: generate one when the client sent none
@@ -199,14 +240,15 @@ class MaskRCNNPredictor(Model):
         if not isinstance(payload, dict):
             raise InvalidInput(f"expected a JSON object, got {type(payload).__name__}")
         blobs, params = self._images_v1(payload)
-        results = self.infer(self._decode(blobs), *self._options(params))
-        self._timing_header(response_headers)
+        results, forward_s = await loop.run_in_executor(self._executor, self._run, blobs, *self._options(params))
+        self._timing_header(response_headers, forward_s)
         return {"predictions": results}
 
-    def _timing_header(self, response_headers: dict[str, str] | None) -> None:
-        """`x-forward-ms`: this request's forward pass (no await since it ran, so no other request's)."""
+    @staticmethod
+    def _timing_header(response_headers: dict[str, str] | None, forward_s: float) -> None:
+        """`x-forward-ms`: this request's forward passes and mask post-processing."""
         if response_headers is not None:
-            response_headers["x-forward-ms"] = f"{self.last_forward_seconds * 1000:.2f}"
+            response_headers["x-forward-ms"] = f"{forward_s * 1000:.2f}"
 
 
 def _png_b64(image: Image.Image) -> str:

@@ -211,6 +211,31 @@ def serving_package(tmp_path_factory) -> Path:
     return export_package(ckpt, root / "package", {"model_version": "7"})
 
 
+SERVING_MAX_BODY = 1 << 20
+SERVING_MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="session")
+def serving_predictor(serving_package):
+    """The predictor on the tiny package, loaded once (threshold 0: the untrained model's detections show)."""
+    from serving.predictor import MaskRCNNPredictor
+
+    model = MaskRCNNPredictor("maskrcnn", str(serving_package), score_threshold=0.0, max_pixels=SERVING_MAX_PIXELS)
+    assert model.load() and model.ready
+    return model
+
+
+@pytest.fixture(scope="session")
+def serving_client(serving_predictor):
+    """FastAPI's TestClient on the predictor's app. kserve's app is a module-level global, so one per process."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import build_app
+
+    with TestClient(build_app(serving_predictor, max_body_bytes=SERVING_MAX_BODY), raise_server_exceptions=False) as c:
+        yield c
+
+
 def encode_image(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
     import io
 

@@ -112,6 +112,9 @@ CASES: dict[str, tuple[Any, Callable[[Path], None] | None, list[str]]] = {
     "rle-compressed-overflow": (edit(ann(0, segmentation={"size": [32, 32], "counts": "1" * 60})), None,
                                 ["annotations[0]", "compressed RLE 'counts' is malformed"]),
     "bbox-negative": (edit(ann(0, bbox=[1, 1, -3, 4])), None, ["annotations[0]", "field 'bbox'"]),
+    # found by tests/test_fuzz.py: both raised a bare TypeError before
+    "area-not-a-number": (edit(ann(0, area=[1])), None, ["annotations[0]", "field 'area': expected a number >= 0"]),
+    "image-id-list": (edit(img(0, id=[1])), None, ["images[0]", "field 'id': expected an integer"]),
     "no-annotations": (edit(lambda c: c.update(annotations=[])), None, ["annotations.json: no annotations"]),
     "crowd-only": (edit(lambda c: c.update(annotations=[{"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 1,
                                                          "segmentation": {"size": [32, 32], "counts": [0, 1024]}}])), None,

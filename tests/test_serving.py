@@ -9,15 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import encode_image
+from conftest import SERVING_MAX_BODY, encode_image
 from faster_coco_eval.core import mask as mask_util
-from fastapi.testclient import TestClient
 
 from training.export import CHECKSUM_FILE, PackageError
 from serving.predictor import MaskRCNNPredictor
 from training.data.images import decode_image, to_tensor
 
-MAX_BODY = 1 << 20
+MAX_BODY = SERVING_MAX_BODY
 
 
 def picture(seed: int = 0, size: int = 64) -> np.ndarray:
@@ -28,18 +27,13 @@ def picture(seed: int = 0, size: int = 64) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def predictor(serving_package):
-    model = MaskRCNNPredictor("maskrcnn", str(serving_package), score_threshold=0.0, max_pixels=1_000_000)
-    assert model.load() and model.ready
-    return model
+def predictor(serving_predictor):
+    return serving_predictor
 
 
 @pytest.fixture(scope="module")
-def client(predictor):
-    from serving.app import build_app
-
-    with TestClient(build_app(predictor, max_body_bytes=MAX_BODY), raise_server_exceptions=False) as c:
-        yield c
+def client(serving_client):
+    return serving_client
 
 
 def v1(image: bytes, **params) -> dict:
@@ -178,10 +172,12 @@ def test_oversized_body_is_refused_before_it_is_read(client):
 
 
 def test_a_model_failure_is_a_500_with_a_json_error(client, predictor, monkeypatch):
-    def broken(images):
+    import serving.predictor
+
+    def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert")
 
-    monkeypatch.setattr(predictor, "model", broken)
+    monkeypatch.setattr(serving.predictor, "detect", broken)
     resp = client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture())))
     assert resp.status_code == 500 and "model failure: RuntimeError: CUDA error" in resp.json()["error"]
 
@@ -216,3 +212,65 @@ def test_predict_called_directly_for_both_protocols(predictor):
     response = asyncio.run(predictor.predict(request))
     assert response.id and response.model_version == "7"
     assert json.loads(response.outputs[0].data[0])["width"] == 64
+
+
+def test_liveness_answers_within_a_second_during_a_long_request(client, monkeypatch):
+    """Inference runs off the event loop: a 3 s forward pass does not stall the probes Kubernetes sends."""
+    import threading
+    import time
+
+    import serving.predictor
+
+    real = serving.predictor.detect
+
+    def slow(*args, **kwargs):
+        time.sleep(3)  # CPU-bound in reality; a sleeping thread holds the inference thread all the same
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serving.predictor, "detect", slow)
+    answer = {}
+    worker = threading.Thread(target=lambda: answer.update(resp=client.post("/v1/models/maskrcnn:predict",
+                                                                            json=v1(encode_image(picture())))))
+    worker.start()
+    time.sleep(0.5)
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/maskrcnn/ready"):
+        began = time.perf_counter()
+        resp = client.get(path)
+        assert resp.status_code == 200 and time.perf_counter() - began < 1.0, path
+    assert worker.is_alive()  # the long request was still running while the probes were answered
+    worker.join(30)
+    assert answer["resp"].status_code == 200
+
+
+def test_masks_are_pasted_within_the_memory_budget_and_match_torchvision(predictor, monkeypatch):
+    """`detect` pastes a few masks at a time (the budget bounds memory) and gives exactly torchvision's masks."""
+    import training.engine as engine
+    from training.engine import detect
+
+    img = to_tensor(np.random.default_rng(3).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        (reference,) = predictor.model([img])  # torchvision: every mask pasted at full resolution at once
+    chunks = []
+    real = engine.paste_masks_in_image
+    monkeypatch.setattr(engine, "paste_masks_in_image", lambda m, b, s: chunks.append(len(m)) or real(m, b, s))
+    budget = 2 * 4 * 300 * 400 * 3  # room for three float masks (pasted twice over) at 400x300
+    (pred,) = detect(predictor.model, [img], 0.5, mask_budget_bytes=budget)
+    n = len(reference["scores"])
+    assert n > 3 and sum(chunks) == n and max(chunks) == 3
+    expected = mask_util.encode(np.asfortranarray((reference["masks"][:, 0] > 0.5).numpy().astype(np.uint8).transpose(1, 2, 0)))
+    assert [m["counts"] for m in pred["masks"]] == [e["counts"].decode() for e in expected]
+    assert np.allclose(pred["boxes"], reference["boxes"].numpy())
+
+
+def test_the_web_page_escapes_names_from_the_package(serving_predictor, monkeypatch):
+    """Label names come from the package: a crafted one cannot close the script element or inject markup."""
+    import json
+    import re
+
+    from serving.app import render_page
+
+    evil = ["</script><script>alert(1)</script>", "<img src=x onerror=alert(2)>", "a&b"]
+    page = render_page('x"</title><script>alert(3)</script>', evil)
+    assert "<script>alert" not in page and "<img src=x" not in page and "</title><script>" not in page
+    classes = re.search(r"textContent = (.*)\.join", page).group(1)
+    assert json.loads(classes) == evil  # the names still display as they are

@@ -17,14 +17,16 @@ def colour(i: int) -> tuple[int, int, int]:
 
 
 MIN_SIDE = 384
-"""Small images are enlarged (nearest neighbour) so that labels stay readable."""
+"""Small images are enlarged (nearest neighbour) so that labels stay readable..."""
+MAX_CANVAS_PIXELS = 4_000_000
+"""...but never beyond this many pixels (a 2x3000 strip would otherwise become a 2.6 GB canvas)."""
 
 
 def draw_predictions(image: np.ndarray, pred: Prediction, label_map: LabelMap, score_threshold: float = 0.5,
                      alpha: float = 0.45) -> Image.Image:
     """An RGB PIL image with each prediction above `score_threshold` overlaid."""
     h, w = image.shape[:2]
-    scale = max(1, MIN_SIDE // max(1, min(h, w)))
+    scale = max(1, min(MIN_SIDE // max(1, min(h, w)), int((MAX_CANVAS_PIXELS / (h * w)) ** 0.5)))
     out = np.repeat(np.repeat(image, scale, 0), scale, 1).astype(np.float32)
     keep = [i for i, s in enumerate(pred["scores"]) if s >= score_threshold]
     for n, i in enumerate(keep):

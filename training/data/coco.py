@@ -288,7 +288,7 @@ def load_coco(
             continue
         images[img["id"]] = {"id": img["id"], "file_name": str(path.relative_to(root)), "width": img["width"], "height": img["height"]}
 
-    declared_image_ids = {im.get("id") for im in data["images"] if isinstance(im, dict)}
+    declared_image_ids = {im.get("id") for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))}
     annotations: list[dict[str, Any]] = []
     bad_anns = parts_dropped = 0
     ann_ids: set[int] = set()
@@ -327,6 +327,8 @@ def load_coco(
                 and ann["bbox"][2] >= 0 and ann["bbox"][3] >= 0
             ):
                 problem = f"{where}, field 'bbox': expected [x, y, width, height] with width, height >= 0, got {ann['bbox']!r}"
+            elif "area" in ann and ann["area"] is not None and not (_is_number(ann["area"]) and ann["area"] >= 0):
+                problem = f"{where}, field 'area': expected a number >= 0, got {ann['area']!r}"
         if problem is None:
             img = images[image_id]
             try:
