@@ -8,12 +8,13 @@ monitor): stopping the gateway and the OSD together can leave the gateway waitin
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from pathlib import Path
 
-from devstack.procs import StackError, port_open, require_binary, run, running_pid, stop_pid, tail, wait_for
+from devstack.procs import StackError, port_open, require_binary, run, running_pid, stop_pid, tail, wait_for, write_private
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,10 @@ rgw_frontends = beast endpoint=127.0.0.1:{self.port}
 rgw_dns_name = 127.0.0.1
 """)
 
-    def init(self) -> None:
+    def init(self) -> tuple[str, str]:
         """Create the cluster (keys, monitor, OSD), then start it and create the S3 user; no-op if it exists."""
         if self.initialized():
-            return
+            return self.access_key, self.secret_key
         for name in ("ceph-authtool", "monmaptool", "ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph"):
             self._bin(name)
         r = self.root
@@ -117,13 +118,24 @@ rgw_dns_name = 127.0.0.1
                    "-i", str(r / "osd/ceph-0/keyring"), what="Ceph OSD key")
         rgw_key = self._ceph("auth", "get-or-create", "client.rgw.a", "mon", "allow rw", "osd", "allow rwx",
                              what="Ceph gateway key")
-        (r / "rgw/keyring").write_text(rgw_key)
+        write_private(r / "rgw/keyring", rgw_key)
         self._start_osd()
         self._start_rgw()
-        run([self._bin("radosgw-admin"), "-c", str(self.conf), "user", "create", "--uid", "stack", "--display-name",
-             "local stack", "--access-key", self.access_key, "--secret-key", self.secret_key], "Ceph S3 user")
+        # The gateway generates the keys and prints them: no secret on a command line.
+        user = json.loads(run([self._bin("radosgw-admin"), "-c", str(self.conf), "user", "create", "--uid", "stack",
+                               "--display-name", "local stack", "--gen-access-key", "--gen-secret"], "Ceph S3 user"))
+        key = next(k for k in user["keys"] if k["user"] == "stack")
+        self.access_key, self.secret_key = key["access_key"], key["secret_key"]
+        self.lock_keyrings()
         (r / "initialized").write_text(fsid + "\n")
         log.info("Ceph: new cluster %s in %s", fsid, r)
+        return self.access_key, self.secret_key
+
+    def lock_keyrings(self) -> None:
+        """Keyrings are secrets: owner-only (ceph-authtool and ceph-osd --mkkey create them world-readable)."""
+        for path in self.root.rglob("*keyring*"):
+            if path.is_file():
+                path.chmod(0o600)
 
     def _pid(self, name: str) -> int | None:
         return running_pid(self.run_dir / f"ceph-{name}.pid")
@@ -161,6 +173,7 @@ rgw_dns_name = 127.0.0.1
     def start(self) -> None:
         if not self.initialized():
             raise StackError(f"Ceph: no cluster in {self.root} (run `up` to create it)")
+        self.lock_keyrings()  # stacks made before keyrings were locked down
         self._start_mon()
         self._start_osd()
         self._start_rgw()

@@ -40,10 +40,12 @@ class MlflowServer:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
                # one worker without the job runner: ~0.5 GB instead of ~2.6 GB
-               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               # the database URI holds the password: from the environment, not the command line (`ps`)
+               "MLFLOW_BACKEND_STORE_URI": self.backend_uri}
         env.pop("MLFLOW_TRACKING_URI", None)
         argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--workers", "1", "--backend-store-uri", self.backend_uri, "--serve-artifacts",
+                "--workers", "1", "--serve-artifacts",
                 "--artifacts-destination", self.artifacts]
         proc = spawn(argv, self.log_file, env=env, cwd=self.root, pid_file=self.pid_file)
         wait_for(self.healthy, "mlflow server", timeout, self.log_file, pid=proc.pid, interval=0.5)

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from devstack.procs import StackError, port_open, running_pid, require_binary, run, tail, wait_for
+from devstack.procs import StackError, port_open, require_binary, run, running_pid, tail, wait_for, write_private
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,10 @@ class Postgres:
             return
         self._prepare_root()
         pwfile = self.root / ".pwfile"
-        pwfile.write_text(self.password + "\n")
+        write_private(pwfile, self.password + "\n")
         if os.geteuid() == 0:
             owner = pwd.getpwnam("postgres")
             os.chown(pwfile, owner.pw_uid, owner.pw_gid)
-        pwfile.chmod(0o600)
         try:
             run(self._as_owner([self._binary("initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
                                 "--auth=scram-sha-256", "-E", "UTF8", "--locale=C"]), "PostgreSQL initdb")

@@ -26,6 +26,18 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write a file that only its owner can read, created so from the first byte (no window in which a
+    default-umask file holds the secret)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    return path
+
+
 def free_port() -> int:
     """A port that is free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -3,6 +3,7 @@ Dockerfile, `.env.example`, and the kustomize manifests (rendered with the real 
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -26,9 +27,10 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def test_compose_has_the_four_services_with_pinned_images(compose):
+def test_compose_has_the_five_services_with_pinned_images(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "minio", "create-bucket", "mlflow"}
+    assert set(services) == {"check-secrets", "postgres", "minio", "create-bucket", "mlflow"}
+    assert services["check-secrets"]["image"] == services["postgres"]["image"]  # no extra image to pull
     assert re.fullmatch(r"postgres:16\.\d+-bookworm", services["postgres"]["image"])
     assert re.fullmatch(r"minio/minio:RELEASE\.\d{4}-\d\d-\d\dT[\d-]+Z", services["minio"]["image"])
     assert re.fullmatch(r"minio/mc:RELEASE\.\d{4}-\d\d-\d\dT[\d-]+Z", services["create-bucket"]["image"])
@@ -57,7 +59,7 @@ def test_no_secret_is_written_in_the_compose_file(compose):
     for service in compose["services"].values():
         for key, value in (service.get("environment") or {}).items():
             if SECRET_WORDS.search(key):
-                assert re.fullmatch(r"\$\{[A-Z_]+(:\?[^}]*)?\}", str(value)), f"{key} must come from .env, not {value!r}"
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:\?[^}]*)?\}", str(value)), f"{key} must come from .env, not {value!r}"
     text = COMPOSE.read_text()
     for line in (ROOT / ".env.example").read_text().splitlines():
         if "=" in line and not line.startswith("#") and SECRET_WORDS.search(line.split("=")[0]):
@@ -65,8 +67,53 @@ def test_no_secret_is_written_in_the_compose_file(compose):
     assert ".env" in (ROOT / ".gitignore").read_text().split()
 
 
+def _script(compose, service: str) -> str:
+    """A one-shot service's shell script, with compose's `$$` escapes undone (what the container runs)."""
+    return " ".join(compose["services"][service]["command"]).replace("$$", "$")
+
+
+def _env_example() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+
+
+def test_the_stack_refuses_the_placeholder_secrets(compose):
+    """The check-secrets script, run by a real shell: .env.example's placeholders stop everything that
+    depends on it; real secrets let it through."""
+    import subprocess
+
+    script = _script(compose, "check-secrets")
+    placeholder = subprocess.run(["/bin/sh", "-c", script], env=_env_example(), capture_output=True, text=True)
+    assert placeholder.returncode == 1
+    assert "POSTGRES_PASSWORD MINIO_ROOT_PASSWORD MLFLOW_S3_SECRET_KEY" in placeholder.stderr
+    unset = subprocess.run(["/bin/sh", "-c", script], env={}, capture_output=True, text=True)
+    assert unset.returncode == 1 and "POSTGRES_PASSWORD" in unset.stderr
+    real = {**_env_example(), "POSTGRES_PASSWORD": "x7Pq9-long-random", "MINIO_ROOT_PASSWORD": "m1n10-long-random",
+            "MLFLOW_S3_SECRET_KEY": "s3-long-random-secret"}
+    assert subprocess.run(["/bin/sh", "-c", script], env=real, capture_output=True).returncode == 0
+    for service in ("postgres", "minio"):
+        assert compose["services"][service]["depends_on"]["check-secrets"] == {"condition": "service_completed_successfully"}
+
+
+def test_mlflow_has_its_own_s3_user_scoped_to_its_bucket(compose):
+    import subprocess
+
+    env = compose["services"]["mlflow"]["environment"]
+    assert env["AWS_ACCESS_KEY_ID"] == "${MLFLOW_S3_ACCESS_KEY}" and env["AWS_SECRET_ACCESS_KEY"] == "${MLFLOW_S3_SECRET_KEY}"
+    assert not any("MINIO_ROOT" in str(v) for v in env.values())
+    script = _script(compose, "create-bucket")
+    policy_cmd = next(part for part in script.split(" && ") if part.startswith("printf"))
+    out = subprocess.run(["/bin/sh", "-c", policy_cmd.split(" > ")[0]], env={"MLFLOW_BUCKET": "mlflow"},
+                         capture_output=True, text=True, check=True).stdout
+    statements = json.loads(out)["Statement"]
+    assert {r for st in statements for r in st["Resource"]} == {"arn:aws:s3:::mlflow", "arn:aws:s3:::mlflow/*"}
+    assert {a for st in statements for a in st["Action"]} <= {"s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject",
+                                                              "s3:PutObject", "s3:DeleteObject"}
+    assert 'mc admin policy attach local mlflow-artifacts --user "${MLFLOW_S3_ACCESS_KEY}"' in script
+
+
 def test_env_example_defines_every_variable_the_compose_file_reads():
-    used = set(re.findall(r"(?<!\$)\$\{([A-Z_]+)", COMPOSE.read_text()))
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", COMPOSE.read_text()))
     defined = {line.split("=")[0] for line in (ROOT / ".env.example").read_text().splitlines() if "=" in line and not line.startswith("#")}
     assert used and used <= defined, used - defined
 

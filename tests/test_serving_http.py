@@ -123,3 +123,17 @@ def test_web_page_uploads_an_image_and_shows_the_overlay(server, tmp_path):
         browser.close()
     assert shot.stat().st_size > 5_000
     print(f"screenshot: {shot}")
+
+
+def test_an_oversized_body_is_a_400_that_a_plain_client_can_read(server):
+    """The server drains the refused upload before answering: urllib sees the 400, not a connection reset."""
+    url, _ = server
+    body = b'{"instances": [{"image": {"b64": "' + b"A" * (40 << 20) + b'"}}]}'  # 40 MB, above the 32 MB default
+    for headers in ({"Content-Type": "application/json"}, {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}):
+        data = body if "Transfer-Encoding" not in headers else iter([body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)])
+        req = urllib.request.Request(f"{url}/v1/models/maskrcnn:predict", data, headers)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=60)
+        assert info.value.code == 400
+        assert "request body above the limit of 33554432 bytes" in json.loads(info.value.read())["error"]
+    assert post(url, {"instances": [{"image": {"b64": base64.b64encode(encode_image(np.zeros((32, 32, 3), np.uint8))).decode()}}]})[0] == 200

@@ -238,3 +238,38 @@ def test_postgres_as_root_names_a_folder_its_user_cannot_reach(tmp_path):
     assert tmp_path.parent.stat().st_mode & 0o001 == 0  # pytest's base folder is private (0700)
     with pytest.raises(StackError, match=f"user cannot reach {tmp_path / 'pg'}: give its parent folders o\\+x"):
         Postgres(tmp_path / "pg", free_port(), "u", "p", "d").init()
+
+
+def test_no_secret_on_a_command_line_or_in_a_readable_file(mlflow_stack):
+    """The database password and the S3 secret are in no process's argv (what `ps` shows to every user),
+    and every file holding a secret (stack.json, keyrings) is owner-only from the moment it is written."""
+    secrets = {mlflow_stack.state.pg_password, mlflow_stack.state.s3_secret_key}
+    assert all(len(s) >= 16 for s in secrets)
+    assert mlflow_stack.state.s3_secret_key in mlflow_stack.env().values()  # the generated key is the one clients get
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        assert not any(s in argv for s in secrets), f"a secret is on the command line of pid {cmdline.parent.name}"
+    root = mlflow_stack.root
+    assert (root / "stack.json").stat().st_mode & 0o777 == 0o600
+    keyrings = [p for p in root.rglob("*keyring*") if p.is_file()]
+    assert len(keyrings) >= 3 and all(p.stat().st_mode & 0o077 == 0 for p in keyrings), keyrings
+    for path in root.rglob("*"):
+        if path.is_file() and path.stat().st_mode & 0o044 and path.stat().st_size < 1 << 20:
+            text = path.read_bytes()
+            assert not any(s.encode() in text for s in secrets), f"{path} is readable by others and holds a secret"
+
+
+def test_private_files_are_never_readable_by_others(tmp_path):
+    """write_private creates the file 0600 from the start, and tightens a file that already existed."""
+    from devstack.procs import write_private
+
+    fresh = write_private(tmp_path / "new", "s3cret")
+    old = tmp_path / "old"
+    old.write_text("before")
+    old.chmod(0o644)
+    write_private(old, "s3cret")
+    assert fresh.stat().st_mode & 0o777 == 0o600 and old.stat().st_mode & 0o777 == 0o600
+    assert old.read_text() == "s3cret"

@@ -70,8 +70,9 @@ def init_ray(cfg: Config) -> None:
         # Ship this package to a remote cluster that does not have it installed (e.g. a bare KubeRay image).
         ray.init(address=cfg.ray.address, runtime_env={"py_modules": [str(Path(training.__file__).parent)]})
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token to manage
-        # The dashboard (loopback only) serves the State API that Ray Train uses to clean up after runs.
+        # Token authentication stays on (Ray's default since 2.59; it generates ~/.ray/auth_token): Ray 2.60
+        # has no setting to bind GCS and the raylet to 127.0.0.1, so the token is what keeps other hosts out.
+        # RAY_AUTH_MODE=disabled opts out. The dashboard (the State API Ray Train cleans up with) is loopback only.
         ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers * cfg.ray.cpus_per_worker),
                  include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=True, logging_level=logging.WARNING)
 
