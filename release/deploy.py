@@ -1,12 +1,20 @@
-"""Point a KServe InferenceService at a new model, wait for it to be Ready, roll back if it is not.
+"""Point a KServe InferenceService at a new model, wait until KServe serves it, roll back if it does not.
 
 Uses the real `kubernetes` client: in a pod, the in-cluster ServiceAccount (RBAC: get and patch on
-`inferenceservices` in one namespace, see deployment/); elsewhere, a kubeconfig.
+`inferenceservices`, get on `deployments` in one namespace, see deployment/); elsewhere, a kubeconfig.
 
-Readiness after the patch: when the API server bumped `metadata.generation` (a real one does on every
-spec change), the InferenceService must report `Ready=True` with `status.observedGeneration` at least
-that generation. When it did not (an API emulator), the `Ready` condition must have turned True after
-the patch (`lastTransitionTime`).
+"Serving the new model" is read the way KServe reports it (`pkg/apis/serving/v1beta1/inference_service_status.go`),
+never from `status.observedGeneration`: KServe copies that from the Knative Service or the Deployment,
+whose generations have nothing to do with the InferenceService's own.
+
+- Knative (Serverless) mode: `status.components.predictor.latestCreatedRevision` is a revision created
+  after the patch, `latestReadyRevision` equals it, `Ready` is True, and the traffic entry of that
+  revision (`latestRevision: true`) carries 100% (or the canary percent). `modelStatus.transitionStatus`
+  BlockedByFailedLoad or InvalidSpec fails the rollout at once: Knative keeps the old revision serving.
+- Standard (RawDeployment) mode: the predictor Deployment `<name>-predictor` has the new URI in its pod
+  template (KServe's `internal.serving.kserve.io/storage-initializer-sourceuri` annotation), its rollout
+  is complete (observed generation, updated and available replicas, no old pods), and `Ready` is True.
+  `canaryTrafficPercent` needs Knative mode and is refused here before anything is patched.
 """
 
 from __future__ import annotations
@@ -14,12 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
+MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
 
 
 class DeployError(RuntimeError):
@@ -55,30 +65,75 @@ def storage_uri_of(obj: dict[str, Any]) -> str | None:
     return _predictor(obj).get("model", {}).get("storageUri")
 
 
-def _ready_condition(obj: dict[str, Any]) -> dict[str, Any] | None:
+def _condition(obj: dict[str, Any], kind: str = "Ready") -> dict[str, Any]:
     for cond in obj.get("status", {}).get("conditions", []) or []:
-        if cond.get("type") == "Ready":
+        if cond.get("type") == kind:
             return cond
-    return None
+    return {}
 
 
-def _parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+def deployment_mode(obj: dict[str, Any]) -> str:
+    """`Knative` or `Standard`, as KServe normalises them (Serverless and RawDeployment are their old names)."""
+    mode = (obj.get("status", {}).get("deploymentMode")
+            or obj.get("metadata", {}).get("annotations", {}).get(MODE_ANNOTATION, ""))
+    mode = {"Serverless": "Knative", "RawDeployment": "Standard"}.get(mode, mode)
+    if mode in ("Knative", "Standard"):
+        return mode
+    # not reconciled yet and no annotation: revisions only exist in Knative mode
+    return "Knative" if obj.get("status", {}).get("components", {}).get("predictor", {}).get("latestCreatedRevision") else "Standard"
 
 
-def is_ready_after(obj: dict[str, Any], generation: int | None, patched_at: float) -> bool:
-    cond = _ready_condition(obj)
-    if cond is None or cond.get("status") != "True":
-        return False
-    if generation is not None:
-        return int(obj.get("status", {}).get("observedGeneration") or 0) >= generation
-    changed = _parse_time(cond.get("lastTransitionTime"))
-    return changed is not None and changed >= int(patched_at)  # RFC 3339 times have whole seconds
+def _created_revision(obj: dict[str, Any]) -> str | None:
+    return obj.get("status", {}).get("components", {}).get("predictor", {}).get("latestCreatedRevision")
+
+
+def knative_progress(obj: dict[str, Any], revision_before: str | None, canary: int | None) -> tuple[str, str]:
+    """("serving" | "waiting" | "failed", why) for a Knative-mode rollout started when `revision_before` was the
+    predictor's latest created revision."""
+    status = obj.get("status", {})
+    predictor = status.get("components", {}).get("predictor", {})
+    created, ready = predictor.get("latestCreatedRevision"), predictor.get("latestReadyRevision")
+    if not created or created == revision_before:
+        return "waiting", f"no new revision yet (latest created: {created})"
+    model = status.get("modelStatus", {})
+    if model.get("transitionStatus") in FAILED_TRANSITIONS:
+        failure = model.get("lastFailureInfo", {})
+        return "failed", (f"revision {created}: {model['transitionStatus']} ({failure.get('reason', '?')}: "
+                          f"{failure.get('message', '')}); {ready or 'the previous revision'} keeps serving")
+    if ready != created:
+        return "waiting", f"revision {created} is not ready yet ({ready} serves)"
+    if _condition(obj).get("status") != "True":
+        return "waiting", f"Ready is {_condition(obj).get('status', 'absent')}: {_condition(obj).get('message', '')}"
+    expected = canary if canary is not None else 100
+    share = sum(int(t.get("percent") or 0) for t in predictor.get("traffic", []) or []
+                if t.get("revisionName") == created and t.get("latestRevision"))
+    if share != expected:
+        return "waiting", f"revision {created} has {share}% of the traffic, expected {expected}%"
+    return "serving", f"revision {created} is ready with {share}% of the traffic"
+
+
+def standard_progress(obj: dict[str, Any], deployment: dict[str, Any] | None, uri: str) -> tuple[str, str]:
+    """("serving" | "waiting" | "failed", why) for a Standard-mode rollout, from the predictor Deployment."""
+    if deployment is None:
+        return "waiting", "the predictor Deployment does not exist yet"
+    template_uri = (deployment.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
+                    .get(SOURCE_URI_ANNOTATION))
+    if template_uri != uri:
+        return "waiting", f"the Deployment still runs {template_uri}"
+    meta, spec, st = deployment.get("metadata", {}), deployment.get("spec", {}), deployment.get("status", {})
+    for cond in st.get("conditions", []) or []:
+        if cond.get("type") == "Progressing" and cond.get("status") == "False":
+            return "failed", f"the Deployment's rollout stopped: {cond.get('reason')}: {cond.get('message', '')}"
+    want = int(spec.get("replicas", 1))
+    if int(st.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return "waiting", "the Deployment controller has not seen the new template yet"
+    counts = {k: int(st.get(k) or 0) for k in ("replicas", "updatedReplicas", "availableReplicas", "unavailableReplicas")}
+    if counts["updatedReplicas"] < want or counts["availableReplicas"] < want or counts["replicas"] > want \
+            or counts["unavailableReplicas"]:
+        return "waiting", f"rollout in progress: {counts}, want {want} updated and available"
+    if _condition(obj).get("status") != "True":
+        return "waiting", f"Ready is {_condition(obj).get('status', 'absent')}"
+    return "serving", f"{want} replica(s) of the new template available"
 
 
 def _patch(api: Any, name: str, namespace: str, uri: str | None, canary: int | None, set_canary: bool) -> dict[str, Any]:
@@ -88,10 +143,28 @@ def _patch(api: Any, name: str, namespace: str, uri: str | None, canary: int | N
     return api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": {"predictor": predictor}})
 
 
+def _apps_api(custom_api: Any) -> Any:
+    from kubernetes import client
+
+    return client.AppsV1Api(custom_api.api_client)
+
+
+def _read_deployment(apps: Any, name: str, namespace: str) -> dict[str, Any] | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return apps.api_client.sanitize_for_serialization(apps.read_namespaced_deployment(f"{name}-predictor", namespace))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: int | None = None,
                        timeout: float = 600, poll: float = 2.0, api: Any = None, kubeconfig: str = "") -> DeployResult:
-    """Patch `spec.predictor.model.storageUri` (and `canaryTrafficPercent` when given), wait for Ready,
-    and restore the previous URI (and canary setting) if it is not Ready within `timeout` seconds."""
+    """Patch `spec.predictor.model.storageUri` (and `canaryTrafficPercent` when given), wait until KServe
+    serves the new model (see the module's docstring), and restore the previous URI (and canary setting)
+    if it does not within `timeout` seconds, or fails."""
     from kubernetes.client.exceptions import ApiException
 
     api = api or custom_objects_api(kubeconfig)
@@ -102,31 +175,40 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
     if "model" not in _predictor(before):
         raise DeployError(f"InferenceService {namespace}/{name}: spec.predictor.model is missing; this step patches "
                           f"spec.predictor.model.storageUri")
+    mode = deployment_mode(before)
+    if canary_percent is not None and mode != "Knative":
+        raise DeployError(f"InferenceService {namespace}/{name} runs in {mode} mode: canaryTrafficPercent needs "
+                          f"KServe's Knative (Serverless) mode; nothing was changed")
     previous_uri = storage_uri_of(before)
     previous_canary = _predictor(before).get("canaryTrafficPercent")
-    generation_before = before.get("metadata", {}).get("generation")
-    patched_at = time.time()
+    if previous_uri == uri and previous_canary == canary_percent:
+        log.info("InferenceService %s/%s already points at %s", namespace, name, uri)
+        return DeployResult(name, namespace, uri, previous_uri)
+    revision_before = _created_revision(before)
+    apps = _apps_api(api) if mode == "Standard" else None
     try:
-        after = _patch(api, name, namespace, uri, canary_percent, canary_percent is not None)
+        _patch(api, name, namespace, uri, canary_percent, canary_percent is not None)
     except ApiException as exc:
         raise DeployError(f"InferenceService {namespace}/{name}: patch refused ({exc.status} {exc.reason})") from exc
-    generation = after.get("metadata", {}).get("generation")
-    if not (generation and generation_before and generation > generation_before):
-        generation = None
-    log.info("InferenceService %s/%s: storageUri %s -> %s%s; waiting up to %.0f s for Ready", namespace, name,
-             previous_uri, uri, f" (canary {canary_percent}%)" if canary_percent is not None else "", timeout)
+    log.info("InferenceService %s/%s (%s mode): storageUri %s -> %s%s; waiting up to %.0f s for it to serve", namespace,
+             name, mode, previous_uri, uri, f" (canary {canary_percent}%)" if canary_percent is not None else "", timeout)
     deadline = time.monotonic() + timeout
-    last: dict[str, Any] = after
+    state, why = "waiting", ""
     while time.monotonic() < deadline:
         last = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         if storage_uri_of(last) != uri:
             raise DeployError(f"InferenceService {namespace}/{name}: storageUri changed to {storage_uri_of(last)} "
                               f"by someone else while waiting; not rolling back")
-        if is_ready_after(last, generation, patched_at):
-            log.info("InferenceService %s/%s is Ready on %s", namespace, name, uri)
+        if mode == "Knative":
+            state, why = knative_progress(last, revision_before, canary_percent)
+        else:
+            state, why = standard_progress(last, _read_deployment(apps, name, namespace), uri)
+        if state == "serving":
+            log.info("InferenceService %s/%s serves %s: %s", namespace, name, uri, why)
             return DeployResult(name, namespace, uri, previous_uri)
+        if state == "failed":
+            break
         time.sleep(poll)
-    cond = _ready_condition(last) or {}
     _patch(api, name, namespace, previous_uri, previous_canary, canary_percent is not None)
-    raise DeployError(f"InferenceService {namespace}/{name} was not Ready within {timeout:.0f} s on {uri} "
-                      f"(Ready={cond.get('status', 'absent')}: {cond.get('message', '')}); rolled back to {previous_uri}")
+    verdict = "failed" if state == "failed" else f"was not serving within {timeout:.0f} s"
+    raise DeployError(f"InferenceService {namespace}/{name} {verdict} on {uri} ({why}); rolled back to {previous_uri}")

@@ -1,10 +1,11 @@
 """Pointing an InferenceService at a new model, against an in-memory Kubernetes API (kmock emulator;
-no Kubernetes API server can run here). The test plays KServe's controller."""
+no Kubernetes API server can run here). The test plays KServe's controller, writing the status fields
+KServe writes (see IsvcController), in Knative and Standard (RawDeployment) mode."""
 
 from __future__ import annotations
 
 import pytest
-from k8s_emulator import IsvcController
+from k8s_emulator import SOURCE_URI, IsvcController
 
 from release.deploy import DeployError, update_storage_uri
 
@@ -22,11 +23,12 @@ def test_patch_then_ready_returns_the_previous_uri_emulator(k8s_emulator):
     assert predictor["minReplicas"] == 1 and predictor["model"]["modelFormat"] == {"name": "maskrcnn"}  # untouched
 
 
-def test_not_ready_in_time_rolls_back_emulator(k8s_emulator):
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", becomes_ready=False)
+def test_not_serving_in_time_rolls_back_emulator(k8s_emulator):
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", rollout_s=30)
     ctl.create("s3://models/maskrcnn/v1")
     with ctl:
-        with pytest.raises(DeployError, match=r"not Ready within 3 s on s3://models/maskrcnn/v2 .* rolled back to "
+        with pytest.raises(DeployError, match=r"was not serving within 3 s on s3://models/maskrcnn/v2 \(revision "
+                                              r"maskrcnn-predictor-00002 is not ready yet .*\); rolled back to "
                                               r"s3://models/maskrcnn/v1"):
             update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=3, poll=0.2,
                                kubeconfig=k8s_emulator.kubeconfig)
@@ -53,3 +55,102 @@ def test_real_kubectl_sees_the_patched_uri_emulator(k8s_emulator):
                           "jsonpath={.spec.predictor.model.storageUri}"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "gs://bucket/maskrcnn/v2"
+
+
+def _served_at(ctl, uri):
+    return next(t for t, u in ctl.served if u == uri)
+
+
+def test_it_returns_only_once_the_new_revision_serves_k8s_emulator(k8s_emulator):
+    """KServe has not reconciled for 2 s: the old revision is still Ready, with an observedGeneration (the
+    Knative Service's) above the InferenceService's generation. That is not the new model serving."""
+    import time
+
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", reconcile_delay_s=2.0)
+    ctl.create("s3://models/maskrcnn/v1")
+    with ctl:
+        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=30, poll=0.1,
+                           kubeconfig=k8s_emulator.kubeconfig)
+        returned = time.monotonic()
+    assert returned >= _served_at(ctl, "s3://models/maskrcnn/v2")
+    predictor = ctl.get()["status"]["components"]["predictor"]
+    assert predictor["latestReadyRevision"] == predictor["latestCreatedRevision"] == "maskrcnn-predictor-00002"
+
+
+def test_a_revision_that_never_loads_fails_fast_and_rolls_back_k8s_emulator(k8s_emulator):
+    """The new revision fails to load (BlockedByFailedLoad) while the old one keeps serving: fail at once,
+    not after the whole timeout, and put the old URI back."""
+    import time
+
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", becomes_ready=False)
+    ctl.create("s3://models/maskrcnn/v1")
+    began = time.monotonic()
+    with ctl, pytest.raises(DeployError, match=r"failed on s3://models/maskrcnn/v2 \(revision maskrcnn-predictor-00002: "
+                                                r"BlockedByFailedLoad \(ModelLoadFailed: checksum mismatch\); "
+                                                r"maskrcnn-predictor-00001 keeps serving\); rolled back"):
+        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=120, poll=0.1,
+                           kubeconfig=k8s_emulator.kubeconfig)
+    assert time.monotonic() - began < 30
+    assert ctl.seen[0] == "s3://models/maskrcnn/v2"
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
+
+
+def test_a_canary_is_serving_when_its_share_of_traffic_is_routed_k8s_emulator(k8s_emulator):
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+    ctl.create("s3://models/maskrcnn/v1")
+    with ctl:
+        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", canary_percent=25, timeout=30, poll=0.1,
+                           kubeconfig=k8s_emulator.kubeconfig)
+    traffic = {t["revisionName"]: t["percent"] for t in ctl.get()["status"]["components"]["predictor"]["traffic"]}
+    assert traffic == {"maskrcnn-predictor-00002": 25, "maskrcnn-predictor-00001": 75}
+
+
+def test_standard_mode_waits_for_the_deployment_rollout_k8s_emulator(k8s_emulator):
+    import time
+
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", mode="Standard", rollout_s=1.5)
+    ctl.create("s3://models/maskrcnn/v1")
+    with ctl:
+        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=30, poll=0.1,
+                           kubeconfig=k8s_emulator.kubeconfig)
+        returned = time.monotonic()
+    assert returned >= _served_at(ctl, "s3://models/maskrcnn/v2")
+    deployment = ctl.apps.read_namespaced_deployment("maskrcnn-predictor", "models")
+    assert deployment.spec.template.metadata.annotations[SOURCE_URI] == "s3://models/maskrcnn/v2"
+
+
+def test_standard_mode_stuck_rollout_rolls_back_k8s_emulator(k8s_emulator):
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", mode="Standard", becomes_ready=False)
+    ctl.create("s3://models/maskrcnn/v1")
+    with ctl, pytest.raises(DeployError, match="rollout stopped: ProgressDeadlineExceeded.*rolled back to s3://models/maskrcnn/v1"):
+        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=60, poll=0.1,
+                           kubeconfig=k8s_emulator.kubeconfig)
+
+
+def test_a_canary_needs_knative_mode_emulator(k8s_emulator):
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", mode="Standard")
+    ctl.create("s3://models/maskrcnn/v1")
+    with ctl, pytest.raises(DeployError, match="Standard mode: canaryTrafficPercent needs KServe's Knative"):
+        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", canary_percent=10, timeout=5,
+                           kubeconfig=k8s_emulator.kubeconfig)
+    assert ctl.seen == [] and ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
+
+
+@pytest.mark.parametrize("status,expected", [
+    # KServe has not reconciled yet: the old revision is Ready, observedGeneration is the Knative Service's
+    ({"observedGeneration": 9, "conditions": [{"type": "Ready", "status": "True"}],
+      "components": {"predictor": {"latestCreatedRevision": "p-00001", "latestReadyRevision": "p-00001",
+                                   "traffic": [{"revisionName": "p-00001", "percent": 100, "latestRevision": True}]}}}, "waiting"),
+    # the new revision exists but the old one still serves
+    ({"conditions": [{"type": "Ready", "status": "True"}],
+      "components": {"predictor": {"latestCreatedRevision": "p-00002", "latestReadyRevision": "p-00001"}}}, "waiting"),
+    ({"conditions": [{"type": "Ready", "status": "False"}], "modelStatus": {"transitionStatus": "InvalidSpec"},
+      "components": {"predictor": {"latestCreatedRevision": "p-00002", "latestReadyRevision": "p-00001"}}}, "failed"),
+    ({"conditions": [{"type": "Ready", "status": "True"}],
+      "components": {"predictor": {"latestCreatedRevision": "p-00002", "latestReadyRevision": "p-00002",
+                                   "traffic": [{"revisionName": "p-00002", "percent": 100, "latestRevision": True}]}}}, "serving"),
+])
+def test_knative_progress_reads_kserve_status(status, expected):
+    from release.deploy import knative_progress
+
+    assert knative_progress({"metadata": {"generation": 2}, "status": status}, "p-00001", None)[0] == expected

@@ -63,7 +63,8 @@ def test_canary_overlay_splits_traffic():
 def test_promote_role_is_least_privilege():
     objects = render("deployment/overlays/production")
     role = by_kind(objects, "Role")
-    assert role["rules"] == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]}]
+    assert role["rules"] == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]},
+                             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]}]
     binding = by_kind(objects, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["metadata"]["namespace"] == role["metadata"]["namespace"]
 
