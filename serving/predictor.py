@@ -165,7 +165,7 @@ class MaskRCNNPredictor(Model):
         if int(min(h, w) * scale) < 1:
             raise InvalidInput(f"image[{index}]: {w}x{h} pixels (aspect ratio {max(h, w) / min(h, w):.0f}:1) is too "
                                f"elongated: the model resizes its longer side to {cfg.max_size} px, leaving the shorter "
-                               f"side under 1 px; expected an aspect ratio of at most {int(cfg.max_size // 1)}:1")
+                               f"side under 1 px; expected an aspect ratio of at most {cfg.max_size}:1")
 
     def _run(self, blobs: list[bytes], threshold: float, max_det: int, overlay: bool) -> tuple[list[dict[str, Any]], float]:
         """Decode and infer one image at a time, so one request holds one decoded image (and its masks) at

@@ -200,6 +200,7 @@ class IsvcController:
                 traffic.append({"revisionName": predictor.get("latestRolledoutRevision", old), "percent": 100 - canary,
                                 "latestRevision": False})
             rolled = {"latestRolledoutRevision": new} if canary in (None, 100) else {}
+            self.served.append((time.monotonic(), uri))  # the new pods serve before the controller reports it
             self._status({"conditions": self._ready("True"), "observedGeneration": self.ksvc_generation,
                           "components": {"predictor": {"latestReadyRevision": new, "traffic": traffic, **rolled}},
                           "modelStatus": {"transitionStatus": "UpToDate",
@@ -211,13 +212,12 @@ class IsvcController:
                                                   self._deployment(uri, generation, ready=False, observed=generation - 1))
             time.sleep(self.rollout_s)
             done = self._deployment(uri, generation, ready=self.becomes_ready, failed=not self.becomes_ready)
+            if self.becomes_ready:
+                self.served.append((time.monotonic(), uri))  # the new pods serve before their Deployment reports it
             self.apps.patch_namespaced_deployment(self.predictor, self.namespace, done)
             self._status({"observedGeneration": generation,
                           "conditions": self._ready("True") if self.becomes_ready else
                           self._ready("False", "ProgressDeadlineExceeded", "ReplicaSet has timed out progressing.")})
-            if not self.becomes_ready:
-                return
-        self.served.append((time.monotonic(), uri))
 
     def _run(self) -> None:
         import time

@@ -3,7 +3,6 @@ record and the field, through the library and through `uv run -m training.data.v
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any, Callable

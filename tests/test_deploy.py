@@ -61,17 +61,21 @@ def _served_at(ctl, uri):
     return next(t for t, u in ctl.served if u == uri)
 
 
+def _deploy_and_time(ctl, kubeconfig: str, uri: str) -> float:
+    """Run the deploy step against the controller; returns when it returned (time.monotonic())."""
+    import time
+
+    with ctl:
+        update_storage_uri("maskrcnn", "models", uri, timeout=30, poll=0.1, kubeconfig=kubeconfig)
+        return time.monotonic()
+
+
 def test_it_returns_only_once_the_new_revision_serves_k8s_emulator(k8s_emulator):
     """KServe has not reconciled for 2 s: the old revision is still Ready, with an observedGeneration (the
     Knative Service's) above the InferenceService's generation. That is not the new model serving."""
-    import time
-
     ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", reconcile_delay_s=2.0)
     ctl.create("s3://models/maskrcnn/v1")
-    with ctl:
-        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=30, poll=0.1,
-                           kubeconfig=k8s_emulator.kubeconfig)
-        returned = time.monotonic()
+    returned = _deploy_and_time(ctl, k8s_emulator.kubeconfig, "s3://models/maskrcnn/v2")
     assert returned >= _served_at(ctl, "s3://models/maskrcnn/v2")
     predictor = ctl.get()["status"]["components"]["predictor"]
     assert predictor["latestReadyRevision"] == predictor["latestCreatedRevision"] == "maskrcnn-predictor-00002"
@@ -106,14 +110,9 @@ def test_a_canary_is_serving_when_its_share_of_traffic_is_routed_k8s_emulator(k8
 
 
 def test_standard_mode_waits_for_the_deployment_rollout_k8s_emulator(k8s_emulator):
-    import time
-
     ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", mode="Standard", rollout_s=1.5)
     ctl.create("s3://models/maskrcnn/v1")
-    with ctl:
-        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=30, poll=0.1,
-                           kubeconfig=k8s_emulator.kubeconfig)
-        returned = time.monotonic()
+    returned = _deploy_and_time(ctl, k8s_emulator.kubeconfig, "s3://models/maskrcnn/v2")
     assert returned >= _served_at(ctl, "s3://models/maskrcnn/v2")
     deployment = ctl.apps.read_namespaced_deployment("maskrcnn-predictor", "models")
     assert deployment.spec.template.metadata.annotations[SOURCE_URI] == "s3://models/maskrcnn/v2"
