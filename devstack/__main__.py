@@ -1,4 +1,6 @@
-"""`uv run -m devstack up|down|status|env`: the local MLflow stack on 127.0.0.1."""
+"""`uv run -m devstack up|down|status|env`: the local MLflow stack on 127.0.0.1.
+`uv run -m devstack image`: build the project's image with podman, offline (mmdebstrap base).
+`uv run -m devstack rehearse`: the whole cluster path in containers on this machine (see devstack/rehearse.py)."""
 
 from __future__ import annotations
 
@@ -16,13 +18,16 @@ log = logging.getLogger("devstack")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "image", "rehearse"])
     parser.add_argument("--dir", type=Path, default=None, help="stack folder (default $MASKRCNN_STACK_DIR or ./.stack)")
     defaults = Ports()
     parser.add_argument("--postgres-port", type=int, help=f"first `up` only (default {defaults.postgres})")
     parser.add_argument("--s3-port", type=int, help=f"first `up` only (default {defaults.s3})")
     parser.add_argument("--ceph-mon-port", type=int, help=f"first `up` only (default {defaults.ceph_mon})")
     parser.add_argument("--mlflow-port", type=int, help=f"first `up` only (default {defaults.mlflow})")
+    parser.add_argument("--work", type=Path, default=Path(".rehearsal"),
+                        help="image/rehearse: podman settings, pipeline root and the model volume (default ./.rehearsal)")
+    parser.add_argument("--port", type=int, default=8080, help="rehearse: the predictor's port on 127.0.0.1")
     return parser
 
 
@@ -37,7 +42,21 @@ def main(argv: list[str] | None = None) -> int:
                                 ("mlflow", args.mlflow_port)) if v is not None}
     stack = LocalStack(args.dir, Ports(**given) if given else None)
     try:
-        if args.command == "up":
+        if args.command == "image":
+            from devstack.podman import Podman
+            from training.tracking import git_commit
+
+            podman = Podman(args.work.resolve() / "podman")
+            tag, seconds = podman.build(git_commit=git_commit())
+            log.info("%s: %s, %.2f GB", tag, f"built in {seconds:.0f} s" if seconds else "up to date", podman.size(tag) / 1e9)
+            print(tag)
+        elif args.command == "rehearse":
+            from devstack.rehearse import rehearse
+
+            timings = rehearse(stack, args.work.resolve(), args.port)
+            for stage, seconds in timings.items():
+                print(f"{stage:24s} {seconds:7.1f} s")
+        elif args.command == "up":
             stack.up()
             log.info("stack is up in %s; MLflow UI at %s", stack.root, stack.tracking_uri)
             print(f"# export these (or: eval \"$(uv run -m devstack env)\")\n{exports(stack)}")

@@ -80,10 +80,15 @@ class LocalStack:
         return self.mlflow.url
 
     def env(self) -> dict[str, str]:
-        """Variables for clients: MLflow (artifacts go through the server), and S3 for data and model packages."""
+        """Variables for clients: MLflow (artifacts go through the server), and S3 for data and model packages
+        (boto3 reads AWS_ENDPOINT_URL_S3, pyarrow, which Ray uses for checkpoints, AWS_ENDPOINT_URL). Ceph's
+        gateway refuses the AWS SDKs' default "flexible checksums" (chunked uploads without Content-Length,
+        HTTP 411), so they are asked for only when an operation requires them."""
         return {"MLFLOW_TRACKING_URI": self.mlflow.url, "AWS_ENDPOINT_URL_S3": self.s3.endpoint,
+                "AWS_ENDPOINT_URL": self.s3.endpoint,
                 "AWS_ACCESS_KEY_ID": self.state.s3_access_key, "AWS_SECRET_ACCESS_KEY": self.state.s3_secret_key,
-                "AWS_DEFAULT_REGION": "us-east-1"}
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
+                "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED"}
 
     def _check_ports(self) -> None:
         p = self.state.ports

@@ -2,50 +2,86 @@
 promote (register, publish, point KServe at it) or reject (recorded, and the run stays green)."""
 
 
-from kfp import dsl
+import os
+
+from kfp import dsl, kubernetes
 
 from pipelines.components import evaluate, gate, prepare_data, promote, reject, train
 
 PIPELINE_NAME = "maskrcnn-train-gate-serve"
 
+# Per step: (CPU request, memory request = limit). The train step trains in its own pod when
+# ray_address is empty (local Ray), and only submits and waits when it names a Ray cluster.
+RESOURCES = {"prepare-data": ("1", "4Gi"), "train": ("4", "16Gi"), "evaluate": ("2", "8Gi"), "gate": ("100m", "512Mi"),
+             "promote": ("1", "4Gi"), "reject": ("100m", "512Mi")}
+TRAIN_GPUS = int(os.environ.get("MASKRCNN_TRAIN_GPUS", "0"))
+"""GPUs for the train step's own pod (local Ray); `uv run -m pipelines.compile --train-gpus N`."""
+ACCELERATOR = os.environ.get("MASKRCNN_ACCELERATOR", "nvidia.com/gpu")
+SHM_SIZE = "2Gi"
+"""The train and evaluate steps' /dev/shm (a memory emptyDir): Kubernetes gives 64 MiB, too little for
+PyTorch's data loader workers and Ray's object store."""
+STORAGE_SECRET = "maskrcnn-storage"
+"""Secret in the pipeline's namespace with the object-storage keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY);
+optional (GKE Workload Identity needs none)."""
+RAY_SECRET = "maskrcnn-ray-auth"
+"""Secret in the pipeline's namespace with the Ray cluster's token (key auth_token, copied from the
+RayCluster's own Secret); optional (a local Ray needs none)."""
+
+
+def _harden(task: dsl.PipelineTask, step: str, storage: bool = False, shm: bool = False) -> dsl.PipelineTask:
+    """The image's uid 1000 (non-root; KFP drops every capability), its requests, and its secrets by reference."""
+    cpu, memory = RESOURCES[step]
+    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+    kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
+    if storage:
+        kubernetes.use_secret_as_env(task, STORAGE_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                                            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}, optional=True)
+    if shm:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
+    return task
+
 
 @dsl.pipeline(name=PIPELINE_NAME, description=__doc__)
 def maskrcnn_pipeline(
+    tracking_uri: str,
+    storage_prefix: str,
     config: str = "default",
     overrides: list = [],  # noqa: B006  (KFP parameters are declared with their defaults)
     data: str = "",
     val_data: str = "",
     ray_address: str = "",
-    tracking_uri: str = "",
     model_name: str = "maskrcnn",
     min_segm_map: float = 0.5,
     min_mask_iou: float = 0.7,
     margin: float = 0.0,
-    storage_prefix: str = "gs://BUCKET/models",
     isvc_name: str = "maskrcnn",
-    namespace: str = "default",
+    namespace: str = "models",
     canary_percent: int = 0,
     ready_timeout: float = 600.0,
     kubeconfig: str = "",
 ):
-    prepared = prepare_data(config=config, overrides=overrides, data=data, val_data=val_data)
-    trained = train(config=config, overrides=overrides, dataset=prepared.outputs["dataset"], ray_address=ray_address,
-                    tracking_uri=tracking_uri)
+    prepared = _harden(prepare_data(config=config, overrides=overrides, data=data, val_data=val_data), "prepare-data",
+                       storage=True)
+    trained = _harden(train(config=config, overrides=overrides, dataset=prepared.outputs["dataset"], ray_address=ray_address,
+                            tracking_uri=tracking_uri), "train", storage=True, shm=True)
+    kubernetes.use_secret_as_env(trained, RAY_SECRET, {"auth_token": "RAY_AUTH_TOKEN"}, optional=True)
+    if TRAIN_GPUS:
+        trained.set_accelerator_type(ACCELERATOR).set_accelerator_limit(TRAIN_GPUS)
     trained.set_caching_options(False)
-    scored = evaluate(dataset=prepared.outputs["dataset"], model=trained.outputs["model"], tracking_uri=tracking_uri,
-                      model_name=model_name)
+    scored = _harden(evaluate(dataset=prepared.outputs["dataset"], model=trained.outputs["model"], tracking_uri=tracking_uri,
+                              model_name=model_name), "evaluate", shm=True)
     scored.set_caching_options(False)  # the champion may have changed since
     decided = gate(segm_map=scored.outputs["segm_map"], mask_iou=scored.outputs["mask_iou"],
                    champion_version=scored.outputs["champion_version"],
                    champion_segm_map=scored.outputs["champion_segm_map"], min_segm_map=min_segm_map,
                    min_mask_iou=min_mask_iou, margin=margin, run_id=trained.outputs["run_id"], tracking_uri=tracking_uri)
-    decided.set_caching_options(False)
+    _harden(decided, "gate").set_caching_options(False)
     with dsl.If(decided.outputs["decision"] == "promote", name="passed-the-gate"):
         promoted = promote(model=trained.outputs["model"], model_uri=trained.outputs["model_uri"], tracking_uri=tracking_uri, model_name=model_name,
                            reason=decided.outputs["reason"], storage_prefix=storage_prefix, isvc_name=isvc_name,
                            namespace=namespace, canary_percent=canary_percent, ready_timeout=ready_timeout,
                            kubeconfig=kubeconfig)
-        promoted.set_caching_options(False)
+        _harden(promoted, "promote", storage=True).set_caching_options(False)
     with dsl.Else(name="rejected"):
         rejected = reject(reason=decided.outputs["reason"])
-        rejected.set_caching_options(False)
+        _harden(rejected, "reject").set_caching_options(False)

@@ -1,9 +1,12 @@
-"""`uv run -m pipelines.run_local ...`: run the whole pipeline on this machine with KFP's local runner.
+"""`uv run -m pipelines.run_local ...`: run the whole pipeline on this machine with KFP's local runners.
 
-Each step runs as a subprocess of this environment (`kfp.local.SubprocessRunner`), with a local Ray,
-the MLflow server of $MLFLOW_TRACKING_URI (e.g. from `uv run -m devstack up`), object storage
-from the usual variables (`AWS_ENDPOINT_URL_S3`, keys; or `STORAGE_EMULATOR_HOST` for gs://), and the
-Kubernetes API of `--kubeconfig` (empty `--isvc-name`: no deployment, the alias still moves).
+`--runner subprocess` (default): each step runs as a subprocess of this environment.
+`--runner docker --image TAG`: each step runs in the project's image, as its non-root user, through
+KFP's DockerRunner (Docker, or podman's Docker-compatible API in $DOCKER_HOST), on the host network.
+The steps get the MLflow server of $MLFLOW_TRACKING_URI (e.g. from `uv run -m devstack up`), object
+storage from the usual variables (`AWS_ENDPOINT_URL_S3`, keys; or `STORAGE_EMULATOR_HOST` for gs://),
+a Ray token from $RAY_AUTH_TOKEN, and the Kubernetes API of `--kubeconfig` (empty `--isvc-name`: no
+deployment, the alias still moves).
 """
 
 from __future__ import annotations
@@ -19,28 +22,76 @@ from training.logs import setup_logging
 log = logging.getLogger("pipelines.run_local")
 
 
-def run_local(pipeline_root: str | Path, **params: Any) -> None:
-    """Run the pipeline with KFP's SubprocessRunner; raises RuntimeError when a step fails."""
+# What the steps' containers get from this environment (by name; Kubernetes: env from a Secret).
+PASSED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",
+              "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
+def docker_runner():
+    """KFP's DockerRunner as the cluster runs the steps: the image's own (non-root) user, no capabilities,
+    host network (everything stays on 127.0.0.1), a 1 GiB /dev/shm (PyTorch's data loader and Ray need
+    more than 64 MiB), the environment by name."""
+    import os
+
+    from kfp import local
+
+    return local.DockerRunner(network_mode="host", shm_size="1g", cap_drop=["ALL"], security_opt=["no-new-privileges"],
+                              environment={k: os.environ[k] for k in PASSED_ENV if k in os.environ})
+
+
+def _share_kubeconfig(kubeconfig: str, root: Path) -> str:
+    """The DockerRunner mounts only the pipeline root: copy the kubeconfig there, readable by uid 1000 only."""
+    import os
+    import shutil
+
+    copy = root / ".kube" / "config"
+    copy.parent.mkdir(exist_ok=True)
+    shutil.copyfile(kubeconfig, copy)
+    copy.chmod(0o600)
+    if os.getuid() == 0:
+        os.chown(copy.parent, 1000, 1000)
+        os.chown(copy, 1000, 1000)
+    else:
+        copy.chmod(0o644)  # a rootless host user cannot give the file to uid 1000
+    return str(copy)
+
+
+def run_local(pipeline_root: str | Path, runner: str = "subprocess", **params: Any) -> None:
+    """Run the pipeline with KFP's SubprocessRunner or DockerRunner; raises RuntimeError when a step fails.
+    For the DockerRunner, the components' image is $MASKRCNN_IMAGE when `pipelines.components` is imported."""
     from kfp import local
 
     from pipelines.pipeline import maskrcnn_pipeline
 
     import warnings
 
-    # The SubprocessRunner runs the steps in this environment, not in their image: intended here.
-    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
-    Path(pipeline_root).mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if runner == "docker":
+        root.chmod(0o1777)  # the steps run as the image's uid 1000 and write their outputs here
+        if params.get("kubeconfig"):
+            params = {**params, "kubeconfig": _share_kubeconfig(params["kubeconfig"], root)}
+        from pipelines import docker_status
+
+        docker_status.install()  # else a failed step passes (kubeflow/pipelines#13332)
+        chosen = docker_runner()
+    else:
+        # The SubprocessRunner runs the steps in this environment, not in their image: intended here.
+        warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
+        chosen = local.SubprocessRunner(use_venv=False)
+    local.init(runner=chosen, pipeline_root=str(root), raise_on_error=True)
     maskrcnn_pipeline(**params)
 
 
-# Where a local run differs from the pipeline's own defaults: the tiny config, the local stack's bucket,
-# and no InferenceService unless one is named.
-LOCAL_DEFAULTS = {"config": "tiny", "storage_prefix": "s3://models", "isvc_name": ""}
+# Where a local run differs from the pipeline's own defaults (or gives the required ones one): the tiny
+# config, the local stack's bucket and MLflow, and no InferenceService unless one is named.
+LOCAL_DEFAULTS = {"config": "tiny", "storage_prefix": "s3://models", "isvc_name": "",
+                  "tracking_uri": "$MLFLOW_TRACKING_URI"}
 HELP = {
     "config": "config name in training/configs or a YAML path",
     "overrides": "override a config field, SECTION.FIELD=VALUE (repeatable)",
-    "tracking_uri": "default $MLFLOW_TRACKING_URI",
+    "tracking_uri": "the MLflow server (default $MLFLOW_TRACKING_URI; empty: ./mlflow.db)",
     "storage_prefix": "where serving packages go (s3:// or gs://)",
     "isvc_name": "InferenceService to point at the new model (empty: none)",
 }
@@ -53,23 +104,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     from pipelines.pipeline import maskrcnn_pipeline
 
     p = argparse.ArgumentParser(prog="python -m pipelines.run_local", description=__doc__)
+    import os
+
     for name, param in inspect.signature(maskrcnn_pipeline.pipeline_func).parameters.items():
         default = LOCAL_DEFAULTS.get(name, param.default)
+        if default == "$MLFLOW_TRACKING_URI":
+            default = os.environ.get("MLFLOW_TRACKING_URI", "")
         text = f"{HELP.get(name, '')} (default: {default!r})".strip()
         if param.annotation in (list, "list"):
             p.add_argument("--set", dest=name, action="append", default=list(default), metavar="SECTION.FIELD=VALUE", help=text)
+        elif default is inspect.Parameter.empty:
+            p.add_argument(f"--{name.replace('_', '-')}", type=param.annotation, required=True, help=HELP.get(name, ""))
         else:
             p.add_argument(f"--{name.replace('_', '-')}", type=param.annotation, default=default, help=text)
     p.add_argument("--pipeline-root", default="./pipeline_runs", help="where step artifacts are written")
+    p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="steps as subprocesses here, or in containers of --image (Docker or podman's API in $DOCKER_HOST)")
+    p.add_argument("--image", help="the steps' image for --runner docker (default $MASKRCNN_IMAGE)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     setup_logging()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--image")
+    image = pre.parse_known_args(argv)[0].image
+    if image:  # before the components are defined: their base image is read when they are
+        os.environ["MASKRCNN_IMAGE"] = image
     args = vars(get_args_parser().parse_args(argv))
-    root = args.pop("pipeline_root")
+    root, runner = args.pop("pipeline_root"), args.pop("runner")
+    args.pop("image")
     try:
-        run_local(root, **args)
+        run_local(root, runner, **args)
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1

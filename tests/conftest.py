@@ -78,9 +78,7 @@ def write_coco(root: Path, images: list[dict[str, Any]], annotations: list[dict[
 
 def with_sections(cfg: Config, **sections: dict[str, Any]) -> Config:
     """A copy of `cfg` with fields of some sections replaced: `with_sections(cfg, train={"epochs": 1})`."""
-    import dataclasses
-
-    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+    return cfg.replace(**sections)
 
 
 def sql_rows(stack, query: str, *args: Any) -> list[tuple]:
@@ -260,3 +258,75 @@ def render_kustomization(path: str) -> list[dict[str, Any]]:
     out = subprocess.run([kubectl, "kustomize", str(Path(__file__).resolve().parents[1] / path)],
                          capture_output=True, text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory):
+    """podman with the two settings these machines need (runc, rlimits), and its Docker-compatible API."""
+    from devstack.podman import Podman
+
+    return Podman(tmp_path_factory.mktemp("podman"))
+
+
+@pytest.fixture(scope="session")
+def platform_image(podman) -> str:
+    """The project's image, built from the Dockerfile on a Debian base made offline (mmdebstrap); reused
+    while the build context is unchanged. Build time and size go to the test log."""
+    import logging
+
+    from training.tracking import git_commit
+
+    tag, seconds = podman.build(git_commit=git_commit())
+    logging.getLogger("tests").warning("image %s: built in %.0f s (0: reused), %.2f GB", tag, seconds,
+                                       podman.size(tag) / 1e9)
+    return tag
+
+
+@pytest.fixture(scope="session")
+def initializer_image(podman) -> str:
+    """KServe's storage initializer (kserve-storage from PyPI) as its own image."""
+    return podman.build_storage_initializer()[0]
+
+
+def wait_http(url: str, timeout: float = 120, proc_check=None) -> None:
+    """Wait until `url` answers 200 (`proc_check()` raising stops the wait early)."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc_check:
+            proc_check()
+        if time.time() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def ray_nodes(podman, platform_image, mlflow_stack):
+    """A Ray head and a worker in two containers of the image (1 CPU each), with token authentication,
+    S3 keys and endpoints from the stack (KubeRay: env from a Secret)."""
+    from devstack.raynodes import RayNodes
+
+    env = {k: v for k, v in mlflow_stack.env().items() if k.startswith("AWS_")}
+    nodes = RayNodes(podman, platform_image, env=env).start(workers=1)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_host(podman):
+    """podman's Docker-compatible API, for KFP's DockerRunner."""
+    host, proc = podman.api()
+    try:
+        yield host
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -4,6 +4,10 @@ platform relies on, above all the storageUri path that the pipeline's promote st
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
+
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -11,8 +15,13 @@ from conftest import render_kustomization as render
 
 from release.deploy import storage_uri_of
 
-KUSTOMIZATIONS = ["deployment/overlays/production", "deployment/overlays/canary", "ray", "mlflow/k8s/overlays/gcs",
-                  "mlflow/k8s/overlays/minio"]
+KUSTOMIZATIONS = ["deployment/overlays/production", "deployment/overlays/canary", "deployment/overlays/kubeflow-multi-user",
+                  "ray", "mlflow/k8s/overlays/gcs", "mlflow/k8s/overlays/minio"]
+ROOT = Path(__file__).resolve().parents[1]
+# The custom resources' schemas as KServe and KubeRay publish them (deployment/crds/README.md).
+CRDS = {("serving.kserve.io/v1beta1", "InferenceService"): "kserve-v0.20.0-inferenceservices.yaml",
+        ("serving.kserve.io/v1alpha1", "ServingRuntime"): "kserve-v0.20.0-servingruntimes.yaml",
+        ("ray.io/v1", "RayCluster"): "kuberay-v1.7.0-rayclusters.yaml"}
 K8S_VERSION = "1.31"
 
 
@@ -74,7 +83,121 @@ def test_ray_cluster_runs_the_project_image():
     assert cluster["apiVersion"] == "ray.io/v1"
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
-    assert ports["client"] == 10001  # `ray://...:10001`, the pipeline's ray_address
     (workers,) = cluster["spec"]["workerGroupSpecs"]
     assert workers["template"]["spec"]["containers"][0]["image"] == head["image"]
     assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert ports["dashboard"] == 8265  # the Jobs API: the pipeline's ray_address http://...-head-svc.ray.svc:8265
+    # the Ray of the image, token authentication, probes that need no wget
+    locked = (ROOT / "uv.lock").read_text().split('name = "ray"\nversion = "', 1)[1].split('"', 1)[0]
+    assert cluster["spec"]["rayVersion"] == locked
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    for group in (cluster["spec"]["headGroupSpec"], workers):
+        (container,) = group["template"]["spec"]["containers"]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/api/healthz", "port": 52365}
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {"/tmp", "/dev/shm", "/home/app/.cache"} <= mounts  # the writable places under a read-only root
+
+
+@cache
+def crd_schema(file: str, version: str) -> dict:
+    """The CRD's openAPIV3Schema, strict: an object with declared properties accepts no others (what
+    `kubectl apply --validate=strict` and the API server's field validation refuse)."""
+    crd = yaml.safe_load((ROOT / "deployment" / "crds" / file).read_text())
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+
+    def strict(node):
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                strict(value)
+        elif isinstance(node, list):
+            for value in node:
+                strict(value)
+        return node
+
+    return strict(served["schema"]["openAPIV3Schema"])
+
+
+def custom_resources() -> list[tuple[str, dict]]:
+    found = []
+    for path in KUSTOMIZATIONS:
+        for obj in render(path):
+            if (obj["apiVersion"], obj["kind"]) in CRDS:
+                found.append((f"{path}:{obj['kind']}", obj))
+    return found
+
+
+@pytest.mark.parametrize("where, obj", custom_resources(), ids=lambda v: v if isinstance(v, str) else "")
+def test_custom_resources_are_valid_against_the_published_crds(where, obj):
+    schema = crd_schema(CRDS[(obj["apiVersion"], obj["kind"])], obj["apiVersion"].split("/")[1])
+    jsonschema.validate(obj, schema)  # raises with the path of the offending field
+
+
+def test_the_crd_check_can_fail():
+    isvc = by_kind(render("deployment/overlays/production"), "InferenceService")
+    schema = crd_schema(CRDS[("serving.kserve.io/v1beta1", "InferenceService")], "v1beta1")
+    isvc["spec"]["predictor"]["model"]["storageURI"] = "gs://typo"  # a misspelt field
+    with pytest.raises(jsonschema.ValidationError, match="storageURI"):
+        jsonschema.validate(isvc, schema)
+    isvc["spec"]["predictor"]["model"].pop("storageURI")
+    isvc["spec"]["predictor"]["minReplicas"] = "one"
+    with pytest.raises(jsonschema.ValidationError, match="minReplicas|'one'"):
+        jsonschema.validate(isvc, schema)
+
+
+def pod_specs(objects: list[dict]) -> list[tuple[str, dict, list[dict]]]:
+    """(where, pod-level securityContext holder, containers) of every workload the manifests define."""
+    pods = []
+    for obj in objects:
+        kind, spec = obj["kind"], obj.get("spec", {})
+        if kind == "Deployment":
+            pods.append((kind, spec["template"]["spec"], spec["template"]["spec"]["containers"]))
+        elif kind == "RayCluster":
+            for group in (spec["headGroupSpec"], *spec["workerGroupSpecs"]):
+                pods.append((kind, group["template"]["spec"], group["template"]["spec"]["containers"]))
+    runtimes = [o for o in objects if o["kind"] == "ServingRuntime"]
+    for isvc in (o for o in objects if o["kind"] == "InferenceService"):
+        (runtime,) = runtimes  # KServe merges the runtime's container into the predictor's pod
+        pods.append(("InferenceService", isvc["spec"]["predictor"], runtime["spec"]["containers"]))
+    return pods
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_every_pod_runs_non_root_with_least_privilege(path):
+    pods = pod_specs(render(path))
+    assert pods, path
+    for where, pod, containers in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod.get("automountServiceAccountToken") is False, where  # none of them calls the API server
+        for container in containers:
+            ctx = container["securityContext"]
+            assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"] == {"drop": ["ALL"]}, where
+            assert ctx["readOnlyRootFilesystem"] is True, where
+
+
+def test_network_policies_guard_the_predictor_mlflow_and_ray():
+    policies = {}
+    for path in ("deployment/overlays/production", "mlflow/k8s/overlays/gcs", "ray"):
+        for obj in render(path):
+            if obj["kind"] == "NetworkPolicy":
+                policies[obj["metadata"]["name"]] = obj
+    assert set(policies) == {"maskrcnn-predictor", "mlflow", "ray-cluster"}
+    for policy in policies.values():
+        assert policy["spec"]["policyTypes"] == ["Ingress"] and policy["spec"]["podSelector"]["matchLabels"]
+        for rule in policy["spec"]["ingress"]:
+            assert all("ipBlock" not in peer for peer in rule["from"])  # no "from anywhere"
+    (from_outside,) = [r for r in policies["ray-cluster"]["spec"]["ingress"] if "ports" in r]
+    assert from_outside["ports"] == [{"port": 8265, "protocol": "TCP"}]  # only the Jobs API, and it wants the token
+    assert policies["mlflow"]["spec"]["ingress"][0]["ports"] == [{"port": 5000, "protocol": "TCP"}]
+
+
+def test_multi_user_overlay_binds_the_profile_default_editor():
+    binding = by_kind(render("deployment/overlays/kubeflow-multi-user"), "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor",
+                                    "namespace": "kubeflow-user-example-com"}]
+    standalone = by_kind(render("deployment/overlays/production"), "RoleBinding")
+    assert standalone["subjects"][0]["name"] == "pipeline-runner"

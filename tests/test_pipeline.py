@@ -20,12 +20,13 @@ ISVC, NAMESPACE, PREVIOUS = "maskrcnn", "models", "s3://models/maskrcnn/previous
 
 def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
     monkeypatch.delenv("MASKRCNN_IMAGE", raising=False)
+    monkeypatch.delenv("MASKRCNN_TRAIN_GPUS", raising=False)
     fresh = compile_pipeline(tmp_path / "pipeline.yaml")
     assert fresh.read_text() == DEFAULT_OUTPUT.read_text(), "stale: run `uv run -m pipelines.compile` and commit"
 
 
 def test_yaml_has_the_steps_and_the_gate_condition():
-    spec = yaml.safe_load(DEFAULT_OUTPUT.read_text())
+    spec, _ = yaml.safe_load_all(DEFAULT_OUTPUT.read_text())
     executors = spec["deploymentSpec"]["executors"]
     assert {f"exec-{n}" for n in ("prepare-data", "train", "evaluate", "gate", "promote", "reject")} == set(executors)
     for executor in executors.values():
@@ -49,29 +50,51 @@ def test_yaml_has_the_steps_and_the_gate_condition():
 
 
 @pytest.fixture
-def pipeline_env(ray_cluster, mlflow_stack, cache_dir, k8s_emulator, tmp_path, monkeypatch):
-    """Everything one local run needs: S3 keys and endpoint in the environment (the promote step
-    inherits it), a unique experiment and model name, an InferenceService serving PREVIOUS."""
-    import ray
-
+def pipeline_env(mlflow_stack, cache_dir, k8s_emulator, tmp_path, monkeypatch):
+    """Everything one local run needs: S3 keys and endpoint in the environment (the steps inherit it),
+    a unique experiment and model name, an InferenceService serving PREVIOUS, checkpoints in S3."""
     for key, value in mlflow_stack.env().items():
         monkeypatch.setenv(key, value)
     name = f"pipe-{time.time_ns()}"
     ctl = IsvcController(k8s_emulator.kubeconfig, ISVC, NAMESPACE)
     ctl.create(PREVIOUS)
+    bucket = mlflow_stack.state.models_bucket
     params = dict(
         config="tiny", data="", val_data="", model_name=name, tracking_uri=mlflow_stack.tracking_uri,
-        overrides=[f"ray.storage_path={tmp_path / 'ray'}", f"tracking.experiment={name}", "train.epochs=1"],
-        ray_address=ray.get_runtime_context().gcs_address, min_segm_map=0.0, min_mask_iou=0.0, margin=-1.0,
-        storage_prefix=f"s3://{mlflow_stack.state.models_bucket}", isvc_name=ISVC, namespace=NAMESPACE,
+        overrides=[f"ray.storage_path=s3://{bucket}/ray/{name}", f"tracking.experiment={name}", "train.epochs=1"],
+        ray_address="", min_segm_map=0.0, min_mask_iou=0.0, margin=-1.0,
+        storage_prefix=f"s3://{bucket}", isvc_name=ISVC, namespace=NAMESPACE,
         canary_percent=0, ready_timeout=60.0, kubeconfig=k8s_emulator.kubeconfig)
     return params, ctl, MlflowClient(mlflow_stack.tracking_uri), tmp_path / "pipeline-root"
 
 
-def _run(params, root, **changes):
-    from pipelines.run_local import run_local
+@pytest.fixture
+def containers(request, monkeypatch):
+    """What the DockerRunner needs: the image, and podman's Docker API in DOCKER_HOST."""
+    image = request.getfixturevalue("platform_image")
+    monkeypatch.setenv("DOCKER_HOST", request.getfixturevalue("docker_host"))
+    return image
 
-    run_local(root, **{**params, **changes})
+
+def _run(params, root, runner="docker", image="", **changes):
+    """The pipeline through `python -m pipelines.run_local`: in containers of `image` (DockerRunner on
+    podman), or as subprocesses here. A failed step raises RuntimeError with the run's output."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "pipelines.run_local", "--runner", runner, "--pipeline-root", str(root)]
+    if image:
+        argv += ["--image", image]
+    for name, value in {**params, **changes}.items():
+        if isinstance(value, list):
+            argv += [a for item in value for a in ("--set", item)]
+        else:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=os.environ.copy())
+    if out.returncode != 0:
+        raise RuntimeError(f"run_local exited {out.returncode}:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}")
+    return out.stdout + out.stderr
 
 
 def _only_run(client, experiment):
@@ -80,10 +103,24 @@ def _only_run(client, experiment):
 
 
 @pytest.mark.slow
-def test_a_good_model_is_promoted_and_served_k8s_emulator(pipeline_env, mlflow_stack, tmp_path, capsys):
+@pytest.mark.parametrize("runner", ["docker", "subprocess"])
+def test_a_good_model_is_promoted_and_served_k8s_emulator(runner, pipeline_env, mlflow_stack, tmp_path, capsys, request,
+                                                          monkeypatch):
+    """In containers, the train step submits to the two-node Ray cluster in containers (Jobs API, token
+    authentication); as subprocesses, it starts a local Ray."""
     params, ctl, client, root = pipeline_env
+    image = ""
+    if runner == "docker":
+        image = request.getfixturevalue("containers")
+        nodes = request.getfixturevalue("ray_nodes")
+        for key, value in nodes.client_env().items():
+            monkeypatch.setenv(key, value)
+        params = {**params, "ray_address": nodes.jobs_url}
     with ctl:
-        _run(params, root)
+        output = _run(params, root, runner, image)
+    if runner == "docker":  # every step ran in the image as its uid 1000; training ran on the Ray cluster
+        assert "submitted Ray job" in output
+        assert {p.stat().st_uid for p in root.glob("*/*")} == {1000}
     name = params["model_name"]
     champion = client.get_model_version_by_alias(name, "champion")
     run = _only_run(client, name)
@@ -140,10 +177,10 @@ def test_a_good_model_is_promoted_and_served_k8s_emulator(pipeline_env, mlflow_s
 
 
 @pytest.mark.slow
-def test_a_bad_model_is_rejected_and_nothing_moves_k8s_emulator(pipeline_env):
+def test_a_bad_model_is_rejected_and_nothing_moves_k8s_emulator(pipeline_env, containers):
     params, ctl, client, root = pipeline_env
     with ctl:
-        _run(params, root, min_segm_map=0.99, min_mask_iou=0.99)  # returns: the run is green
+        _run(params, root, image=containers, min_segm_map=0.99, min_mask_iou=0.99)  # returns: the run is green
     name = params["model_name"]
     run = _only_run(client, name)
     assert run.data.tags["gate.decision"] == "reject" and run.data.tags["promoted"] == "false"
@@ -154,10 +191,10 @@ def test_a_bad_model_is_rejected_and_nothing_moves_k8s_emulator(pipeline_env):
 
 
 @pytest.mark.slow
-def test_a_failed_upload_leaves_the_inference_service_untouched_k8s_emulator(pipeline_env):
+def test_a_failed_upload_leaves_the_inference_service_untouched_k8s_emulator(pipeline_env, containers):
     params, ctl, client, root = pipeline_env
     with ctl, pytest.raises(RuntimeError, match="promote"):
-        _run(params, root, storage_prefix="s3://no-such-bucket/models")
+        _run(params, root, image=containers, storage_prefix="s3://no-such-bucket/models")
     name = params["model_name"]
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == PREVIOUS and ctl.seen == []
     (version,) = client.search_model_versions(f"name = '{name}'")
@@ -167,16 +204,51 @@ def test_a_failed_upload_leaves_the_inference_service_untouched_k8s_emulator(pip
 
 
 @pytest.mark.slow
-def test_a_service_that_never_becomes_ready_is_rolled_back_k8s_emulator(pipeline_env):
+def test_a_service_that_never_becomes_ready_is_rolled_back_k8s_emulator(pipeline_env, containers):
     params, ctl, client, root = pipeline_env
     ctl.becomes_ready = False
     with ctl, pytest.raises(RuntimeError, match="promote"):
-        _run(params, root, ready_timeout=5.0)
+        _run(params, root, image=containers, ready_timeout=5.0)
     name = params["model_name"]
     assert ctl.seen and ctl.seen[0].endswith(f"/{name}/v1")  # it was pointed at the new package...
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == PREVIOUS  # ...and rolled back
     (version,) = client.search_model_versions(f"name = '{name}'")
     assert "rolled back to " + PREVIOUS in version.tags["promotion.failed"]
+
+
+def test_yaml_sets_required_parameters_resources_shm_secrets_and_non_root():
+    spec, platform = yaml.safe_load_all(DEFAULT_OUTPUT.read_text())
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    required = {name for name, p in params.items() if not p.get("isOptional")}
+    assert required == {"tracking_uri", "storage_prefix"}  # no placeholder default to forget to change
+    assert params["namespace"]["defaultValue"] == "models"  # the manifests' namespace
+    executors = spec["deploymentSpec"]["executors"]
+    train = executors["exec-train"]["container"]["resources"]
+    assert train["cpuRequest"] == 4.0 and train["memoryRequest"] == train["memoryLimit"]
+    assert all("memoryLimit" in e["container"]["resources"] for e in executors.values())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == set(executors)
+    for name, cfg in k8s.items():
+        assert cfg["securityContext"] == {"runAsGroup": "1000", "runAsNonRoot": True, "runAsUser": "1000"}, name
+    for name in ("exec-train", "exec-evaluate"):
+        (shm,) = k8s[name]["emptyDirMounts"]
+        assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+    secrets = {s["secretName"]: s for s in k8s["exec-train"]["secretAsEnv"]}
+    assert secrets["maskrcnn-ray-auth"]["keyToEnv"] == [{"envVar": "RAY_AUTH_TOKEN", "secretKey": "auth_token"}]
+    assert all(s["optional"] for s in secrets.values())
+    assert "secretAsEnv" not in k8s["exec-gate"]  # least privilege: only the steps that touch storage
+
+
+def test_gpus_for_the_train_step_at_compile_time(tmp_path, monkeypatch):
+    monkeypatch.delenv("MASKRCNN_IMAGE", raising=False)
+    try:
+        spec, _ = yaml.safe_load_all(compile_pipeline(tmp_path / "gpu.yaml", train_gpus=1).read_text())
+    finally:
+        monkeypatch.delenv("MASKRCNN_TRAIN_GPUS", raising=False)
+        compile_pipeline(tmp_path / "again.yaml", train_gpus=0)
+        monkeypatch.delenv("MASKRCNN_TRAIN_GPUS", raising=False)
+    accelerator = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
+    assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1"
 
 
 def test_component_image_installs_the_locked_project_as_non_root():
@@ -187,4 +259,4 @@ def test_component_image_installs_the_locked_project_as_non_root():
     # development infrastructure stays out of the image
     assert "COPY devstack" not in text
     assert "devstack" in (Path(__file__).resolve().parents[1] / ".dockerignore").read_text().split()
-    assert "USER app" in text and "PATH=/opt/venv/bin:$PATH" in text  # kfp's `python3` is the locked env's
+    assert "USER 1000:1000" in text and "PATH=/opt/venv/bin:$PATH" in text  # kfp's `python3` is the locked env's

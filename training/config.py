@@ -250,7 +250,9 @@ class RayConfig:
     """Where and how wide Ray Train runs."""
 
     address: str = ""
-    """Existing Ray cluster (`ray://host:10001` or `auto`, e.g. KubeRay). Empty: start a local Ray."""
+    """Where Ray Train runs. Empty: a local Ray. `http://HEAD:8265` (KubeRay: `http://<cluster>-head-svc.<ns>.svc:8265`):
+    submit the run as a Ray job through the Jobs API (data, storage_path and tracking must then be remote).
+    `auto` or `ray://host:10001`: join as a driver (the job's own driver; Ray Client is not advised for Ray Train)."""
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
     use_gpu: str = "auto"
@@ -330,6 +332,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with fields of some sections replaced: `cfg.replace(train={"epochs": 1})`."""
+        return dataclasses.replace(self, **{k: dataclasses.replace(getattr(self, k), **v) for k, v in sections.items()})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:

@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", help="validation split, same forms (sets data.val)")
     p.add_argument("--epochs", type=int, help="sets train.epochs")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (sets ray.num_workers)")
-    p.add_argument("--address", help="join an existing Ray cluster, e.g. ray://head:10001 or auto (sets ray.address)")
+    p.add_argument("--address", help="a Ray cluster: http://HEAD:8265 submits a Ray job (Jobs API; data and storage in s3:// or gs://), auto joins the local one (sets ray.address)")
     p.add_argument("--storage-path", help="checkpoint storage: folder or s3:// (sets ray.storage_path)")
     p.add_argument("--skip-invalid", action="store_true", help="drop invalid images/annotations instead of failing")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",

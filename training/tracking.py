@@ -61,11 +61,12 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
 
 
 def git_commit() -> str:
+    """This code's commit: git's answer, else $MASKRCNN_GIT_COMMIT (set in the image, which has no .git)."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip()
+                              cwd=Path(__file__).parent).stdout.strip() or os.environ.get("MASKRCNN_GIT_COMMIT", "")
     except (OSError, subprocess.TimeoutExpired):
-        return ""
+        return os.environ.get("MASKRCNN_GIT_COMMIT", "")
 
 
 def start_run(client: MlflowClient, exp_id: str, run_name: str, tags: dict[str, str] | None = None,

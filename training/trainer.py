@@ -20,7 +20,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from training.checkpoint import read_checkpoint_info
-from training.config import Config
+from training.config import Config, ConfigError
 from training.data.prepare import PreparedData, prepare_data
 from training.tracking import git_commit, open_run, resolve_tracking_uri, tracked_run
 
@@ -66,6 +66,12 @@ def init_ray(cfg: Config) -> None:
         return
     if cfg.ray.address:
         import training
+
+        from training.remote import is_jobs_api
+
+        if is_jobs_api(cfg.ray.address):
+            raise ConfigError(f"ray.address={cfg.ray.address} is a Jobs API address: submit with train(), "
+                              "or run `python -m training.ray_main --tune` as a Ray job on that cluster")
 
         # Ship this package to a remote cluster that does not have it installed (e.g. a bare KubeRay image).
         ray.init(address=cfg.ray.address, runtime_env={"py_modules": [str(Path(training.__file__).parent)]})
@@ -172,6 +178,10 @@ def train(cfg: Config, resume: str | None = None, data: PreparedData | None = No
     `data`: an already prepared dataset (its content hash is the run's `dataset_hash`); `package_dir`:
     also keep the serving package there.
     """
+    from training.remote import is_jobs_api, submit
+
+    if is_jobs_api(cfg.ray.address):  # a remote cluster's Jobs API: this same function runs there, as a Ray job
+        return TrainResult(**submit(cfg, data=data, package_dir=package_dir, resume=resume))
     data = data or prepare_data(cfg.data, validate=True)
     resume_from, previous_run = _resume_point(cfg, resume) if resume else (None, None)
     run_name = f"{cfg.ray.name}-{time.strftime('%Y%m%d-%H%M%S')}"

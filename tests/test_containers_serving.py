@@ -1,0 +1,125 @@
+"""Serving as KServe runs it, in real containers of the real images: KServe's storage initializer
+(kserve-storage, its own image) downloads the published storageUri from the S3 server into a volume;
+the predictor container runs as uid 1000 with a read-only root filesystem, no capabilities, no new
+privileges, and the volume mounted read-only at /mnt/models. Host networking: everything on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import encode_image, wait_http
+
+from devstack.procs import free_port
+
+pytestmark = pytest.mark.slow
+
+HARDENED = ["--user", "1000:1000", "--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges", "--network", "host"]
+
+
+def _s3_env(stack) -> dict[str, str]:
+    """What KServe's S3 secret injects (kserve-storage reads AWS_ENDPOINT_URL and S3_VERIFY_SSL)."""
+    env = stack.env()
+    return {"AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
+            "AWS_ENDPOINT_URL": env["AWS_ENDPOINT_URL_S3"], "AWS_DEFAULT_REGION": "us-east-1", "S3_VERIFY_SSL": "0"}
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def model_volume(podman, initializer_image, mlflow_stack, serving_package, tmp_path_factory):
+    """The storageUri downloaded by KServe's storage initializer into a folder (the pod's emptyDir)."""
+    from release.publish import publish_package
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in mlflow_stack.env().items():
+            mp.setenv(key, value)
+        uri = publish_package(serving_package, f"s3://{mlflow_stack.state.models_bucket}/containers/v7")
+    volume = tmp_path_factory.mktemp("mnt-models")
+    volume.chmod(0o777)  # an emptyDir: writable by the init container's uid
+    env = _s3_env(mlflow_stack)
+    out = subprocess.run(["podman", "run", "--rm", *HARDENED, *[a for k in env for a in ("--env", k)],
+                          "--volume", f"{volume}:/mnt/models", initializer_image, uri, "/mnt/models"],
+                         env={**podman.env, **env}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert env["AWS_SECRET_ACCESS_KEY"] not in out.stdout + out.stderr
+    return uri, volume
+
+
+def test_storage_initializer_downloads_the_published_package(model_volume, serving_package):
+    from training.export import verify_package
+
+    _, volume = model_volume
+    assert verify_package(volume) == verify_package(serving_package)  # every file, by SHA-256
+
+
+def test_storage_initializer_fails_on_a_missing_uri(podman, initializer_image, mlflow_stack, tmp_path):
+    tmp_path.chmod(0o777)
+    env = _s3_env(mlflow_stack)
+    out = subprocess.run(["podman", "run", "--rm", *HARDENED, *[a for k in env for a in ("--env", k)],
+                          "--volume", f"{tmp_path}:/mnt/models", initializer_image,
+                          f"s3://{mlflow_stack.state.models_bucket}/no-such/prefix", "/mnt/models"],
+                         env={**podman.env, **env}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "storage initialization failed" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def predictor_url(podman, platform_image, model_volume):
+    _, volume = model_volume
+    port = free_port()
+    name = f"predictor-{port}"
+    # /tmp: the pod's memory-backed emptyDir (torchvision's import needs a temporary folder)
+    podman("run", "--detach", "--name", name, *HARDENED, "--tmpfs", "/tmp:rw,size=256m,mode=1777", "--volume", f"{volume}:/mnt/models:ro", platform_image,
+           "python", "-m", "serving", "--model-dir", "/mnt/models", "--host", "127.0.0.1", "--http-port", str(port))
+
+    def alive() -> None:
+        if podman("inspect", "--format", "{{.State.Running}}", name) != "true":
+            raise RuntimeError("the predictor container exited:\n" + podman("logs", name, check=False)[-3000:])
+
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/health/ready", timeout=180, proc_check=alive)
+        yield f"http://127.0.0.1:{port}", name
+    finally:
+        podman("rm", "-f", "-t", "0", name, check=False)
+
+
+def test_the_predictor_runs_hardened_and_answers_readiness_v1_v2_and_the_page(predictor_url, podman):
+    url, name = predictor_url
+    # who it runs as, and what it cannot write
+    assert podman("exec", name, "id", "-u") == "1000"
+    for path in ("/mnt/models/model.pt", "/app/serving/x", "/work/x", "/home/app/x", "/var/tmp/x"):
+        out = subprocess.run(["podman", "exec", name, "touch", path], env=podman.env, capture_output=True, text=True)
+        assert out.returncode != 0 and "Read-only file system" in out.stderr, (path, out.stderr)
+    podman("exec", name, "touch", "/tmp/x")  # the one writable place
+    caps = podman("exec", name, "grep", "CapEff", "/proc/1/status")
+    assert caps.split()[-1] == "0000000000000000"
+    with urllib.request.urlopen(f"{url}/v1/models/maskrcnn", timeout=10) as resp:
+        assert json.loads(resp.read())["ready"] is True
+    with urllib.request.urlopen(f"{url}/v2/models/maskrcnn/ready", timeout=10) as resp:
+        assert resp.status == 200
+    image = np.zeros((96, 128, 3), np.uint8)
+    image[20:60, 30:80] = 255
+    b64 = base64.b64encode(encode_image(image)).decode()
+    status, v1 = _post(f"{url}/v1/models/maskrcnn:predict", {"instances": [{"image": {"b64": b64}}]})
+    assert status == 200 and len(v1["predictions"]) == 1 and isinstance(v1["predictions"][0], dict), v1
+    status, v2 = _post(f"{url}/v2/models/maskrcnn/infer", {"id": "1", "inputs": [
+        {"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]})
+    assert status == 200 and v2["model_name"] == "maskrcnn" and v2["outputs"]
+    with urllib.request.urlopen(f"{url}/ui", timeout=10) as resp:
+        page = resp.read().decode()
+    assert resp.status == 200 and "/v1/models/${encodeURIComponent(MODEL)}:predict" in page and "circle" in page
+    # an oversized body is refused by the container too
+    status, _ = _post(f"{url}/v1/models/maskrcnn:predict", {"instances": [{"image": {"b64": "A" * (40 << 20)}}]})
+    assert status in (400, 413)
