@@ -52,8 +52,10 @@ def _share_kubeconfig(kubeconfig: str, root: Path) -> str:
     if os.getuid() == 0:
         os.chown(copy.parent, 1000, 1000)
         os.chown(copy, 1000, 1000)
-    else:
-        copy.chmod(0o644)  # a rootless host user cannot give the file to uid 1000
+    else:  # a host user other than root cannot give the file to the container's uid 1000
+        copy.chmod(0o644)
+        log.warning("%s is readable by every user of this machine while the run lasts (delete the pipeline root "
+                    "after it; as root, it is given to uid 1000 only)", copy)
     return str(copy)
 
 
