@@ -90,6 +90,12 @@ class LocalStack:
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
                 "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED"}
 
+    def storage_initializer_env(self) -> dict[str, str]:
+        """What KServe's S3 Secret gives its storage initializer (kserve-storage reads AWS_ENDPOINT_URL and
+        S3_VERIFY_SSL), for this stack's gateway."""
+        return {"AWS_ACCESS_KEY_ID": self.state.s3_access_key, "AWS_SECRET_ACCESS_KEY": self.state.s3_secret_key,
+                "AWS_ENDPOINT_URL": self.s3.endpoint, "AWS_DEFAULT_REGION": "us-east-1", "S3_VERIFY_SSL": "0"}
+
     def _check_ports(self) -> None:
         p = self.state.ports
         running = self.status()

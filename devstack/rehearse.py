@@ -79,8 +79,7 @@ def rehearse(stack: LocalStack, work: Path, port: int = 0, model_name: str = "ma
     start = time.monotonic()
     volume = Path(tempfile.mkdtemp(prefix="mnt-models-", dir=work))
     volume.chmod(0o777)  # the pod's emptyDir
-    s3 = {"AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
-          "AWS_ENDPOINT_URL": env["AWS_ENDPOINT_URL_S3"], "AWS_DEFAULT_REGION": "us-east-1", "S3_VERIFY_SSL": "0"}
+    s3 = stack.storage_initializer_env()
     podman("run", "--rm", *HARDENED, *[a for k in s3 for a in ("--env", k)], "--volume", f"{volume}:/mnt/models",
            initializer, uri, "/mnt/models", env=s3)
     port = port or free_port()

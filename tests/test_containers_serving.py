@@ -22,13 +22,6 @@ HARDENED = ["--user", "1000:1000", "--read-only", "--read-only-tmpfs=false", "--
             "--security-opt", "no-new-privileges", "--network", "host"]
 
 
-def _s3_env(stack) -> dict[str, str]:
-    """What KServe's S3 secret injects (kserve-storage reads AWS_ENDPOINT_URL and S3_VERIFY_SSL)."""
-    env = stack.env()
-    return {"AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
-            "AWS_ENDPOINT_URL": env["AWS_ENDPOINT_URL_S3"], "AWS_DEFAULT_REGION": "us-east-1", "S3_VERIFY_SSL": "0"}
-
-
 def _post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
@@ -49,7 +42,7 @@ def model_volume(podman, initializer_image, mlflow_stack, serving_package, tmp_p
         uri = publish_package(serving_package, f"s3://{mlflow_stack.state.models_bucket}/containers/v7")
     volume = tmp_path_factory.mktemp("mnt-models")
     volume.chmod(0o777)  # an emptyDir: writable by the init container's uid
-    env = _s3_env(mlflow_stack)
+    env = mlflow_stack.storage_initializer_env()
     out = subprocess.run(["podman", "run", "--rm", *HARDENED, *[a for k in env for a in ("--env", k)],
                           "--volume", f"{volume}:/mnt/models", initializer_image, uri, "/mnt/models"],
                          env={**podman.env, **env}, capture_output=True, text=True, timeout=300)
@@ -67,7 +60,7 @@ def test_storage_initializer_downloads_the_published_package(model_volume, servi
 
 def test_storage_initializer_fails_on_a_missing_uri(podman, initializer_image, mlflow_stack, tmp_path):
     tmp_path.chmod(0o777)
-    env = _s3_env(mlflow_stack)
+    env = mlflow_stack.storage_initializer_env()
     out = subprocess.run(["podman", "run", "--rm", *HARDENED, *[a for k in env for a in ("--env", k)],
                           "--volume", f"{tmp_path}:/mnt/models", initializer_image,
                           f"s3://{mlflow_stack.state.models_bucket}/no-such/prefix", "/mnt/models"],
