@@ -15,16 +15,15 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from devstack.podman import Podman
+from devstack.podman import HARDENED, Podman
 from devstack.procs import StackError, free_port
 
 log = logging.getLogger("devstack")
 
 # As ray/raycluster.yaml runs the pods: uid 1000, no capabilities, a read-only root filesystem with
 # writable (emptyDir-like) /tmp, /work and cache, and a larger /dev/shm for the object store.
-HARDENING = ["--user", "1000:1000", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--network", "host",
-             "--shm-size", "1g", "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,mode=1777",
-             "--tmpfs", "/work:rw,mode=1777", "--tmpfs", "/home/app/.cache:rw,mode=1777"]
+HARDENING = [*HARDENED, "--shm-size", "1g", "--tmpfs", "/tmp:rw,mode=1777", "--tmpfs", "/work:rw,mode=1777",
+             "--tmpfs", "/home/app/.cache:rw,mode=1777"]
 
 
 @dataclass

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from devstack.kserve import initialize_storage, start_predictor
 from devstack.local import LocalStack
 from devstack.podman import Podman
 from devstack.procs import StackError, free_port
@@ -31,14 +32,10 @@ from devstack.raynodes import RayNodes
 
 log = logging.getLogger("devstack")
 
-HARDENED = ["--user", "1000:1000", "--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges", "--network", "host"]
 
 
 def rehearse(stack: LocalStack, work: Path, port: int = 0, model_name: str = "maskrcnn-rehearsal") -> dict[str, float]:
     """Run the whole path; returns the seconds each stage took. The predictor stays up (`podman rm -f` it)."""
-    import urllib.request
-
     timings: dict[str, float] = {}
     start = time.monotonic()
     stack.up()
@@ -78,24 +75,11 @@ def rehearse(stack: LocalStack, work: Path, port: int = 0, model_name: str = "ma
     uri = champion.tags["serving.storage_uri"]
     start = time.monotonic()
     volume = Path(tempfile.mkdtemp(prefix="mnt-models-", dir=work))
-    volume.chmod(0o777)  # the pod's emptyDir
-    s3 = stack.storage_initializer_env()
-    podman("run", "--rm", *HARDENED, *[a for k in s3 for a in ("--env", k)], "--volume", f"{volume}:/mnt/models",
-           initializer, uri, "/mnt/models", env=s3)
+    done = initialize_storage(podman, initializer, uri, volume, stack.storage_initializer_env())
+    if done.returncode != 0:
+        raise StackError(f"the storage initializer failed on {uri}:\n{done.stderr[-3000:]}")
     port = port or free_port()
-    container = f"maskrcnn-predictor-{port}"
-    podman("run", "--detach", "--name", container, *HARDENED, "--tmpfs", "/tmp:rw,size=256m,mode=1777",
-           "--volume", f"{volume}:/mnt/models:ro", image, "python", "-m", "serving", "--model-dir", "/mnt/models",
-           "--model-name", "maskrcnn", "--host", "127.0.0.1", "--http-port", str(port))
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise StackError(f"the predictor did not become ready:\n{podman('logs', container, check=False)[-3000:]}")
-            time.sleep(1)
+    container = start_predictor(podman, image, volume, port)
     timings["serve"] = time.monotonic() - start
     log.info("champion v%s (%s) is served at http://127.0.0.1:%d/ui (stop: podman rm -f %s)", champion.version, uri,
              port, container)

@@ -288,25 +288,6 @@ def initializer_image(podman) -> str:
     return podman.build_storage_initializer()[0]
 
 
-def wait_http(url: str, timeout: float = 120, proc_check=None) -> None:
-    """Wait until `url` answers 200 (`proc_check()` raising stops the wait early)."""
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc_check:
-            proc_check()
-        if time.time() > deadline:
-            raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="session")
 def ray_nodes(podman, platform_image, mlflow_stack):
     """A Ray head and a worker in two containers of the image (1 CPU each), with token authentication,

@@ -12,15 +12,12 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import encode_image, wait_http
+from conftest import encode_image
 
+from devstack.kserve import initialize_storage, start_predictor
 from devstack.procs import free_port
 
 pytestmark = pytest.mark.slow
-
-HARDENED = ["--user", "1000:1000", "--read-only", "--read-only-tmpfs=false", "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges", "--network", "host"]
-
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
@@ -41,11 +38,8 @@ def model_volume(podman, initializer_image, mlflow_stack, serving_package, tmp_p
             mp.setenv(key, value)
         uri = publish_package(serving_package, f"s3://{mlflow_stack.state.models_bucket}/containers/v7")
     volume = tmp_path_factory.mktemp("mnt-models")
-    volume.chmod(0o777)  # an emptyDir: writable by the init container's uid
     env = mlflow_stack.storage_initializer_env()
-    out = subprocess.run(["podman", "run", "--rm", *HARDENED, *[a for k in env for a in ("--env", k)],
-                          "--volume", f"{volume}:/mnt/models", initializer_image, uri, "/mnt/models"],
-                         env={**podman.env, **env}, capture_output=True, text=True, timeout=300)
+    out = initialize_storage(podman, initializer_image, uri, volume, env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert env["AWS_SECRET_ACCESS_KEY"] not in out.stdout + out.stderr
     return uri, volume
@@ -59,12 +53,8 @@ def test_storage_initializer_downloads_the_published_package(model_volume, servi
 
 
 def test_storage_initializer_fails_on_a_missing_uri(podman, initializer_image, mlflow_stack, tmp_path):
-    tmp_path.chmod(0o777)
-    env = mlflow_stack.storage_initializer_env()
-    out = subprocess.run(["podman", "run", "--rm", *HARDENED, *[a for k in env for a in ("--env", k)],
-                          "--volume", f"{tmp_path}:/mnt/models", initializer_image,
-                          f"s3://{mlflow_stack.state.models_bucket}/no-such/prefix", "/mnt/models"],
-                         env={**podman.env, **env}, capture_output=True, text=True, timeout=300)
+    out = initialize_storage(podman, initializer_image, f"s3://{mlflow_stack.state.models_bucket}/no-such/prefix",
+                             tmp_path, mlflow_stack.storage_initializer_env())
     assert out.returncode == 1 and "storage initialization failed" in out.stderr
 
 
@@ -72,17 +62,8 @@ def test_storage_initializer_fails_on_a_missing_uri(podman, initializer_image, m
 def predictor_url(podman, platform_image, model_volume):
     _, volume = model_volume
     port = free_port()
-    name = f"predictor-{port}"
-    # /tmp: the pod's memory-backed emptyDir (torchvision's import needs a temporary folder)
-    podman("run", "--detach", "--name", name, *HARDENED, "--tmpfs", "/tmp:rw,size=256m,mode=1777", "--volume", f"{volume}:/mnt/models:ro", platform_image,
-           "python", "-m", "serving", "--model-dir", "/mnt/models", "--host", "127.0.0.1", "--http-port", str(port))
-
-    def alive() -> None:
-        if podman("inspect", "--format", "{{.State.Running}}", name) != "true":
-            raise RuntimeError("the predictor container exited:\n" + podman("logs", name, check=False)[-3000:])
-
+    name = start_predictor(podman, platform_image, volume, port)
     try:
-        wait_http(f"http://127.0.0.1:{port}/v2/health/ready", timeout=180, proc_check=alive)
         yield f"http://127.0.0.1:{port}", name
     finally:
         podman("rm", "-f", "-t", "0", name, check=False)
