@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+
+# Before anything imports Ray: no rebuilt virtualenv for the local Ray's workers under `uv run pytest`
+# (training.trainer.init_ray does the same for the CLI).
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
 import socket
 import subprocess
 import sys

@@ -135,3 +135,29 @@ def test_mobilenet_keeps_exactly_the_last_n_stages_trainable():
     ends = stage_ends(blocks)
     first = ends[-4] + 1  # the first block of the third-to-last stage
     assert [all(p.requires_grad for p in b.parameters()) for b in blocks] == [i >= first for i in range(len(blocks))]
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small_fpn", "resnet50_fpn"])
+def test_roi_sampling_ratio_reaches_both_poolers(backbone):
+    """The pooled features are torchvision's RoIAlign at the configured sampling, for box and mask heads."""
+    from torchvision.ops import roi_align
+
+    cfg = _tiny(backbone, roi_sampling_ratio=1) if backbone != "resnet50_fpn" else ModelConfig(backbone=backbone, roi_sampling_ratio=1)
+    model = build_model(cfg, num_classes=3)
+    assert model.roi_heads.box_roi_pool.sampling_ratio == model.roi_heads.mask_roi_pool.sampling_ratio == 1
+    torch.manual_seed(0)
+    features = {"0": torch.rand(1, 4, 16, 16)}
+    box = torch.tensor([[1.0, 2.0, 13.0, 11.0]])
+    pooler = model.roi_heads.mask_roi_pool
+    pooler.featmap_names = ["0"]
+    got = pooler(features, [box], [(64, 64)])
+    expected = roi_align(features["0"], [box], (14, 14), spatial_scale=0.25, sampling_ratio=1)
+    assert torch.allclose(got, expected)
+    assert not torch.allclose(got, roi_align(features["0"], [box], (14, 14), spatial_scale=0.25, sampling_ratio=2))
+
+
+def test_roi_sampling_ratio_must_be_positive():
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.roi_sampling_ratio: expected >= 1, got 0"):
+        ModelConfig(roi_sampling_ratio=0)

@@ -150,6 +150,9 @@ class ModelConfig:
     """Mask head convolution width (light backbones only)."""
     mask_head_layers: int = 4
     """Mask head convolutions (light backbones only)."""
+    roi_sampling_ratio: int = 2
+    """Bilinear samples per RoIAlign bin side for the box and mask heads (torchvision: 2). On CPU the backward
+    pass of RoIAlign costs ~this squared; 1 samples each bin's centre."""
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     """Anchor size in pixels per feature level, finest first (one per level is used)."""
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
@@ -178,6 +181,8 @@ class ModelConfig:
             raise ConfigError(f"model.fpn_levels: expected 1 to 4, got {self.fpn_levels}")
         if self.min_size < 32 or self.max_size < self.min_size:
             raise ConfigError(f"model: need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if self.roi_sampling_ratio < 1:
+            raise ConfigError(f"model.roi_sampling_ratio: expected >= 1, got {self.roi_sampling_ratio}")
         if not -1 <= self.trainable_backbone_layers <= 5:
             raise ConfigError(f"model.trainable_backbone_layers: expected -1 to 5, got {self.trainable_backbone_layers}")
 

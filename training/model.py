@@ -18,6 +18,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -76,6 +77,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> MaskRCNN:
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=cfg.rpn_batch_size_per_image, box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_detections_per_img=cfg.box_detections_per_img, box_score_thresh=cfg.box_score_thresh,
+        # torchvision's poolers (every FPN level but the pooled one), with the configured sampling
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, cfg.roi_sampling_ratio),
+        mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, cfg.roi_sampling_ratio),
     )
     if cfg.backbone in ("resnet50_fpn", "resnet50_fpn_v2"):
         build = maskrcnn_resnet50_fpn if cfg.backbone == "resnet50_fpn" else maskrcnn_resnet50_fpn_v2

@@ -51,7 +51,9 @@ def _broadcast(obj: Any) -> Any:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Train `loop_config["config"]`; optionally log to MLflow run `loop_config["mlflow_run_id"]` (rank 0)."""
-    setup_logging(force=True)
+    # This project's progress at INFO; Ray Train's own INFO lines (a full metrics dict per report) stay out.
+    setup_logging(logging.WARNING, force=True)
+    logging.getLogger("training").setLevel(logging.INFO)
     cfg = Config.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -64,6 +64,14 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    if not cfg.ray.address and "RAY_ENABLE_UV_RUN_RUNTIME_ENV" not in os.environ:
+        # Under `uv run`, Ray's uv hook packs the working folder and builds a second virtualenv for the
+        # workers (~35 s of a 1-minute start here). A local Ray's workers run this very interpreter, so the
+        # copy buys nothing. Ray reads the switch into this constant at import and consults it in ray.init;
+        # RAY_ENABLE_UV_RUN_RUNTIME_ENV=1 keeps the hook (tests/test_ray_local.py checks both).
+        from ray._private import ray_constants
+
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
     if cfg.ray.address:
         import training
 
