@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in BACKENDS.items():
         started = time.perf_counter()
         model = make(copy.deepcopy(base))
-        with torch.inference_mode():
-            for image in images[args.sizes[0]][:1]:
-                detect(model, [image], config.eval.mask_threshold, score)  # compiles, for torch.compile
+        detect(model, images[args.sizes[0]][:1], config.eval.mask_threshold, score)  # compiles, for torch.compile
         setup_s = time.perf_counter() - started
         metrics, _ = evaluate_model(model, val, config.eval)
         timings = {}
