@@ -6,10 +6,15 @@ resized to each `--sizes` square, and scored (segm/bbox mAP) on the validation s
 A backend is a candidate only if its segm mAP is within 0.005 of eager.
 
 Backends: eager float32; channels_last (weights and the backbone's input in NHWC); dynamic int8 (the box
-head's Linear layers, `torch.ao.quantization.quantize_dynamic`); torch.compile of the backbone (inductor).
-ONNX Runtime and OpenVINO are listed as not measured unless importable (neither is a dependency).
+head's Linear layers, `torch.ao.quantization.quantize_dynamic`); torch.compile of the backbone (inductor);
+ONNX Runtime on the package's `detector.onnx` (what the predictor runs; PyTorch then keeps one thread for
+pre- and post-processing, as in the predictor); OpenVINO on the same graph at its default precision (bf16
+on CPUs with native bf16) and at float32, when `openvino` is importable (not a dependency: add
+`--with openvino`). "false dets": detections a backend returns on images where eager finds none.
+"network" times the network alone (backbone to mask head, or the graph) on the resized image; "detect" adds
+pre-processing and mask pasting at the upload's size.
 
-    uv run python benchmarks/forward_backends.py --package DIR [--threads 2] [--sizes 256 640] [--runs 20]
+    uv run [--with openvino] python benchmarks/forward_backends.py --package DIR [--threads 2] [--sizes 256 640] [--runs 20]
 """
 
 from __future__ import annotations
@@ -23,14 +28,16 @@ import sys
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from training.data.prepare import prepare_data
 from training.engine import detect
 from training.evaluate import evaluate_model
-from training.export import load_package
+from training.export import load_graph, load_package
 from training.logs import setup_logging
+from training.onnx_detector import ONNX_FILE, OUTPUTS
 
 log = logging.getLogger("benchmark")
 
@@ -58,6 +65,84 @@ BACKENDS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
 }
 
 
+class OpenVinoDetector:
+    """`detector.onnx` compiled by OpenVINO's CPU plugin at `precision` ("f32", or "auto": bf16 on CPUs with
+    native bf16), with `OnnxDetector`'s call signature."""
+
+    def __init__(self, path: str, threads: int, precision: str):
+        import openvino as ov
+
+        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if precision == "f32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        self.model = ov.Core().compile_model(path, "CPU", config)
+        self.precision = self.model.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.request = self.model.create_infer_request()
+
+    def __call__(self, batch):
+        out = []
+        for i, size in enumerate(batch.image_sizes):
+            result = self.request.infer({"images": batch.tensors[i:i + 1].numpy(), "image_size": np.asarray(size, dtype=np.int64)})
+            boxes, labels, scores, masks = (torch.from_numpy(np.array(result[self.model.output(n)])) for n in OUTPUTS)
+            out.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks})
+        return out
+
+
+def graph_backends(package: str, threads: int) -> dict[str, Callable[[], object]]:
+    """The package's graph in ONNX Runtime (the predictor's runtime), and in OpenVINO when importable."""
+    found: dict[str, Callable[[], object]] = {"onnxruntime": lambda: load_graph(package, threads)}
+    if importlib.util.find_spec("openvino") is not None:
+        for precision in ("auto", "f32"):
+            found[f"openvino {precision}"] = lambda p=precision: OpenVinoDetector(f"{package}/{ONNX_FILE}", threads, p)
+    return found
+
+
+def empty_image_errors(model, graph, count: int = 30) -> int:
+    """Detections a backend returns on images where eager PyTorch finds none (plain and faint-noise images,
+    alternating with validation-like noise that does give detections): must be 0."""
+    rng = np.random.default_rng(0)
+    errors = 0
+    for k in range(count):
+        if k % 2:
+            image = torch.full((3, 128, 128), float(rng.uniform()))
+        else:
+            image = torch.from_numpy(rng.uniform(0, 1, (3, 96, 128)).astype(np.float32))
+        batch, _ = model.transform([image])
+        with torch.inference_mode():
+            features = model.backbone(batch.tensors)
+            (expected,), _ = model.roi_heads(features, model.rpn(batch, features)[0], batch.image_sizes)
+        if graph is not None and len(expected["scores"]) == 0:
+            errors += len(graph(batch)[0]["scores"])
+    return errors
+
+
+@torch.inference_mode()
+def network(model, graph, image: torch.Tensor) -> None:
+    batch, _ = model.transform([image])
+    if graph is not None:
+        graph(batch)
+        return
+    features = model.backbone(batch.tensors)
+    proposals, _ = model.rpn(batch, features)
+    model.roi_heads(features, proposals, batch.image_sizes)
+
+
+def median_ms(fn, images: list[torch.Tensor]) -> float:
+    for image in images[:3]:
+        fn(image)
+    ms = []
+    for image in images[3:]:
+        t0 = time.perf_counter()
+        fn(image)
+        ms.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(ms)
+
+
+def score(model, graph, val, config) -> float:
+    metrics, _ = evaluate_model(model, val, config.eval, graph=graph)
+    return metrics["segm_mAP"]
+
+
 def _images(split, size: int, count: int) -> list[torch.Tensor]:
     from training.data.coco import CocoDataset
 
@@ -74,44 +159,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--package", required=True, help="a serving package folder (`uv run -m training.export CKPT OUT`)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 640])
-    p.add_argument("--runs", type=int, default=20, help="timed images per size (after 3 warm-up)")
+    p.add_argument("--runs", type=int, default=20, help="timed images per size and pass (after 3 warm-up)")
+    p.add_argument("--passes", type=int, default=2, help="passes over all backends, in the same order (drift is shared)")
     args = p.parse_args(argv)
     setup_logging(logging.WARNING, "%(message)s")
     torch.set_num_threads(args.threads)
     base, config, _ = load_package(args.package)
     base.eval()
     val = prepare_data(config.data, validate=False).val
-    score = config.eval.score_threshold
+    threshold, mask_threshold = config.eval.score_threshold, config.eval.mask_threshold
     images = {size: _images(val, size, args.runs + 3) for size in args.sizes}
-    rows = []
+    backends = []  # (name, model, graph, PyTorch threads, setup seconds, segm mAP)
     for name, make in BACKENDS.items():
         started = time.perf_counter()
         model = make(copy.deepcopy(base))
-        detect(model, images[args.sizes[0]][:1], config.eval.mask_threshold, score)  # compiles, for torch.compile
-        setup_s = time.perf_counter() - started
-        metrics, _ = evaluate_model(model, val, config.eval)
-        timings = {}
-        for size, batch in images.items():
-            for image in batch[:3]:
-                detect(model, [image], config.eval.mask_threshold, score)
-            ms = []
-            for image in batch[3:]:
-                t0 = time.perf_counter()
-                detect(model, [image], config.eval.mask_threshold, score)
-                ms.append(1000 * (time.perf_counter() - t0))
-            timings[size] = statistics.median(ms)
-        rows.append((name, timings, metrics["segm_mAP"], metrics["bbox_mAP"], setup_s))
+        detect(model, images[args.sizes[0]][:1], mask_threshold, threshold)  # compiles, for torch.compile
+        backends.append((name, model, None, args.threads, time.perf_counter() - started))
+    for name, make_graph in graph_backends(args.package, args.threads).items():
+        started = time.perf_counter()
+        try:
+            graph = make_graph()
+        except Exception as exc:  # a runtime that cannot take the graph is a result too
+            print(f"{name}: not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            continue
+        name = f"openvino {graph.precision}" if name == "openvino auto" else name  # what `auto` chose on this CPU
+        backends.append((name, base, graph, 1, time.perf_counter() - started))
+    timings: dict[tuple[str, str, int], list[float]] = {}
+    for _ in range(args.passes):
+        for name, model, graph, threads, _ in backends:
+            torch.set_num_threads(threads)
+            for size, batch in images.items():
+                timings.setdefault((name, "network", size), []).append(median_ms(lambda i: network(model, graph, i), batch))
+                timings.setdefault((name, "detect", size), []).append(
+                    median_ms(lambda i: detect(model, [i], mask_threshold, threshold, graph=graph), batch))
+    rows = []
+    for name, model, graph, threads, setup_s in backends:
+        torch.set_num_threads(threads)
+        rows.append((name, {k[1:]: statistics.median(v) for k, v in timings.items() if k[0] == name},
+                     score(model, graph, val, config), setup_s, empty_image_errors(model, graph)))
     print(f"\npackage {args.package}: {config.model.backbone} at {config.model.min_size} px, {args.threads} threads, "
-          f"score threshold {score}, median of {args.runs} images per size")
+          f"score threshold {threshold}, median over {args.passes} passes of the median of {args.runs} images")
     eager = rows[0]
-    head = "".join(f"{f'ms @ {s}px':>12}{'vs eager':>9}" for s in args.sizes)
-    print(f"{'backend':<15}{head}{'segm mAP':>10}{'delta':>8}{'bbox mAP':>10}{'setup s':>9}")
-    for name, timings, segm, bbox, setup_s in rows:
-        cells = "".join(f"{timings[s]:>12.1f}{eager[1][s] / timings[s]:>8.2f}x" for s in args.sizes)
-        print(f"{name:<15}{cells}{segm:>10.4f}{segm - eager[2]:>+8.4f}{bbox:>10.4f}{setup_s:>9.1f}")
-    for name, module in (("ONNX Runtime", "onnxruntime"), ("OpenVINO", "openvino")):
-        if importlib.util.find_spec(module) is None:
-            print(f"{name:<15}not measured: `{module}` is not installed (not a dependency of this project)")
+    head = "".join(f"{f'{part} @{s}':>14}{'x eager':>8}" for part in ("network", "detect") for s in args.sizes)
+    print(f"{'backend':<15}{head}{'segm mAP':>10}{'delta':>8}{'setup s':>9}{'false dets':>12}")
+    for name, ms, segm, setup_s, false_dets in rows:
+        cells = "".join(f"{ms[(part, s)]:>11.1f} ms{eager[1][(part, s)] / ms[(part, s)]:>7.2f}x"
+                        for part in ("network", "detect") for s in args.sizes)
+        print(f"{name:<15}{cells}{segm:>10.4f}{segm - eager[2]:>+8.4f}{setup_s:>9.1f}{false_dets:>12}")
+    if importlib.util.find_spec("openvino") is None:
+        print("OpenVINO: not measured: `openvino` is not installed (not a dependency: `uv run --with openvino ...`)")
     return 0
 
 

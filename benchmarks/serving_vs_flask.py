@@ -1,14 +1,17 @@
 """Serving speed: the KServe predictor (`python -m serving`) against a naive Flask baseline.
 
-Both serve the same serving package (the default config's architecture, seeded weights) on 127.0.0.1,
-and get the same images from the same clients. Reported per server: cold start (process start to
+Both serve the same serving package on 127.0.0.1 and get the same images from the same clients: by
+default one of the default config's architecture with seeded weights (every server returns everything above
+torchvision's 0.05), or a trained package with `--package` (the predictor at its default score threshold,
+0.5; the baseline returns what the model returns, as tutorials do). The predictor runs twice: with the
+package's ONNX graph in ONNX Runtime (the default backend) and with eager PyTorch (`--backend eager`). Reported per server: cold start (process start to
 ready), throughput with C concurrent clients, p50/p99 latency, and the share of latency spent in the
 model's forward pass (each server reports its own forward time in `x-forward-ms`). Server overhead
 (p50 latency minus forward time, over p50) is measured with one client, where no queueing hides in it;
 "in-server" is the same from the server's own clock (`x-server-ms`: request arrival to response start),
 which leaves out the client, which shares these cores, and the loopback transfer.
 
-    uv run python benchmarks/serving_vs_flask.py [--requests 120] [--concurrency 4] [--image-size 256]
+    uv run python benchmarks/serving_vs_flask.py [--package DIR] [--requests 120] [--concurrency 4] [--image-size 256]
 """
 
 from __future__ import annotations
@@ -111,22 +114,23 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--package", help="a trained serving package (default: seeded weights at --image-size)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    package = make_package(tmp, args.image_size)
+    package = Path(args.package) if args.package else make_package(tmp, args.image_size)
+    threshold = "0.5" if args.package else "0.05"
     pictures = images(8, args.image_size)
     root = Path(__file__).resolve().parents[1]
     rows = {}
-    for name in ("naive Flask", "KServe predictor"):
+    for name in ("naive Flask", "KServe predictor, eager", "KServe predictor"):
         port = free_port()
         if name == "naive Flask":
             argv = [sys.executable, str(root / "benchmarks" / "naive_flask_server.py"), str(package), str(port)]
             ready, url = f"http://127.0.0.1:{port}/ready", f"http://127.0.0.1:{port}/predict"
             bodies = [json.dumps({"image": pictures[i % 8]}).encode() for i in range(args.requests)]
         else:
-            # the same detections as the baseline returns: everything above torchvision's own 0.05
             argv = [sys.executable, "-m", "serving", "--model-dir", str(package), "--host", "127.0.0.1", "--http-port",
-                    str(port), "--score-threshold", "0.05"]
+                    str(port), "--score-threshold", threshold, "--backend", "eager" if "eager" in name else "auto"]
             ready, url = f"http://127.0.0.1:{port}/v1/models/maskrcnn", f"http://127.0.0.1:{port}/v1/models/maskrcnn:predict"
             bodies = [json.dumps({"instances": [{"image": {"b64": pictures[i % 8]}}]}).encode() for i in range(args.requests)]
         proc, cold = start(argv, ready, tmp / f"{port}.log")
@@ -140,16 +144,20 @@ def main() -> int:
         rows[name] = {"cold": cold, "single": single, "loaded": loaded}
         log.info("%s done", name)
     base, ours = rows["naive Flask"], rows["KServe predictor"]
-    print(f"\n{args.requests} requests, {args.concurrency} concurrent clients, {args.image_size}px PNG, same package\n")
-    print(f"| server | cold start s | img/s ({args.concurrency} clients) | p50 ms | p99 ms | forward share of p50 "
-          f"| overhead, 1 client | in-server overhead, 1 client | response KB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{args.requests} requests, {args.concurrency} concurrent clients, {args.image_size}px PNG, same package "
+          f"({package}), predictor score threshold {threshold}\n")
+    print(f"| server | cold start s | img/s (1 client) | forward ms (1 client) | img/s ({args.concurrency} clients) | p50 ms "
+          f"| p99 ms | forward share of p50 | overhead, 1 client | in-server overhead, 1 client | response KB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         s, l = r["single"], r["loaded"]
-        print(f"| {name} | {r['cold']:.1f} | {l['throughput']:.2f} | {l['p50'] * 1000:.0f} | {l['p99'] * 1000:.0f} | "
+        print(f"| {name} | {r['cold']:.1f} | {s['throughput']:.2f} | {s['forward'] * 1000:.1f} | {l['throughput']:.2f} | "
+              f"{l['p50'] * 1000:.0f} | {l['p99'] * 1000:.0f} | "
               f"{l['forward'] / l['p50']:.0%} | {(s['p50'] - s['forward']) / s['p50']:.1%} | "
               f"{(s['inside'] - s['forward']) / s['inside']:.1%} | {l['bytes'] / 1024:.0f} |")
-    print(f"\npredictor / baseline: throughput x{ours['loaded']['throughput'] / base['loaded']['throughput']:.2f}, "
+    eager = rows["KServe predictor, eager"]["loaded"]["throughput"]
+    print(f"\npredictor (ONNX Runtime) / predictor (eager): throughput x{ours['loaded']['throughput'] / eager:.2f}")
+    print(f"predictor / baseline: throughput x{ours['loaded']['throughput'] / base['loaded']['throughput']:.2f}, "
           f"p50 x{ours['loaded']['p50'] / base['loaded']['p50']:.2f}, p99 x{ours['loaded']['p99'] / base['loaded']['p99']:.2f}, "
           f"response size x{ours['loaded']['bytes'] / base['loaded']['bytes']:.4f}")
     return 0

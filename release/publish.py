@@ -10,7 +10,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from training.export import CHECKSUM_FILE, PACKAGE_FILES, PackageError, verify_package
+from training.export import CHECKSUM_FILE, PackageError, verify_package
 from training.data.sources import download_object, split_uri, upload_object
 
 log = logging.getLogger(__name__)
@@ -23,18 +23,18 @@ class PublishError(RuntimeError):
 def publish_package(package_dir: str | Path, uri: str) -> str:
     """Upload the package folder to `uri` (a prefix) and verify it there; returns the normalized URI."""
     package_dir = Path(package_dir)
-    verify_package(package_dir)  # never upload a package that is already broken
+    names = [*verify_package(package_dir), CHECKSUM_FILE]  # never upload a package that is already broken
     uri = uri.rstrip("/")
     if not uri.startswith(("s3://", "gs://")):
         raise PublishError(f"{uri}: expected an s3:// or gs:// destination")
     try:
-        for name in (*PACKAGE_FILES, CHECKSUM_FILE):
+        for name in names:
             upload_object(f"{uri}/{name}", package_dir / name)
     except Exception as exc:  # SourceError; the message names the object and the cause
         raise PublishError(f"uploading the serving package to {uri} failed: {exc}") from exc
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for name in (*PACKAGE_FILES, CHECKSUM_FILE):
+            for name in names:
                 download_object(uri, f"{split_uri(uri)[2]}/{name}", Path(tmp) / name)
             verify_package(tmp)
         except PackageError as exc:

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from serving.predictor import DEFAULT_MODEL_DIR, MaskRCNNPredictor
+from serving.predictor import BACKENDS, DEFAULT_MODEL_DIR, MaskRCNNPredictor
 from training.logs import setup_logging
 
 log = logging.getLogger("serving")
@@ -26,6 +26,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-detections", type=int, default=100)
     p.add_argument("--max-pixels", type=int, default=16_000_000, help="larger images are refused (decompression bombs)")
     p.add_argument("--max-body-mb", type=float, default=32.0)
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="run the network in ONNX Runtime (the package's detector.onnx; auto: when the package has it) "
+                        "or eager PyTorch")
     return p
 
 
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.app import build_app
 
     model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,
-                              max_detections=args.max_detections, max_pixels=args.max_pixels)
+                              max_detections=args.max_detections, max_pixels=args.max_pixels, backend=args.backend)
     model.load()
     app = build_app(model, int(args.max_body_mb * (1 << 20)))
     log.info("loaded in %.1f s; serving on http://%s:%d (web page: /ui)", time.perf_counter() - started, args.host,

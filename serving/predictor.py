@@ -11,6 +11,9 @@ Each image's result: `{"width", "height", "model_version", "detections": [{"labe
 V2 returns the same JSON, one string per image, in the BYTES output `detections`.
 Decoding, pre-processing (`training.data.images`) and post-processing (`training.engine.postprocess`,
 with the mask threshold from the package's config) are training's own, not copies.
+
+The network runs in ONNX Runtime when the package has `detector.onnx` (backend `auto`, the default, or
+`onnxruntime`, which refuses a package without it), else in eager PyTorch (`eager`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
@@ -26,7 +30,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -38,12 +42,14 @@ from prometheus_client import Histogram
 
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
 from training.engine import MASK_BUDGET_BYTES, detect
-from training.export import load_package, read_metadata
+from training.export import PackageError, load_graph, load_package, read_metadata
+from training.onnx_detector import OnnxDetector
 
 log = logging.getLogger(__name__)
 
 DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per image", ["model_version"],
                        buckets=(0, 1, 2, 5, 10, 20, 50, 100))
+BACKENDS = ("auto", "onnxruntime", "eager")
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 
 
@@ -52,14 +58,19 @@ class MaskRCNNPredictor(Model):
 
     def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = 0.5,
                  max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8,
-                 mask_budget_bytes: int = MASK_BUDGET_BYTES):
+                 mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: str = "auto"):
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
         self.max_pixels, self.max_images = min(max_pixels, DEFAULT_MAX_PIXELS), max_images
         self.mask_budget_bytes = mask_budget_bytes
         self.mask_threshold = 0.5  # replaced by the package's eval.mask_threshold on load
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.model: torch.nn.Module | None = None
+        self.graph: OnnxDetector | None = None
+        self.torch_threads = 1
         self.version = ""
         self._lock = threading.Lock()  # one forward pass at a time: they use every core already
         # One inference thread: requests queue holding their compressed bodies only, not decoded images.
@@ -76,9 +87,17 @@ class MaskRCNNPredictor(Model):
         self.mask_threshold = self.config.eval.mask_threshold  # the threshold the model was evaluated with
         meta = read_metadata(folder)
         self.version = str(meta.get("model_version") or meta.get("mlflow_run_id") or "")
-        torch.set_num_threads(os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.graph = load_graph(folder, cores) if self.backend != "eager" else None
+        # With the graph, PyTorch only resizes and pastes masks: one thread, so that its idle OpenMP
+        # workers do not spin against ONNX Runtime's on the same cores (set per forward pass, in `infer`).
+        self.torch_threads = 1 if self.graph is not None else cores
+        if self.backend == "onnxruntime" and self.graph is None:
+            raise PackageError(f"{folder}: backend onnxruntime needs the package's detector.onnx, and it has none "
+                               f"(re-export it with `uv run -m training.export`, or serve with backend eager)")
         self.ready = True
-        log.info("model %s ready: version %s, classes %s", self.name, self.version or "?", self.label_map.names)
+        log.info("model %s ready: version %s, classes %s, network on %s", self.name, self.version or "?",
+                 self.label_map.names, f"ONNX Runtime ({cores} threads)" if self.graph else f"eager PyTorch ({cores} threads)")
         return self.ready
 
     # -- request parsing -------------------------------------------------------------------------
@@ -187,10 +206,10 @@ class MaskRCNNPredictor(Model):
         results = []
         for img in images:
             try:
-                with self._lock:
+                with self._lock, _torch_threads(self.torch_threads):
                     start = time.perf_counter()
                     (pred,) = detect(self.model, [to_tensor(img)], self.mask_threshold, threshold, max_det,
-                                     self.mask_budget_bytes)
+                                     self.mask_budget_bytes, self.graph)
                     self.last_forward_seconds = time.perf_counter() - start
             except Exception as exc:
                 log.exception("forward pass failed")
@@ -249,6 +268,19 @@ class MaskRCNNPredictor(Model):
         """`x-forward-ms`: this request's forward passes and mask post-processing."""
         if response_headers is not None:
             response_headers["x-forward-ms"] = f"{forward_s * 1000:.2f}"
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """PyTorch's intra-op threads for this block, restored after it."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
 
 
 def _png_b64(image: Image.Image) -> str:

@@ -220,7 +220,8 @@ SERVING_MAX_PIXELS = 1_000_000
 
 @pytest.fixture(scope="session")
 def serving_predictor(serving_package):
-    """The predictor on the tiny package, loaded once (threshold 0: the untrained model's detections show)."""
+    """The predictor on the tiny package, loaded once (threshold 0: the untrained model's detections show).
+    The network runs in ONNX Runtime (the package's detector.onnx), as in production."""
     from serving.predictor import MaskRCNNPredictor
 
     model = MaskRCNNPredictor("maskrcnn", str(serving_package), score_threshold=0.0, max_pixels=SERVING_MAX_PIXELS)

@@ -33,7 +33,7 @@ def checkpoint(tmp_path) -> Path:
 def test_export_then_load_gives_the_same_model(checkpoint, tmp_path):
     package = export_package(checkpoint, tmp_path / "pkg", {"model_version": "7"})
     sums = verify_package(package)
-    assert set(sums) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
+    assert set(sums) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "detector.onnx"}
     meta = json.loads((package / "metadata.json").read_text())
     assert meta["model_version"] == "7" and meta["mlflow_run_id"] == "abc" and meta["epoch"] == 4
     model, config, labels = load_package(package)
@@ -98,8 +98,11 @@ def test_export_command_writes_a_package(checkpoint, tmp_path):
     from training.export import main
 
     assert main([str(checkpoint), str(tmp_path / "out")]) == 0
-    assert set(verify_package(tmp_path / "out")) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
+    assert set(verify_package(tmp_path / "out")) == {"model.pt", "config.yaml", "label_map.json", "metadata.json",
+                                                     "detector.onnx"}
     assert json.loads((tmp_path / "out" / "metadata.json").read_text())["epoch"] == 4
+    assert main([str(checkpoint), str(tmp_path / "eager"), "--no-onnx"]) == 0
+    assert set(verify_package(tmp_path / "eager")) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
     assert main([str(tmp_path / "not-a-checkpoint"), str(tmp_path / "out2")]) == 2
 
 
@@ -146,5 +149,6 @@ def test_publish_to_gcs_emulator(checkpoint, tmp_path, gcs_emulator):
     package = export_package(checkpoint, tmp_path / "pkg")
     uri = publish_package(package, "gs://models/maskrcnn/v2")
     names = sorted(b.name for b in gcs_client().list_blobs("models", prefix="maskrcnn/v2/"))
-    assert names == [f"maskrcnn/v2/{n}" for n in sorted(["SHA256SUMS", "config.yaml", "label_map.json", "metadata.json", "model.pt"])]
+    assert names == [f"maskrcnn/v2/{n}" for n in sorted(["SHA256SUMS", "config.yaml", "detector.onnx", "label_map.json",
+                                                          "metadata.json", "model.pt"])]
     assert uri == "gs://models/maskrcnn/v2"

@@ -134,7 +134,7 @@ def test_a_good_model_is_promoted_and_served_k8s_emulator(runner, pipeline_env, 
 
     package = fetch_prefix(uri, tmp_path / "download")
     served = verify_package(package)
-    assert set(served) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
+    assert set(served) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "detector.onnx"}
     # One artifact: the Model artifact, the model logged in MLflow and the published package hold the
     # same weights, config and label map (only metadata.json gains the version number)
     from training.export import read_metadata
@@ -142,7 +142,7 @@ def test_a_good_model_is_promoted_and_served_k8s_emulator(runner, pipeline_env, 
 
     (model_dir,) = list(root.glob("*/train/model"))
     logged = verify_package(download_model(params["tracking_uri"], f"models:/{name}/{champion.version}", tmp_path / "logged"))
-    for file in ("model.pt", "config.yaml", "label_map.json"):
+    for file in ("model.pt", "config.yaml", "label_map.json", "detector.onnx"):
         assert served[file] == logged[file] == verify_package(model_dir)[file], file
     assert read_metadata(package)["model_version"] == champion.version
     # The dataset's identity is computed once: the prepare step's hash is the run's and the version's

@@ -87,7 +87,8 @@ def test_run_is_tracked_in_mlflow(three_epochs, tmp_path):
 
     package = download_model(result.tracking_uri, f"models:/{cfg.tracking.model_name}/{result.model_version}",
                              tmp_path / "model")
-    assert set(verify_package(package)) == {"model.pt", "config.yaml", "label_map.json", "metadata.json"}
+    assert set(verify_package(package)) == {"model.pt", "config.yaml", "label_map.json", "metadata.json",
+                                            "detector.onnx"}
     assert not list(package.rglob("*.pkl")) and not (package / "MLmodel").exists()
     assert read_metadata(package)["metrics"]["segm_mAP"] == pytest.approx(result.metrics["segm_mAP"], abs=1e-9)
     model, _, _ = load_package(package)

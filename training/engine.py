@@ -24,6 +24,7 @@ from torchvision.models.detection.transform import resize_boxes
 from training.checkpoint import unwrap
 from training.config import EvalConfig, TrainConfig
 from training.metrics import Prediction, encode_masks
+from training.onnx_detector import OnnxDetector
 
 log = logging.getLogger(__name__)
 
@@ -190,25 +191,34 @@ def postprocess(detection: dict[str, torch.Tensor], resized_size: tuple[int, int
 
 @torch.inference_mode()
 def detect(model: nn.Module, images: list[torch.Tensor], mask_threshold: float, score_threshold: float = 0.0,
-           max_detections: int | None = None, mask_budget_bytes: int = MASK_BUDGET_BYTES) -> list[Prediction]:
+           max_detections: int | None = None, mask_budget_bytes: int = MASK_BUDGET_BYTES,
+           graph: OnnxDetector | None = None) -> list[Prediction]:
     """Mask R-CNN inference with `postprocess`: the same numbers as `model(images)` followed by
-    thresholding and RLE encoding, without materialising every full-resolution mask at once."""
+    thresholding and RLE encoding, without materialising every full-resolution mask at once.
+
+    `graph`: the package's network in ONNX Runtime (`training.onnx_detector`), which then runs in place
+    of `model`'s backbone, RPN and RoI heads; pre- and post-processing are the same."""
     model.eval()
     original_sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
     batch, _ = model.transform(images)
-    features = model.backbone(batch.tensors)
-    proposals, _ = model.rpn(batch, features)
-    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    if graph is None:
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    else:
+        detections = graph(batch)
     return [postprocess(d, resized, original, mask_threshold, score_threshold, max_detections, mask_budget_bytes)
             for d, resized, original in zip(detections, batch.image_sizes, original_sizes)]
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, mask_threshold: float = 0.5) -> list[Prediction]:
-    """Predictions for every image in `loader` (boxes, scores, labels, RLE masks), in image coordinates."""
+def predict(model: nn.Module, loader: Iterable, device: torch.device, mask_threshold: float = 0.5,
+            graph: OnnxDetector | None = None) -> list[Prediction]:
+    """Predictions for every image in `loader` (boxes, scores, labels, RLE masks), in image coordinates
+    (the network in ONNX Runtime when `graph` is given, as in `detect`)."""
     out: list[Prediction] = []
     for images, targets in loader:
-        predictions = detect(unwrap(model), [i.to(device) for i in images], mask_threshold)
+        predictions = detect(unwrap(model), [i.to(device) for i in images], mask_threshold, graph=graph)
         out += [{"image_id": int(t["image_id"]), **p} for t, p in zip(targets, predictions)]
     return out
 

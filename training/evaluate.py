@@ -21,14 +21,16 @@ from training.data.coco import CocoDataset, CocoSplit, LabelMap, collate
 from training.engine import predict, summarize_scores
 from training.export import load_package
 from training.metrics import Prediction, evaluate_predictions
+from training.onnx_detector import OnnxDetector
 from training.visualize import draw_predictions
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_model(model: torch.nn.Module, split: CocoSplit, cfg: EvalConfig, batch_size: int = 4) -> tuple[dict[str, float], list[Prediction]]:
+def evaluate_model(model: torch.nn.Module, split: CocoSplit, cfg: EvalConfig, batch_size: int = 4,
+                   graph: OnnxDetector | None = None) -> tuple[dict[str, float], list[Prediction]]:
     loader = DataLoader(CocoDataset(split), batch_size=batch_size, collate_fn=collate)
-    predictions = predict(model, loader, torch.device("cpu"), cfg.mask_threshold)
+    predictions = predict(model, loader, torch.device("cpu"), cfg.mask_threshold, graph)
     metrics = evaluate_predictions(split.coco, predictions, split.label_map, cfg.score_threshold, cfg.iou_match)
     metrics.update(summarize_scores(predictions, cfg))
     return metrics, predictions

@@ -10,9 +10,13 @@ A package is a folder holding:
 - `label_map.json`: contiguous label -> category id and name,
 - `metadata.json`: the evidence (MLflow run, metrics, dataset hash, git commit, epoch; the registered
   version once promoted),
+- `detector.onnx`: the same network and weights as an ONNX graph (`training.onnx_detector`), which the
+  predictor runs with ONNX Runtime, ~1.7x faster than eager PyTorch on CPU. Written when the export
+  reproduces eager PyTorch's detections; a package without it (older, or when the export failed: the
+  reason is logged) is served by eager PyTorch,
 - `SHA256SUMS`: `sha256sum` format over every other file (check by hand with `sha256sum -c SHA256SUMS`).
 
-`uv run -m training.export CHECKPOINT OUT` writes the package of a checkpoint folder.
+`uv run -m training.export CHECKPOINT OUT [--no-onnx]` writes the package of a checkpoint folder.
 """
 
 from __future__ import annotations
@@ -31,29 +35,49 @@ from training.config import Config, load_config, save_config
 from training.data.coco import LabelMap
 from training.data.sources import sha256_file
 from training.logs import setup_logging
+from training.onnx_detector import ONNX_FILE, OnnxDetector, OnnxExportError, export_onnx
 
 log = logging.getLogger(__name__)
 
 CHECKSUM_FILE = "SHA256SUMS"
-PACKAGE_FILES = ("model.pt", "config.yaml", "label_map.json", "metadata.json")
+PACKAGE_FILES = ("model.pt", "config.yaml", "label_map.json", "metadata.json")  # every package has these
+OPTIONAL_FILES = (ONNX_FILE,)
 
 
 class PackageError(RuntimeError):
     """A serving package is incomplete or does not match its checksums; the message names the file."""
 
 
-def export_package(checkpoint_dir: str | Path, out_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the serving package of a training checkpoint folder into `out_dir`; returns `out_dir`."""
+def export_package(checkpoint_dir: str | Path, out_dir: str | Path, metadata: dict[str, Any] | None = None,
+                   onnx: bool = True) -> Path:
+    """Write the serving package of a training checkpoint folder into `out_dir`; returns `out_dir`.
+
+    `onnx`: also write `detector.onnx` (a failed export is logged and leaves the package without it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(checkpoint_dir)
     torch.save(state["model"], out / "model.pt")
-    save_config(Config.from_dict(state["config"]), out / "config.yaml")
+    config = Config.from_dict(state["config"])
+    save_config(config, out / "config.yaml")
     (out / "label_map.json").write_text(json.dumps(state["label_map"], indent=2))
+    (out / ONNX_FILE).unlink(missing_ok=True)  # never keep a graph of other weights
+    if onnx:
+        _export_graph(out, config, LabelMap.from_dict(state["label_map"]).num_classes, state["model"])
     meta = {"epoch": state.get("epoch"), "metrics": state.get("metrics", {}), **(state.get("run_info") or {}),
             **(metadata or {})}
     _write_metadata(out, meta)
     return out
+
+
+def _export_graph(out: Path, config: Config, num_classes: int, weights: dict[str, torch.Tensor]) -> None:
+    from training.model import build_model
+
+    model = build_model(config.model, num_classes)
+    model.load_state_dict(weights)
+    try:
+        export_onnx(model.eval(), out / ONNX_FILE)
+    except OnnxExportError as exc:
+        log.warning("the package %s has no %s, so it will be served by eager PyTorch: %s", out, ONNX_FILE, exc)
 
 
 def read_metadata(folder: str | Path) -> dict[str, Any]:
@@ -71,7 +95,8 @@ def stamp_package(folder: str | Path, updates: dict[str, Any]) -> Path:
 
 def _write_metadata(folder: Path, meta: dict[str, Any]) -> None:
     (folder / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-    lines = [f"{sha256_file(folder / name)}  {name}" for name in PACKAGE_FILES]
+    names = [*PACKAGE_FILES, *(name for name in OPTIONAL_FILES if (folder / name).is_file())]
+    lines = [f"{sha256_file(folder / name)}  {name}" for name in names]
     (folder / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
 
 
@@ -95,6 +120,10 @@ def verify_package(folder: str | Path) -> dict[str, str]:
     missing = [name for name in PACKAGE_FILES if name not in sums]
     if missing:
         raise PackageError(f"{folder / CHECKSUM_FILE}: no checksum for {missing}")
+    unknown = sorted(set(sums) - {*PACKAGE_FILES, *OPTIONAL_FILES})
+    if unknown:
+        raise PackageError(f"{folder / CHECKSUM_FILE}: lists {unknown}; a package holds only "
+                           f"{[*PACKAGE_FILES, *OPTIONAL_FILES]}")
     for name, digest in sums.items():
         path = folder / name
         if not path.is_file():
@@ -122,12 +151,32 @@ def load_package(folder: str | Path) -> tuple[torch.nn.Module, Config, LabelMap]
     return model.eval(), config, label_map
 
 
+def load_graph(folder: str | Path, threads: int) -> OnnxDetector | None:
+    """The package's `detector.onnx` in an ONNX Runtime session (`training.onnx_detector.OnnxDetector`),
+    or None when the package has none. The bytes loaded are the bytes checked against `SHA256SUMS`; an
+    unlisted graph file is ignored (with a warning), a mismatching one refused."""
+    import hashlib
+
+    folder = Path(folder)
+    digest = read_checksums(folder).get(ONNX_FILE)
+    if digest is None:
+        if (folder / ONNX_FILE).exists():
+            log.warning("%s: not listed in %s; ignored", folder / ONNX_FILE, CHECKSUM_FILE)
+        return None
+    graph = (folder / ONNX_FILE).read_bytes()
+    actual = hashlib.sha256(graph).hexdigest()
+    if actual != digest:
+        raise PackageError(f"{folder / ONNX_FILE}: sha256 {actual} does not match {digest} in {CHECKSUM_FILE}")
+    return OnnxDetector(graph, threads)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.export",
                                 description="Write the serving package (weights, config, label map, metadata, "
                                             "SHA256SUMS) of a training checkpoint folder.")
     p.add_argument("checkpoint", help="checkpoint folder (holds checkpoint.pt), local or s3:// (a Ray checkpoint URI)")
     p.add_argument("out", help="package folder to write")
+    p.add_argument("--no-onnx", action="store_true", help=f"leave out {ONNX_FILE} (the package is then served by eager PyTorch)")
     return p
 
 
@@ -137,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import Checkpoint
 
     try:
-        with Checkpoint(args.checkpoint).as_directory() as folder:
-            out = export_package(folder, args.out)
+        source = args.checkpoint if "://" in args.checkpoint else str(Path(args.checkpoint).resolve())  # Ray needs it absolute
+        with Checkpoint(source).as_directory() as folder:
+            out = export_package(folder, args.out, onnx=not args.no_onnx)
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return 2

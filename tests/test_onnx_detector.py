@@ -1,0 +1,193 @@
+"""The package's `detector.onnx`: exported by the export step, checked against eager PyTorch, run by a
+real ONNX Runtime; refused when it does not match its checksum; absent without breaking serving."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.ops.poolers
+
+from training.checkpoint import save_checkpoint
+from training.config import CONFIG_DIR, load_config
+from training.data.coco import LabelMap
+from training.export import CHECKSUM_FILE, PackageError, export_package, load_graph, load_package, verify_package
+from training.model import build_model
+from training.onnx_detector import ONNX_FILE, OnnxDetector, OnnxExportError, detection_mismatch, export_onnx
+
+
+def _checkpoint(folder: Path, config_path: Path) -> Path:
+    config = load_config(config_path, [])
+    torch.manual_seed(0)
+    labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
+    return save_checkpoint(folder, model=build_model(config.model, labels.num_classes), optimizer=None, scheduler=None,
+                           scaler=None, epoch=1, config=config, label_map=labels, metrics={})
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    from conftest import TINY
+
+    root = tmp_path_factory.mktemp("onnx")
+    return export_package(_checkpoint(root / "ckpt", TINY), root / "package")
+
+
+def _picture(h: int, w: int, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 0.1, np.float32)
+    img[h // 6:h // 2, w // 5:w // 2] = rng.uniform(0.5, 1.0, 3)
+    img[h // 2:h - 4, w // 2:w - 3] = rng.uniform(0.5, 1.0, 3)
+    return torch.from_numpy(img).permute(2, 0, 1).contiguous()
+
+
+@pytest.mark.parametrize("config", ["tiny", "default"])
+def test_the_graph_gives_the_eager_networks_detections(config, tmp_path):
+    """For the tests' and the main job's architectures: ONNX Runtime returns eager PyTorch's boxes,
+    labels, scores and mask probabilities, on a square image, on one padded to a multiple of 32 (size before
+    padding != tensor size), and on a blank one (no detections)."""
+    from conftest import TINY
+
+    folder = _checkpoint(tmp_path / "ckpt", TINY if config == "tiny" else CONFIG_DIR / "default.yaml")
+    original_merge = torchvision.ops.poolers._onnx_merge_levels
+    package = export_package(folder, tmp_path / "pkg")
+    assert torchvision.ops.poolers._onnx_merge_levels is original_merge  # the export's swap is undone
+    model, cfg, _ = load_package(package)
+    graph = load_graph(package, threads=2)
+    assert graph is not None and graph.threads == 2
+    side = cfg.model.max_size
+    counts = []
+    for image in (_picture(side, side, 0), _picture(side, side * 2 // 3 + 1, 1), torch.zeros(3, side, side)):
+        batch, _ = model.transform([image])
+        with torch.inference_mode():
+            features = model.backbone(batch.tensors)
+            proposals, _ = model.rpn(batch, features)
+            (expected,), _ = model.roi_heads(features, proposals, batch.image_sizes)
+        (got,) = graph(batch)
+        counts.append(len(expected["boxes"]))
+        rename = {"boxes": "boxes", "labels": "labels", "scores": "scores", "masks": "mask_probs"}
+        assert detection_mismatch(*({rename[k]: v for k, v in d.items()} for d in (got, expected))) == ""
+        if config == "tiny":  # its random scores are far apart: the same order too
+            for key in ("boxes", "scores", "masks"):
+                assert torch.allclose(got[key], expected[key], atol=1e-3), key
+            assert torch.equal(got["labels"], expected["labels"])
+    assert min(counts) > 0, counts
+
+
+def test_a_graph_with_no_detections(tmp_path):
+    """A model whose box score threshold nothing passes: the graph returns empty outputs of the right
+    shapes, and `detect` an empty prediction."""
+    from conftest import TINY
+    from training.engine import detect
+
+    model = load_package(export_package(_checkpoint(tmp_path / "ckpt", TINY), tmp_path / "pkg", onnx=False))[0]
+    model.roi_heads.score_thresh = 1.0
+    export_onnx(model, tmp_path / ONNX_FILE)
+    graph = OnnxDetector((tmp_path / ONNX_FILE).read_bytes(), threads=1)
+    batch, _ = model.transform([_picture(64, 64, 0)])
+    (out,) = graph(batch)
+    assert out["boxes"].shape == (0, 4) and out["masks"].shape == (0, 1, 28, 28) and out["labels"].shape == (0,)
+    (pred,) = detect(model, [_picture(64, 48, 0)], 0.5, graph=graph)
+    assert len(pred["scores"]) == 0 and pred["masks"] == []
+
+
+def test_an_image_with_nothing_after_one_with_detections_gives_none(package, tmp_path):
+    """No stale or invented detection when the model finds nothing (OpenVINO 2026.4 returns the previous
+    image's first detection in this case: benchmarks/RESULTS.md). The box score threshold is set between
+    the tiny model's best score on a blank image and on a picture, so one has detections and the other none."""
+    model, _, _ = load_package(package)
+    picture, blank = _picture(64, 64, 0), torch.zeros(3, 64, 64)
+    with torch.inference_mode():
+        best = [float(model([image])[0]["scores"].max()) for image in (picture, blank)]
+    assert best[0] - best[1] > 1e-4, best
+    model.roi_heads.score_thresh = (best[0] + best[1]) / 2
+    export_onnx(model, tmp_path / ONNX_FILE)
+    graph = OnnxDetector((tmp_path / ONNX_FILE).read_bytes(), threads=1)
+    for image, found in ((picture, True), (blank, False), (picture, True), (blank, False)):
+        (out,) = graph(model.transform([image])[0])
+        assert (len(out["scores"]) > 0) == found and len(out["boxes"]) == len(out["scores"])
+
+
+def test_a_changed_graph_is_refused(package, tmp_path):
+    copy = shutil.copytree(package, tmp_path / "pkg")
+    data = bytearray((copy / ONNX_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights
+    (copy / ONNX_FILE).write_bytes(bytes(data))
+    with pytest.raises(PackageError, match=r"detector\.onnx: sha256 .* does not match"):
+        verify_package(copy)
+    with pytest.raises(PackageError, match=r"detector\.onnx: sha256 .* does not match"):
+        load_graph(copy, threads=1)
+
+
+def test_a_package_without_the_graph_is_served_eagerly(package, tmp_path, caplog):
+    """An older package (no graph), or a graph file that its checksums do not list: served by eager
+    PyTorch with `auto`; refused with `onnxruntime`, which needs the graph."""
+    from serving.predictor import MaskRCNNPredictor
+
+    copy = shutil.copytree(package, tmp_path / "pkg")
+    sums = (copy / CHECKSUM_FILE).read_text().splitlines()
+    (copy / CHECKSUM_FILE).write_text("\n".join(line for line in sums if not line.endswith(ONNX_FILE)) + "\n")
+    assert ONNX_FILE not in verify_package(copy)
+    with caplog.at_level(logging.WARNING, logger="training.export"):
+        assert load_graph(copy, threads=1) is None
+    assert "detector.onnx: not listed in SHA256SUMS; ignored" in caplog.text
+    auto = MaskRCNNPredictor("m", str(copy), score_threshold=0.0)
+    assert auto.load() and auto.graph is None and auto.torch_threads >= 1
+    (result,) = auto.infer([(_picture(64, 64, 0).permute(1, 2, 0).numpy() * 255).astype(np.uint8)], 0.0, 5, False)
+    assert result["width"] == 64
+    with pytest.raises(PackageError, match="backend onnxruntime needs the package's detector.onnx"):
+        MaskRCNNPredictor("m", str(copy), backend="onnxruntime").load()
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        MaskRCNNPredictor("m", str(copy), backend="tensorrt")
+
+
+def test_checksums_naming_other_files_are_refused(package, tmp_path):
+    copy = shutil.copytree(package, tmp_path / "pkg")
+    with (copy / CHECKSUM_FILE).open("a") as sums:
+        sums.write(f"{'0' * 64}  ../../etc/passwd\n")
+    with pytest.raises(PackageError, match=r"SHA256SUMS: lists \['../../etc/passwd'\]; a package holds only"):
+        verify_package(copy)
+
+
+def test_a_failed_export_leaves_a_package_without_the_graph(package, tmp_path, monkeypatch, caplog):
+    """Fault injected into the exporter (torch.onnx.export raises, as it does for operators it cannot
+    export): the package is still written, without the graph, and the reason is logged."""
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'custom::op' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    with caplog.at_level(logging.WARNING, logger="training.export"):
+        out = export_package(package.parent / "ckpt", tmp_path / "pkg")
+    assert not (out / ONNX_FILE).exists() and ONNX_FILE not in verify_package(out)
+    assert "will be served by eager PyTorch" in caplog.text and "custom::op" in caplog.text
+
+
+def test_a_graph_that_disagrees_with_eager_is_not_kept(package, tmp_path, monkeypatch):
+    """The export's check can fail: a runtime that returns other scores (injected) leaves no file."""
+    model, _, _ = load_package(package)
+    run = OnnxDetector.run
+
+    def shifted(self, images, size):
+        boxes, labels, scores, masks = run(self, images, size)
+        return boxes, labels, scores + 0.01, masks
+
+    monkeypatch.setattr(OnnxDetector, "run", shifted)
+    with pytest.raises(OnnxExportError, match=r"ONNX Runtime's detections for input \(1, 3, 64, 64\).* differ from eager "
+                                              r"PyTorch's: detection 0 \(label \d, score 0\.\d+, box .*\) has no "
+                                              r"counterpart within 0\.001"):
+        export_onnx(model, tmp_path / ONNX_FILE)
+    assert not (tmp_path / ONNX_FILE).exists()
+
+
+def test_the_graph_is_not_a_pickle_and_reads_no_other_file(package):
+    """The graph is a protobuf with its weights inside (no external data), read from verified bytes."""
+    import onnx
+
+    proto = onnx.load_from_string((package / ONNX_FILE).read_bytes())
+    external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external == [] and [i.name for i in proto.graph.input] == ["images", "image_size"]
+    assert json.loads((package / "metadata.json").read_text())["epoch"] == 1
