@@ -6,7 +6,9 @@ Prints, on the same threads:
   - the machine's measured float32 matmul FLOP/s (the best of several square products): the ceiling;
   - the default model's FLOPs per image at its configured size, for inference and for one training step
     (forward + backward, counted by torch's FlopCounterMode on real synthetic images and targets);
-  - the measured images/s of each, the FLOP/s they achieve, and that as a share of the ceiling.
+  - the measured images/s of each, the FLOP/s they achieve, and that as a share of the ceiling;
+  - inference again with the network as the serving package's ONNX graph in ONNX Runtime (what the
+    predictor runs), at PyTorch's FLOP count for the same work; PyTorch keeps one thread, as in the predictor.
 
 FlopCounterMode counts matmuls and convolutions (and a few others), not element-wise work, RoI Align or
 NMS, so the shares are of the dense arithmetic only: an upper bound on what faster kernels can win.
@@ -62,6 +64,24 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def onnx_inference_seconds(model, image, threads: int, repeats: int) -> float:
+    """Seconds per image for the transform plus the network as an ONNX graph in ONNX Runtime."""
+    import tempfile
+    from pathlib import Path
+
+    from training.onnx_detector import OnnxDetector, export_onnx
+
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = OnnxDetector(export_onnx(model, Path(tmp) / "detector.onnx").read_bytes(), threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return timed(lambda: graph(model.transform([image])[0]), repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="default")
@@ -97,12 +117,14 @@ def main() -> None:
     train_flops = count_flops(train_step) / batch
     infer_s = timed(infer_one, args.repeats)
     train_s = timed(train_step, args.repeats) / batch
+    graph_s = onnx_inference_seconds(model, images[0], args.threads, args.repeats)
 
     print(f"threads {args.threads}; config {args.config}: {cfg.model.backbone}, {cfg.model.min_size}-{cfg.model.max_size} px, "
           f"training batch {batch}")
     print(f"ceiling: float32 matmul 1024x1024, best of 10: {ceiling / 1e9:.1f} GFLOP/s")
     print(f"{'work':<22}{'GFLOP/img':>11}{'ms/img':>9}{'img/s':>8}{'GFLOP/s':>9}{'of ceiling':>12}")
     for name, flops, seconds in (("inference (1 image)", infer_flops, infer_s),
+                                 ("inference, ONNX Runtime", infer_flops, graph_s),
                                  (f"training step (/{batch})", train_flops, train_s)):
         achieved = flops / seconds
         print(f"{name:<22}{flops / 1e9:>11.3f}{seconds * 1e3:>9.1f}{1 / seconds:>8.1f}{achieved / 1e9:>9.1f}"
