@@ -23,12 +23,15 @@ def initialize_storage(podman: Podman, initializer: str, uri: str, volume: Path,
                           env={**podman.env, **env}, capture_output=True, text=True, timeout=300)
 
 
-def start_predictor(podman: Podman, image: str, volume: Path, port: int, timeout: float = 180) -> str:
+def start_predictor(podman: Podman, image: str, volume: Path, port: int, timeout: float = 180,
+                    cpus: float | None = None) -> str:
     """Start the predictor container on `volume` (read-only at /mnt/models) and wait until it is ready;
-    returns its name. Raises StackError, with its log, if it exits or is not ready in time."""
+    returns its name. `cpus`: a CPU limit, as a pod's `resources.limits.cpu`. Raises StackError, with its
+    log, if it exits or is not ready in time."""
     name = f"maskrcnn-predictor-{port}"
     # /tmp: the pod's memory emptyDir (torchvision's import needs a temporary folder)
-    podman("run", "--detach", "--name", name, *HARDENED, "--tmpfs", "/tmp:rw,size=256m,mode=1777",
+    limit = ("--cpus", str(cpus)) if cpus else ()
+    podman("run", "--detach", "--name", name, *HARDENED, *limit, "--tmpfs", "/tmp:rw,size=256m,mode=1777",
            "--volume", f"{volume}:/mnt/models:ro", image, "python", "-m", "serving", "--model-dir", "/mnt/models",
            "--model-name", "maskrcnn", "--host", "127.0.0.1", "--http-port", str(port))
     deadline = time.monotonic() + timeout

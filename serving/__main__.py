@@ -29,6 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="run the network in ONNX Runtime (the package's detector.onnx; auto: when the package has it) "
                         "or eager PyTorch")
+    p.add_argument("--threads", type=int, default=None,
+                   help="inference threads (default: the CPUs this process may use, capped by its container's CPU limit)")
     return p
 
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.app import build_app
 
     model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,
-                              max_detections=args.max_detections, max_pixels=args.max_pixels, backend=args.backend)
+                              max_detections=args.max_detections, max_pixels=args.max_pixels, backend=args.backend, threads=args.threads)
     model.load()
     app = build_app(model, int(args.max_body_mb * (1 << 20)))
     log.info("loaded in %.1f s; serving on http://%s:%d (web page: /ui)", time.perf_counter() - started, args.host,

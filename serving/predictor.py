@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import threading
 import uuid
@@ -58,7 +59,7 @@ class MaskRCNNPredictor(Model):
 
     def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = 0.5,
                  max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8,
-                 mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: str = "auto"):
+                 mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: str = "auto", threads: int | None = None):
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
@@ -68,6 +69,9 @@ class MaskRCNNPredictor(Model):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads: expected an integer >= 1, got {threads}")
+        self.threads = threads  # None: the CPUs this process may use (`cpu_budget`)
         self.model: torch.nn.Module | None = None
         self.graph: OnnxDetector | None = None
         self.torch_threads = 1
@@ -87,7 +91,7 @@ class MaskRCNNPredictor(Model):
         self.mask_threshold = self.config.eval.mask_threshold  # the threshold the model was evaluated with
         meta = read_metadata(folder)
         self.version = str(meta.get("model_version") or meta.get("mlflow_run_id") or "")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = self.threads or cpu_budget()
         self.graph = load_graph(folder, cores) if self.backend != "eager" else None
         # With the graph, PyTorch only resizes and pastes masks: one thread, so that its idle OpenMP
         # workers do not spin against ONNX Runtime's on the same cores (set per forward pass, in `infer`).
@@ -268,6 +272,30 @@ class MaskRCNNPredictor(Model):
         """`x-forward-ms`: this request's forward passes and mask post-processing."""
         if response_headers is not None:
             response_headers["x-forward-ms"] = f"{forward_s * 1000:.2f}"
+
+
+def cpu_budget(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask, capped by its container's CPU quota rounded up
+    (a Kubernetes CPU limit: cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`). A pod
+    limited to 2 CPUs on a 16-core node then runs 2 inference threads, not 16 throttled ones."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_cpu_quota(cgroup: Path) -> float | None:
+    """CPUs allowed by the cgroup's CFS quota, or None when unlimited or unreadable."""
+    try:
+        if (cgroup / "cpu.max").is_file():  # v2: "max 100000" or "<quota> <period>"
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        for folder in (cgroup / "cpu", cgroup / "cpu,cpuacct"):  # v1: quota -1 means unlimited
+            if (folder / "cpu.cfs_quota_us").is_file():
+                quota = int((folder / "cpu.cfs_quota_us").read_text())
+                return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 @contextlib.contextmanager

@@ -62,7 +62,7 @@ def test_storage_initializer_fails_on_a_missing_uri(podman, initializer_image, m
 def predictor_url(podman, platform_image, model_volume):
     _, volume = model_volume
     port = free_port()
-    name = start_predictor(podman, platform_image, volume, port)
+    name = start_predictor(podman, platform_image, volume, port, cpus=1)  # a pod's CPU limit
     try:
         yield f"http://127.0.0.1:{port}", name
     finally:
@@ -83,9 +83,10 @@ def test_the_predictor_runs_hardened_and_answers_readiness_v1_v2_and_the_page(pr
         assert json.loads(resp.read())["ready"] is True
     with urllib.request.urlopen(f"{url}/v2/models/maskrcnn/ready", timeout=10) as resp:
         assert resp.status == 200
-    # the package's ONNX graph runs in ONNX Runtime, under the read-only root filesystem
+    # the package's ONNX graph runs in ONNX Runtime, under the read-only root filesystem, on as many
+    # threads as the container's CPU limit allows (1 here), not the host's cores
     logs = subprocess.run(["podman", "logs", name], env=podman.env, capture_output=True, text=True)
-    assert "network on ONNX Runtime" in logs.stdout + logs.stderr, (logs.stdout + logs.stderr)[-2000:]
+    assert "network on ONNX Runtime (1 threads)" in logs.stdout + logs.stderr, (logs.stdout + logs.stderr)[-2000:]
     image = np.zeros((96, 128, 3), np.uint8)
     image[20:60, 30:80] = 255
     b64 = base64.b64encode(encode_image(image)).decode()

@@ -57,6 +57,10 @@ def test_inference_service_has_the_field_promote_patches():
     assert predictor["model"]["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     (container,) = runtime["spec"]["containers"]
     assert container["command"] == ["python", "-m", "serving"] and "/mnt/models" in container["args"]
+    # inference threads = the CPU request (no CPU limit, so the process would otherwise see the node's cores)
+    threads = container["args"][container["args"].index("--threads") + 1]
+    assert threads == str(predictor["model"]["resources"]["requests"]["cpu"]) == str(container["resources"]["requests"]["cpu"])
+    assert "cpu" not in predictor["model"]["resources"].get("limits", {})
     assert container["securityContext"]["runAsNonRoot"] is True
     sa = by_kind(objects, "ServiceAccount")
     assert predictor["serviceAccountName"] == sa["metadata"]["name"]

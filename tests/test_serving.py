@@ -276,3 +276,34 @@ def test_the_web_page_escapes_names_from_the_package(serving_predictor, monkeypa
     assert "<script>alert" not in page and "<img src=x" not in page and "</title><script>" not in page
     classes = re.search(r"textContent = (.*)\.join", page).group(1)
     assert json.loads(classes) == evil  # the names still display as they are
+
+
+def test_threads_follow_the_containers_cpu_limit(tmp_path, serving_package):
+    """A Kubernetes CPU limit reaches the process as a CFS quota (cgroup v2 `cpu.max`, v1
+    `cpu.cfs_quota_us`); the predictor runs that many threads, rounded up. The real quota, in a container
+    with `--cpus 1`, is checked in tests/test_containers_serving.py."""
+    import os
+
+    from serving.predictor import cpu_budget
+
+    cores = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cpu_budget(v2) == min(cores, 2)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_budget(v2) == cores
+    v1 = tmp_path / "v1" / "cpu,cpuacct"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_budget(tmp_path / "v1") == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_budget(tmp_path / "v1") == cores
+    assert cpu_budget(tmp_path / "nothing") == cores
+    one = MaskRCNNPredictor("m", str(serving_package), threads=1)
+    assert one.load() and one.graph.threads == 1 and one.torch_threads == 1
+    eager = MaskRCNNPredictor("m", str(serving_package), threads=1, backend="eager")
+    assert eager.load() and eager.graph is None and eager.torch_threads == 1
+    with pytest.raises(ValueError, match="threads: expected an integer >= 1, got 0"):
+        MaskRCNNPredictor("m", str(serving_package), threads=0)
