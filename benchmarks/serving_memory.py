@@ -4,7 +4,8 @@
 request decoded, one batched forward pass, and every detection's mask pasted at full resolution as
 float32 at once (twice over: a list, then a stacked copy), then thresholded. `after`: the predictor now,
 one image at a time through `training.engine.detect`, masks pasted a few at a time within
-`MASK_BUDGET_BYTES` and encoded as they go.
+`MASK_BUDGET_BYTES` and encoded as they go, with the network in ONNX Runtime (the package's
+`detector.onnx`, the predictor's default); `eager`: the same with `--backend eager`.
 
 Each configuration runs in a fresh process; the number is the peak of the process's resident memory
 during the request (sampled every 2 ms from /proc/self/statm) minus its resident memory just before,
@@ -76,7 +77,8 @@ def measure(mode: str, package: str, megapixels: float, detections: int, count: 
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * page
 
-    predictor = MaskRCNNPredictor("m", package, score_threshold=0.0, max_detections=detections, max_pixels=64_000_000)
+    predictor = MaskRCNNPredictor("m", package, score_threshold=0.0, max_detections=detections, max_pixels=64_000_000,
+                                  backend="onnxruntime" if mode == "after" else "eager")
     predictor.load()
     blobs = [png(megapixels, i) for i in range(count)]
     predictor._run([png(0.01, 0)], 0.0, detections, False)  # warm-up
@@ -89,7 +91,7 @@ def measure(mode: str, package: str, megapixels: float, detections: int, count: 
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    if mode == "after":
+    if mode in ("after", "eager"):
         results, _ = predictor._run(blobs, 0.0, detections, False)
         found = sum(len(r["detections"]) for r in results)
     else:
@@ -128,7 +130,7 @@ def main() -> int:
             for mp in [float(v) for v in args.sizes.split(",")]:
                 for n in [int(v) for v in args.images.split(",")]:
                     row = {"mp": mp, "detections": det, "images": n, "estimate_before_gb": round(estimate_before_gb(mp, det, n), 1)}
-                    for mode in ("before", "after"):
+                    for mode in ("before", "eager", "after"):
                         if mode == "before" and row["estimate_before_gb"] > args.max_gb:
                             row[mode] = None
                             continue
@@ -139,13 +141,14 @@ def main() -> int:
                     rows.append(row)
                     print(f"{mp:>5.0f} MP  {det:>4} det  {n} img  found {row['found']:>4}  "
                           f"before {row['before'] if row['before'] is not None else 'skipped (est. %.0f GB)' % row['estimate_before_gb']:>8} MB  "
-                          f"after {row['after']:>7} MB", flush=True)
-    print("\n| MP/image | detections | images | before: peak RSS during the request (MB) | after (MB) | before / after |")
-    print("|---:|---:|---:|---:|---:|---:|")
+                          f"eager {row['eager']:>7} MB  after {row['after']:>7} MB", flush=True)
+    print("\n| MP/image | detections | images | before: peak RSS during the request (MB) | after, eager (MB) "
+          "| after, ONNX Runtime (MB) | before / after |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['before'] / max(r['after'], 1):.1f}x" if r["before"] is not None else "-"
         before = f"{r['before']:.0f}" if r["before"] is not None else f"not run (est. {r['estimate_before_gb']:.0f} GB)"
-        print(f"| {r['mp']:.0f} | {r['detections']} | {r['images']} | {before} | {r['after']:.0f} | {ratio} |")
+        print(f"| {r['mp']:.0f} | {r['detections']} | {r['images']} | {before} | {r['eager']:.0f} | {r['after']:.0f} | {ratio} |")
     return 0
 
 
