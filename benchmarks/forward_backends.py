@@ -10,7 +10,7 @@ head's Linear layers, `torch.ao.quantization.quantize_dynamic`); torch.compile o
 ONNX Runtime on the package's `detector.onnx` (what the predictor runs; PyTorch then keeps one thread for
 pre- and post-processing, as in the predictor); OpenVINO on the same graph at its default precision (bf16
 on CPUs with native bf16) and at float32, when `openvino` is importable (not a dependency: add
-`--with openvino`). "false dets": detections a backend returns on images where eager finds none.
+`--with openvino`). "false dets": detections a graph backend returns / images where eager finds none.
 "network" times the network alone (backbone to mask head, or the graph) on the resized image; "detect" adds
 pre-processing and mask pasting at the upload's size.
 
@@ -83,8 +83,7 @@ class OpenVinoDetector:
         out = []
         for i, size in enumerate(batch.image_sizes):
             result = self.request.infer({"images": batch.tensors[i:i + 1].numpy(), "image_size": np.asarray(size, dtype=np.int64)})
-            boxes, labels, scores, masks = (torch.from_numpy(np.array(result[self.model.output(n)])) for n in OUTPUTS)
-            out.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks})
+            out.append({n: torch.from_numpy(np.array(result[self.model.output(n)])) for n in OUTPUTS})
         return out
 
 
@@ -97,11 +96,13 @@ def graph_backends(package: str, threads: int) -> dict[str, Callable[[], object]
     return found
 
 
-def empty_image_errors(model, graph, count: int = 30) -> int:
-    """Detections a backend returns on images where eager PyTorch finds none (plain and faint-noise images,
-    alternating with validation-like noise that does give detections): must be 0."""
+def empty_image_errors(model, graph, count: int = 30) -> str:
+    """"D/E": detections the graph returns (D, must be 0) on the E images, of `count` flat grey and
+    uniform-noise images, where eager PyTorch finds none; "-" for the PyTorch variants (no graph)."""
+    if graph is None:
+        return "-"
     rng = np.random.default_rng(0)
-    errors = 0
+    errors = empty = 0
     for k in range(count):
         if k % 2:
             image = torch.full((3, 128, 128), float(rng.uniform()))
@@ -111,9 +112,10 @@ def empty_image_errors(model, graph, count: int = 30) -> int:
         with torch.inference_mode():
             features = model.backbone(batch.tensors)
             (expected,), _ = model.roi_heads(features, model.rpn(batch, features)[0], batch.image_sizes)
-        if graph is not None and len(expected["scores"]) == 0:
+        if len(expected["scores"]) == 0:
+            empty += 1
             errors += len(graph(batch)[0]["scores"])
-    return errors
+    return f"{errors}/{empty}"
 
 
 @torch.inference_mode()

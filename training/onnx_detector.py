@@ -4,7 +4,7 @@ The graph holds everything from the normalized, padded image tensor to the per-d
 probabilities: backbone, FPN, RPN (anchors, top-n, NMS), RoIAlign, the box head and its per-class NMS,
 and the mask head. Pre-processing (`model.transform`) and post-processing (mask pasting, thresholds, RLE:
 `training.engine.postprocess`) stay the same PyTorch code as eager inference. On 2 CPU threads ONNX
-Runtime runs the graph 1.7-1.9x faster than eager PyTorch, in float32 with the same numbers
+Runtime runs the graph 1.6-1.9x faster than eager PyTorch, in float32 with the same numbers
 (`benchmarks/forward_backends.py`; `benchmarks/RESULTS.md`, which also says why not OpenVINO).
 
 The exporter is torch.onnx's TorchScript-based one (`dynamo=False`), the path torchvision documents and
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "detector.onnx"
 INPUTS = ("images", "image_size")
-OUTPUTS = ("boxes", "labels", "scores", "mask_probs")
+OUTPUTS = ("boxes", "labels", "scores", "masks")  # `model.roi_heads`'s keys; masks are 28x28 probabilities
 OPSET = 17
 # How far ONNX Runtime's detections may be from eager PyTorch's in scores, box pixels and mask
 # probabilities (float32 rounding in a different operator order gives ~1e-5 on scores, ~1e-4 px on boxes).
@@ -58,7 +58,7 @@ class DetectorGraph(nn.Module):
         features = self.backbone(images)
         proposals, _ = self.rpn(batch, features)
         (detections,), _ = self.roi_heads(features, proposals, batch.image_sizes)
-        return detections["boxes"], detections["labels"], detections["scores"], detections["masks"]
+        return tuple(detections[name] for name in OUTPUTS)
 
 
 def export_onnx(model: nn.Module, path: str | Path) -> Path:
@@ -75,8 +75,7 @@ def export_onnx(model: nn.Module, path: str | Path) -> Path:
             warnings.simplefilter("ignore")  # tracer and deprecation warnings: the check below is what counts
             torch.onnx.export(graph, inputs[0], str(path), dynamo=False, opset_version=OPSET,
                               input_names=list(INPUTS), output_names=list(OUTPUTS),
-                              dynamic_axes={"images": {2: "height", 3: "width"}, "boxes": {0: "n"},
-                                            "labels": {0: "n"}, "scores": {0: "n"}, "mask_probs": {0: "n"}})
+                              dynamic_axes={"images": {2: "height", 3: "width"}, **{name: {0: "n"} for name in OUTPUTS}})
         runtime = OnnxDetector(path.read_bytes(), threads=torch.get_num_threads())
         for images, size in inputs:
             with torch.inference_mode():
@@ -185,8 +184,5 @@ class OnnxDetector:
 
     def __call__(self, batch: ImageList) -> list[dict[str, torch.Tensor]]:
         """`model.roi_heads`'s detections for each image of a transformed batch, one graph run per image."""
-        out = []
-        for i, size in enumerate(batch.image_sizes):
-            boxes, labels, scores, masks = self.run(batch.tensors[i:i + 1], torch.tensor(size, dtype=torch.int64))
-            out.append({"boxes": boxes, "labels": labels, "scores": scores, "masks": masks})
-        return out
+        return [dict(zip(OUTPUTS, self.run(batch.tensors[i:i + 1], torch.tensor(size, dtype=torch.int64))))
+                for i, size in enumerate(batch.image_sizes)]
