@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from training.data.prepare import prepare_data
 from training.engine import detect
 from training.evaluate import evaluate_model
-from training.export import load_graph, load_package
+from training.package import open_package
 from training.logs import setup_logging
-from training.onnx_detector import ONNX_FILE, OUTPUTS
+from training.onnx_detector import ONNX_FILE, OUTPUTS, OnnxDetector
 
 log = logging.getLogger("benchmark")
 
@@ -89,7 +89,7 @@ class OpenVinoDetector:
 
 def graph_backends(package: str, threads: int) -> dict[str, Callable[[], object]]:
     """The package's graph in ONNX Runtime (the predictor's runtime), and in OpenVINO when importable."""
-    found: dict[str, Callable[[], object]] = {"onnxruntime": lambda: load_graph(package, threads)}
+    found: dict[str, Callable[[], object]] = {"onnxruntime": lambda: OnnxDetector(open_package(package).graph, threads)}
     if importlib.util.find_spec("openvino") is not None:
         for precision in ("auto", "f32"):
             found[f"openvino {precision}"] = lambda p=precision: OpenVinoDetector(f"{package}/{ONNX_FILE}", threads, p)
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging(logging.WARNING, "%(message)s")
     torch.set_num_threads(args.threads)
-    base, config, _ = load_package(args.package)
+    opened = open_package(args.package)
+    base, config = opened.build_model(), opened.config
     base.eval()
     val = prepare_data(config.data, validate=False).val
     threshold, mask_threshold = config.eval.score_threshold, config.eval.mask_threshold

@@ -15,10 +15,10 @@ from flask import Flask, jsonify, request
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
-from training.export import load_package
+from training.package import open_package
 
 app = Flask(__name__)
-model, _, _ = load_package(sys.argv[1])
+model = open_package(sys.argv[1]).build_model()
 
 
 @app.route("/ready")

@@ -30,20 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def make_package(folder: Path, detections: int) -> Path:
     import torch
 
-    from training.checkpoint import save_checkpoint
     from training.config import CONFIG_DIR, load_config
     from training.data.coco import LabelMap
-    from training.export import export_package
     from training.model import build_model
+    from training.package import write_package
 
     # An untrained model with no score floor returns exactly `detections` instances per image.
     cfg = load_config(CONFIG_DIR / "default.yaml", [f"model.box_detections_per_img={detections}", "model.box_score_thresh=0",
                                                     f"model.rpn_post_nms_top_n_test={max(200, 2 * detections)}"])
     torch.manual_seed(0)
     labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
-    ckpt = save_checkpoint(folder / "ckpt", model=build_model(cfg.model, labels.num_classes), optimizer=None,
-                           scheduler=None, scaler=None, epoch=0, config=cfg, label_map=labels, metrics={})
-    return export_package(ckpt, folder / "package")
+    write_package(build_model(cfg.model, labels.num_classes), cfg, labels, {"epoch": 0}, folder / "package")
+    return folder / "package"
 
 
 def png(megapixels: float, seed: int) -> bytes:

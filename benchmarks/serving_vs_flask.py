@@ -42,18 +42,16 @@ log = logging.getLogger("benchmarks.serving")
 def make_package(folder: Path, image_size: int) -> Path:
     import torch
 
-    from training.export import export_package
-    from training.checkpoint import save_checkpoint
     from training.config import CONFIG_DIR, load_config
     from training.data.coco import LabelMap
     from training.model import build_model
+    from training.package import write_package
 
     cfg = load_config(CONFIG_DIR / "default.yaml", [f"model.min_size={image_size}", f"model.max_size={image_size}"])
     torch.manual_seed(0)
     labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
-    ckpt = save_checkpoint(folder / "ckpt", model=build_model(cfg.model, labels.num_classes), optimizer=None,
-                           scheduler=None, scaler=None, epoch=0, config=cfg, label_map=labels, metrics={})
-    return export_package(ckpt, folder / "package", {"model_version": "bench"})
+    write_package(build_model(cfg.model, labels.num_classes), cfg, labels, {"model_version": "bench"}, folder / "package")
+    return folder / "package"
 
 
 def images(count: int, size: int) -> list[str]:

@@ -5,6 +5,7 @@ from the usual variables and kubeconfig, as for the pipeline.
 
   uv run -m release promote RUN_ID --storage-prefix s3://models [--isvc-name maskrcnn --namespace models]
   uv run -m release rollback 3 --isvc-name maskrcnn --namespace models --reason "incident 42"
+  uv run -m release keygen signing.key signing.pub
 
 `promote` downloads the run's model (its serving package), scores it and the current champion on the
 same validation split (`--val-data`, default: the split the model was trained with), applies the gate,
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
-from pathlib import Path
 
 from release.deploy import DeployError
 from release.publish import PublishError
@@ -27,6 +28,7 @@ from training.logs import setup_logging
 log = logging.getLogger("release")
 
 REJECTED = 3
+SIGNING_KEY_ENV = "MASKRCNN_SIGNING_KEY_FILE"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,9 +49,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-mask-iou", type=float, default=0.7)
     up.add_argument("--margin", type=float, default=0.0, help="segm mAP the candidate must beat the champion by")
     up.add_argument("--canary-percent", type=int, default=0)
+    up.add_argument("--signing-key", default=os.environ.get(SIGNING_KEY_ENV, ""),
+                    help=f"Ed25519 private key (PEM file, e.g. a mounted Secret) that signs the published package's "
+                         f"SHA256SUMS; default ${SIGNING_KEY_ENV}; empty: unsigned")
     back = sub.add_parser("rollback", help="serve an earlier published version again and move champion to it")
     back.add_argument("version")
     back.add_argument("--reason", default="rolled back by hand")
+    keys = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing packages (see the README)")
+    keys.add_argument("private_key", help="file for the private key (created owner-only; never overwritten)")
+    keys.add_argument("public_key", help="file for the public key (PEM), for the predictor's ConfigMap")
     return p
 
 
@@ -64,12 +72,11 @@ def logged_model_of(client, run_id: str) -> str:
     return f"models:/{ready[0].model_id}"
 
 
-def validation_split(package: Path, val_data: str):
+def validation_split(package, val_data: str):
     """The split to score on: `val_data`, else the validation split of the data the package was trained on."""
-    from training.config import load_config
     from training.data.prepare import prepare_data
 
-    cfg = load_config(package / "config.yaml", [f"data.val={val_data}"] if val_data else [])
+    cfg = package.config.replace(data={"val": val_data}) if val_data else package.config
     return prepare_data(cfg.data, validate=True).val
 
 
@@ -79,26 +86,29 @@ def cmd_promote(args: argparse.Namespace, tracking_uri: str) -> int:
     from release.gate import decide, record_gate
     from release.promote import promote
     from release.scoring import score_candidate_and_champion
+    from training.package import open_package
+    from training.signature import load_private_key
     from training.tracking import download_model
 
+    signing_key = load_private_key(args.signing_key) if args.signing_key else None  # before any work: fail fast
     client = MlflowClient(tracking_uri)
     model_uri = logged_model_of(client, args.run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        package = download_model(tracking_uri, model_uri, tmp)
-        scores = score_candidate_and_champion(package, validation_split(package, args.val_data), tracking_uri,
-                                              args.model_name)
-        decision = decide(scores["segm_map"], scores["mask_iou"], min_segm_map=args.min_segm_map,
-                          min_mask_iou=args.min_mask_iou, margin=args.margin,
-                          champion_segm_map=scores["champion_segm_map"] if scores["champion_version"] else None,
-                          champion_version=scores["champion_version"])
-        record_gate(client, args.run_id, decision)
-        if not decision.promote:
-            log.warning("%s", decision.reason)
-            return REJECTED
-        result = promote(package_dir=package, model_uri=model_uri, tracking_uri=tracking_uri, model_name=args.model_name,
-                         storage_prefix=args.storage_prefix, gate=decision, isvc_name=args.isvc_name,
-                         namespace=args.namespace, canary_percent=args.canary_percent or None,
-                         ready_timeout=args.ready_timeout, kubeconfig=args.kubeconfig)
+        package = open_package(download_model(tracking_uri, model_uri, tmp))  # verified bytes, held in memory
+    scores = score_candidate_and_champion(package, validation_split(package, args.val_data), tracking_uri,
+                                          args.model_name)
+    decision = decide(scores["segm_map"], scores["mask_iou"], min_segm_map=args.min_segm_map,
+                      min_mask_iou=args.min_mask_iou, margin=args.margin,
+                      champion_segm_map=scores["champion_segm_map"] if scores["champion_version"] else None,
+                      champion_version=scores["champion_version"])
+    record_gate(client, args.run_id, decision)
+    if not decision.promote:
+        log.warning("%s", decision.reason)
+        return REJECTED
+    result = promote(package_dir=package, model_uri=model_uri, tracking_uri=tracking_uri, model_name=args.model_name,
+                     storage_prefix=args.storage_prefix, gate=decision, isvc_name=args.isvc_name,
+                     namespace=args.namespace, canary_percent=args.canary_percent or None,
+                     ready_timeout=args.ready_timeout, kubeconfig=args.kubeconfig, signing_key=signing_key)
     log.info("%s v%s is the champion, served from %s", args.model_name, result.version, result.storage_uri)
     return 0
 
@@ -113,19 +123,35 @@ def cmd_rollback(args: argparse.Namespace, tracking_uri: str) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from training.signature import generate_keypair
+
+    try:
+        key = generate_keypair(args.private_key, args.public_key)
+    except FileExistsError:
+        log.error("%s exists; a private key is never overwritten (remove it first if you mean to)", args.private_key)
+        return 2
+    log.info("wrote key %s: private %s (keep it secret), public %s", key, args.private_key, args.public_key)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_args_parser().parse_args(argv)
+    if args.command == "keygen":
+        return cmd_keygen(args)
     from mlflow.exceptions import MlflowException
 
     from training.config import ConfigError
     from training.data.coco import DatasetError
+    from training.package import PackageError
+    from training.signature import SignatureError
     from training.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:
         return cmd_promote(args, tracking_uri) if args.command == "promote" else cmd_rollback(args, tracking_uri)
-    except (FileNotFoundError, ConfigError, DatasetError, MlflowException) as exc:
+    except (FileNotFoundError, ConfigError, DatasetError, MlflowException, PackageError, SignatureError) as exc:
         log.error("%s", exc)
         return 2
     except (PublishError, DeployError) as exc:

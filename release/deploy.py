@@ -20,9 +20,10 @@ whose generations have nothing to do with the InferenceService's own.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
+
+from training.waiting import WaitTimeout, connection_error, poll_until, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +165,16 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
                        timeout: float = 600, poll: float = 2.0, api: Any = None, kubeconfig: str = "") -> DeployResult:
     """Patch `spec.predictor.model.storageUri` (and `canaryTrafficPercent` when given), wait until KServe
     serves the new model (see the module's docstring), and restore the previous URI (and canary setting)
-    if it does not within `timeout` seconds, or fails."""
+    if it does not within `timeout` seconds, fails, or the wait itself fails.
+
+    Transient API errors (connection failures, 429, 5xx) are retried (`training.waiting`); any other error
+    while waiting rolls back and raises DeployError. When the URI is already set, nothing is patched, but it
+    still waits until KServe serves it (and raises DeployError, with nothing to roll back, if it does not)."""
     from kubernetes.client.exceptions import ApiException
 
     api = api or custom_objects_api(kubeconfig)
     try:
-        before = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        before = _call(api.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
     except ApiException as exc:
         raise DeployError(f"InferenceService {namespace}/{name}: cannot read it ({exc.status} {exc.reason})") from exc
     if "model" not in _predictor(before):
@@ -181,34 +186,81 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
                           f"KServe's Knative (Serverless) mode; nothing was changed")
     previous_uri = storage_uri_of(before)
     previous_canary = _predictor(before).get("canaryTrafficPercent")
+    apps = _apps_api(api) if mode == "Standard" else None
     if previous_uri == uri and previous_canary == canary_percent:
-        log.info("InferenceService %s/%s already points at %s", namespace, name, uri)
+        log.info("InferenceService %s/%s already points at %s; waiting until KServe serves it", namespace, name, uri)
+        try:
+            why = _wait_serving(api, apps, name, namespace, mode, uri, None, canary_percent, timeout, poll)
+        except Exception as exc:
+            raise DeployError(f"InferenceService {namespace}/{name} already points at {uri}, but KServe does not "
+                              f"serve it: {exc}") from exc
+        log.info("InferenceService %s/%s serves %s: %s", namespace, name, uri, why)
         return DeployResult(name, namespace, uri, previous_uri)
     revision_before = _created_revision(before)
-    apps = _apps_api(api) if mode == "Standard" else None
     try:
-        _patch(api, name, namespace, uri, canary_percent, canary_percent is not None)
+        _call(_patch, api, name, namespace, uri, canary_percent, canary_percent is not None)
     except ApiException as exc:
         raise DeployError(f"InferenceService {namespace}/{name}: patch refused ({exc.status} {exc.reason})") from exc
     log.info("InferenceService %s/%s (%s mode): storageUri %s -> %s%s; waiting up to %.0f s for it to serve", namespace,
              name, mode, previous_uri, uri, f" (canary {canary_percent}%)" if canary_percent is not None else "", timeout)
-    deadline = time.monotonic() + timeout
-    state, why = "waiting", ""
-    while time.monotonic() < deadline:
-        last = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        if storage_uri_of(last) != uri:
-            raise DeployError(f"InferenceService {namespace}/{name}: storageUri changed to {storage_uri_of(last)} "
-                              f"by someone else while waiting; not rolling back")
+    try:
+        why = _wait_serving(api, apps, name, namespace, mode, uri, revision_before, canary_percent, timeout, poll)
+    except _ChangedElsewhere as exc:
+        raise DeployError(str(exc)) from None
+    except BaseException as exc:  # whatever ends the wait: restore what was served, then say why
+        try:
+            _call(_patch, api, name, namespace, previous_uri, previous_canary, canary_percent is not None)
+        except Exception as undo:
+            raise DeployError(f"InferenceService {namespace}/{name}: {_reason(exc, uri, timeout)}; rolling back to "
+                              f"{previous_uri} FAILED too ({type(undo).__name__}: {undo}): restore it by hand") from exc
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt and the like: rolled back, and still stopping
+        raise DeployError(f"InferenceService {namespace}/{name} {_reason(exc, uri, timeout)}; rolled back to "
+                          f"{previous_uri}") from exc
+    log.info("InferenceService %s/%s serves %s: %s", namespace, name, uri, why)
+    return DeployResult(name, namespace, uri, previous_uri)
+
+
+class _ChangedElsewhere(RuntimeError):
+    """Someone else changed the storageUri while this step waited: theirs stands, nothing is rolled back."""
+
+
+class _RolloutFailed(RuntimeError):
+    """KServe reported the rollout failed (failed load, stuck Deployment)."""
+
+
+def _reason(exc: BaseException, uri: str, timeout: float) -> str:
+    if isinstance(exc, _RolloutFailed):
+        return f"failed on {uri} ({exc})"
+    if isinstance(exc, WaitTimeout):
+        return f"was not serving within {timeout:.0f} s on {uri} ({exc.seen})"
+    return f"could not be watched while it rolled out {uri} ({type(exc).__name__}: {exc})"
+
+
+def _call(func: Any, *args: Any) -> Any:
+    """One Kubernetes API call, retried while its error is transient (connection errors, 429, 5xx)."""
+    return retry_call(func, *args, what=f"Kubernetes API {getattr(func, '__name__', 'call')}")
+
+
+def _wait_serving(api: Any, apps: Any, name: str, namespace: str, mode: str, uri: str, revision_before: str | None,
+                  canary: int | None, timeout: float, poll: float) -> str:
+    """Poll until KServe serves `uri` (returns why it says so); _RolloutFailed, _ChangedElsewhere or
+    WaitTimeout otherwise. Transient API errors are polled through."""
+    seen = {"why": ""}
+
+    def check() -> str | None:
+        obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        if storage_uri_of(obj) != uri:
+            raise _ChangedElsewhere(f"InferenceService {namespace}/{name}: storageUri changed to {storage_uri_of(obj)} "
+                                    f"by someone else while waiting; not rolling back")
         if mode == "Knative":
-            state, why = knative_progress(last, revision_before, canary_percent)
+            state, why = knative_progress(obj, revision_before, canary)
         else:
-            state, why = standard_progress(last, _read_deployment(apps, name, namespace), uri)
-        if state == "serving":
-            log.info("InferenceService %s/%s serves %s: %s", namespace, name, uri, why)
-            return DeployResult(name, namespace, uri, previous_uri)
+            state, why = standard_progress(obj, _read_deployment(apps, name, namespace), uri)
+        seen["why"] = why
         if state == "failed":
-            break
-        time.sleep(poll)
-    _patch(api, name, namespace, previous_uri, previous_canary, canary_percent is not None)
-    verdict = "failed" if state == "failed" else f"was not serving within {timeout:.0f} s"
-    raise DeployError(f"InferenceService {namespace}/{name} {verdict} on {uri} ({why}); rolled back to {previous_uri}")
+            raise _RolloutFailed(why)
+        return why if state == "serving" else None
+
+    return poll_until(check, timeout=timeout, interval=poll, what=f"InferenceService {namespace}/{name} serving {uri}",
+                      transient=connection_error, last=lambda: seen["why"])

@@ -1,36 +1,45 @@
-"""Promote a candidate that passed the gate: register it, publish its serving package, point KServe at
-it, and only then make it the `champion`. Also: roll the champion back to an earlier version.
+"""Promote a candidate that passed the gate: register it, sign and publish its serving package, point
+KServe at it, and only then make it the `champion`. Also: roll the champion back to an earlier version.
 
 Order, and why:
 1. register the version in MLflow with the evidence tags and the gate's decision (its number names the
    package),
-2. stamp the version into a copy of the package's metadata (weights, config and label map stay
-   byte-identical to the model logged in MLflow) and upload it to `<storage>/<model>/v<version>`, then
-   read it back and verify the checksums: an InferenceService never points at a partial package,
-3. patch the InferenceService's storageUri (optional canary), wait for Ready, roll back if not,
+2. stamp the version into the package's metadata (weights, config, label map, graph and probe stay
+   byte-identical to the model logged in MLflow and scored by the gate), sign its `SHA256SUMS` when a
+   signing key is given, and publish it to `<storage>/<model>/v<version>` (immutable: the destination
+   must be empty), read back and verified: an InferenceService never points at a partial package,
+3. patch the InferenceService's storageUri (optional canary), wait until KServe serves it, roll back if not,
 4. move `champion` to the version, so the alias always names what is served.
-A failure in 2 or 3 tags the version `promotion.failed` with the reason and raises.
+
+It ends in one of two states, whatever fails in between: the new model is served and `champion` moved,
+or the storageUri is back where it was and the version is tagged `promotion.failed` with the reason.
+Transient errors of the API and the stores are retried by one policy (`training.waiting`).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.tracking import MlflowClient
 
 from release.deploy import DeployError, update_storage_uri
 from release.gate import GateDecision
-from release.publish import PublishError, publish_package
-from training.export import stamp_package
+from release.publish import publish_package
+from training.package import Package, open_package
 from training.registry import CHAMPION, register_package, set_alias
+from training.waiting import retry_call
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
 
 STORAGE_URI_TAG = "serving.storage_uri"
+FAILED_TAG = "promotion.failed"
+SIGNER_TAG = "serving.signed_by"
 
 
 @dataclass(frozen=True)
@@ -40,29 +49,55 @@ class PromoteResult:
     previous_storage_uri: str | None
 
 
-def promote(*, package_dir: str | Path, model_uri: str, tracking_uri: str, model_name: str, storage_prefix: str,
-            gate: GateDecision | None = None, isvc_name: str = "", namespace: str = "models",
-            canary_percent: int | None = None, ready_timeout: float = 600, kubeconfig: str = "") -> PromoteResult:
-    """Register, publish, deploy, then move `champion` (see the module's docstring for the order)."""
+def promote(*, package_dir: str | Path | Package, model_uri: str, tracking_uri: str, model_name: str,
+            storage_prefix: str, gate: GateDecision | None = None, isvc_name: str = "", namespace: str = "models",
+            canary_percent: int | None = None, ready_timeout: float = 600, kubeconfig: str = "",
+            signing_key: Ed25519PrivateKey | None = None) -> PromoteResult:
+    """Register, sign, publish, deploy, then move `champion` (see the module's docstring for the order)."""
+    package = package_dir if isinstance(package_dir, Package) else open_package(package_dir)
     client = MlflowClient(tracking_uri)
-    version = register_package(client, model_name, model_uri, package_dir, gate.tags() if gate else None)
+    version = register_package(client, model_name, model_uri, package, gate.tags() if gate else None)
     reason = gate.reason if gate else "promoted by hand"
-    previous = None
+    deployed = None
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            package = Path(shutil.copytree(package_dir, Path(tmp) / "package"))
-            stamp_package(package, {"model_name": model_name, "model_version": version, "model_uri": model_uri})
-            uri = publish_package(package, f"{storage_prefix.rstrip('/')}/{model_name}/v{version}")
-        client.set_model_version_tag(model_name, version, STORAGE_URI_TAG, uri)
+        served = package.stamped({"model_name": model_name, "model_version": version, "model_uri": model_uri})
+        if signing_key is not None:
+            served = served.signed(signing_key)
+        uri = publish_package(served, f"{storage_prefix.rstrip('/')}/{model_name}/v{version}")
+        _tag(client, model_name, version, STORAGE_URI_TAG, uri)
+        if served.signer:
+            _tag(client, model_name, version, SIGNER_TAG, served.signer)
         if isvc_name:
-            result = update_storage_uri(isvc_name, namespace, uri, canary_percent=canary_percent,
-                                        timeout=ready_timeout, kubeconfig=kubeconfig)
-            previous = result.previous_uri
-    except (PublishError, DeployError) as exc:
-        client.set_model_version_tag(model_name, version, "promotion.failed", str(exc)[:5000])
+            deployed = update_storage_uri(isvc_name, namespace, uri, canary_percent=canary_percent,
+                                          timeout=ready_timeout, kubeconfig=kubeconfig)
+        retry_call(set_alias, client, model_name, CHAMPION, version, reason=f"{reason}; serving {uri}",
+                   what=f"moving {CHAMPION} to {model_name} v{version}")
+    except BaseException as exc:
+        _unwind(client, model_name, version, exc, deployed, namespace, ready_timeout, kubeconfig)
         raise
-    set_alias(client, model_name, CHAMPION, version, reason=f"{reason}; serving {uri}")
-    return PromoteResult(version, uri, previous)
+    return PromoteResult(version, uri, deployed.previous_uri if deployed else None)
+
+
+def _tag(client: MlflowClient, name: str, version: str, key: str, value: str) -> None:
+    retry_call(client.set_model_version_tag, name, version, key, value, what=f"tagging {name} v{version} {key}")
+
+
+def _unwind(client: MlflowClient, name: str, version: str, exc: BaseException, deployed, namespace: str,
+            ready_timeout: float, kubeconfig: str) -> None:
+    """After a failure: put back the storageUri if this promotion had moved it (the deploy step rolls back
+    its own failures), and tag the version `promotion.failed` with the reason."""
+    why = f"{type(exc).__name__}: {exc}"
+    if deployed is not None and deployed.previous_uri and deployed.previous_uri != deployed.storage_uri:
+        try:
+            update_storage_uri(deployed.name, namespace, deployed.previous_uri, timeout=ready_timeout,
+                               kubeconfig=kubeconfig)
+            why += f"; storageUri rolled back to {deployed.previous_uri}"
+        except DeployError as undo:
+            why += f"; rolling the storageUri back FAILED: {undo}"
+    try:
+        _tag(client, name, version, FAILED_TAG, why[:5000])
+    except Exception as tag_exc:  # the original failure is what the caller must see
+        log.error("could not tag %s v%s %s (%s): %s", name, version, FAILED_TAG, tag_exc, why)
 
 
 def rollback(*, tracking_uri: str, model_name: str, version: str, reason: str, isvc_name: str = "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -14,6 +15,7 @@ from serving.predictor import BACKENDS, DEFAULT_MODEL_DIR, MaskRCNNPredictor
 from training.logs import setup_logging
 
 log = logging.getLogger("serving")
+PUBLIC_KEYS_ENV = "MASKRCNN_PUBLIC_KEYS"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "or eager PyTorch")
     p.add_argument("--threads", type=int, default=None,
                    help="inference threads (default: the CPUs this process may use, capped by its container's CPU limit)")
+    p.add_argument("--public-keys", default=os.environ.get(PUBLIC_KEYS_ENV, ""),
+                   help=f"trusted Ed25519 public keys: a PEM file (one or more keys) or a folder of *.pem files, e.g. "
+                        f"a mounted ConfigMap; with any, unsigned or wrongly signed packages are refused. Default "
+                        f"${PUBLIC_KEYS_ENV}; empty: signatures are not checked")
     return p
 
 
@@ -42,9 +48,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.app import build_app
 
-    model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,
-                              max_detections=args.max_detections, max_pixels=args.max_pixels, backend=args.backend, threads=args.threads)
-    model.load()
+    from training.package import PackageError
+    from training.signature import SignatureError
+
+    try:
+        model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,
+                                  max_detections=args.max_detections, max_pixels=args.max_pixels, backend=args.backend,
+                                  threads=args.threads, public_keys=args.public_keys or None)
+        model.load()
+    except (PackageError, SignatureError) as exc:  # never ready: the pod restarts and KServe reports the failed load
+        log.error("not serving %s: %s", args.model_dir, exc)
+        return 1
     app = build_app(model, int(args.max_body_mb * (1 << 20)))
     log.info("loaded in %.1f s; serving on http://%s:%d (web page: /ui)", time.perf_counter() - started, args.host,
              args.http_port)

@@ -13,7 +13,10 @@ Decoding, pre-processing (`training.data.images`) and post-processing (`training
 with the mask threshold from the package's config) are training's own, not copies.
 
 The network runs in ONNX Runtime when the package has `detector.onnx` (backend `auto`, the default, or
-`onnxruntime`, which refuses a package without it), else in eager PyTorch (`eager`).
+`onnxruntime`, which refuses a package without it), else in eager PyTorch (`eager`). The package is read
+through `training.package.open_package` and is served only when the network answers its probe as the
+weights did when it was exported (and, with public keys configured, only when it is signed by one).
+A label outside the package's label map is a model failure (500), never some class.
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
 from prometheus_client import Histogram
 
+from training.data.coco import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
 from training.engine import MASK_BUDGET_BYTES, detect
-from training.export import PackageError, load_graph, load_package, read_metadata
-from training.onnx_detector import OnnxDetector
+from training.onnx_detector import OnnxDetector, OnnxExportError, eager_runner
+from training.package import PackageError, open_package
+from training.signature import load_public_keys
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +57,17 @@ DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per
                        buckets=(0, 1, 2, 5, 10, 20, 50, 100))
 BACKENDS = ("auto", "onnxruntime", "eager")
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
+PROBE_TIMEOUT_S = 60.0  # one probe input through the graph at load; a graph that runs longer is refused
 
 
 class MaskRCNNPredictor(Model):
-    """Loads (and checksum-verifies) a serving package from a folder, `s3://` or `gs://` prefix."""
+    """Serves a serving package from a folder, `s3://` or `gs://` prefix, once it is verified (checksums,
+    limits, the signature when public keys are configured) and its network answers the package's probe."""
 
     def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = 0.5,
                  max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8,
-                 mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: str = "auto", threads: int | None = None):
+                 mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: str = "auto", threads: int | None = None,
+                 public_keys: str | Path | None = None, probe_timeout_s: float = PROBE_TIMEOUT_S):
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
@@ -72,36 +80,50 @@ class MaskRCNNPredictor(Model):
         if threads is not None and threads < 1:
             raise ValueError(f"threads: expected an integer >= 1, got {threads}")
         self.threads = threads  # None: the CPUs this process may use (`cpu_budget`)
+        # Trusted signing keys (a PEM file or a folder of them): with any, only packages they signed are served.
+        self.public_keys = load_public_keys(public_keys) if public_keys else None
+        self.probe_timeout_s = probe_timeout_s
         self.model: torch.nn.Module | None = None
         self.graph: OnnxDetector | None = None
         self.torch_threads = 1
         self.version = ""
+        self.signer = ""
         self._lock = threading.Lock()  # one forward pass at a time: they use every core already
         # One inference thread: requests queue holding their compressed bodies only, not decoded images.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.last_forward_seconds = 0.0
 
     def load(self) -> bool:
-        folder = Path(self.model_dir)
-        if self.model_dir.startswith(("s3://", "gs://")):
-            from training.data.sources import fetch_prefix
-
-            folder = fetch_prefix(self.model_dir, Path(os.environ.get("MASKRCNN_CACHE", "/tmp/maskrcnn-serving")))
-        self.model, self.config, self.label_map = load_package(folder)  # raises PackageError on a bad checksum
+        """Read and verify the package (checksums, limits, signature when keys are configured), build the
+        network, and run it on the package's probe: ready only when it answers as the weights did at export."""
+        cache = Path(os.environ.get("MASKRCNN_CACHE", "/tmp/maskrcnn-serving"))
+        package = open_package(self.model_dir, public_keys=self.public_keys, cache_dir=cache)  # raises PackageError
+        self.config, self.label_map = package.config, package.label_map
         self.mask_threshold = self.config.eval.mask_threshold  # the threshold the model was evaluated with
-        meta = read_metadata(folder)
-        self.version = str(meta.get("model_version") or meta.get("mlflow_run_id") or "")
+        self.version, self.signer = package.version, package.signer
+        model = package.build_model()
         cores = self.threads or cpu_budget()
-        self.graph = load_graph(folder, cores) if self.backend != "eager" else None
+        if self.backend == "onnxruntime" and package.graph is None:
+            raise PackageError(f"{self.model_dir}: backend onnxruntime needs the package's detector.onnx, and it has "
+                               f"none (re-export it with `uv run -m training.export`, or serve with backend eager)")
+        graph = OnnxDetector(package.graph, cores) if self.backend != "eager" and package.graph is not None else None
+        try:
+            with _torch_threads(1 if graph is not None else cores):
+                problem = package.probe.mismatch(graph.run if graph is not None else eager_runner(model), self.probe_timeout_s)
+        except OnnxExportError as exc:
+            problem = str(exc)
+        if problem:
+            raise PackageError(f"{self.model_dir}: the network does not answer the package's probe as its weights "
+                               f"did at export, so it is not served: {problem}")
+        self.model, self.graph = model, graph
         # With the graph, PyTorch only resizes and pastes masks: one thread, so that its idle OpenMP
         # workers do not spin against ONNX Runtime's on the same cores (set per forward pass, in `infer`).
         self.torch_threads = 1 if self.graph is not None else cores
-        if self.backend == "onnxruntime" and self.graph is None:
-            raise PackageError(f"{folder}: backend onnxruntime needs the package's detector.onnx, and it has none "
-                               f"(re-export it with `uv run -m training.export`, or serve with backend eager)")
         self.ready = True
-        log.info("model %s ready: version %s, classes %s, network on %s", self.name, self.version or "?",
-                 self.label_map.names, f"ONNX Runtime ({cores} threads)" if self.graph else f"eager PyTorch ({cores} threads)")
+        log.info("model %s ready: version %s, classes %s, network on %s, probe matched, %s", self.name,
+                 self.version or "?", self.label_map.names,
+                 f"ONNX Runtime ({cores} threads)" if self.graph else f"eager PyTorch ({cores} threads)",
+                 f"signed by key {self.signer}" if self.signer else "signature not checked (no public key configured)")
         return self.ready
 
     # -- request parsing -------------------------------------------------------------------------
@@ -220,9 +242,13 @@ class MaskRCNNPredictor(Model):
                 raise InferenceError(f"model failure: {type(exc).__name__}: {exc}") from exc
             # whole arrays to Python lists once: element-wise indexing costs microseconds each
             labels, scores, boxes = pred["labels"].tolist(), pred["scores"].tolist(), pred["boxes"].tolist()
-            detections = [{"label": self.label_map.name_of(label), "category_id": self.label_map.category_of(label),
-                           "score": round(score, 5), "box": [round(v, 2) for v in box], "mask": rle}
-                          for label, score, box, rle in zip(labels, scores, boxes, pred["masks"])]
+            try:
+                detections = [{"label": self.label_map.name_of(label), "category_id": self.label_map.category_of(label),
+                               "score": round(score, 5), "box": [round(v, 2) for v in box], "mask": rle}
+                              for label, score, box, rle in zip(labels, scores, boxes, pred["masks"])]
+            except LabelError as exc:  # never served as some class: the network is not the one that was scored
+                log.error("the network returned a label outside the label map: %s", exc)
+                raise InferenceError(f"model failure: {exc}") from None
             result = {"width": int(img.shape[1]), "height": int(img.shape[0]), "model_version": self.version,
                       "detections": detections}
             if overlay:

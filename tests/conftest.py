@@ -199,19 +199,17 @@ def serving_package(tmp_path_factory) -> Path:
     """A serving package of a tiny, untrained but seeded model (it predicts low-score instances)."""
     import torch
 
-    from training.export import export_package
-    from training.checkpoint import save_checkpoint
     from training.data.coco import LabelMap
     from training.model import build_model
+    from training.package import write_package
 
     cfg = load_config(TINY, [])
     torch.manual_seed(0)
     labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
     model = build_model(cfg.model, labels.num_classes)
-    root = tmp_path_factory.mktemp("serving")
-    ckpt = save_checkpoint(root / "ckpt", model=model, optimizer=None, scheduler=None, scaler=None, epoch=0,
-                           config=cfg, label_map=labels, metrics={}, run_info={"mlflow_run_id": "r1"})
-    return export_package(ckpt, root / "package", {"model_version": "7"})
+    folder = tmp_path_factory.mktemp("serving") / "package"
+    write_package(model, cfg, labels, {"epoch": 0, "metrics": {}, "mlflow_run_id": "r1", "model_version": "7"}, folder)
+    return folder
 
 
 SERVING_MAX_BODY = 1 << 20

@@ -104,8 +104,8 @@ def test_pipelines_are_adapters_over_training_and_release(graph):
 
 def test_serving_uses_the_package_loader_and_shared_processing_only(graph):
     used = {d for d in _imports_of(graph, "serving") if not d.startswith("serving")}
-    assert used <= {"training.export", "training.data.images", "training.engine", "training.logs",
-                    "training.data.coco", "training.visualize", "training.data.sources", "training.onnx_detector"}, used
+    assert used <= {"training.package", "training.signature", "training.data.images", "training.engine",
+                    "training.logs", "training.data.coco", "training.visualize", "training.onnx_detector"}, used
 
 
 def test_nothing_imports_the_cli():

@@ -43,12 +43,9 @@ def test_nodes_answer_the_probes_and_the_jobs_api_wants_the_token(ray_nodes, pod
 
 
 def _objects(uri: str) -> list[str]:
-    from training.data.sources import SourceError, _list
+    from training.data.sources import list_objects
 
-    try:
-        return [o.key for o in _list(uri)]
-    except SourceError:
-        return []
+    return [o.key for o in list_objects(uri, allow_empty=True)]
 
 
 # The train step's call, in its own process as in a pipeline pod (Ray's client keeps process-wide
@@ -68,7 +65,7 @@ print(json.dumps({"result": dataclasses.asdict(result), "content_hash": data.con
 
 
 def test_a_run_on_two_nodes_survives_a_lost_worker(ray_nodes, mlflow_stack, cache_dir, tmp_path, monkeypatch):
-    from training.export import verify_package
+    from training.package import open_package
 
     for key, value in mlflow_stack.env().items():  # this process reads the bucket (S3 keys only)
         monkeypatch.setenv(key, value)
@@ -107,8 +104,8 @@ def test_a_run_on_two_nodes_survives_a_lost_worker(ray_nodes, mlflow_stack, cach
     assert run.info.status == "FINISHED" and run.data.tags["dataset_hash"] == reported["content_hash"]
     assert {m.step for m in client.get_metric_history(result["run_id"], "train_loss")} == set(range(8))
     assert run.data.metrics["final_segm_mAP"] == pytest.approx(result["metrics"]["segm_mAP"])
-    assert set(verify_package(tmp_path / "package")) == {"model.pt", "config.yaml", "label_map.json", "metadata.json",
-                                                          "detector.onnx"}
+    assert set(open_package(tmp_path / "package").checksums) == {"model.pt", "config.yaml", "label_map.json",
+                                                                  "metadata.json", "probe.npz", "detector.onnx"}
     assert sum("checkpoint_" in key and key.endswith("checkpoint.pt") for key in _objects(storage)) >= 1
 
 

@@ -1,5 +1,6 @@
-"""The package's `detector.onnx`: exported by the export step, checked against eager PyTorch, run by a
-real ONNX Runtime; refused when it does not match its checksum; absent without breaking serving."""
+"""The package's `detector.onnx`: written by the package writer, checked against eager PyTorch on the
+package's probe, run by a real ONNX Runtime; refused when it does not match its checksum; absent without
+breaking serving."""
 
 from __future__ import annotations
 
@@ -13,28 +14,27 @@ import pytest
 import torch
 import torchvision.ops.poolers
 
-from training.checkpoint import save_checkpoint
 from training.config import CONFIG_DIR, load_config
 from training.data.coco import LabelMap
-from training.export import CHECKSUM_FILE, PackageError, export_package, load_graph, load_package, verify_package
 from training.model import build_model
 from training.onnx_detector import ONNX_FILE, OnnxDetector, OnnxExportError, detection_mismatch, export_onnx
+from training.package import CHECKSUM_FILE, PackageError, open_package, write_package
 
 
-def _checkpoint(folder: Path, config_path: Path) -> Path:
+def _write(folder: Path, config_path: Path, onnx: bool = True) -> Path:
+    """A package of a seeded, untrained model with the config at `config_path`, written to `folder`."""
     config = load_config(config_path, [])
     torch.manual_seed(0)
     labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
-    return save_checkpoint(folder, model=build_model(config.model, labels.num_classes), optimizer=None, scheduler=None,
-                           scaler=None, epoch=1, config=config, label_map=labels, metrics={})
+    write_package(build_model(config.model, labels.num_classes), config, labels, {"epoch": 1}, folder, onnx=onnx)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory) -> Path:
     from conftest import TINY
 
-    root = tmp_path_factory.mktemp("onnx")
-    return export_package(_checkpoint(root / "ckpt", TINY), root / "package")
+    return _write(tmp_path_factory.mktemp("onnx") / "package", TINY)
 
 
 def _picture(h: int, w: int, seed: int) -> torch.Tensor:
@@ -53,13 +53,12 @@ def test_the_graph_gives_the_eager_networks_detections(config, tmp_path):
     empty result is tested below)."""
     from conftest import TINY
 
-    folder = _checkpoint(tmp_path / "ckpt", TINY if config == "tiny" else CONFIG_DIR / "default.yaml")
     original_merge = torchvision.ops.poolers._onnx_merge_levels
-    package = export_package(folder, tmp_path / "pkg")
+    opened = open_package(_write(tmp_path / "pkg", TINY if config == "tiny" else CONFIG_DIR / "default.yaml"))
     assert torchvision.ops.poolers._onnx_merge_levels is original_merge  # the export's swap is undone
-    model, cfg, _ = load_package(package)
-    graph = load_graph(package, threads=2)
-    assert graph is not None and graph.threads == 2
+    model, cfg = opened.build_model(), opened.config
+    graph = OnnxDetector(opened.graph, threads=2)
+    assert graph.threads == 2
     side = cfg.model.max_size
     counts = []
     for image in (_picture(side, side, 0), _picture(side, side * 2 // 3 + 1, 1), torch.zeros(3, side, side)):
@@ -84,7 +83,7 @@ def test_a_graph_with_no_detections(tmp_path):
     from conftest import TINY
     from training.engine import detect
 
-    model = load_package(export_package(_checkpoint(tmp_path / "ckpt", TINY), tmp_path / "pkg", onnx=False))[0]
+    model = open_package(_write(tmp_path / "pkg", TINY, onnx=False)).build_model()
     model.roi_heads.score_thresh = 1.0
     export_onnx(model, tmp_path / ONNX_FILE)
     graph = OnnxDetector((tmp_path / ONNX_FILE).read_bytes(), threads=1)
@@ -99,7 +98,7 @@ def test_an_image_with_nothing_after_one_with_detections_gives_none(package, tmp
     """No stale or invented detection when the model finds nothing (OpenVINO 2026.4 returns the previous
     image's first detection in this case: benchmarks/RESULTS.md). The box score threshold is set between
     the tiny model's best score on a blank image and on a picture, so one has detections and the other none."""
-    model, _, _ = load_package(package)
+    model = open_package(package).build_model()
     picture, blank = _picture(64, 64, 0), torch.zeros(3, 64, 64)
     with torch.inference_mode():
         best = [float(model([image])[0]["scores"].max()) for image in (picture, blank)]
@@ -118,23 +117,17 @@ def test_a_changed_graph_is_refused(package, tmp_path):
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights
     (copy / ONNX_FILE).write_bytes(bytes(data))
     with pytest.raises(PackageError, match=r"detector\.onnx: sha256 .* does not match"):
-        verify_package(copy)
-    with pytest.raises(PackageError, match=r"detector\.onnx: sha256 .* does not match"):
-        load_graph(copy, threads=1)
+        open_package(copy)
 
 
-def test_a_package_without_the_graph_is_served_eagerly(package, tmp_path, caplog):
-    """An older package (no graph), or a graph file that its checksums do not list: served by eager
-    PyTorch with `auto`; refused with `onnxruntime`, which needs the graph."""
+def test_a_package_without_the_graph_is_served_eagerly(tmp_path):
+    """A package without a graph (its export failed, or `--no-onnx`): served by eager PyTorch with `auto`;
+    refused with `onnxruntime`, which needs the graph."""
+    from conftest import TINY
     from serving.predictor import MaskRCNNPredictor
 
-    copy = shutil.copytree(package, tmp_path / "pkg")
-    sums = (copy / CHECKSUM_FILE).read_text().splitlines()
-    (copy / CHECKSUM_FILE).write_text("\n".join(line for line in sums if not line.endswith(ONNX_FILE)) + "\n")
-    assert ONNX_FILE not in verify_package(copy)
-    with caplog.at_level(logging.WARNING, logger="training.export"):
-        assert load_graph(copy, threads=1) is None
-    assert "detector.onnx: not listed in SHA256SUMS; ignored" in caplog.text
+    copy = _write(tmp_path / "pkg", TINY, onnx=False)
+    assert ONNX_FILE not in open_package(copy).checksums
     auto = MaskRCNNPredictor("m", str(copy), score_threshold=0.0)
     assert auto.load() and auto.graph is None and auto.torch_threads >= 1
     (result,) = auto.infer([(_picture(64, 64, 0).permute(1, 2, 0).numpy() * 255).astype(np.uint8)], 0.0, 5, False)
@@ -145,39 +138,51 @@ def test_a_package_without_the_graph_is_served_eagerly(package, tmp_path, caplog
         MaskRCNNPredictor("m", str(copy), backend="tensorrt")
 
 
+def test_a_graph_file_the_checksums_do_not_list_is_refused(package, tmp_path):
+    """It used to be ignored with a warning; a file that nobody vouches for now refuses the package."""
+    copy = shutil.copytree(package, tmp_path / "pkg")
+    sums = (copy / CHECKSUM_FILE).read_text().splitlines()
+    (copy / CHECKSUM_FILE).write_text("\n".join(line for line in sums if not line.endswith(ONNX_FILE)) + "\n")
+    with pytest.raises(PackageError, match=r"pkg/detector\.onnx: not listed in SHA256SUMS"):
+        open_package(copy)
+
+
 def test_checksums_naming_other_files_are_refused(package, tmp_path):
     copy = shutil.copytree(package, tmp_path / "pkg")
     with (copy / CHECKSUM_FILE).open("a") as sums:
         sums.write(f"{'0' * 64}  ../../etc/passwd\n")
-    with pytest.raises(PackageError, match=r"SHA256SUMS: lists \['../../etc/passwd'\]; a package holds only"):
-        verify_package(copy)
+    with pytest.raises(PackageError, match=r"SHA256SUMS line 7: expected '<64 lowercase hex digits>  <file name>', "
+                                           r"got '0{64}  \.\./\.\./etc/passwd'"):
+        open_package(copy)
 
 
-def test_a_failed_export_leaves_a_package_without_the_graph(package, tmp_path, monkeypatch, caplog):
+def test_a_failed_export_leaves_a_package_without_the_graph(tmp_path, monkeypatch, caplog):
     """Fault injected into the exporter (torch.onnx.export raises, as it does for operators it cannot
     export): the package is still written, without the graph, and the reason is logged."""
+    from conftest import TINY
+
     def unsupported(*args, **kwargs):
         raise RuntimeError("Exporting the operator 'custom::op' to ONNX opset version 17 is not supported")
 
     monkeypatch.setattr(torch.onnx, "export", unsupported)
-    with caplog.at_level(logging.WARNING, logger="training.export"):
-        out = export_package(package.parent / "ckpt", tmp_path / "pkg")
-    assert not (out / ONNX_FILE).exists() and ONNX_FILE not in verify_package(out)
+    with caplog.at_level(logging.WARNING, logger="training.package"):
+        out = _write(tmp_path / "pkg", TINY)
+    assert not (out / ONNX_FILE).exists() and ONNX_FILE not in open_package(out).checksums
     assert "will be served by eager PyTorch" in caplog.text and "custom::op" in caplog.text
 
 
 def test_a_graph_that_disagrees_with_eager_is_not_kept(package, tmp_path, monkeypatch):
     """The export's check can fail: a runtime that returns other scores (injected) leaves no file."""
-    model, _, _ = load_package(package)
+    model = open_package(package).build_model()
     run = OnnxDetector.run
 
-    def shifted(self, images, size):
-        boxes, labels, scores, masks = run(self, images, size)
+    def shifted(self, images, size, timeout_s=None):
+        boxes, labels, scores, masks = run(self, images, size, timeout_s)
         return boxes, labels, scores + 0.01, masks
 
     monkeypatch.setattr(OnnxDetector, "run", shifted)
-    with pytest.raises(OnnxExportError, match=r"ONNX Runtime's detections for input \(1, 3, 64, 64\).* differ from eager "
-                                              r"PyTorch's: detection 0 \(label \d, score 0\.\d+, box .*\) has no "
+    with pytest.raises(OnnxExportError, match=r"ONNX Runtime's detections differ from eager PyTorch's: probe input 0 "
+                                              r"\(1x3x64x64\): detection 0 \(label \d, score 0\.\d+, box .*\) has no "
                                               r"counterpart within 0\.001"):
         export_onnx(model, tmp_path / ONNX_FILE)
     assert not (tmp_path / ONNX_FILE).exists()

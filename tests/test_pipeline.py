@@ -129,22 +129,22 @@ def test_a_good_model_is_promoted_and_served_k8s_emulator(runner, pipeline_env, 
     uri = f"s3://{mlflow_stack.state.models_bucket}/{name}/v{champion.version}"
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == uri  # exactly the uploaded location
     assert champion.tags["serving.storage_uri"] == uri
-    from training.export import verify_package
     from training.data.sources import fetch_prefix
+    from training.package import open_package
 
-    package = fetch_prefix(uri, tmp_path / "download")
-    served = verify_package(package)
-    assert set(served) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "detector.onnx"}
+    package = open_package(fetch_prefix(uri, tmp_path / "download"))
+    served = package.checksums
+    assert set(served) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "probe.npz", "detector.onnx"}
     # One artifact: the Model artifact, the model logged in MLflow and the published package hold the
     # same weights, config and label map (only metadata.json gains the version number)
-    from training.export import read_metadata
     from training.tracking import download_model
 
     (model_dir,) = list(root.glob("*/train/model"))
-    logged = verify_package(download_model(params["tracking_uri"], f"models:/{name}/{champion.version}", tmp_path / "logged"))
-    for file in ("model.pt", "config.yaml", "label_map.json", "detector.onnx"):
-        assert served[file] == logged[file] == verify_package(model_dir)[file], file
-    assert read_metadata(package)["model_version"] == champion.version
+    logged = open_package(download_model(params["tracking_uri"], f"models:/{name}/{champion.version}",
+                                         tmp_path / "logged")).checksums
+    for file in ("model.pt", "config.yaml", "label_map.json", "probe.npz", "detector.onnx"):
+        assert served[file] == logged[file] == open_package(model_dir).checksums[file], file
+    assert package.metadata["model_version"] == champion.version
     # The dataset's identity is computed once: the prepare step's hash is the run's and the version's
     (dataset_dir,) = list(root.glob("*/prepare-data/dataset"))
     prepared_hash = json.loads((dataset_dir / "dataset.json").read_text())["content_hash"]
@@ -170,7 +170,8 @@ def test_a_good_model_is_promoted_and_served_k8s_emulator(runner, pipeline_env, 
     from release.scoring import score_candidate_and_champion
     from training.data.prepare import load_prepared
 
-    scores = score_candidate_and_champion(model_dir, load_prepared(dataset_dir).val, params["tracking_uri"], name)
+    scores = score_candidate_and_champion(open_package(model_dir), load_prepared(dataset_dir).val,
+                                          params["tracking_uri"], name)
     assert scores["champion_version"] == champion.version
     assert scores["champion_segm_map"] == pytest.approx(scores["segm_map"], abs=1e-9)
     assert scores["champion_mask_iou"] == pytest.approx(scores["mask_iou"], abs=1e-9)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 
-import shutil
 
 import pytest
 from conftest import sql_rows
 from mlflow.tracking import MlflowClient
 
-from training.export import stamp_package
+from training.package import open_package
 from training.registry import CHAMPION, alias_history, get_alias, register_package, set_alias
 from training.tracking import log_package
 
@@ -27,10 +26,11 @@ def three_versions(mlflow_stack, serving_package, tmp_path_factory):
     versions = []
     for i in range(3):
         run_id = client.create_run(exp_id).info.run_id
-        package = stamp_package(shutil.copytree(serving_package, tmp / f"package{i}"),
-                                {"metrics": {"segm_mAP": 0.1 * i, "mask_iou": 0.5}, "dataset_hash": "h",
-                                 "mlflow_run_id": run_id, "git_commit": "c" * 40})
-        versions.append(register_package(client, name, log_package(client, run_id, package), package))
+        package = open_package(serving_package).stamped({"metrics": {"segm_mAP": 0.1 * i, "mask_iou": 0.5},
+                                                         "dataset_hash": "h", "mlflow_run_id": run_id,
+                                                         "git_commit": "c" * 40})
+        folder = package.save(tmp / f"package{i}")
+        versions.append(register_package(client, name, log_package(client, run_id, folder), package))
     return client, name, versions
 
 

@@ -12,7 +12,7 @@ from k8s_emulator import IsvcController
 from mlflow.tracking import MlflowClient
 
 from release.__main__ import REJECTED, main
-from training.export import stamp_package
+from training.package import open_package
 from training.tracking import log_package
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def _logged_run(client, experiment: str, package) -> str:
     so its validation split is the tiny synthetic one)."""
     exp = client.get_experiment_by_name(experiment) or client.get_experiment(client.create_experiment(experiment))
     run_id = client.create_run(exp.experiment_id).info.run_id
-    stamp_package(package, {"mlflow_run_id": run_id, "dataset_hash": "d" * 64, "git_commit": "c" * 40})
+    open_package(package).stamped({"mlflow_run_id": run_id, "dataset_hash": "d" * 64, "git_commit": "c" * 40}).save(package)
     log_package(client, run_id, package)
     return run_id
 

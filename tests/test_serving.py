@@ -12,7 +12,7 @@ import torch
 from conftest import SERVING_MAX_BODY, encode_image
 from faster_coco_eval.core import mask as mask_util
 
-from training.export import CHECKSUM_FILE, PackageError
+from training.package import CHECKSUM_FILE, PackageError
 from serving.predictor import MaskRCNNPredictor
 from training.data.images import decode_image, to_tensor
 
@@ -72,10 +72,8 @@ def test_infer_matches_the_model_run_directly(predictor):
 def test_predictor_and_evaluation_share_post_processing(predictor, serving_package, tmp_path):
     """Serving's masks are evaluation's masks (one post-processing function), at the mask threshold of
     the package's config: a package evaluated at 0.8 is served at 0.8."""
-    import shutil
-
     from training.engine import predict
-    from training.export import export_package
+    from training.package import open_package, write_package
 
     img = picture()
     image_tensor = to_tensor(img)
@@ -84,12 +82,11 @@ def test_predictor_and_evaluation_share_post_processing(predictor, serving_packa
     (served,) = predictor.infer([img], threshold=0.0, max_det=100, overlay=False)
     assert [d["mask"] for d in served["detections"]] == evaluated["masks"]
 
-    # the same weights, exported from a checkpoint whose config evaluates masks at 0.8
-    checkpoint = shutil.copytree(serving_package.parent / "ckpt", tmp_path / "ckpt")
-    state = torch.load(checkpoint / "checkpoint.pt", weights_only=True)
-    state["config"]["eval"]["mask_threshold"] = 0.8
-    torch.save(state, checkpoint / "checkpoint.pt")
-    strict_predictor = MaskRCNNPredictor("strict", str(export_package(checkpoint, tmp_path / "strict")), score_threshold=0.0)
+    # the same weights, written with a config that evaluates masks at 0.8
+    package = open_package(serving_package)
+    write_package(package.build_model(), package.config.replace(eval={"mask_threshold": 0.8}), package.label_map,
+                  package.metadata, tmp_path / "strict")
+    strict_predictor = MaskRCNNPredictor("strict", str(tmp_path / "strict"), score_threshold=0.0)
     strict_predictor.load()
     assert strict_predictor.mask_threshold == 0.8
     (tight,) = strict_predictor.infer([img], threshold=0.0, max_det=100, overlay=False)

@@ -82,16 +82,17 @@ def test_run_is_tracked_in_mlflow(three_epochs, tmp_path):
     held = [i for i in alias_history(client, cfg.tracking.model_name, "challenger") if i.version == result.model_version]
     assert len(held) == 1 and result.run_id in held[0].reason
     # The registered model is the serving package, weights only, byte for byte what KServe would load
-    from training.export import load_package, read_metadata, verify_package
+    from training.package import open_package
     from training.tracking import download_model
 
-    package = download_model(result.tracking_uri, f"models:/{cfg.tracking.model_name}/{result.model_version}",
-                             tmp_path / "model")
-    assert set(verify_package(package)) == {"model.pt", "config.yaml", "label_map.json", "metadata.json",
-                                            "detector.onnx"}
-    assert not list(package.rglob("*.pkl")) and not (package / "MLmodel").exists()
-    assert read_metadata(package)["metrics"]["segm_mAP"] == pytest.approx(result.metrics["segm_mAP"], abs=1e-9)
-    model, _, _ = load_package(package)
+    folder = download_model(result.tracking_uri, f"models:/{cfg.tracking.model_name}/{result.model_version}",
+                            tmp_path / "model")
+    package = open_package(folder)
+    assert set(package.checksums) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "probe.npz",
+                                      "detector.onnx"}
+    assert not list(folder.rglob("*.pkl")) and not (folder / "MLmodel").exists()
+    assert package.metadata["metrics"]["segm_mAP"] == pytest.approx(result.metrics["segm_mAP"], abs=1e-9)
+    model = package.build_model()
     with torch.no_grad():
         (out,) = model([torch.rand(3, 64, 64)])
     assert set(out) == {"boxes", "labels", "scores", "masks"}

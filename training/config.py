@@ -114,6 +114,38 @@ class DataConfig:
         return Path(base).expanduser()
 
 
+# The documented range of every bounded numeric field (inclusive; a list field bounds each item and its
+# length). A config outside them is refused by field name at load, so that neither a typo in a training
+# config nor a hostile serving package can ask for a 100000-pixel resize or a billion-wide head.
+MODEL_RANGES: dict[str, tuple[float, float]] = {
+    "trainable_backbone_layers": (-1, 5), "min_size": (32, 4096), "max_size": (32, 8192),
+    "fpn_channels": (8, 1024), "fpn_levels": (1, 4), "representation_size": (8, 16384),
+    "mask_head_channels": (8, 1024), "mask_head_layers": (1, 8), "roi_sampling_ratio": (1, 8),
+    "anchor_sizes": (1, 2048), "aspect_ratios": (0.05, 20.0),
+    "rpn_pre_nms_top_n_train": (1, 10000), "rpn_post_nms_top_n_train": (1, 10000),
+    "rpn_pre_nms_top_n_test": (1, 10000), "rpn_post_nms_top_n_test": (1, 10000),
+    "rpn_batch_size_per_image": (1, 4096), "box_batch_size_per_image": (1, 4096),
+    "box_detections_per_img": (1, 1000), "box_score_thresh": (0.0, 1.0),
+}
+EVAL_RANGES: dict[str, tuple[float, float]] = {
+    "mask_threshold": (0.001, 0.999), "iou_match": (0.01, 1.0), "score_threshold": (0.0, 1.0),
+    "num_sample_images": (0, 100),
+}
+MAX_LIST_ITEMS = 8
+
+
+def check_ranges(section: str, obj: Any, ranges: dict[str, tuple[float, float]]) -> None:
+    """Refuse, by field name, a value outside its documented range (NaN included)."""
+    for name, (low, high) in ranges.items():
+        value = getattr(obj, name)
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_LIST_ITEMS:
+            raise ConfigError(f"{section}.{name}: expected 1 to {MAX_LIST_ITEMS} items, got {len(value)}")
+        for item in items:
+            if not (isinstance(item, (int, float)) and low <= item <= high):  # NaN fails both comparisons
+                raise ConfigError(f"{section}.{name}: expected {low:g} to {high:g}, got {item!r}")
+
+
 BACKBONES = ("resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_large_fpn", "mobilenet_v3_small_fpn")
 
 
@@ -137,28 +169,28 @@ class ModelConfig:
     """Backbone BatchNorm as torchvision's FrozenBatchNorm2d (fixed statistics): the usual choice when
     fine-tuning from pretrained weights with small batches. From scratch it must stay false."""
     min_size: int = 128
-    """Shorter image side after the model's internal resize."""
+    """Shorter image side after the model's internal resize (32-4096)."""
     max_size: int = 128
-    """Longer image side cap after the model's internal resize."""
+    """Longer image side cap after the model's internal resize (32-8192, at least `min_size`)."""
     fpn_channels: int = 256
-    """FPN output channels (light backbones only; the ResNet-50 variants keep torchvision's 256)."""
+    """FPN output channels (8-1024; light backbones only: the ResNet-50 variants keep torchvision's 256)."""
     fpn_levels: int = 4
-    """Backbone stages feeding the FPN (light backbones): 4 means strides 4, 8, 16, 32 (plus a pooled level)."""
+    """Backbone stages feeding the FPN (1-4; light backbones): 4 means strides 4, 8, 16, 32 (plus a pooled level)."""
     representation_size: int = 1024
-    """Box head MLP width (light backbones only)."""
+    """Box head MLP width (8-16384; light backbones only)."""
     mask_head_channels: int = 256
-    """Mask head convolution width (light backbones only)."""
+    """Mask head convolution width (8-1024; light backbones only)."""
     mask_head_layers: int = 4
-    """Mask head convolutions (light backbones only)."""
+    """Mask head convolutions (1-8; light backbones only)."""
     roi_sampling_ratio: int = 2
-    """Bilinear samples per RoIAlign bin side for the box and mask heads (torchvision: 2). On CPU the backward
+    """Bilinear samples per RoIAlign bin side for the box and mask heads (1-8; torchvision: 2). On CPU the backward
     pass of RoIAlign costs ~this squared; 1 samples each bin's centre."""
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    """Anchor size in pixels per feature level, finest first (one per level is used)."""
+    """Anchor size in pixels per feature level, finest first (one per level is used; 1-2048 each, at most 8)."""
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    """Anchor aspect ratios (height / width), the same at every level."""
+    """Anchor aspect ratios (height / width, 0.05-20 each, at most 8), the same at every level."""
     rpn_pre_nms_top_n_train: int = 2000
-    """Proposals per level kept before NMS while training."""
+    """Proposals per level kept before NMS while training (1-10000; so are the three below)."""
     rpn_post_nms_top_n_train: int = 2000
     """Proposals kept after NMS while training."""
     rpn_pre_nms_top_n_test: int = 1000
@@ -166,25 +198,20 @@ class ModelConfig:
     rpn_post_nms_top_n_test: int = 1000
     """Proposals kept after NMS at inference."""
     rpn_batch_size_per_image: int = 256
-    """Anchors sampled per image for the RPN loss."""
+    """Anchors sampled per image for the RPN loss (1-4096)."""
     box_batch_size_per_image: int = 512
-    """Proposals sampled per image for the box and mask losses."""
+    """Proposals sampled per image for the box and mask losses (1-4096)."""
     box_detections_per_img: int = 100
-    """Most detections the model returns per image."""
+    """Most detections the model returns per image (1-1000)."""
     box_score_thresh: float = 0.05
-    """Detections below this score are dropped inside the model (evaluation and serving filter further)."""
+    """Detections below this score are dropped inside the model (0-1; evaluation and serving filter further)."""
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone: unknown backbone {self.backbone!r}, expected one of {', '.join(BACKBONES)}")
-        if not 1 <= self.fpn_levels <= 4:
-            raise ConfigError(f"model.fpn_levels: expected 1 to 4, got {self.fpn_levels}")
-        if self.min_size < 32 or self.max_size < self.min_size:
-            raise ConfigError(f"model: need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
-        if self.roi_sampling_ratio < 1:
-            raise ConfigError(f"model.roi_sampling_ratio: expected >= 1, got {self.roi_sampling_ratio}")
-        if not -1 <= self.trainable_backbone_layers <= 5:
-            raise ConfigError(f"model.trainable_backbone_layers: expected -1 to 5, got {self.trainable_backbone_layers}")
+        check_ranges("model", self, MODEL_RANGES)
+        if self.max_size < self.min_size:
+            raise ConfigError(f"model: need min_size <= max_size, got {self.min_size}, {self.max_size}")
 
     @property
     def pretrained(self) -> bool:
@@ -241,13 +268,16 @@ class EvalConfig:
     """Evaluation on the validation split."""
 
     mask_threshold: float = 0.5
-    """Probability above which a predicted mask pixel is foreground (evaluation and the predictor alike)."""
+    """Probability above which a predicted mask pixel is foreground (0.001-0.999; evaluation and the predictor alike)."""
     iou_match: float = 0.5
-    """IoU needed to match a prediction with a ground-truth instance for the mask IoU metric."""
+    """IoU needed to match a prediction with a ground-truth instance for the mask IoU metric (0.01-1)."""
     score_threshold: float = 0.5
-    """Predictions below this score are ignored by the mask IoU metric (COCO mAP uses all)."""
+    """Predictions below this score are ignored by the mask IoU metric (0-1; COCO mAP uses all)."""
     num_sample_images: int = 4
-    """Validation images with predicted masks drawn, logged to MLflow."""
+    """Validation images with predicted masks drawn, logged to MLflow (0-100)."""
+
+    def __post_init__(self) -> None:
+        check_ranges("eval", self, EVAL_RANGES)
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """Evaluate a serving package on a split: COCO mAP (bbox, segm), per-class AP, mask IoU, sample overlays.
 
 What is scored is what is served: training scores the package it logs, and the release layer scores
-the candidate's package and the registered champion's package with the same function on the same split.
+the candidate's package and the registered champion's package with the same function on the same split,
+each through the same `Package` and with the backend the predictor runs (the graph when there is one).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.config import EvalConfig
-from training.data.coco import CocoDataset, CocoSplit, LabelMap, collate
+from training.data.coco import CocoDataset, CocoSplit, collate
 from training.engine import predict, summarize_scores
-from training.export import load_package
+from training.package import Package, open_package
 from training.metrics import Prediction, evaluate_predictions
 from training.onnx_detector import OnnxDetector
 from training.visualize import draw_predictions
@@ -36,15 +36,24 @@ def evaluate_model(model: torch.nn.Module, split: CocoSplit, cfg: EvalConfig, ba
     return metrics, predictions
 
 
-def evaluate_package(folder: str | Path, split: CocoSplit, cfg: EvalConfig | None = None) -> tuple[dict[str, float], list[Prediction]]:
-    """Metrics and predictions of the serving package in `folder` (checksums verified) on `split`
-    (CPU, all cores). `cfg` defaults to the package's own evaluation settings."""
-    torch.set_num_threads(os.cpu_count() or 1)
-    model, config, label_map = load_package(folder)
-    if label_map.category_ids != split.label_map.category_ids:
-        raise ValueError(f"package {folder} predicts categories {label_map.category_ids}, "
+def evaluate_package(package: Package | str | Path, split: CocoSplit, cfg: EvalConfig | None = None,
+                     backend: str = "auto") -> tuple[dict[str, float], list[Prediction]]:
+    """Metrics and predictions of a serving package (a `Package`, or a folder/URI it is read from) on `split`
+    (CPU, all cores), with the backend the predictor will use: the package's ONNX graph when it has one
+    (`auto`), else eager PyTorch; `eager` forces PyTorch. `cfg` defaults to the package's own settings."""
+    if not isinstance(package, Package):
+        package = open_package(package)
+    if package.label_map.category_ids != split.label_map.category_ids:
+        raise ValueError(f"package {package.source} predicts categories {package.label_map.category_ids}, "
                          f"the split has {split.label_map.category_ids}")
-    return evaluate_model(model, split, cfg or config.eval)
+    threads = os.cpu_count() or 1
+    graph = OnnxDetector(package.graph, threads) if package.graph is not None and backend == "auto" else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if graph is not None else threads)  # with the graph, torch only pre- and post-processes
+    try:
+        return evaluate_model(package.build_model(), split, cfg or package.config.eval, graph=graph)
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_samples(split: CocoSplit, predictions: list[Prediction], out_dir: Path, count: int, score_threshold: float) -> list[Path]:
@@ -82,11 +91,10 @@ def evaluate_alias(tracking_uri: str, name: str, alias: str, split: CocoSplit,
     if holder is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        package = download_model(tracking_uri, f"models:/{name}/{holder.version}", tmp)
-        labels = LabelMap.from_dict(json.loads((package / "label_map.json").read_text()))
-        if labels.category_ids != split.label_map.category_ids:
-            log.warning("%s@%s (v%s) predicts other categories than this dataset; not compared", name, alias, holder.version)
-            return None
-        metrics, _ = evaluate_package(package, split, cfg)
+        package = open_package(download_model(tracking_uri, f"models:/{name}/{holder.version}", tmp))
+    if package.label_map.category_ids != split.label_map.category_ids:
+        log.warning("%s@%s (v%s) predicts other categories than this dataset; not compared", name, alias, holder.version)
+        return None
+    metrics, _ = evaluate_package(package, split, cfg)
     log.info("%s@%s (v%s): %s", name, alias, holder.version, metric_summary(metrics))
     return str(holder.version), metrics

@@ -6,7 +6,7 @@ backbones (ResNet-18, MobileNetV3) get FPN width, box-head width and mask-head s
 and anchors with one size tuple per FPN level, which those backbones need.
 
 Initial weights and frozen layers are a training-only step (`training.initialize`); a checkpoint or a
-serving package is loaded into the architecture built here (`training.export.load_package`).
+serving package is loaded into the architecture built here (`training.package.Package.build_model`).
 """
 
 from __future__ import annotations

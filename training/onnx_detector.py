@@ -17,11 +17,14 @@ graph with its weights: nothing is unpickled, and no external data file is read)
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -38,6 +41,11 @@ OPSET = 17
 # How far ONNX Runtime's detections may be from eager PyTorch's in scores, box pixels and mask
 # probabilities (float32 rounding in a different operator order gives ~1e-5 on scores, ~1e-4 px on boxes).
 ATOL = 1e-3
+STANDARD_DOMAINS = ("", "ai.onnx")
+FORBIDDEN_OPS = ("Loop", "Scan")
+MAX_GRAPH_NODES = 50_000  # the default model's graph has ~2,000
+MAX_OPSET = 22
+MAX_PROBE_INPUTS = 8
 
 
 class OnnxExportError(RuntimeError):
@@ -61,26 +69,28 @@ class DetectorGraph(nn.Module):
         return tuple(detections[name] for name in OUTPUTS)
 
 
-def export_onnx(model: nn.Module, path: str | Path) -> Path:
+def export_onnx(model: nn.Module, path: str | Path, probe: Probe | None = None) -> Path:
     """Write the network of an eval-mode Mask R-CNN `model` to `path` as one self-contained ONNX file
-    (dynamic height and width), then check ONNX Runtime against eager PyTorch on test inputs of three
-    shapes. Raises OnnxExportError (and leaves no file) when either step fails."""
+    (dynamic height and width), then check ONNX Runtime against eager PyTorch on the probe's inputs
+    (`make_probe(model)` when not given): the same check the predictor runs when it loads the package.
+    Raises OnnxExportError (and leaves no file) when either step fails."""
     path = Path(path)
     model = model.eval()
     graph = DetectorGraph(model).eval()
-    inputs = list(_check_inputs(model))
+    probe = probe or make_probe(model)
     started = time.perf_counter()
     try:
+        images, size = (torch.from_numpy(probe.inputs[0][k]) for k in INPUTS)
         with warnings.catch_warnings(), _rows_merge_levels():
             warnings.simplefilter("ignore")  # tracer and deprecation warnings: the check below is what counts
-            torch.onnx.export(graph, inputs[0], str(path), dynamo=False, opset_version=OPSET,
+            torch.onnx.export(graph, (images, size), str(path), dynamo=False, opset_version=OPSET,
                               input_names=list(INPUTS), output_names=list(OUTPUTS),
                               dynamic_axes={"images": {2: "height", 3: "width"}, **{name: {0: "n"} for name in OUTPUTS}})
-        runtime = OnnxDetector(path.read_bytes(), threads=torch.get_num_threads())
-        for images, size in inputs:
-            with torch.inference_mode():
-                expected = graph(images, size)
-            _compare(runtime.run(images, size), expected, f"input {tuple(images.shape)}, size {size.tolist()}")
+        graph_bytes = path.read_bytes()
+        check_graph(graph_bytes, str(path))
+        problem = probe.mismatch(OnnxDetector(graph_bytes, threads=torch.get_num_threads()).run)
+        if problem:
+            raise OnnxExportError(f"ONNX Runtime's detections differ from eager PyTorch's: {problem}")
     except Exception as exc:  # the exporter raises many types; the caller decides what a failure means
         path.unlink(missing_ok=True)
         if isinstance(exc, OnnxExportError):
@@ -113,47 +123,116 @@ def _rows_merge_levels() -> Iterator[None]:
         torchvision.ops.poolers._onnx_merge_levels = original
 
 
-def _check_inputs(model: nn.Module):
-    """(images, size) pairs the export is checked on: a square image at the model's size, a narrower one
-    padded to a multiple of 32 (size before padding != tensor size), and a blank one."""
+def make_probe(model: nn.Module) -> Probe:
+    """The probe of an eval-mode model: seeded inputs of three shapes (a square image at the model's size, a
+    narrower one padded to a multiple of 32, so size before padding != tensor size, and a blank one),
+    already normalised and padded by `model.transform`, with the detections eager PyTorch gives on them."""
     generator = torch.Generator().manual_seed(0)
     side = int(model.transform.max_size)
+    graph = DetectorGraph(model.eval()).eval()
+    inputs, expected = [], []
     for h, w, blank in ((side, side, False), (side, max(8, side * 2 // 3), False), (side, side, True)):
         image = torch.zeros(3, h, w) if blank else torch.rand(3, h, w, generator=generator)
-        batch, _ = model.transform([image])
-        yield batch.tensors, torch.tensor(batch.image_sizes[0], dtype=torch.int64)
+        with torch.inference_mode():
+            batch, _ = model.transform([image])
+            size = torch.tensor(batch.image_sizes[0], dtype=torch.int64)
+            outputs = graph(batch.tensors, size)
+        inputs.append({"images": batch.tensors.numpy().astype(np.float32), "image_size": size.numpy()})
+        expected.append({name: out.numpy() for name, out in zip(OUTPUTS, outputs)})
+    return Probe(inputs, expected)
 
 
-def _compare(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...], where: str) -> None:
-    problem = detection_mismatch(dict(zip(OUTPUTS, got)), dict(zip(OUTPUTS, expected)))
-    if problem:
-        raise OnnxExportError(f"ONNX Runtime's detections for {where} differ from eager PyTorch's: {problem}")
+def eager_runner(model: nn.Module):
+    """`run(images, image_size) -> OUTPUTS` of eager PyTorch, with numpy in and out (as `OnnxDetector.run`)."""
+    graph = DetectorGraph(model.eval()).eval()
+
+    def run(images: np.ndarray, image_size: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, ...]:
+        with torch.inference_mode():
+            return tuple(o.numpy() for o in graph(torch.from_numpy(images), torch.from_numpy(image_size)))
+
+    return run
 
 
-def detection_mismatch(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float = ATOL) -> str:
-    """Why two sets of detections (`OUTPUTS` keys) differ beyond `atol`, or "" when they agree. Order is
-    free among detections whose scores tie within `atol` (float rounding may swap them), and so is which
-    of several tied detections at the lowest kept score made the cut."""
-    boxes, labels, scores, masks = (got[k] for k in OUTPUTS)
-    e_boxes, e_labels, e_scores, e_masks = (expected[k] for k in OUTPUTS)
+def detection_mismatch(got: dict[str, Any], expected: dict[str, Any], atol: float = ATOL) -> str:
+    """Why two sets of detections (`OUTPUTS` keys; numpy arrays or tensors) differ beyond `atol`, or "" when
+    they agree. Order is free among detections whose scores tie within `atol` (float rounding may swap
+    them), and so is which of several tied detections at the lowest kept score made the cut."""
+    boxes, labels, scores, masks = (np.asarray(got[k]) for k in OUTPUTS)
+    e_boxes, e_labels, e_scores, e_masks = (np.asarray(expected[k]) for k in OUTPUTS)
     if len(scores) != len(e_scores):
         return f"{len(scores)} detections, expected {len(e_scores)}"
+    if (boxes.shape[1:], masks.shape[1:]) != (e_boxes.shape[1:], e_masks.shape[1:]):
+        return f"boxes {boxes.shape} and masks {masks.shape}, expected {e_boxes.shape} and {e_masks.shape}"
     unused = list(range(len(scores)))
-    floor = float(torch.cat([scores, e_scores]).min()) + atol if len(scores) else 0.0
+    floor = float(np.concatenate([scores, e_scores]).min()) + atol if len(scores) else 0.0
     for i in range(len(e_scores)):
         for j in unused:
-            if (labels[j] == e_labels[i] and abs(float(scores[j] - e_scores[i])) <= atol
-                    and torch.allclose(boxes[j], e_boxes[i], atol=atol, rtol=0)):
-                if not torch.allclose(masks[j], e_masks[i], atol=atol, rtol=0):
-                    diff = float((masks[j] - e_masks[i]).abs().max())
+            if (labels[j] == e_labels[i] and abs(float(scores[j]) - float(e_scores[i])) <= atol
+                    and np.allclose(boxes[j], e_boxes[i], atol=atol, rtol=0)):
+                if not np.allclose(masks[j], e_masks[i], atol=atol, rtol=0):
+                    diff = float(np.abs(masks[j] - e_masks[i]).max())
                     return f"the mask of detection {i} differs by {diff:.2e} (expected at most {atol})"
                 unused.remove(j)
                 break
         else:
             if float(e_scores[i]) > floor:  # not a tie at the cut
                 return (f"detection {i} (label {int(e_labels[i])}, score {float(e_scores[i]):.5f}, box "
-                        f"{[round(v, 3) for v in e_boxes[i].tolist()]}) has no counterpart within {atol}")
+                        f"{[round(float(v), 3) for v in e_boxes[i]]}) has no counterpart within {atol}")
     return ""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A few inputs of the network (normalised, padded images with their sizes before padding) and the
+    detections the package's weights give on them in eager PyTorch: stored in the package as `probe.npz`,
+    so that whoever loads it can check that the network it is about to serve answers as the weights did."""
+
+    inputs: list[dict[str, np.ndarray]]
+    expected: list[dict[str, np.ndarray]]
+
+    def mismatch(self, run: Any, timeout_s: float | None = None) -> str:
+        """Run `run(images, image_size, timeout_s)` on every input; why its answers differ from the expected
+        ones, or "" when they agree within `ATOL`."""
+        for n, (feed, expected) in enumerate(zip(self.inputs, self.expected)):
+            got = run(feed["images"], feed["image_size"], timeout_s)
+            problem = detection_mismatch(dict(zip(OUTPUTS, got)), expected)
+            if problem:
+                return f"probe input {n} ({'x'.join(map(str, feed['images'].shape))}): {problem}"
+        return ""
+
+    def to_bytes(self) -> bytes:
+        arrays = {f"{k}_{n}": v for n, feed in enumerate(self.inputs) for k, v in feed.items()}
+        arrays.update({f"{k}_{n}": v for n, out in enumerate(self.expected) for k, v in out.items()})
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)  # stored, not deflated: the reader refuses compressed records
+        return buf.getvalue()
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Probe:
+        """Rebuild from `probe.npz`'s arrays, checking names, dtypes and shapes (ValueError names the array)."""
+        count = len(arrays) // (len(INPUTS) + len(OUTPUTS))
+        if not 1 <= count <= MAX_PROBE_INPUTS or len(arrays) != count * (len(INPUTS) + len(OUTPUTS)):
+            raise ValueError(f"expected 1 to {MAX_PROBE_INPUTS} inputs of {INPUTS + OUTPUTS}, got arrays {sorted(arrays)[:20]}")
+        inputs, expected = [], []
+        for n in range(count):
+            try:
+                feed = {k: arrays[f"{k}_{n}"] for k in INPUTS}
+                out = {k: arrays[f"{k}_{n}"] for k in OUTPUTS}
+            except KeyError as exc:
+                raise ValueError(f"array {exc.args[0]} is missing") from None
+            images, size = feed["images"], feed["image_size"]
+            if images.dtype != np.float32 or images.ndim != 4 or images.shape[:2] != (1, 3):
+                raise ValueError(f"images_{n}: expected float32 1x3xHxW, got {images.dtype} {images.shape}")
+            if size.dtype != np.int64 or size.shape != (2,) or not (0 < size[0] <= images.shape[2] and 0 < size[1] <= images.shape[3]):
+                raise ValueError(f"image_size_{n}: expected int64 [h, w] within the image, got {size.dtype} {size.tolist()}")
+            k = len(out["scores"])
+            shapes = {"boxes": (k, 4), "labels": (k,), "scores": (k,), "masks": (k, 1, 28, 28)}
+            for name, shape in shapes.items():
+                if out[name].shape != shape:
+                    raise ValueError(f"{name}_{n}: expected shape {shape}, got {out[name].shape}")
+            inputs.append(feed)
+            expected.append(out)
+        return cls(inputs, expected)
 
 
 class OnnxDetector:
@@ -176,13 +255,71 @@ class OnnxDetector:
             raise OnnxExportError(f"not a detector graph: inputs {inputs}, outputs {outputs}; expected {INPUTS}, {OUTPUTS}")
         self.threads = options.intra_op_num_threads
 
-    def run(self, images: torch.Tensor, image_size: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The graph's outputs for one normalized, padded image `1x3xHxW` and its size before padding."""
-        feeds = {"images": np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32),
+    def run(self, images: Any, image_size: Any, timeout_s: float | None = None) -> tuple[np.ndarray, ...]:
+        """The graph's outputs (numpy) for one normalized, padded image `1x3xHxW` and its size before padding.
+        With `timeout_s`, a run still going after that many seconds is stopped (OnnxExportError)."""
+        import onnxruntime as ort
+
+        feeds = {"images": np.ascontiguousarray(np.asarray(images), dtype=np.float32),
                  "image_size": np.asarray(image_size, dtype=np.int64)}
-        return tuple(torch.from_numpy(o) for o in self.session.run(None, feeds))
+        if timeout_s is None:
+            return tuple(self.session.run(None, feeds))
+        options = ort.RunOptions()
+        timer = threading.Timer(timeout_s, lambda: setattr(options, "terminate", True))
+        timer.start()
+        try:
+            return tuple(self.session.run(None, feeds, options))
+        except Exception as exc:
+            if options.terminate:
+                raise OnnxExportError(f"the graph ran longer than {timeout_s:g} s and was stopped") from None
+            raise
+        finally:
+            timer.cancel()
 
     def __call__(self, batch: ImageList) -> list[dict[str, torch.Tensor]]:
         """`model.roi_heads`'s detections for each image of a transformed batch, one graph run per image."""
-        return [dict(zip(OUTPUTS, self.run(batch.tensors[i:i + 1], torch.tensor(size, dtype=torch.int64))))
+        return [dict(zip(OUTPUTS, (torch.from_numpy(o) for o in self.run(batch.tensors[i:i + 1].detach().cpu().numpy(), size))))
                 for i, size in enumerate(batch.image_sizes)]
+
+
+def check_graph(graph: bytes, where: str) -> None:
+    """Refuse a graph that could reach outside its bytes or run without bound, before ONNX Runtime sees
+    it: external data (a tensor whose bytes live in a file, resolved from the working folder), operators
+    outside the standard ONNX domain, loops (`Loop`, `Scan`: the exporter never writes them), more than
+    `MAX_GRAPH_NODES` nodes, or an opset newer than `MAX_OPSET`. Raises OnnxExportError naming the rule."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(graph)  # never reads external data itself
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise OnnxExportError(f"{where}: not an ONNX model ({type(exc).__name__})") from None
+    for opset in model.opset_import:
+        if opset.domain not in STANDARD_DOMAINS:
+            raise OnnxExportError(f"{where}: imports operator domain {opset.domain!r}; only the standard ONNX domain is allowed")
+        if opset.version > MAX_OPSET:
+            raise OnnxExportError(f"{where}: opset {opset.version}; at most {MAX_OPSET} is allowed")
+    if model.functions:
+        raise OnnxExportError(f"{where}: defines {len(model.functions)} local function(s); none are allowed")
+    nodes = 0
+    pending = [model.graph]
+    while pending:
+        g = pending.pop()
+        tensors = [*g.initializer, *(s.values for s in g.sparse_initializer)]
+        for node in g.node:
+            nodes += 1
+            if node.domain not in STANDARD_DOMAINS:
+                raise OnnxExportError(f"{where}: node {node.name!r} uses operator domain {node.domain!r}; only the "
+                                      f"standard ONNX domain is allowed")
+            if node.op_type in FORBIDDEN_OPS:
+                raise OnnxExportError(f"{where}: node {node.name!r} is a {node.op_type}; loops are not allowed in a "
+                                      f"detector graph")
+            for attr in node.attribute:
+                tensors += [attr.t, *attr.tensors, *(s.values for s in attr.sparse_tensors)]
+                pending += [attr.g, *attr.graphs] if attr.g.ByteSize() or attr.graphs else []
+        if nodes > MAX_GRAPH_NODES:
+            raise OnnxExportError(f"{where}: more than {MAX_GRAPH_NODES} nodes")
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+                raise OnnxExportError(f"{where}: tensor {tensor.name!r} keeps its data in an external file "
+                                      f"({[e.value for e in tensor.external_data if e.key == 'location'][:1]}); a "
+                                      f"package's graph must be self-contained")

@@ -13,18 +13,21 @@ there was one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from training.logs import setup_logging
+
+if TYPE_CHECKING:
+    from training.package import Package
 
 log = logging.getLogger(__name__)
 
@@ -76,33 +79,28 @@ def register_model(client: MlflowClient, name: str, model_uri: str, run_id: str,
     return str(version.version)
 
 
-def evidence_tags(package_dir: str | Path, gate: dict[str, str] | None = None) -> dict[str, str]:
+def evidence_tags(package: Package, gate: dict[str, str] | None = None) -> dict[str, str]:
     """The tags every registered version carries, read from its serving package (metadata and config).
 
     `gate`: the gate's outcome (`{"decision": ..., "reason": ...}`) when a gate decided, as `gate.*` tags.
     """
-    import yaml
-
-    from training.export import read_metadata
-
-    package = Path(package_dir)
-    meta = read_metadata(package)
+    meta = package.metadata
     metrics = meta.get("metrics") or {}
-    config = yaml.safe_load((package / "config.yaml").read_text())
     tags = {k: f"{float(metrics[k]):.6f}" for k in EVIDENCE_METRICS if k in metrics}
     tags.update({"dataset_hash": meta.get("dataset_hash", ""), "git_commit": meta.get("git_commit", ""),
                  "run_id": meta.get("mlflow_run_id", ""), "epoch": str(meta.get("epoch", "")),
-                 "config": json.dumps(config, separators=(",", ":"))})
+                 "config": json.dumps(package.config.to_dict(), separators=(",", ":")),
+                 "package.sha256sums": hashlib.sha256(package.files["SHA256SUMS"]).hexdigest()})
     for key, value in (gate or {}).items():
         tags[f"gate.{key}"] = value
     return {k: v for k, v in tags.items() if v != ""}
 
 
-def register_package(client: MlflowClient, name: str, model_uri: str, package_dir: str | Path,
+def register_package(client: MlflowClient, name: str, model_uri: str, package: Package,
                      gate: dict[str, str] | None = None) -> str:
-    """Register the logged model `model_uri` (whose files are the package in `package_dir`) as a new
-    version of `name`, with the evidence tags. Returns the version number."""
-    tags = evidence_tags(package_dir, gate)
+    """Register the logged model `model_uri` (whose files are `package`) as a new version of `name`, with
+    the evidence tags. Returns the version number."""
+    tags = evidence_tags(package, gate)
     return register_model(client, name, model_uri, tags.get("run_id", ""), tags)
 
 

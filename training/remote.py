@@ -27,13 +27,13 @@ from typing import Any
 
 from training.config import Config, ConfigError
 from training.data.prepare import PreparedData, export_prepared
+from training.data.sources import is_remote
 
 log = logging.getLogger("training")
 
 JOB_ENV = "MASKRCNN_JOB"
 """The job's description (config, staged dataset, result URI) for `training.job`, as JSON."""
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-REMOTE_SCHEMES = ("s3://", "gs://")
 
 
 def is_jobs_api(address: str) -> bool:
@@ -46,13 +46,13 @@ def check_remote(cfg: Config, staged_data: bool = False) -> None:
     checkpoint folder, a local MLflow store. `staged_data`: the data will be staged to object storage."""
     where = f"the Ray cluster at {cfg.ray.address}"
     problems = []
-    if not cfg.ray.storage_path.startswith(REMOTE_SCHEMES):
+    if not is_remote(cfg.ray.storage_path):
         problems.append(f"ray.storage_path={cfg.ray.storage_path or '(empty: ./ray_results)'} is a local folder: "
                         "every node writes checkpoints there, so it must be s3://bucket/prefix or gs://bucket/prefix")
     if not staged_data:
         for field in ("train", "val"):
             value = getattr(cfg.data, field)
-            if value and not value.startswith(REMOTE_SCHEMES):
+            if value and not is_remote(value):
                 problems.append(f"data.{field}={value} is a local path: the nodes cannot read it; "
                                 "upload it and pass s3://... or gs://...")
     tracking = cfg.tracking.tracking_uri
@@ -65,16 +65,12 @@ def check_remote(cfg: Config, staged_data: bool = False) -> None:
 
 def stage_dataset(data: PreparedData, storage_path: str) -> str:
     """Upload a prepared dataset to `<storage_path>/datasets/<content hash>` (once); returns that URI."""
-    from training.data.sources import SourceError, _list, upload_object
+    from training.data.sources import list_objects, upload_object
 
     uri = f"{storage_path.rstrip('/')}/datasets/{data.content_hash[:16]}"
-    try:
-        names = {o.key.rsplit("/", 1)[-1] for o in _list(uri)}
-        if "dataset.json" in names:
-            log.info("dataset %s already staged at %s", data.content_hash[:12], uri)
-            return uri
-    except SourceError:
-        pass  # nothing there yet
+    if "dataset.json" in {o.key.rsplit("/", 1)[-1] for o in list_objects(uri, allow_empty=True)}:
+        log.info("dataset %s already staged at %s", data.content_hash[:12], uri)
+        return uri
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_prepared(data, Path(tmp) / "dataset")
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "dataset.json")
@@ -119,15 +115,11 @@ def submit(cfg: Config, data: PreparedData | None = None, package_dir: str | Pat
         raise RuntimeError(f"Ray job {submission_id} on {address} ended {status}; its log ends:\n{tail}")
     result = _read_result(result_uri)
     if package_dir:  # the package the job logged as the run's model, byte for byte, checksums verified
-        import shutil
-
-        from training.export import verify_package
+        from training.package import open_package
         from training.tracking import download_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            downloaded = download_model(result["tracking_uri"], result["model_uri"], tmp)
-            shutil.copytree(downloaded, package_dir, dirs_exist_ok=True)
-        verify_package(package_dir)
+            open_package(download_model(result["tracking_uri"], result["model_uri"], tmp)).save(package_dir)
         result["package"] = str(package_dir)
     return result
 

@@ -135,20 +135,21 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
     """Export the best checkpoint's serving package, score it on the validation split, log the checkpoint,
     sample images and the package (as the run's model), and register it when configured."""
     from training.evaluate import evaluate_package, metric_summary, write_samples
-    from training.export import export_package, stamp_package
+    from training.export import export_checkpoint
     from training.registry import register_package, set_alias
     from training.tracking import log_metrics, log_package
 
     client = MlflowClient(tracking_uri)
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
         epoch = read_checkpoint_info(folder).get("epoch", 0)
-        package = export_package(folder, package_dir or Path(tmp) / "package",
-                                 {"dataset_hash": data.content_hash, "git_commit": git_commit(),
-                                  "mlflow_run_id": run_id, "tracking_uri": tracking_uri})
+        package_path = Path(package_dir or Path(tmp) / "package")
+        package = export_checkpoint(folder, package_path, {"dataset_hash": data.content_hash, "git_commit": git_commit(),
+                                                           "mlflow_run_id": run_id, "tracking_uri": tracking_uri})
         log.info("evaluating the best checkpoint's package (epoch %d) on %d validation images", epoch,
                  len(data.val.coco["images"]))
         metrics, predictions = evaluate_package(package, data.val, cfg.eval)
-        stamp_package(package, {"metrics": metrics})
+        package = package.stamped({"metrics": metrics})
+        package.save(package_path)
         log.info("final: %s", metric_summary(metrics))
         log_metrics(client, run_id, {f"final_{k}": v for k, v in metrics.items()}, step=epoch)
         client.log_artifacts(run_id, folder, "checkpoint")
@@ -157,7 +158,7 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
             client.log_artifact(run_id, str(path), "samples")
         model_uri, version = "", None
         if cfg.tracking.log_model:
-            model_uri = log_package(client, run_id, package)
+            model_uri = log_package(client, run_id, package_path)
             if cfg.tracking.register:
                 version = register_package(client, cfg.tracking.model_name, model_uri, package)
                 if cfg.tracking.alias:

@@ -13,6 +13,8 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
+import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -67,80 +69,173 @@ def gcs_client():
     return storage.Client()
 
 
-def _list(uri: str) -> list[RemoteObject]:
-    scheme, bucket, prefix = split_uri(uri)
-    prefix_slash = f"{prefix}/" if prefix else ""
+class ObjectExists(SourceError):
+    """A create-only write found an object already at the key."""
+
+
+class _S3:
+    """Amazon S3 and S3-compatible stores (Ceph RGW, MinIO) through boto3."""
+
+    def list(self, bucket: str, prefix: str) -> list[RemoteObject]:
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [RemoteObject(o["Key"], o["Size"], o["ETag"].strip('"')) for page in pages for o in page.get("Contents", [])]
+
+    def download(self, bucket: str, key: str, dest: Path) -> None:
+        s3_client().download_file(bucket, key, str(dest))
+
+    def upload(self, bucket: str, key: str, src: Path) -> None:
+        s3_client().upload_file(str(src), bucket, key)
+
+    def create(self, bucket: str, key: str, data: bytes) -> None:
+        from botocore.exceptions import ClientError
+
+        try:  # a conditional write: the store refuses it when the key exists (S3's If-None-Match: *)
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") \
+                    or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                raise ObjectExists(f"s3://{bucket}/{key}: already exists") from None
+            raise
+
+    def read(self, bucket: str, key: str, limit: int) -> bytes:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read(limit + 1)
+
+
+class _GCS:
+    """Google Cloud Storage through google-cloud-storage (`STORAGE_EMULATOR_HOST` for its emulator)."""
+
+    def list(self, bucket: str, prefix: str) -> list[RemoteObject]:
+        return [RemoteObject(b.name, b.size or 0, b.etag or b.md5_hash or "")
+                for b in gcs_client().list_blobs(bucket, prefix=prefix)]
+
+    def download(self, bucket: str, key: str, dest: Path) -> None:
+        gcs_client().bucket(bucket).blob(key).download_to_filename(str(dest))
+
+    def upload(self, bucket: str, key: str, src: Path) -> None:
+        gcs_client().bucket(bucket).blob(key).upload_from_filename(str(src))
+
+    def create(self, bucket: str, key: str, data: bytes) -> None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        try:  # generation 0 means "no live object": GCS refuses the write when one exists
+            gcs_client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
+        except PreconditionFailed:
+            raise ObjectExists(f"gs://{bucket}/{key}: already exists") from None
+
+    def read(self, bucket: str, key: str, limit: int) -> bytes:
+        return gcs_client().bucket(bucket).blob(key).download_as_bytes(end=limit)
+
+
+SCHEMES: dict[str, Any] = {"s3": _S3(), "gs": _GCS()}
+"""The object stores, by URI scheme: the one place a scheme is known."""
+
+
+def is_remote(uri: str | Path) -> bool:
+    """Whether `uri` names an object store prefix or object (a scheme in `SCHEMES`) rather than a local path."""
+    return "://" in str(uri) and str(uri).split("://", 1)[0] in SCHEMES
+
+
+def store(uri: str) -> tuple[Any, str, str]:
+    """(the store's backend, bucket, key or prefix) of an object store URI; SourceError for anything else."""
+    scheme, bucket, key = split_uri(uri)
+    if scheme not in SCHEMES:
+        raise SourceError(f"{uri}: unsupported scheme {scheme!r}; expected one of {', '.join(f'{s}://' for s in SCHEMES)}")
+    return SCHEMES[scheme], bucket, key
+
+
+def list_objects(uri: str, allow_empty: bool = False) -> list[RemoteObject]:
+    """The objects under the prefix `uri` (folder markers left out)."""
+    backend, bucket, prefix = store(uri)
     try:
-        if scheme == "s3":
-            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix_slash)
-            objs = [RemoteObject(o["Key"], o["Size"], o["ETag"].strip('"')) for page in pages for o in page.get("Contents", [])]
-        else:
-            objs = [RemoteObject(b.name, b.size or 0, b.etag or b.md5_hash or "") for b in gcs_client().list_blobs(bucket, prefix=prefix_slash)]
+        objs = backend.list(bucket, f"{prefix}/" if prefix else "")
     except Exception as exc:  # boto/google raise many types; the message names the cause
         raise SourceError(f"{uri}: cannot list objects: {exc}") from exc
     objs = [o for o in objs if not o.key.endswith("/")]
-    if not objs:
+    if not objs and not allow_empty:
         raise SourceError(f"{uri}: no objects under this prefix")
     return objs
 
 
 def download_object(uri: str, key: str, dest: Path) -> None:
     """Download object `key` of the bucket named in `uri` (s3:// or gs://) to `dest`."""
-    scheme, bucket, _ = split_uri(uri)
+    backend, bucket, _ = store(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if scheme == "s3":
-            s3_client().download_file(bucket, key, str(dest))
-        else:
-            gcs_client().bucket(bucket).blob(key).download_to_filename(str(dest))
+        backend.download(bucket, key, dest)
     except Exception as exc:
-        raise SourceError(f"{scheme}://{bucket}/{key}: download failed: {exc}") from exc
+        raise SourceError(f"{uri.split('://')[0]}://{bucket}/{key}: download failed: {exc}") from exc
+
+
+def read_object(uri: str, limit: int) -> bytes:
+    """The bytes of the object `uri`, at most `limit` (SourceError beyond it)."""
+    backend, bucket, key = store(uri)
+    try:
+        data = backend.read(bucket, key, limit)
+    except Exception as exc:
+        raise SourceError(f"{uri}: download failed: {exc}") from exc
+    if len(data) > limit:
+        raise SourceError(f"{uri}: over {limit} bytes")
+    return data
 
 
 def upload_object(uri: str, src: Path) -> None:
     """Upload the file `src` to the object `uri` (s3://bucket/key or gs://bucket/key)."""
-    scheme, bucket, key = split_uri(uri)
-    if scheme not in ("s3", "gs"):
-        raise SourceError(f"{uri}: expected an s3:// or gs:// destination")
+    backend, bucket, key = store(uri)
     try:
-        if scheme == "s3":
-            s3_client().upload_file(str(src), bucket, key)
-        else:
-            gcs_client().bucket(bucket).blob(key).upload_from_filename(str(src))
+        backend.upload(bucket, key, src)
+    except Exception as exc:
+        raise SourceError(f"{uri}: upload failed: {exc}") from exc
+
+
+def create_object(uri: str, data: bytes) -> None:
+    """Write `data` to the object `uri` only if no object is there (a conditional write on the store, so two
+    writers cannot both succeed); ObjectExists when one is."""
+    backend, bucket, key = store(uri)
+    try:
+        backend.create(bucket, key, data)
+    except ObjectExists:
+        raise
     except Exception as exc:
         raise SourceError(f"{uri}: upload failed: {exc}") from exc
 
 
 def fetch_prefix(uri: str, cache_dir: Path) -> Path:
-    """A local folder holding the objects under `uri` (downloaded once per content version)."""
-    if "://" not in uri:
+    """A local folder holding the objects under `uri`, downloaded once per content version.
+
+    Concurrent callers on one machine (two Ray workers of a node) share one download: the first downloads
+    into a folder of its own while holding the cache entry's file lock and publishes it with an atomic
+    rename, so a folder in the cache is always complete; the others wait on the lock and find it."""
+    from filelock import FileLock
+
+    if not is_remote(uri):
+        if "://" in uri:
+            store(uri)  # names the unsupported scheme
         path = Path(uri).expanduser()
         if not path.exists():
             raise SourceError(f"{uri}: no such file or folder")
         return path
-    scheme, _, prefix = split_uri(uri)
-    if scheme not in ("s3", "gs"):
-        raise SourceError(f"{uri}: unsupported scheme {scheme!r}, expected a local path, s3:// or gs://")
-    objects = _list(uri)
-    digest = hashlib.sha256("\n".join(f"{o.key}\t{o.size}\t{o.etag}" for o in sorted(objects, key=lambda o: o.key)).encode())
-    dest = cache_dir / "remote" / digest.hexdigest()[:24]
-    if (dest / ".complete").exists():
-        log.info("%s: cached in %s", uri, dest)
-        return dest
-    log.info("%s: downloading %d objects (%.1f MB) to %s", uri, len(objects), sum(o.size for o in objects) / 1e6, dest)
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    scheme, bucket, prefix = split_uri(uri)
+    objects = list_objects(uri)
     for obj in objects:
         rel = obj.key[len(prefix):].lstrip("/") if prefix else obj.key
         if not rel or escapes_folder(rel):
-            raise SourceError(f"{scheme}://{split_uri(uri)[1]}/{obj.key}: the object key escapes the prefix {uri} "
-                              f"(an absolute path or '..'); refusing to write it outside {dest}")
-    for obj in objects:
-        rel = obj.key[len(prefix):].lstrip("/") if prefix else obj.key
-        download_object(uri, obj.key, tmp / rel)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    (dest / ".complete").touch()
+            raise SourceError(f"{scheme}://{bucket}/{obj.key}: the object key escapes the prefix {uri} "
+                              f"(an absolute path or '..'); refusing to write it outside the cache")
+    digest = hashlib.sha256("\n".join(f"{o.key}\t{o.size}\t{o.etag}" for o in sorted(objects, key=lambda o: o.key)).encode())
+    dest = cache_dir / "remote" / digest.hexdigest()[:24]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if dest.is_dir():
+            log.info("%s: cached in %s", uri, dest)
+            return dest
+        log.info("%s: downloading %d objects (%.1f MB) to %s", uri, len(objects), sum(o.size for o in objects) / 1e6, dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.partial-", dir=dest.parent))
+        try:
+            for obj in objects:
+                download_object(uri, obj.key, tmp / (obj.key[len(prefix):].lstrip("/") if prefix else obj.key))
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -158,7 +253,7 @@ def fetch_file(uri: str, cache_dir: Path) -> Path:
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".partial")
+    tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}-{threading.get_ident()}")  # this caller's own
     scheme = uri.split("://", 1)[0]
     if scheme in ("http", "https"):
         try:
@@ -166,12 +261,10 @@ def fetch_file(uri: str, cache_dir: Path) -> Path:
                 shutil.copyfileobj(resp, out)
         except OSError as exc:
             raise SourceError(f"{uri}: download failed: {exc}") from exc
-    elif scheme in ("s3", "gs"):
-        _, bucket, key = split_uri(uri)
-        download_object(uri, key, tmp)
     else:
-        raise SourceError(f"{uri}: unsupported scheme {scheme!r}")
-    tmp.rename(dest)
+        _, _, key = store(uri)  # SourceError names an unsupported scheme
+        download_object(uri, key, tmp)
+    os.replace(tmp, dest)  # atomic: a reader sees the whole file or none
     return dest
 
 

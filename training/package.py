@@ -1,0 +1,393 @@
+"""The serving package: the one model artifact, as a value with one reader and one writer.
+
+Training logs it to MLflow as the run's model, the registry's versions point to it, evaluation and the
+release gate score it, the release step signs and publishes it, and KServe's predictor serves it. All
+of them go through `open_package` (the reader) and `write_package` (the writer); nothing else opens a
+package's files by name.
+
+A package is a folder of regular files (format 1):
+
+| file | what | limit |
+|---|---|---|
+| `model.pt` | the model's `state_dict` (torch zip, records stored uncompressed; loads as weights only) | 2 GiB |
+| `config.yaml` | the training config: architecture, pre- and post-processing (`eval.mask_threshold`) | 64 KiB |
+| `label_map.json` | labels 1..K -> category id and name; K + 1 must be the head's outputs | 1 MiB |
+| `metadata.json` | `format_version` and the evidence (run, metrics, dataset hash, commit, version) | 1 MiB |
+| `probe.npz` | a few network inputs and the detections the weights give on them (`Probe`) | 256 MiB |
+| `detector.onnx` | optional: the network as a self-contained ONNX graph, run by ONNX Runtime | 2 GiB |
+| `SHA256SUMS` | `sha256sum` lines over every file above (`sha256sum -c SHA256SUMS` checks by hand) | 64 KiB |
+| `SHA256SUMS.sig` | optional: an Ed25519 signature over `SHA256SUMS` (`training.signature`) | 4 KiB |
+
+The reader verifies once and keeps the bytes it verified: each file is read once (no symlink
+followed, nothing but regular files), hashed from those bytes, and parsed from them. It refuses, with
+an error naming the file and the rule, anything else in the folder, a missing, duplicate or malformed
+`SHA256SUMS` line, a file over its limit, a compressed or oversized `model.pt`, YAML with aliases or
+over its size, config values outside their documented ranges, a label map that does not match the
+head, a graph that is not self-contained (`training.onnx_detector.check_graph`), an unsupported
+`format_version`, and, when public keys are given, a missing or wrong signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import yaml
+
+from training.config import Config, ConfigError
+from training.data.coco import LabelError, LabelMap
+from training.onnx_detector import ONNX_FILE, OnnxExportError, Probe, check_graph
+
+if TYPE_CHECKING:
+    import torch
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMATS = (1,)
+CHECKSUM_FILE = "SHA256SUMS"
+SIGNATURE_FILE = "SHA256SUMS.sig"
+
+
+@dataclass(frozen=True)
+class FileRule:
+    max_bytes: int
+    required: bool
+
+
+FILES: dict[str, FileRule] = {  # the package's file contract: one table
+    "model.pt": FileRule(2 << 30, True),
+    "config.yaml": FileRule(64 << 10, True),
+    "label_map.json": FileRule(1 << 20, True),
+    "metadata.json": FileRule(1 << 20, True),
+    "probe.npz": FileRule(256 << 20, True),
+    ONNX_FILE: FileRule(2 << 30, False),
+}
+UNLISTED = {CHECKSUM_FILE: 64 << 10, SIGNATURE_FILE: 4 << 10}  # not in SHA256SUMS: it lists, or signs, the rest
+MAX_YAML_ALIASES = 0  # safe_dump writes none; every alias is another's bytes read again
+CHECKSUM_LINE = re.compile(r"([0-9a-f]{64})  ([A-Za-z0-9._-]{1,128})")
+HEAD_WEIGHTS = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.mask_predictor.mask_fcn_logits.weight")
+
+
+class PackageError(RuntimeError):
+    """A serving package that cannot be served; the message names the file and the rule it breaks."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """A verified serving package: its files' bytes and what they hold. Build one with `open_package`
+    (from a folder or bucket) or `write_package` (from a model); `stamped` and `signed` return new values."""
+
+    files: Mapping[str, bytes]
+    """Every listed file's verified bytes, by name (`SHA256SUMS` and its signature included)."""
+    config: Config
+    label_map: LabelMap
+    metadata: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    probe: Probe
+    source: str = ""
+    """Where it was read from (for messages)."""
+    signer: str = ""
+    """Id of the trusted key that verified the signature; empty when not checked."""
+    checksums: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> bytes | None:
+        """`detector.onnx`'s bytes, checked by `check_graph`, or None when the package has no graph."""
+        return self.files.get(ONNX_FILE)
+
+    @property
+    def version(self) -> str:
+        """The registered model version (or the run id before registration; "" when neither)."""
+        return str(self.metadata.get("model_version") or self.metadata.get("mlflow_run_id") or "")
+
+    def build_model(self) -> torch.nn.Module:
+        """The architecture rebuilt from the config with the weights loaded, in eval mode on the CPU. Initial
+        weights named in the config are never fetched (a training-only step)."""
+        from training.model import build_model
+
+        model = build_model(self.config.model, self.label_map.num_classes)
+        model.load_state_dict(self.weights)
+        return model.eval()
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the files into `folder` (created; files of another package there are replaced)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in [*FILES, *UNLISTED]:
+            if name not in self.files:
+                (folder / name).unlink(missing_ok=True)
+        for name, data in self.files.items():
+            (folder / name).write_bytes(data)
+        return folder
+
+    def stamped(self, updates: dict[str, Any]) -> Package:
+        """The same package with `updates` merged into its metadata (e.g. final metrics, the registered
+        version); the weights, config, label map, graph and probe stay byte-identical. Unsigned."""
+        files = {k: v for k, v in self.files.items() if k in FILES}
+        files["metadata.json"] = _metadata_bytes({**self.metadata, **updates})
+        return _from_files(_with_checksums(files), self.source)
+
+    def signed(self, private_key: Ed25519PrivateKey) -> Package:
+        """The same package with `SHA256SUMS.sig` by `private_key`."""
+        from training.signature import key_id, sign
+
+        files = {**self.files, SIGNATURE_FILE: sign(self.files[CHECKSUM_FILE], private_key)}
+        return Package(files, self.config, self.label_map, self.metadata, self.weights, self.probe, self.source,
+                       key_id(private_key.public_key()), self.checksums)
+
+
+def open_package(src: str | Path, public_keys: list[Ed25519PublicKey] | None = None,
+                 cache_dir: str | Path | None = None) -> Package:
+    """Read and verify the package at `src` (a folder, `s3://` or `gs://` prefix). With `public_keys`, the
+    package must be signed by one of them. Raises PackageError naming the file and the rule."""
+    from training.data.sources import SourceError, fetch_prefix, is_remote
+
+    where = str(src)
+    if is_remote(where):
+        base = Path(cache_dir or os.environ.get("MASKRCNN_CACHE") or Path.home() / ".cache" / "maskrcnn-platform")
+        try:
+            folder = fetch_prefix(where, base / "packages")
+        except SourceError as exc:
+            raise PackageError(str(exc)) from None
+    else:
+        folder = Path(src)
+    package = _from_files(_read_folder(folder), where)
+    if public_keys:
+        from training.signature import SignatureError, verify
+
+        try:
+            signer = verify(package.files[CHECKSUM_FILE], package.files.get(SIGNATURE_FILE), public_keys,
+                            f"{where.rstrip('/')}/{SIGNATURE_FILE}")
+        except SignatureError as exc:
+            raise PackageError(str(exc)) from None
+        package = Package(package.files, package.config, package.label_map, package.metadata, package.weights,
+                          package.probe, where, signer, package.checksums)
+    return package
+
+
+def _read_folder(folder: Path) -> dict[str, bytes]:
+    """Every entry of `folder`, each a regular file within its limit, read once without following links."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        raise PackageError(f"{folder}: no such package folder") from None
+    except NotADirectoryError:
+        raise PackageError(f"{folder}: not a folder; a serving package is a folder of files") from None
+    files = {}
+    for entry in entries:
+        path = folder / entry.name
+        limit = FILES[entry.name].max_bytes if entry.name in FILES else UNLISTED.get(entry.name)
+        if limit is None:
+            raise PackageError(f"{path}: not part of a serving package (a package holds {', '.join([*FILES, *UNLISTED])})")
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            kind = "a symbolic link" if entry.is_symlink() else (exc.strerror or str(exc))
+            raise PackageError(f"{path}: {kind}; a package holds regular files only") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise PackageError(f"{path}: not a regular file; a package holds regular files only")
+            if info.st_size > limit:
+                raise PackageError(f"{path}: {info.st_size} bytes; at most {limit} are allowed")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read(limit + 1)
+        finally:
+            os.close(fd)
+        if len(data) > limit:
+            raise PackageError(f"{path}: over {limit} bytes; at most {limit} are allowed")
+        files[entry.name] = data
+    return files
+
+
+def parse_checksums(data: bytes, where: str) -> dict[str, str]:
+    """`SHA256SUMS`'s lines (`<sha256>  <file>`, as `sha256sum` writes them), each file once."""
+    sums: dict[str, str] = {}
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise PackageError(f"{where}: not ASCII text") from None
+    if not text.endswith("\n"):
+        raise PackageError(f"{where}: expected lines ending in a newline")
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        match = CHECKSUM_LINE.fullmatch(line)
+        if not match:
+            raise PackageError(f"{where} line {number}: expected '<64 lowercase hex digits>  <file name>', got {line[:200]!r}")
+        digest, name = match.groups()
+        if name in sums:
+            raise PackageError(f"{where} line {number}: {name} is listed twice")
+        if name not in FILES:
+            raise PackageError(f"{where} line {number}: lists {name}; a package holds only {', '.join(FILES)}")
+        sums[name] = digest
+    missing = [name for name, rule in FILES.items() if rule.required and name not in sums]
+    if missing:
+        raise PackageError(f"{where}: no checksum for {', '.join(missing)}")
+    return sums
+
+
+def _from_files(files: dict[str, bytes], source: str) -> Package:
+    """Verify `files` (name -> bytes) and parse them into a Package."""
+    where = source.rstrip("/") or "."
+
+    def at(name: str) -> str:
+        return f"{where}/{name}"
+
+    if CHECKSUM_FILE not in files:
+        raise PackageError(f"{at(CHECKSUM_FILE)}: missing; a serving package must carry its checksums")
+    sums = parse_checksums(files[CHECKSUM_FILE], at(CHECKSUM_FILE))
+    for name in files:
+        if name not in sums and name not in UNLISTED:
+            raise PackageError(f"{at(name)}: not listed in {CHECKSUM_FILE}")
+    for name, digest in sums.items():
+        if name not in files:
+            raise PackageError(f"{at(name)}: missing from the package")
+        actual = hashlib.sha256(files[name]).hexdigest()
+        if actual != digest:
+            raise PackageError(f"{at(name)}: sha256 {actual} does not match {digest} in {CHECKSUM_FILE}")
+    metadata = _json(files["metadata.json"], at("metadata.json"))
+    if not isinstance(metadata, dict):
+        raise PackageError(f"{at('metadata.json')}: expected a JSON object")
+    fmt = metadata.get("format_version")
+    if fmt not in SUPPORTED_FORMATS or isinstance(fmt, bool):
+        hint = " (written before package formats were versioned: export it again with `uv run -m training.export`)" \
+            if fmt is None else ""
+        raise PackageError(f"{at('metadata.json')}: format_version {fmt!r} is not supported; this reader loads "
+                           f"format(s) {', '.join(map(str, SUPPORTED_FORMATS))}{hint}")
+    config = _config(files["config.yaml"], at("config.yaml"))
+    try:
+        label_map = LabelMap.from_dict(_json(files["label_map.json"], at("label_map.json")))
+    except LabelError as exc:
+        raise PackageError(f"{at('label_map.json')}: {exc}") from None
+    weights = _weights(files["model.pt"], at("model.pt"))
+    for key in HEAD_WEIGHTS:
+        rows = weights[key].shape[0] if key in weights and weights[key].dim() > 0 else None
+        if rows != label_map.num_classes:
+            raise PackageError(f"{at('label_map.json')}: {len(label_map.category_ids)} categories need a head of "
+                               f"{label_map.num_classes} outputs (background included), but model.pt's {key} has "
+                               f"{rows if rows is not None else 'no such tensor'}")
+    probe = _probe(files["probe.npz"], at("probe.npz"))
+    if ONNX_FILE in files:
+        try:
+            check_graph(files[ONNX_FILE], at(ONNX_FILE))
+        except OnnxExportError as exc:
+            raise PackageError(str(exc)) from None
+    return Package(dict(files), config, label_map, metadata, weights, probe, source, "", sums)
+
+
+def _json(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PackageError(f"{where}: not valid JSON ({exc})") from None
+
+
+def _config(data: bytes, where: str) -> Config:
+    """`config.yaml`: YAML without aliases (checked on the event stream, before anything is built), then
+    every field typed and within its documented range."""
+    try:
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(data, Loader=yaml.SafeLoader))
+        if aliases > MAX_YAML_ALIASES:
+            raise PackageError(f"{where}: {aliases} YAML alias(es); at most {MAX_YAML_ALIASES} are allowed")
+        tree = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise PackageError(f"{where}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise PackageError(f"{where}: expected a mapping at the top level")
+    try:
+        return Config.from_dict(tree)
+    except (ConfigError, TypeError) as exc:
+        raise PackageError(f"{where}: {exc}") from None
+
+
+def check_zip(data: bytes, where: str, max_total: int) -> None:
+    """A zip archive (torch's `model.pt`, numpy's `.npz`) whose records are all stored uncompressed and
+    whose total size is within `max_total`, checked from its central directory before anything inflates."""
+    try:
+        records = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise PackageError(f"{where}: not a zip archive ({exc})") from None
+    for info in records:
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise PackageError(f"{where}: record {info.filename[:100]} is compressed; records must be stored "
+                               f"uncompressed (as torch.save and numpy.savez write them)")
+    total = sum(info.file_size for info in records)
+    if total > max_total:
+        raise PackageError(f"{where}: holds {total} bytes uncompressed; at most {max_total} are allowed")
+
+
+def _weights(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    import pickle
+
+    import torch
+
+    check_zip(data, where, FILES["model.pt"].max_bytes)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
+        raise PackageError(f"{where}: not a weights-only state_dict ({type(exc).__name__}: {str(exc)[:300]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise PackageError(f"{where}: expected a state_dict (tensor names -> tensors)")
+    return state
+
+
+def _probe(data: bytes, where: str) -> Probe:
+    check_zip(data, where, FILES["probe.npz"].max_bytes)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        return Probe.from_arrays(arrays)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise PackageError(f"{where}: {exc}") from None
+
+
+def _metadata_bytes(meta: dict[str, Any]) -> bytes:
+    return json.dumps({**meta, "format_version": FORMAT_VERSION}, indent=2, sort_keys=True, default=str).encode()
+
+
+def _with_checksums(files: dict[str, bytes]) -> dict[str, bytes]:
+    listed = {name: files[name] for name in FILES if name in files}
+    lines = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in listed.items())
+    return {**listed, CHECKSUM_FILE: lines.encode()}
+
+
+def write_package(model: torch.nn.Module, config: Config, label_map: LabelMap, metadata: dict[str, Any],
+                  out_dir: str | Path | None = None, onnx: bool = True) -> Package:
+    """The serving package of an in-memory model (and its config and label map), written to `out_dir` when
+    given. `onnx`: also carry `detector.onnx`, kept only when ONNX Runtime reproduces the weights' detections
+    on the probe (a failed export is logged, and the package is served by eager PyTorch)."""
+    import tempfile
+
+    import torch
+
+    from training.onnx_detector import export_onnx, make_probe
+
+    model = model.eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    probe = make_probe(model)
+    files = {"model.pt": buf.getvalue(), "config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
+             "label_map.json": json.dumps(label_map.to_dict(), indent=2).encode(), "metadata.json": _metadata_bytes(metadata),
+             "probe.npz": probe.to_bytes()}
+    if onnx:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                files[ONNX_FILE] = export_onnx(model, Path(tmp) / ONNX_FILE, probe).read_bytes()
+            except OnnxExportError as exc:
+                log.warning("the package%s has no %s, so it will be served by eager PyTorch: %s",
+                            f" {out_dir}" if out_dir else "", ONNX_FILE, exc)
+    package = _from_files(_with_checksums(files), str(out_dir or ""))
+    if out_dir is not None:
+        package.save(out_dir)
+    return package
