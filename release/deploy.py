@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from training.waiting import WaitTimeout, connection_error, poll_until, retry_call
+from training.waiting import WaitTimeout, connection_error, describe, poll_until, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
             _call(_patch, api, name, namespace, previous_uri, previous_canary, canary_percent is not None)
         except Exception as undo:
             raise DeployError(f"InferenceService {namespace}/{name}: {_reason(exc, uri, timeout)}; rolling back to "
-                              f"{previous_uri} FAILED too ({type(undo).__name__}: {undo}): restore it by hand") from exc
+                              f"{previous_uri} FAILED too ({describe(undo)}): restore it by hand") from exc
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt and the like: rolled back, and still stopping
         raise DeployError(f"InferenceService {namespace}/{name} {_reason(exc, uri, timeout)}; rolled back to "
@@ -234,7 +234,7 @@ def _reason(exc: BaseException, uri: str, timeout: float) -> str:
         return f"failed on {uri} ({exc})"
     if isinstance(exc, WaitTimeout):
         return f"was not serving within {timeout:.0f} s on {uri} ({exc.seen})"
-    return f"could not be watched while it rolled out {uri} ({type(exc).__name__}: {exc})"
+    return f"could not be watched while it rolled out {uri} ({describe(exc)})"
 
 
 def _call(func: Any, *args: Any) -> Any:

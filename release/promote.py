@@ -30,7 +30,7 @@ from release.gate import GateDecision
 from release.publish import publish_package
 from training.package import Package, open_package
 from training.registry import CHAMPION, register_package, set_alias
-from training.waiting import retry_call
+from training.waiting import describe, retry_call
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -86,7 +86,7 @@ def _unwind(client: MlflowClient, name: str, version: str, exc: BaseException, d
             ready_timeout: float, kubeconfig: str) -> None:
     """After a failure: put back the storageUri if this promotion had moved it (the deploy step rolls back
     its own failures), and tag the version `promotion.failed` with the reason."""
-    why = f"{type(exc).__name__}: {exc}"
+    why = describe(exc)
     if deployed is not None and deployed.previous_uri and deployed.previous_uri != deployed.storage_uri:
         try:
             update_storage_uri(deployed.name, namespace, deployed.previous_uri, timeout=ready_timeout,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from k8s_emulator import SOURCE_URI, IsvcController
 
-from release.deploy import DeployError, update_storage_uri
+from release.deploy import DeployError, custom_objects_api, update_storage_uri
 
 
 def test_patch_then_ready_returns_the_previous_uri_emulator(k8s_emulator):
@@ -153,3 +153,88 @@ def test_knative_progress_reads_kserve_status(status, expected):
     from release.deploy import knative_progress
 
     assert knative_progress({"metadata": {"generation": 2}, "status": status}, "p-00001", None)[0] == expected
+
+
+class FlakyApi:
+    """The real client (against the emulator) with GETs of the InferenceService failing as told: `fail(n)` is
+    the exception for the n-th GET after the patch, or None. The patch and everything else go through."""
+
+    def __init__(self, kubeconfig: str, fail):
+        self.real, self.fail, self.gets, self.patched = custom_objects_api(kubeconfig), fail, 0, False
+        self.api_client = self.real.api_client
+
+    def get_namespaced_custom_object(self, *args):
+        if self.patched:
+            self.gets += 1
+            error = self.fail(self.gets)
+            if error is not None:
+                raise error
+        return self.real.get_namespaced_custom_object(*args)
+
+    def patch_namespaced_custom_object(self, *args):
+        self.patched = True
+        return self.real.patch_namespaced_custom_object(*args)
+
+
+def _unavailable():
+    from kubernetes.client.exceptions import ApiException
+
+    return ApiException(status=503, reason="Service Unavailable")
+
+
+def test_a_get_that_fails_once_is_retried_k8s_emulator(k8s_emulator, caplog):
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+    ctl.create("s3://models/maskrcnn/v1")
+    api = FlakyApi(k8s_emulator.kubeconfig, lambda n: _unavailable() if n == 1 else None)
+    with ctl:
+        result = update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=30, poll=0.1, api=api)
+    assert result.storage_uri == "s3://models/maskrcnn/v2" and api.gets >= 2
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v2"
+    assert "ApiException" in caplog.text and "retrying" in caplog.text
+
+
+def test_a_get_that_always_fails_rolls_back_at_the_deadline_k8s_emulator(k8s_emulator):
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+    ctl.create("s3://models/maskrcnn/v1")
+    api = FlakyApi(k8s_emulator.kubeconfig, lambda n: _unavailable())
+    with ctl, pytest.raises(DeployError, match=r"was not serving within 2 s on s3://models/maskrcnn/v2 \(last error: "
+                                                r"ApiException: \(503\) Reason: Service Unavailable\); rolled back to s3://models/maskrcnn/v1"):
+        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=2, poll=0.1, api=api)
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
+
+
+def test_a_get_that_fails_for_good_rolls_back_at_once_k8s_emulator(k8s_emulator):
+    """A 403 (the Role lost `get`) is not transient: no waiting out the timeout, the URI is put back."""
+    import time
+
+    from kubernetes.client.exceptions import ApiException
+
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+    ctl.create("s3://models/maskrcnn/v1")
+    api = FlakyApi(k8s_emulator.kubeconfig, lambda n: ApiException(status=403, reason="Forbidden"))
+    began = time.monotonic()
+    with ctl, pytest.raises(DeployError, match=r"could not be watched while it rolled out s3://models/maskrcnn/v2 "
+                                                r"\(ApiException: \(403\) Reason: Forbidden\); rolled back to s3://models/maskrcnn/v1"):
+        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=60, poll=0.1, api=api)
+    assert time.monotonic() - began < 10
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
+
+
+def test_already_set_still_waits_until_kserve_serves_it_k8s_emulator(k8s_emulator):
+    """The URI is already the target (a retried promotion), but its revision failed to load: not a success."""
+    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", becomes_ready=False)
+    ctl.create("s3://models/maskrcnn/v1")
+    with ctl:
+        with pytest.raises(DeployError):
+            update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=30, poll=0.1,
+                               kubeconfig=k8s_emulator.kubeconfig)
+        ctl.api.patch_namespaced_custom_object("serving.kserve.io", "v1beta1", "models", "inferenceservices", "maskrcnn",
+                                               {"spec": {"predictor": {"model": {"storageUri": "s3://models/maskrcnn/v2"}}}})
+        with pytest.raises(DeployError, match=r"already points at s3://models/maskrcnn/v2, but KServe does not serve it"):
+            update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=3, poll=0.1,
+                               kubeconfig=k8s_emulator.kubeconfig)
+    ready = IsvcController(k8s_emulator.kubeconfig, "other", "models")
+    ready.create("s3://models/other/v1")
+    with ready:
+        assert update_storage_uri("other", "models", "s3://models/other/v1", timeout=30, poll=0.1,
+                                  kubeconfig=k8s_emulator.kubeconfig).storage_uri == "s3://models/other/v1"

@@ -1,6 +1,7 @@
 """Property-based fuzzing, bounded in time (hypothesis, derandomized so CI is reproducible): generated
-annotation files never get anything but a DatasetError from the validator, and generated request bodies
-never get a traceback or a 500 from the predictor."""
+annotation files never get anything but a DatasetError from the validator, generated request bodies
+never get a traceback or a 500 from the predictor, and a serving package's SHA256SUMS, config.yaml and
+label_map.json never get anything but a PackageError (naming the file) from the package reader."""
 
 from __future__ import annotations
 
@@ -123,3 +124,96 @@ def test_raw_bytes_never_get_a_500(serving_client, raw):
         _check(serving_client.post(path, content=raw, headers={"content-type": "application/json"}))
 
 
+
+
+# -- the serving package's text files -------------------------------------------------------------------
+PACKAGE_SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                            suppress_health_check=[HealthCheck.too_slow])
+DIGEST = st.one_of(st.text("0123456789abcdef", min_size=64, max_size=64), st.text("0123456789abcdefABCDEF g", max_size=70))
+NAME = st.one_of(st.sampled_from(["model.pt", "config.yaml", "label_map.json", "metadata.json", "probe.npz",
+                                  "detector.onnx", "SHA256SUMS", "../x", "a b", ""]), st.text(max_size=12))
+LINE = st.one_of(st.builds(lambda d, sep, n: f"{d}{sep}{n}", DIGEST, st.sampled_from(["  ", " *", " ", "\t", ""]), NAME),
+                 st.text(max_size=30))
+
+
+@PACKAGE_SETTINGS
+@given(lines=st.lists(LINE, max_size=9), newline=st.booleans(), raw=st.binary(max_size=40), use_raw=st.integers(0, 9))
+def test_sha256sums_lines_get_a_package_error_or_a_clean_table(lines, newline, raw, use_raw):
+    from training.package import FILES, PackageError, parse_checksums
+
+    data = raw if use_raw == 0 else ("\n".join(lines) + ("\n" if newline else "")).encode()
+    try:
+        sums = parse_checksums(data, "pkg/SHA256SUMS")
+    except PackageError as exc:
+        assert str(exc).startswith("pkg/SHA256SUMS")
+    else:
+        assert set(sums) <= set(FILES) and all(len(d) == 64 for d in sums.values())
+        assert {n for n, rule in FILES.items() if rule.required} <= set(sums)
+
+
+def _config_tree() -> dict:
+    import yaml
+
+    from training.config import CONFIG_DIR
+
+    return yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+
+
+CONFIG_FIELDS = {"model": ["min_size", "max_size", "representation_size", "mask_head_layers", "anchor_sizes",
+                           "aspect_ratios", "backbone", "box_score_thresh", "fpn_levels"],
+                 "eval": ["mask_threshold", "iou_match", "score_threshold"], "data": ["synthetic"], "train": ["epochs"]}
+
+
+@st.composite
+def config_files(draw) -> bytes:
+    import yaml
+
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.one_of(st.binary(max_size=60), st.text(max_size=60).map(str.encode)))
+    tree = _config_tree()
+    for _ in range(draw(st.integers(1, 3))):
+        section = draw(st.sampled_from(sorted(CONFIG_FIELDS)))
+        tree.setdefault(section, {})[draw(st.sampled_from(CONFIG_FIELDS[section]))] = draw(
+            JSON | st.integers(-10**12, 10**12) | st.floats())
+    if draw(st.integers(0, 5)) == 0:
+        tree = draw(JSON)
+    text = yaml.safe_dump(tree)
+    if draw(st.integers(0, 5)) == 0:  # an alias planted in the document
+        text = "x: &x [1, 2]\ny: *x\n" + text
+    return text.encode()
+
+
+@PACKAGE_SETTINGS
+@given(data=config_files())
+def test_config_files_get_a_package_error_or_a_config_within_range(data):
+    from training.config import EVAL_RANGES, MODEL_RANGES
+    from training.package import PackageError, parse_config
+
+    try:
+        cfg = parse_config(data, "pkg/config.yaml")
+    except PackageError as exc:
+        assert str(exc).startswith("pkg/config.yaml: ") and " object at 0x" not in str(exc)
+    else:
+        for section, ranges in (("model", MODEL_RANGES), ("eval", EVAL_RANGES)):
+            for name, (low, high) in ranges.items():
+                value = getattr(getattr(cfg, section), name)
+                assert all(low <= v <= high for v in (value if isinstance(value, list) else [value])), (section, name)
+
+
+CATEGORY = st.fixed_dictionaries({"label": st.integers(-2, 5) | JSON, "id": st.integers(-3, 5) | JSON,
+                                  "name": st.sampled_from(["a", "b", "c", ""]) | JSON})
+
+
+@PACKAGE_SETTINGS
+@given(value=st.one_of(st.fixed_dictionaries({"categories": st.lists(CATEGORY, max_size=5)}), JSON))
+def test_label_maps_get_a_package_error_or_a_contiguous_map(value):
+    from training.package import PackageError, parse_label_map
+
+    try:
+        labels = parse_label_map(json.dumps(value).encode(), "pkg/label_map.json")
+    except PackageError as exc:
+        assert str(exc).startswith("pkg/label_map.json: ")
+    else:
+        k = len(labels.category_ids)
+        assert k >= 1 and len(set(labels.category_ids)) == k == len(set(labels.names))
+        assert [labels.name_of(i) for i in range(1, k + 1)] == labels.names

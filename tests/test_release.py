@@ -71,3 +71,52 @@ def test_promote_reject_promote_rollback_k8s_emulator(mlflow_stack, serving_pack
     assert len(reasons) == 3 and reasons[-1].startswith("rollback: incident 42")
     # a version that was never published cannot be rolled back to
     assert main([*common, "rollback", "99"]) == 2
+
+
+def test_promote_ends_served_and_signed_or_rolled_back_and_tagged_k8s_emulator(mlflow_stack, serving_package, k8s_emulator,
+                                                                              tmp_path, monkeypatch):
+    """Two promotions of the same run's model. The first one's rollout wait cannot read the InferenceService
+    (every GET after the patch answers 503): the URI is rolled back and the version tagged promotion.failed,
+    champion unmoved. The second is served: its published package is signed, and verifies against the
+    public key the predictor would be given."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from test_deploy import FlakyApi, _unavailable
+
+    from release import deploy
+    from release.deploy import DeployError
+    from release.promote import promote
+    from training.package import open_package
+    from training.signature import key_id
+
+    for key, value in mlflow_stack.env().items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(mlflow_stack.tracking_uri)
+    name = f"two-states-{time.time_ns()}"
+    package = shutil.copytree(serving_package, tmp_path / "pkg")
+    run_id = _logged_run(client, name, package)
+    model_uri = f"models:/{client.search_logged_models([client.get_run(run_id).info.experiment_id])[0].model_id}"
+    prefix = f"s3://{mlflow_stack.state.models_bucket}/two-states"
+    ctl = IsvcController(k8s_emulator.kubeconfig, ISVC, NAMESPACE)
+    ctl.create(f"{prefix}/previous")
+    key = Ed25519PrivateKey.generate()
+    args = dict(package_dir=package, model_uri=model_uri, tracking_uri=mlflow_stack.tracking_uri, model_name=name,
+                storage_prefix=prefix, isvc_name=ISVC, namespace=NAMESPACE, ready_timeout=3,
+                kubeconfig=k8s_emulator.kubeconfig, signing_key=key)
+    with ctl:
+        with monkeypatch.context() as m:
+            m.setattr(deploy, "custom_objects_api", lambda kubeconfig="": FlakyApi(k8s_emulator.kubeconfig, lambda n: _unavailable()))
+            with pytest.raises(DeployError, match="rolled back to " + f"{prefix}/previous"):
+                promote(**args)
+        failed = client.get_model_version(name, "1")
+        assert "rolled back to " + f"{prefix}/previous" in failed.tags["promotion.failed"]
+        assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == f"{prefix}/previous"
+        assert "champion" not in (client.get_registered_model(name).aliases or {})
+
+        result = promote(**{**args, "ready_timeout": 60})
+    assert result.version == "2" and ctl.get()["spec"]["predictor"]["model"]["storageUri"] == result.storage_uri
+    served = client.get_model_version_by_alias(name, "champion")
+    assert served.version == "2" and "promotion.failed" not in served.tags
+    assert served.tags["serving.signed_by"] == key_id(key.public_key())
+    published = open_package(result.storage_uri, public_keys=[key.public_key()], cache_dir=tmp_path / "cache")
+    assert published.signer == key_id(key.public_key()) and published.metadata["model_version"] == "2"
+    assert published.files["model.pt"] == open_package(package).files["model.pt"]  # what was scored is what is served

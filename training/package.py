@@ -265,11 +265,8 @@ def _from_files(files: dict[str, bytes], source: str) -> Package:
             if fmt is None else ""
         raise PackageError(f"{at('metadata.json')}: format_version {fmt!r} is not supported; this reader loads "
                            f"format(s) {', '.join(map(str, SUPPORTED_FORMATS))}{hint}")
-    config = _config(files["config.yaml"], at("config.yaml"))
-    try:
-        label_map = LabelMap.from_dict(_json(files["label_map.json"], at("label_map.json")))
-    except LabelError as exc:
-        raise PackageError(f"{at('label_map.json')}: {exc}") from None
+    config = parse_config(files["config.yaml"], at("config.yaml"))
+    label_map = parse_label_map(files["label_map.json"], at("label_map.json"))
     weights = _weights(files["model.pt"], at("model.pt"))
     for key in HEAD_WEIGHTS:
         rows = weights[key].shape[0] if key in weights and weights[key].dim() > 0 else None
@@ -293,7 +290,15 @@ def _json(data: bytes, where: str) -> Any:
         raise PackageError(f"{where}: not valid JSON ({exc})") from None
 
 
-def _config(data: bytes, where: str) -> Config:
+def parse_label_map(data: bytes, where: str) -> LabelMap:
+    """`label_map.json`: labels exactly 1..K with unique ids and names (`LabelMap.from_dict`)."""
+    try:
+        return LabelMap.from_dict(_json(data, where))
+    except LabelError as exc:
+        raise PackageError(f"{where}: {exc}") from None
+
+
+def parse_config(data: bytes, where: str) -> Config:
     """`config.yaml`: YAML without aliases (checked on the event stream, before anything is built), then
     every field typed and within its documented range."""
     try:

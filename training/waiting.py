@@ -28,6 +28,11 @@ class WaitTimeout(TimeoutError):
         self.seen = seen
 
 
+def describe(exc: BaseException) -> str:
+    """`Type: message` on one line (the kubernetes client's errors span several), at most 300 characters."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+
+
 def never(exc: BaseException) -> bool:
     return False
 
@@ -49,8 +54,7 @@ def _log_retry(what: str) -> Callable[[tenacity.RetryCallState], None]:
     def before_sleep(state: tenacity.RetryCallState) -> None:
         if state.outcome is not None and state.outcome.failed:
             exc = state.outcome.exception()
-            log.warning("%s: %s: %s (attempt %d; retrying)", what, type(exc).__name__, str(exc)[:300],
-                        state.attempt_number)
+            log.warning("%s: %s (attempt %d; retrying)", what, describe(exc), state.attempt_number)
 
     return before_sleep
 
@@ -67,7 +71,7 @@ def poll_until(check: Callable[[], T | None], *, timeout: float, interval: float
         return retrying(check)
     except tenacity.RetryError as exc:
         outcome = exc.last_attempt
-        seen = f"last error: {type(outcome.exception()).__name__}: {outcome.exception()}" if outcome.failed else last()
+        seen = f"last error: {describe(outcome.exception())}" if outcome.failed else last()
         raise WaitTimeout(f"{what}: not within {timeout:g} s" + (f" ({seen})" if seen else ""), seen) from None
 
 

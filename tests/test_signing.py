@@ -1,0 +1,113 @@
+"""Signed serving packages: the release step signs SHA256SUMS with an Ed25519 key; the predictor, given the
+public keys, serves only packages one of them signed (real keys, real `cryptography`, the real CLI)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from serving.predictor import MaskRCNNPredictor
+from training.package import CHECKSUM_FILE, SIGNATURE_FILE, PackageError, open_package
+from training.signature import SignatureError, generate_keypair, key_id, load_private_key, load_public_keys
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """Two key pairs, written by the release command's own keygen."""
+    from release.__main__ import main
+
+    folder = tmp_path_factory.mktemp("keys")
+    for name in ("current", "other"):
+        assert main(["keygen", str(folder / f"{name}.key"), str(folder / f"{name}.pem")]) == 0
+    return folder
+
+
+def _signed(serving_package, folder: Path, key_file: Path) -> Path:
+    open_package(serving_package).signed(load_private_key(key_file)).save(folder)
+    return folder
+
+
+def test_keygen_writes_an_owner_only_private_key_and_never_overwrites_it(keys):
+    from release.__main__ import main
+
+    assert stat.S_IMODE(os.stat(keys / "current.key").st_mode) == 0o600
+    before = (keys / "current.key").read_bytes()
+    assert main(["keygen", str(keys / "current.key"), str(keys / "x.pem")]) == 2
+    assert (keys / "current.key").read_bytes() == before
+    assert key_id(load_public_keys(keys / "current.pem")[0]) == key_id(load_private_key(keys / "current.key").public_key())
+
+
+def test_a_signed_package_is_served_and_names_its_key(serving_package, keys, tmp_path):
+    package = _signed(serving_package, tmp_path / "signed", keys / "current.key")
+    predictor = MaskRCNNPredictor("maskrcnn", str(package), public_keys=keys / "current.pem")
+    assert predictor.load() and predictor.ready
+    assert predictor.signer == key_id(load_public_keys(keys / "current.pem")[0])
+
+
+@pytest.mark.parametrize("case", ["unsigned", "signed by another key", "checksums changed after signing",
+                                  "signature garbled"])
+def test_a_package_not_signed_by_a_trusted_key_is_refused(serving_package, keys, tmp_path, case):
+    folder = _signed(serving_package, tmp_path / "pkg", keys / ("other.key" if case == "signed by another key" else "current.key"))
+    if case == "unsigned":
+        (folder / SIGNATURE_FILE).unlink()
+    elif case == "checksums changed after signing":  # a re-stamped package (metadata changed) keeps an old signature
+        shutil.copy(folder / SIGNATURE_FILE, tmp_path / "sig")
+        open_package(folder).stamped({"model_version": "666"}).save(folder)
+        shutil.copy(tmp_path / "sig", folder / SIGNATURE_FILE)
+    elif case == "signature garbled":
+        (folder / SIGNATURE_FILE).write_text('{"algorithm": "ed25519", "signature": "!!"}')
+    rule = {"unsigned": r"SHA256SUMS\.sig: missing; this predictor trusts only signed packages",
+            "signed by another key": r"SHA256SUMS\.sig: the signature \(by key [0-9a-f]{16}\) does not verify against any "
+                                     r"trusted key",
+            "checksums changed after signing": r"SHA256SUMS\.sig: the signature .* does not verify",
+            "signature garbled": r"SHA256SUMS\.sig: not a signature document"}[case]
+    predictor = MaskRCNNPredictor("maskrcnn", str(folder), public_keys=keys / "current.pem")
+    with pytest.raises(PackageError, match=rule):
+        predictor.load()
+    assert not predictor.ready
+    # without a configured key, signatures are not checked (and the log says so)
+    if case != "signature garbled":
+        assert MaskRCNNPredictor("maskrcnn", str(folder)).load()
+
+
+def test_rotation_trusts_every_key_in_the_configmap_folder(serving_package, keys, tmp_path):
+    """Rotation: the ConfigMap holds the old and the new public key while packages signed by either are
+    served; removing the old key then refuses packages only it signed."""
+    configmap = tmp_path / "configmap"
+    configmap.mkdir()
+    shutil.copy(keys / "current.pem", configmap / "current.pem")
+    shutil.copy(keys / "other.pem", configmap / "previous.pem")
+    old = _signed(serving_package, tmp_path / "old", keys / "other.key")
+    new = _signed(serving_package, tmp_path / "new", keys / "current.key")
+    for folder in (old, new):
+        assert MaskRCNNPredictor("maskrcnn", str(folder), public_keys=configmap).load()
+    (configmap / "previous.pem").unlink()
+    with pytest.raises(PackageError, match="does not verify against any trusted key"):
+        MaskRCNNPredictor("maskrcnn", str(old), public_keys=configmap).load()
+    # one PEM file with both keys works the same way
+    (tmp_path / "both.pem").write_bytes((keys / "current.pem").read_bytes() + (keys / "other.pem").read_bytes())
+    assert len(load_public_keys(tmp_path / "both.pem")) == 2
+
+
+def test_bad_key_files_are_named(tmp_path, keys):
+    (tmp_path / "empty.pem").write_text("nothing here\n")
+    with pytest.raises(SignatureError, match=r"empty\.pem: no PEM public key"):
+        load_public_keys(tmp_path / "empty.pem")
+    with pytest.raises(SignatureError, match=r"current\.pem: not an unencrypted PEM private key"):
+        load_private_key(keys / "current.pem")
+    with pytest.raises(SignatureError, match=r"missing\.key: cannot read the key file"):
+        load_private_key(tmp_path / "missing.key")
+
+
+def test_the_serving_command_refuses_an_unsigned_package_and_exits(serving_package, keys, tmp_path, caplog):
+    """`uv run -m serving --public-keys ...` on an unsigned package: it never listens, and says why."""
+    from serving.__main__ import main
+
+    assert main(["--model-dir", str(serving_package), "--public-keys", str(keys / "current.pem"),
+                 "--host", "127.0.0.1", "--http-port", "1"]) == 1
+    assert "SHA256SUMS.sig: missing" in caplog.text
+    assert (Path(serving_package) / CHECKSUM_FILE).exists()
