@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from pathlib import Path
 
 from devstack.procs import StackError, port_open, require_binary, run, running_pid, stop_pid, tail, wait_for, write_private
+from training.waiting import WaitTimeout, poll_until
 
 log = logging.getLogger(__name__)
 
@@ -203,16 +203,17 @@ rgw_dns_name = 127.0.0.1
 
         s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                           aws_secret_access_key=self.secret_key, region_name="us-east-1")
-        deadline = time.monotonic() + timeout
-        while True:
+        def exists_or_created() -> bool:
             try:
                 s3.head_bucket(Bucket=bucket)
-                return
             except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code in ("404", "NoSuchBucket", "NotFound"):
-                    s3.create_bucket(Bucket=bucket, ACL="private")
-                    return
-                if time.monotonic() > deadline:
-                    raise StackError(f"Ceph S3: bucket {bucket!r} at {self.endpoint}: {exc}") from exc
-                time.sleep(1)
+                if exc.response.get("Error", {}).get("Code", "") not in ("404", "NoSuchBucket", "NotFound"):
+                    raise  # the gateway is still creating its pools: polled through
+                s3.create_bucket(Bucket=bucket, ACL="private")
+            return True
+
+        try:
+            poll_until(exists_or_created, timeout=timeout, interval=1, what=f"Ceph S3: bucket {bucket!r}",
+                       transient=lambda e: isinstance(e, ClientError))
+        except WaitTimeout as exc:
+            raise StackError(f"Ceph S3: bucket {bucket!r} at {self.endpoint}: {exc}") from None

@@ -5,12 +5,14 @@ filesystem and one memory /tmp, serves it from /mnt/models mounted read-only. Ho
 from __future__ import annotations
 
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 from devstack.podman import HARDENED, Podman
 from devstack.procs import StackError
+from training.waiting import WaitTimeout, poll_until
+
+PUBLIC_KEYS_MOUNT = "/etc/maskrcnn/public-keys"  # as deployment/base/servingruntime.yaml mounts the ConfigMap
 
 
 def initialize_storage(podman: Podman, initializer: str, uri: str, volume: Path,
@@ -24,25 +26,32 @@ def initialize_storage(podman: Podman, initializer: str, uri: str, volume: Path,
 
 
 def start_predictor(podman: Podman, image: str, volume: Path, port: int, timeout: float = 180,
-                    cpus: float | None = None) -> str:
+                    cpus: float | None = None, public_keys: Path | None = None) -> str:
     """Start the predictor container on `volume` (read-only at /mnt/models) and wait until it is ready;
-    returns its name. `cpus`: a CPU limit, as a pod's `resources.limits.cpu`. Raises StackError, with its
+    returns its name. `cpus`: a CPU limit, as a pod's `resources.limits.cpu`; `public_keys`: a folder of
+    trusted signing keys, mounted as the ServingRuntime mounts its ConfigMap. Raises StackError, with its
     log, if it exits or is not ready in time."""
     name = f"maskrcnn-predictor-{port}"
     # /tmp: the pod's memory emptyDir (torchvision's import needs a temporary folder)
     limit = ("--cpus", str(cpus)) if cpus else ()
+    keys = (("--volume", f"{public_keys}:{PUBLIC_KEYS_MOUNT}:ro"), ("--public-keys", PUBLIC_KEYS_MOUNT)) if public_keys \
+        else ((), ())
     podman("run", "--detach", "--name", name, *HARDENED, *limit, "--tmpfs", "/tmp:rw,size=256m,mode=1777",
-           "--volume", f"{volume}:/mnt/models:ro", image, "python", "-m", "serving", "--model-dir", "/mnt/models",
-           "--model-name", "maskrcnn", "--host", "127.0.0.1", "--http-port", str(port))
-    deadline = time.monotonic() + timeout
-    while True:
+           "--volume", f"{volume}:/mnt/models:ro", *keys[0], image, "python", "-m", "serving", "--model-dir",
+           "/mnt/models", "--model-name", "maskrcnn", "--host", "127.0.0.1", "--http-port", str(port), *keys[1])
+    def ready() -> str | None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5):
                 return name
         except OSError:
-            running = podman("inspect", "--format", "{{.State.Running}}", name, check=False) == "true"
-            if not running or time.monotonic() > deadline:
-                logs = podman("logs", name, check=False)[-3000:]
-                podman("rm", "-f", "-t", "0", name, check=False)
-                raise StackError(f"the predictor {'exited' if not running else 'was not ready in time'}:\n{logs}")
-            time.sleep(0.5)
+            if podman("inspect", "--format", "{{.State.Running}}", name, check=False) != "true":
+                raise StackError("exited") from None
+            return None
+
+    try:
+        return poll_until(ready, timeout=timeout, interval=0.5, what=f"the predictor {name}")
+    except (StackError, WaitTimeout) as exc:
+        logs = podman("logs", name, check=False)[-3000:]
+        podman("rm", "-f", "-t", "0", name, check=False)
+        raise StackError(f"the predictor {'exited' if isinstance(exc, StackError) else 'was not ready in time'}:\n"
+                         f"{logs}") from None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devstack.procs import StackError
+from training.waiting import WaitTimeout, poll_until
 
 log = logging.getLogger("devstack")
 
@@ -127,12 +128,14 @@ class Podman:
         socket.unlink(missing_ok=True)
         proc = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{socket}"], env=self.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not socket.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise StackError("podman system service did not open its socket")
-            time.sleep(0.1)
+        try:
+            poll_until(lambda: True if socket.exists() else (None if proc.poll() is None else False), timeout=30,
+                       interval=0.1, what="podman system service opening its socket")
+        except WaitTimeout:
+            pass
+        if not socket.exists():
+            proc.kill()
+            raise StackError("podman system service did not open its socket")
         return f"unix://{socket}", proc
 
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from training.waiting import WaitTimeout, poll_until
+
 
 class StackError(RuntimeError):
     """A stack service could not be set up, started or stopped; the message says which and why."""
@@ -117,14 +119,18 @@ def run(argv: list[str], what: str, env: dict[str, str] | None = None, timeout: 
 def wait_for(check: Callable[[], bool], what: str, timeout: float, log_file: Path,
              pid: int | None = None, interval: float = 0.25) -> None:
     """Poll `check` until it is true; fail with the log's tail if the process dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool | None:
         if check():
-            return
+            return True
         if pid is not None and not pid_alive(pid):
             raise StackError(f"{what} exited during start-up; last lines of {log_file}:\n{tail(log_file)}")
-        time.sleep(interval)
-    raise StackError(f"{what} did not become ready within {timeout:.0f} s; last lines of {log_file}:\n{tail(log_file)}")
+        return None
+
+    try:
+        poll_until(ready, timeout=timeout, interval=interval, what=what)
+    except WaitTimeout:
+        raise StackError(f"{what} did not become ready within {timeout:.0f} s; last lines of {log_file}:\n"
+                         f"{tail(log_file)}") from None
 
 
 def stop_pid(pid: int, what: str, timeout: float = 30, group: bool = False) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 import urllib.request
 from dataclasses import dataclass, field
 
 from devstack.podman import HARDENED, Podman
 from devstack.procs import StackError, free_port
+from training.waiting import WaitTimeout, poll_until
 
 log = logging.getLogger("devstack")
 
@@ -94,18 +94,13 @@ class RayNodes:
         return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.alive_nodes() >= count:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {name}:\n" + self.podman("logs", name, check=False)[-2000:]
-                                  for name in [self.head, *self.workers])
-                raise StackError(f"the Ray cluster did not reach {count} nodes in {timeout:.0f} s; logs:\n{logs}")
-            time.sleep(1)
+        try:  # the dashboard refuses connections until it is up: a transient error
+            poll_until(lambda: True if self.alive_nodes() >= count else None, timeout=timeout, interval=1,
+                       what=f"the Ray cluster reaching {count} nodes", transient=lambda e: isinstance(e, OSError))
+        except WaitTimeout:
+            logs = "\n".join(f"--- {name}:\n" + self.podman("logs", name, check=False)[-2000:]
+                              for name in [self.head, *self.workers])
+            raise StackError(f"the Ray cluster did not reach {count} nodes in {timeout:.0f} s; logs:\n{logs}") from None
 
     def stop(self) -> None:
         for name in [*self.workers, self.head]:  # also those that were created but never started

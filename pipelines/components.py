@@ -109,16 +109,17 @@ def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: 
     """Register the version in MLflow with its evidence (metrics, dataset hash, git commit, config, run,
     the gate's decision), upload its serving package to `storage_prefix` and verify it, patch the
     InferenceService's storageUri (canary when canary_percent > 0), wait for Ready or roll back, then
-    move the `champion` alias. Returns the URI."""
+    move the `champion` alias. Returns the URI. The package is signed with the key in the file named by
+    $MASKRCNN_SIGNING_KEY_FILE (the pipeline mounts the maskrcnn-signing-key Secret there) when it exists."""
     from release.gate import GateDecision
-    from release.promote import promote as run_promote
+    from release.promote import promote as run_promote, signing_key_from_env
     from training.tracking import resolve_tracking_uri
 
     result = run_promote(package_dir=model.path, model_uri=model_uri, tracking_uri=resolve_tracking_uri(tracking_uri),
                          model_name=model_name, storage_prefix=storage_prefix, gate=GateDecision(True, reason),
                          isvc_name=isvc_name, namespace=namespace,
                          canary_percent=canary_percent if canary_percent > 0 else None,
-                         ready_timeout=ready_timeout, kubeconfig=kubeconfig)
+                         ready_timeout=ready_timeout, kubeconfig=kubeconfig, signing_key=signing_key_from_env())
     return result.storage_uri
 
 

@@ -26,6 +26,11 @@ optional (GKE Workload Identity needs none)."""
 RAY_SECRET = "maskrcnn-ray-auth"
 """Secret in the pipeline's namespace with the Ray cluster's token (key auth_token, copied from the
 RayCluster's own Secret); optional (a local Ray needs none)."""
+SIGNING_SECRET = "maskrcnn-signing-key"
+"""Secret in the pipeline's namespace with the Ed25519 private key (key `private.pem`) that signs the packages
+the promote step publishes; optional (without it packages are published unsigned, which a predictor with
+public keys configured refuses). `uv run -m release keygen` makes the pair; see the README."""
+SIGNING_MOUNT = "/var/run/secrets/maskrcnn-signing"
 
 
 def _harden(task: dsl.PipelineTask, step: str, storage: bool = False, shm: bool = False) -> dsl.PipelineTask:
@@ -82,6 +87,8 @@ def maskrcnn_pipeline(
                            namespace=namespace, canary_percent=canary_percent, ready_timeout=ready_timeout,
                            kubeconfig=kubeconfig)
         _harden(promoted, "promote", storage=True).set_caching_options(False)
+        kubernetes.use_secret_as_volume(promoted, SIGNING_SECRET, mount_path=SIGNING_MOUNT, optional=True)
+        promoted.set_env_variable("MASKRCNN_SIGNING_KEY_FILE", f"{SIGNING_MOUNT}/private.pem")
     with dsl.Else(name="rejected"):
         rejected = reject(reason=decided.outputs["reason"])
         _harden(rejected, "reject").set_caching_options(False)

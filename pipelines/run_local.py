@@ -5,14 +5,16 @@
 KFP's DockerRunner (Docker, or podman's Docker-compatible API in $DOCKER_HOST), on the host network.
 The steps get the MLflow server of $MLFLOW_TRACKING_URI (e.g. from `uv run -m devstack up`), object
 storage from the usual variables (`AWS_ENDPOINT_URL_S3`, keys; or `STORAGE_EMULATOR_HOST` for gs://),
-a Ray token from $RAY_AUTH_TOKEN, and the Kubernetes API of `--kubeconfig` (empty `--isvc-name`: no
-deployment, the alias still moves).
+a Ray token from $RAY_AUTH_TOKEN, the Kubernetes API of `--kubeconfig` (empty `--isvc-name`: no
+deployment, the alias still moves), and the package signing key from $MASKRCNN_SIGNING_KEY_FILE (none:
+published unsigned).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ log = logging.getLogger("pipelines.run_local")
 # What the steps' containers get from this environment (by name; Kubernetes: env from a Secret).
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
               "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",
-              "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+              "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MASKRCNN_SIGNING_KEY_FILE")
 
 
 def docker_runner():
@@ -40,14 +42,16 @@ def docker_runner():
                               environment={k: os.environ[k] for k in PASSED_ENV if k in os.environ})
 
 
-def _share_kubeconfig(kubeconfig: str, root: Path) -> str:
-    """The DockerRunner mounts only the pipeline root: copy the kubeconfig there, readable by uid 1000 only."""
+def _share_file(src: str, root: Path, rel: str) -> str:
+    """The DockerRunner mounts only the pipeline root: copy a secret file (the kubeconfig, the signing key)
+    there, readable by uid 1000 only."""
     import os
     import shutil
 
-    copy = root / ".kube" / "config"
+    copy = root / rel
     copy.parent.mkdir(exist_ok=True)
-    shutil.copyfile(kubeconfig, copy)
+    copy.touch(mode=0o600)  # owner-only from the first byte
+    shutil.copyfile(src, copy)
     copy.chmod(0o600)
     if os.getuid() == 0:
         os.chown(copy.parent, 1000, 1000)
@@ -73,7 +77,10 @@ def run_local(pipeline_root: str | Path, runner: str = "subprocess", **params: A
     if runner == "docker":
         root.chmod(0o1777)  # the steps run as the image's uid 1000 and write their outputs here
         if params.get("kubeconfig"):
-            params = {**params, "kubeconfig": _share_kubeconfig(params["kubeconfig"], root)}
+            params = {**params, "kubeconfig": _share_file(params["kubeconfig"], root, ".kube/config")}
+        if os.environ.get("MASKRCNN_SIGNING_KEY_FILE"):  # the promote step's key (a mounted Secret in a cluster)
+            os.environ["MASKRCNN_SIGNING_KEY_FILE"] = _share_file(os.environ["MASKRCNN_SIGNING_KEY_FILE"], root,
+                                                                  ".signing/private.pem")
         from pipelines import docker_status
 
         docker_status.install()  # else a failed step passes (kubeflow/pipelines#13332)

@@ -22,13 +22,13 @@ import sys
 import tempfile
 
 from release.deploy import DeployError
+from release.promote import SIGNING_KEY_ENV
 from release.publish import PublishError
 from training.logs import setup_logging
 
 log = logging.getLogger("release")
 
 REJECTED = 3
-SIGNING_KEY_ENV = "MASKRCNN_SIGNING_KEY_FILE"
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STORAGE_URI_TAG = "serving.storage_uri"
 FAILED_TAG = "promotion.failed"
 SIGNER_TAG = "serving.signed_by"
+SIGNING_KEY_ENV = "MASKRCNN_SIGNING_KEY_FILE"
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,21 @@ def promote(*, package_dir: str | Path | Package, model_uri: str, tracking_uri: 
         _unwind(client, model_name, version, exc, deployed, namespace, ready_timeout, kubeconfig)
         raise
     return PromoteResult(version, uri, deployed.previous_uri if deployed else None)
+
+
+def signing_key_from_env() -> Ed25519PrivateKey | None:
+    """The signing key in the file $MASKRCNN_SIGNING_KEY_FILE names (a mounted Secret), or None (logged)
+    when the variable is unset or the file absent: the package is then published unsigned."""
+    import os
+
+    from training.signature import load_private_key
+
+    path = os.environ.get(SIGNING_KEY_ENV, "")
+    if not path or not Path(path).exists():
+        log.warning("no signing key (%s=%s): the package is published unsigned, and a predictor configured with "
+                    "public keys will refuse it", SIGNING_KEY_ENV, path or "unset")
+        return None
+    return load_private_key(path)
 
 
 def _tag(client: MlflowClient, name: str, version: str, key: str, value: str) -> None:

@@ -21,7 +21,7 @@ import yaml
 from onnx import TensorProto, helper
 
 from serving.predictor import MaskRCNNPredictor
-from training.onnx_detector import INPUTS, ONNX_FILE, OUTPUTS
+from training.onnx_detector import ONNX_FILE, OUTPUTS
 from training.package import CHECKSUM_FILE, FILES, PackageError, open_package
 
 

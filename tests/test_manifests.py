@@ -67,6 +67,29 @@ def test_inference_service_has_the_field_promote_patches():
     assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
 
 
+def test_the_predictor_trusts_the_configmaps_keys_and_the_promote_step_signs_with_the_secret():
+    """The ServingRuntime's --public-keys is the folder where its ConfigMap volume (required: no pod without
+    it) is mounted read-only; the compiled pipeline's promote step mounts the signing Secret where
+    $MASKRCNN_SIGNING_KEY_FILE points, and no other step sees it."""
+    from devstack.kserve import PUBLIC_KEYS_MOUNT
+
+    runtime = by_kind(render("deployment/overlays/production"), "ServingRuntime")
+    (container,) = runtime["spec"]["containers"]
+    keys = container["args"][container["args"].index("--public-keys") + 1]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == keys]
+    assert keys == PUBLIC_KEYS_MOUNT and mount["readOnly"] is True
+    (volume,) = [v for v in runtime["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"] == {"name": "maskrcnn-signing-public-keys"}  # not optional: fail closed
+    compiled = list(yaml.safe_load_all((ROOT / "pipelines" / "maskrcnn_pipeline.yaml").read_text()))
+    executors = compiled[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    with_secret = {name: e for name, e in executors.items()
+                   if any(s.get("secretName") == "maskrcnn-signing-key" for s in e.get("secretAsVolume", []))}
+    assert list(with_secret) == ["exec-promote"]
+    (secret,) = with_secret["exec-promote"]["secretAsVolume"]
+    env = compiled[0]["deploymentSpec"]["executors"]["exec-promote"]["container"]["env"]
+    assert {"name": "MASKRCNN_SIGNING_KEY_FILE", "value": f"{secret['mountPath']}/private.pem"} in env
+
+
 def test_canary_overlay_splits_traffic():
     isvc = by_kind(render("deployment/overlays/canary"), "InferenceService")
     assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 10

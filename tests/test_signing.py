@@ -12,7 +12,7 @@ import pytest
 
 from serving.predictor import MaskRCNNPredictor
 from training.package import CHECKSUM_FILE, SIGNATURE_FILE, PackageError, open_package
-from training.signature import SignatureError, generate_keypair, key_id, load_private_key, load_public_keys
+from training.signature import SignatureError, key_id, load_private_key, load_public_keys
 
 
 @pytest.fixture(scope="module")

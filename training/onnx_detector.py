@@ -269,7 +269,7 @@ class OnnxDetector:
         timer.start()
         try:
             return tuple(self.session.run(None, feeds, options))
-        except Exception as exc:
+        except Exception:
             if options.terminate:
                 raise OnnxExportError(f"the graph ran longer than {timeout_s:g} s and was stopped") from None
             raise

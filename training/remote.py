@@ -126,17 +126,22 @@ def submit(cfg: Config, data: PreparedData | None = None, package_dir: str | Pat
 
 def wait(client: Any, submission_id: str, poll_s: float = 2.0) -> str:
     """Wait for a job's end, relaying its new log lines; Ctrl-C stops the job."""
+    from training.waiting import connection_error, poll_until
+
     shown = 0
-    try:
-        while True:
-            status = str(client.get_job_status(submission_id).value)
-            logs = client.get_job_logs(submission_id)
-            for line in logs[shown:].splitlines():
-                log.info("[%s] %s", submission_id, line)
-            shown = len(logs)
-            if status in TERMINAL:
-                return status
-            time.sleep(poll_s)
+
+    def ended() -> str | None:
+        nonlocal shown
+        status = str(client.get_job_status(submission_id).value)
+        logs = client.get_job_logs(submission_id)
+        for line in logs[shown:].splitlines():
+            log.info("[%s] %s", submission_id, line)
+        shown = len(logs)
+        return status if status in TERMINAL else None
+
+    try:  # a dashboard that drops a request (a head restarting) is polled through, not a failed run
+        return poll_until(ended, timeout=float("inf"), interval=poll_s, what=f"Ray job {submission_id}",
+                          transient=connection_error)
     except KeyboardInterrupt:
         log.warning("stopping Ray job %s", submission_id)
         client.stop_job(submission_id)
