@@ -88,7 +88,8 @@ def onnx_inference_seconds(model, image, threads: int, repeats: int) -> float:
     import tempfile
     from pathlib import Path
 
-    from training.onnx_detector import OnnxDetector, export_onnx
+    from training.graph import OnnxDetector
+    from training.onnx_detector import export_onnx
 
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:

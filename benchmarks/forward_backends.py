@@ -37,7 +37,7 @@ from training.engine import detect
 from training.evaluate import evaluate_model
 from training.package import open_package
 from training.logs import setup_logging
-from training.onnx_detector import ONNX_FILE, OUTPUTS, OnnxDetector
+from training.graph import ONNX_FILE, OUTPUTS, OnnxDetector
 
 log = logging.getLogger("benchmark")
 

@@ -47,7 +47,7 @@ from prometheus_client import Histogram
 from training.data.coco import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
 from training.engine import MASK_BUDGET_BYTES, detect
-from training.onnx_detector import OnnxDetector, OnnxExportError, eager_runner
+from training.graph import GraphError, OnnxDetector
 from training.package import PackageError, open_package
 from training.signature import load_public_keys
 
@@ -107,10 +107,12 @@ class MaskRCNNPredictor(Model):
             raise PackageError(f"{self.model_dir}: backend onnxruntime needs the package's detector.onnx, and it has "
                                f"none (re-export it with `uv run -m training.export`, or serve with backend eager)")
         graph = OnnxDetector(package.graph, cores) if self.backend != "eager" and package.graph is not None else None
+        if graph is None:
+            from training.onnx_detector import eager_runner  # the eager network (torch); the graph needs none
         try:
             with _torch_threads(1 if graph is not None else cores):
                 problem = package.probe.mismatch(graph.run if graph is not None else eager_runner(model), self.probe_timeout_s)
-        except OnnxExportError as exc:
+        except GraphError as exc:
             problem = str(exc)
         if problem:
             raise PackageError(f"{self.model_dir}: the network does not answer the package's probe as its weights "

@@ -21,7 +21,7 @@ import yaml
 from onnx import TensorProto, helper
 
 from serving.predictor import MaskRCNNPredictor
-from training.onnx_detector import ONNX_FILE, OUTPUTS
+from training.graph import ONNX_FILE, OUTPUTS
 from training.package import CHECKSUM_FILE, FILES, PackageError, open_package
 
 
@@ -348,3 +348,32 @@ def test_the_reader_reads_each_file_once(serving_package, monkeypatch):
     monkeypatch.setattr(builtins, "open", lambda *a, **k: pytest.fail(f"open() of {a[0]} outside the reader"))
     package = open_package(serving_package)
     assert sorted(opened) == sorted(package.files) == sorted([*package.checksums, CHECKSUM_FILE])
+
+
+def test_the_probe_check_needs_no_torch(serving_package):
+    """A later serving image has no torch: reading the graph and its probe, checking the graph's rules and
+    running the probe through ONNX Runtime work in a process where importing torch fails."""
+    import subprocess
+    import sys
+
+    code = f"""
+import builtins, io, sys, zipfile
+real = builtins.__import__
+def guarded(name, *args, **kwargs):
+    if name.split(".")[0] in ("torch", "torchvision"):
+        raise ImportError("no torch in this image: " + name)
+    return real(name, *args, **kwargs)
+builtins.__import__ = guarded
+import numpy as np
+from training.graph import ONNX_FILE, OnnxDetector, Probe, check_graph
+folder = {str(serving_package)!r}
+graph = open(folder + "/" + ONNX_FILE, "rb").read()
+check_graph(graph, ONNX_FILE)
+with np.load(folder + "/probe.npz", allow_pickle=False) as npz:
+    probe = Probe.from_arrays({{k: npz[k] for k in npz.files}})
+assert probe.mismatch(OnnxDetector(graph, 1).run, 60) == ""
+print("ok", "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok", "False"]

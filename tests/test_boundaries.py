@@ -104,7 +104,7 @@ def test_pipelines_are_adapters_over_training_and_release(graph):
 
 def test_serving_uses_the_package_loader_and_shared_processing_only(graph):
     used = {d for d in _imports_of(graph, "serving") if not d.startswith("serving")}
-    assert used <= {"training.package", "training.signature", "training.data.images", "training.engine",
+    assert used <= {"training.package", "training.signature", "training.graph", "training.data.images", "training.engine",
                     "training.logs", "training.data.coco", "training.visualize", "training.onnx_detector"}, used
 
 

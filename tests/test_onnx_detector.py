@@ -17,7 +17,8 @@ import torchvision.ops.poolers
 from training.config import CONFIG_DIR, load_config
 from training.data.coco import LabelMap
 from training.model import build_model
-from training.onnx_detector import ONNX_FILE, OnnxDetector, OnnxExportError, detection_mismatch, export_onnx
+from training.graph import ONNX_FILE, OnnxDetector, detection_mismatch
+from training.onnx_detector import OnnxExportError, export_onnx
 from training.package import CHECKSUM_FILE, PackageError, open_package, write_package
 
 

@@ -24,7 +24,7 @@ from torchvision.models.detection.transform import resize_boxes
 from training.checkpoint import unwrap
 from training.config import EvalConfig, TrainConfig
 from training.metrics import Prediction, encode_masks
-from training.onnx_detector import OnnxDetector
+from training.graph import OnnxDetector
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def detect(model: nn.Module, images: list[torch.Tensor], mask_threshold: float, 
     """Mask R-CNN inference with `postprocess`: the same numbers as `model(images)` followed by
     thresholding and RLE encoding, without materialising every full-resolution mask at once.
 
-    `graph`: the package's network in ONNX Runtime (`training.onnx_detector`), which then runs in place
+    `graph`: the package's network in ONNX Runtime (`training.graph`), which then runs in place
     of `model`'s backbone, RPN and RoI heads; pre- and post-processing are the same."""
     model.eval()
     original_sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]

@@ -21,7 +21,7 @@ from training.data.coco import CocoDataset, CocoSplit, collate
 from training.engine import predict, summarize_scores
 from training.package import Package, open_package
 from training.metrics import Prediction, evaluate_predictions
-from training.onnx_detector import OnnxDetector
+from training.graph import OnnxDetector
 from training.visualize import draw_predictions
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from training.checkpoint import load_checkpoint
 from training.config import Config
 from training.data.coco import LabelMap
 from training.logs import setup_logging
-from training.onnx_detector import ONNX_FILE
+from training.graph import ONNX_FILE
 from training.package import Package, PackageError, write_package
 
 log = logging.getLogger(__name__)

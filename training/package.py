@@ -23,7 +23,7 @@ followed, nothing but regular files), hashed from those bytes, and parsed from t
 an error naming the file and the rule, anything else in the folder, a missing, duplicate or malformed
 `SHA256SUMS` line, a file over its limit, a compressed or oversized `model.pt`, YAML with aliases or
 over its size, config values outside their documented ranges, a label map that does not match the
-head, a graph that is not self-contained (`training.onnx_detector.check_graph`), an unsupported
+head, a graph that is not self-contained (`training.graph.check_graph`), an unsupported
 `format_version`, and, when public keys are given, a missing or wrong signature.
 """
 
@@ -46,7 +46,7 @@ import yaml
 
 from training.config import Config, ConfigError
 from training.data.coco import LabelError, LabelMap
-from training.onnx_detector import ONNX_FILE, OnnxExportError, Probe, check_graph
+from training.graph import ONNX_FILE, GraphError, Probe, check_graph
 
 if TYPE_CHECKING:
     import torch
@@ -278,7 +278,7 @@ def _from_files(files: dict[str, bytes], source: str) -> Package:
     if ONNX_FILE in files:
         try:
             check_graph(files[ONNX_FILE], at(ONNX_FILE))
-        except OnnxExportError as exc:
+        except GraphError as exc:
             raise PackageError(str(exc)) from None
     return Package(dict(files), config, label_map, metadata, weights, probe, source, "", sums)
 
@@ -376,7 +376,7 @@ def write_package(model: torch.nn.Module, config: Config, label_map: LabelMap, m
 
     import torch
 
-    from training.onnx_detector import export_onnx, make_probe
+    from training.onnx_detector import OnnxExportError, export_onnx, make_probe
 
     model = model.eval()
     buf = io.BytesIO()
