@@ -216,3 +216,17 @@ def test_concurrent_fetches_of_one_prefix_share_one_download(checkpoint, tmp_pat
     assert len(set(folders)) == 1 and sorted(calls) == sorted(f"p/v1/{n}" for n in package.files)
     assert open_package(folders[0]).files == package.files
     assert [p.name for p in folders[0].parent.iterdir() if ".partial" in p.name] == []
+
+
+def test_a_remote_package_is_bounded_from_its_listing_before_any_download(checkpoint, tmp_path, gcs_emulator):
+    """An object that does not belong (or is over its file's limit) refuses the prefix from the listing,
+    before anything is downloaded into the cache."""
+    from training.data.sources import gcs_client
+
+    gcs_client().create_bucket("planted")
+    package = export_checkpoint(checkpoint, tmp_path / "pkg")
+    publish_package(package, "gs://planted/m/v1")
+    gcs_client().bucket("planted").blob("m/v1/huge.bin").upload_from_string(b"x" * 1000)
+    with pytest.raises(PackageError, match=r"gs://planted/m/v1/huge\.bin: not part of a serving package"):
+        open_package("gs://planted/m/v1", cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.pt"))

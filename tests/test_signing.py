@@ -111,3 +111,17 @@ def test_the_serving_command_refuses_an_unsigned_package_and_exits(serving_packa
                  "--host", "127.0.0.1", "--http-port", "1"]) == 1
     assert "SHA256SUMS.sig: missing" in caplog.text
     assert (Path(serving_package) / CHECKSUM_FILE).exists()
+
+
+def test_with_keys_nothing_of_an_unsigned_package_is_parsed(serving_package, keys, monkeypatch):
+    """The signature is checked before the weights are unpickled or the YAML is read: a package nobody
+    trusted signed never reaches the parsers."""
+    from training import package as package_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("an unsigned package was parsed")
+
+    for parser in ("_weights", "parse_config", "parse_label_map", "_probe"):
+        monkeypatch.setattr(package_module, parser, never)
+    with pytest.raises(PackageError, match=r"SHA256SUMS\.sig: missing"):
+        open_package(serving_package, public_keys=load_public_keys(keys / "current.pem"))

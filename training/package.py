@@ -29,6 +29,7 @@ head, a graph that is not self-contained (`training.graph.check_graph`), an unsu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -135,17 +136,17 @@ class Package:
     def stamped(self, updates: dict[str, Any]) -> Package:
         """The same package with `updates` merged into its metadata (e.g. final metrics, the registered
         version); the weights, config, label map, graph and probe stay byte-identical. Unsigned."""
-        files = {k: v for k, v in self.files.items() if k in FILES}
-        files["metadata.json"] = _metadata_bytes({**self.metadata, **updates})
-        return _from_files(_with_checksums(files), self.source)
+        metadata = json.loads(_metadata_bytes({**self.metadata, **updates}))  # as a reader will see it
+        files = _with_checksums({**self.files, "metadata.json": _metadata_bytes(metadata)})
+        return dataclasses.replace(self, files=files, metadata=metadata, signer="",
+                                   checksums=parse_checksums(files[CHECKSUM_FILE], CHECKSUM_FILE))
 
     def signed(self, private_key: Ed25519PrivateKey) -> Package:
         """The same package with `SHA256SUMS.sig` by `private_key`."""
         from training.signature import key_id, sign
 
         files = {**self.files, SIGNATURE_FILE: sign(self.files[CHECKSUM_FILE], private_key)}
-        return Package(files, self.config, self.label_map, self.metadata, self.weights, self.probe, self.source,
-                       key_id(private_key.public_key()), self.checksums)
+        return dataclasses.replace(self, files=files, signer=key_id(private_key.public_key()))
 
 
 def open_package(src: str | Path, public_keys: list[Ed25519PublicKey] | None = None,
@@ -157,24 +158,13 @@ def open_package(src: str | Path, public_keys: list[Ed25519PublicKey] | None = N
     where = str(src)
     if is_remote(where):
         base = Path(cache_dir or os.environ.get("MASKRCNN_CACHE") or Path.home() / ".cache" / "maskrcnn-platform")
-        try:
-            folder = fetch_prefix(where, base / "packages")
+        try:  # each object named and sized from the listing, before anything is downloaded
+            folder = fetch_prefix(where, base / "packages", accept=lambda name, size: _check_entry(f"{where}/{name}", name, size))
         except SourceError as exc:
             raise PackageError(str(exc)) from None
     else:
         folder = Path(src)
-    package = _from_files(_read_folder(folder), where)
-    if public_keys:
-        from training.signature import SignatureError, verify
-
-        try:
-            signer = verify(package.files[CHECKSUM_FILE], package.files.get(SIGNATURE_FILE), public_keys,
-                            f"{where.rstrip('/')}/{SIGNATURE_FILE}")
-        except SignatureError as exc:
-            raise PackageError(str(exc)) from None
-        package = Package(package.files, package.config, package.label_map, package.metadata, package.weights,
-                          package.probe, where, signer, package.checksums)
-    return package
+    return _from_files(_read_folder(folder), where, public_keys)
 
 
 def _read_folder(folder: Path) -> dict[str, bytes]:
@@ -188,9 +178,7 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
     files = {}
     for entry in entries:
         path = folder / entry.name
-        limit = FILES[entry.name].max_bytes if entry.name in FILES else UNLISTED.get(entry.name)
-        if limit is None:
-            raise PackageError(f"{path}: not part of a serving package (a package holds {', '.join([*FILES, *UNLISTED])})")
+        limit = _check_entry(str(path), entry.name, 0)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:
@@ -210,6 +198,16 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
             raise PackageError(f"{path}: over {limit} bytes; at most {limit} are allowed")
         files[entry.name] = data
     return files
+
+
+def _check_entry(where: str, name: str, size: int) -> int:
+    """A package's entry `name` of `size` bytes: its limit, or PackageError when it does not belong."""
+    limit = FILES[name].max_bytes if name in FILES else UNLISTED.get(name)
+    if limit is None:
+        raise PackageError(f"{where}: not part of a serving package (a package holds {', '.join([*FILES, *UNLISTED])})")
+    if size > limit:
+        raise PackageError(f"{where}: {size} bytes; at most {limit} are allowed")
+    return limit
 
 
 def parse_checksums(data: bytes, where: str) -> dict[str, str]:
@@ -237,8 +235,9 @@ def parse_checksums(data: bytes, where: str) -> dict[str, str]:
     return sums
 
 
-def _from_files(files: dict[str, bytes], source: str) -> Package:
-    """Verify `files` (name -> bytes) and parse them into a Package."""
+def _from_files(files: dict[str, bytes], source: str, public_keys: list[Ed25519PublicKey] | None = None) -> Package:
+    """Verify `files` (name -> bytes) and parse them into a Package. With `public_keys`, the signature is
+    checked first: nothing of an unsigned package is parsed."""
     where = source.rstrip("/") or "."
 
     def at(name: str) -> str:
@@ -246,6 +245,14 @@ def _from_files(files: dict[str, bytes], source: str) -> Package:
 
     if CHECKSUM_FILE not in files:
         raise PackageError(f"{at(CHECKSUM_FILE)}: missing; a serving package must carry its checksums")
+    signer = ""
+    if public_keys:
+        from training.signature import SignatureError, verify
+
+        try:
+            signer = verify(files[CHECKSUM_FILE], files.get(SIGNATURE_FILE), public_keys, at(SIGNATURE_FILE))
+        except SignatureError as exc:
+            raise PackageError(str(exc)) from None
     sums = parse_checksums(files[CHECKSUM_FILE], at(CHECKSUM_FILE))
     for name in files:
         if name not in sums and name not in UNLISTED:
@@ -280,7 +287,7 @@ def _from_files(files: dict[str, bytes], source: str) -> Package:
             check_graph(files[ONNX_FILE], at(ONNX_FILE))
         except GraphError as exc:
             raise PackageError(str(exc)) from None
-    return Package(dict(files), config, label_map, metadata, weights, probe, source, "", sums)
+    return Package(dict(files), config, label_map, metadata, weights, probe, source, signer, sums)
 
 
 def _json(data: bytes, where: str) -> Any:

@@ -18,7 +18,7 @@ import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,10 @@ def create_object(uri: str, data: bytes) -> None:
         raise SourceError(f"{uri}: upload failed: {exc}") from exc
 
 
-def fetch_prefix(uri: str, cache_dir: Path) -> Path:
-    """A local folder holding the objects under `uri`, downloaded once per content version.
+def fetch_prefix(uri: str, cache_dir: Path, accept: Callable[[str, int], object] | None = None) -> Path:
+    """A local folder holding the objects under `uri`, downloaded once per content version. `accept(name,
+    size)` is called for every object (its name relative to `uri`) before anything is downloaded, and may
+    raise to refuse the prefix.
 
     Concurrent callers on one machine (two Ray workers of a node) share one download: the first downloads
     into a folder of its own while holding the cache entry's file lock and publishes it with an atomic
@@ -221,6 +223,8 @@ def fetch_prefix(uri: str, cache_dir: Path) -> Path:
         if not rel or escapes_folder(rel):
             raise SourceError(f"{scheme}://{bucket}/{obj.key}: the object key escapes the prefix {uri} "
                               f"(an absolute path or '..'); refusing to write it outside the cache")
+        if accept is not None:
+            accept(rel, obj.size)
     digest = hashlib.sha256("\n".join(f"{o.key}\t{o.size}\t{o.etag}" for o in sorted(objects, key=lambda o: o.key)).encode())
     dest = cache_dir / "remote" / digest.hexdigest()[:24]
     dest.parent.mkdir(parents=True, exist_ok=True)
