@@ -42,6 +42,14 @@ def test_register_keeps_tags_and_run(three_versions):
     assert mv.tags["git_commit"] == "c" * 40 and mv.tags["run_id"] == mv.run_id
     assert mv.tags["config"].startswith('{"data":') and "gate.decision" not in mv.tags
     assert mv.status == "READY" and mv.run_id
+    import hashlib
+    import tempfile
+
+    from training.tracking import download_model
+
+    with tempfile.TemporaryDirectory() as tmp:  # the tag names the very files registered
+        registered = open_package(download_model(client.tracking_uri, f"models:/{name}/3", tmp))
+    assert mv.tags["package.sha256sums"] == hashlib.sha256(registered.files["SHA256SUMS"]).hexdigest()
 
 
 def test_champion_moves_and_history_is_kept(three_versions, mlflow_stack):
