@@ -70,10 +70,11 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, mo
 
     from release.scoring import score_candidate_and_champion
     from training.data.prepare import load_prepared
+    from training.package import open_package
     from training.tracking import resolve_tracking_uri
 
-    out = score_candidate_and_champion(model.path, load_prepared(dataset.path).val, resolve_tracking_uri(tracking_uri),
-                                       model_name)
+    out = score_candidate_and_champion(open_package(model.path), load_prepared(dataset.path).val,
+                                       resolve_tracking_uri(tracking_uri), model_name)
     for key, value in out.items():
         if isinstance(value, float):
             metrics.log_metric(key, value)

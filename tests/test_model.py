@@ -159,5 +159,5 @@ def test_roi_sampling_ratio_reaches_both_poolers(backbone):
 def test_roi_sampling_ratio_must_be_positive():
     from training.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model.roi_sampling_ratio: expected >= 1, got 0"):
+    with pytest.raises(ConfigError, match="model.roi_sampling_ratio: expected 1 to 8, got 0"):
         ModelConfig(roi_sampling_ratio=0)
