@@ -79,6 +79,7 @@ print(json.dumps({"import_s": imported - started, "load_s": loaded - imported,
 BREAKDOWN = """
 import json, sys, time
 import torch
+import training.model, training.onnx_detector  # imported before the clock starts, as in the predictor
 from training.package import open_package
 from training.graph import OnnxDetector
 from training.signature import load_public_keys
