@@ -51,7 +51,7 @@ def start_predictor(podman: Podman, image: str, volume: Path, port: int, timeout
     try:
         return poll_until(ready, timeout=timeout, interval=0.5, what=f"the predictor {name}")
     except (StackError, WaitTimeout) as exc:
-        logs = podman("logs", name, check=False)[-3000:]
+        logs = podman.logs(name)
         podman("rm", "-f", "-t", "0", name, check=False)
         raise StackError(f"the predictor {'exited' if isinstance(exc, StackError) else 'was not ready in time'}:\n"
                          f"{logs}") from None

@@ -68,6 +68,13 @@ class Podman:
             raise StackError(f"podman {' '.join(args[:3])} ... failed ({proc.returncode}): {(proc.stderr or '')[-2000:]}")
         return (proc.stdout or "").strip()
 
+    def logs(self, name: str, tail: int = 3000) -> str:
+        """A container's output, both streams (`podman logs` replays the container's stderr on its own
+        stderr, which `__call__` does not return), its last `tail` characters."""
+        proc = subprocess.run(["podman", "logs", name], env=self.env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=60)
+        return proc.stdout[-tail:]
+
     def image_exists(self, tag: str) -> bool:
         return subprocess.run(["podman", "image", "exists", tag], env=self.env).returncode == 0
 

@@ -98,7 +98,7 @@ class RayNodes:
             poll_until(lambda: True if self.alive_nodes() >= count else None, timeout=timeout, interval=1,
                        what=f"the Ray cluster reaching {count} nodes", transient=lambda e: isinstance(e, OSError))
         except WaitTimeout:
-            logs = "\n".join(f"--- {name}:\n" + self.podman("logs", name, check=False)[-2000:]
+            logs = "\n".join(f"--- {name}:\n" + self.podman.logs(name, 2000)
                               for name in [self.head, *self.workers])
             raise StackError(f"the Ray cluster did not reach {count} nodes in {timeout:.0f} s; logs:\n{logs}") from None
 

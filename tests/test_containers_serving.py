@@ -102,3 +102,36 @@ def test_the_predictor_runs_hardened_and_answers_readiness_v1_v2_and_the_page(pr
     # an oversized body is refused by the container too
     status, _ = _post(f"{url}/v1/models/maskrcnn:predict", {"instances": [{"image": {"b64": "A" * (40 << 20)}}]})
     assert status in (400, 413)
+
+
+def test_with_public_keys_the_predictor_container_serves_signed_packages_only(podman, platform_image, model_volume,
+                                                                              serving_package, tmp_path):
+    """The public keys mounted read-only as the ServingRuntime mounts its ConfigMap: the package KServe's
+    storage initializer downloaded (unsigned) never becomes ready and the container says why; the same
+    package signed by the matching key is served."""
+    import shutil
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from devstack.procs import StackError
+    from training.package import open_package
+
+    key = Ed25519PrivateKey.generate()
+    keys = tmp_path / "configmap"
+    keys.mkdir()
+    (keys / "current.pem").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    keys.chmod(0o755)
+    _, volume = model_volume
+    with pytest.raises(StackError, match=r"exited:[\s\S]*not serving /mnt/models: /mnt/models/SHA256SUMS\.sig: missing"):
+        start_predictor(podman, platform_image, volume, free_port(), public_keys=keys)
+    signed = open_package(volume).signed(key).save(tmp_path / "signed")
+    for path in (signed, *signed.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # as the storage initializer leaves them: readable by uid 1000
+    name = start_predictor(podman, platform_image, signed, free_port(), public_keys=keys)
+    try:
+        assert "probe matched, signed by key" in podman.logs(name)
+    finally:
+        podman("rm", "-f", "-t", "0", name, check=False)
+    shutil.rmtree(signed)
