@@ -38,7 +38,7 @@ import os
 import re
 import stat
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -101,7 +101,11 @@ class Package:
     """Where it was read from (for messages)."""
     signer: str = ""
     """Id of the trusted key that verified the signature; empty when not checked."""
-    checksums: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """File name -> SHA-256, as `SHA256SUMS` lists them."""
+        return parse_checksums(self.files[CHECKSUM_FILE], CHECKSUM_FILE)
 
     @property
     def graph(self) -> bytes | None:
@@ -138,8 +142,7 @@ class Package:
         version); the weights, config, label map, graph and probe stay byte-identical. Unsigned."""
         metadata = json.loads(_metadata_bytes({**self.metadata, **updates}))  # as a reader will see it
         files = _with_checksums({**self.files, "metadata.json": _metadata_bytes(metadata)})
-        return dataclasses.replace(self, files=files, metadata=metadata, signer="",
-                                   checksums=parse_checksums(files[CHECKSUM_FILE], CHECKSUM_FILE))
+        return dataclasses.replace(self, files=files, metadata=metadata, signer="")
 
     def signed(self, private_key: Ed25519PrivateKey) -> Package:
         """The same package with `SHA256SUMS.sig` by `private_key`."""
@@ -287,7 +290,7 @@ def _from_files(files: dict[str, bytes], source: str, public_keys: list[Ed25519P
             check_graph(files[ONNX_FILE], at(ONNX_FILE))
         except GraphError as exc:
             raise PackageError(str(exc)) from None
-    return Package(dict(files), config, label_map, metadata, weights, probe, source, signer, sums)
+    return Package(dict(files), config, label_map, metadata, weights, probe, source, signer)
 
 
 def _json(data: bytes, where: str) -> Any:
