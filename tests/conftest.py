@@ -26,6 +26,17 @@ from training.config import CONFIG_DIR, Config, load_config
 TINY = CONFIG_DIR / "tiny.yaml"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The README's one test command sets itself up: the Debian packages the real servers and containers
+    need are installed first when missing (as root, or through sudo), or it stops at once with the command."""
+    from devstack.provision import ProvisionError, ensure
+
+    try:
+        ensure()
+    except ProvisionError as exc:
+        pytest.exit(str(exc), returncode=4)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One dataset cache for the whole session (the synthetic data is generated once)."""
