@@ -22,10 +22,10 @@ from training.package import Package, PackageError, write_package
 log = logging.getLogger(__name__)
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, metadata: dict[str, Any] | None = None,
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path | None, metadata: dict[str, Any] | None = None,
                       onnx: bool = True) -> Package:
-    """Write the serving package of a training checkpoint folder into `out_dir`, with the checkpoint's epoch,
-    metrics and run information (and `metadata`) as its metadata.
+    """The serving package of a training checkpoint folder, with the checkpoint's epoch, metrics and run
+    information (and `metadata`) as its metadata; written into `out_dir` unless it is None.
 
     `onnx`: also write `detector.onnx` (a failed export is logged and leaves the package without it)."""
     from training.model import build_model

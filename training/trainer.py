@@ -142,14 +142,13 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
     client = MlflowClient(tracking_uri)
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
         epoch = read_checkpoint_info(folder).get("epoch", 0)
-        package_path = Path(package_dir or Path(tmp) / "package")
-        package = export_checkpoint(folder, package_path, {"dataset_hash": data.content_hash, "git_commit": git_commit(),
-                                                           "mlflow_run_id": run_id, "tracking_uri": tracking_uri})
+        package = export_checkpoint(folder, None, {"dataset_hash": data.content_hash, "git_commit": git_commit(),
+                                                  "mlflow_run_id": run_id, "tracking_uri": tracking_uri})
         log.info("evaluating the best checkpoint's package (epoch %d) on %d validation images", epoch,
                  len(data.val.coco["images"]))
         metrics, predictions = evaluate_package(package, data.val, cfg.eval)
         package = package.stamped({"metrics": metrics})
-        package.save(package_path)
+        package_path = package.save(package_dir or Path(tmp) / "package")  # written once, as logged and registered
         log.info("final: %s", metric_summary(metrics))
         log_metrics(client, run_id, {f"final_{k}": v for k, v in metrics.items()}, step=epoch)
         client.log_artifacts(run_id, folder, "checkpoint")

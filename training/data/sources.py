@@ -97,9 +97,6 @@ class _S3:
                 raise ObjectExists(f"s3://{bucket}/{key}: already exists") from None
             raise
 
-    def read(self, bucket: str, key: str, limit: int) -> bytes:
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read(limit + 1)
-
 
 class _GCS:
     """Google Cloud Storage through google-cloud-storage (`STORAGE_EMULATOR_HOST` for its emulator)."""
@@ -121,9 +118,6 @@ class _GCS:
             gcs_client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
         except PreconditionFailed:
             raise ObjectExists(f"gs://{bucket}/{key}: already exists") from None
-
-    def read(self, bucket: str, key: str, limit: int) -> bytes:
-        return gcs_client().bucket(bucket).blob(key).download_as_bytes(end=limit)
 
 
 SCHEMES: dict[str, Any] = {"s3": _S3(), "gs": _GCS()}
@@ -164,18 +158,6 @@ def download_object(uri: str, key: str, dest: Path) -> None:
         backend.download(bucket, key, dest)
     except Exception as exc:
         raise SourceError(f"{uri.split('://')[0]}://{bucket}/{key}: download failed: {exc}") from exc
-
-
-def read_object(uri: str, limit: int) -> bytes:
-    """The bytes of the object `uri`, at most `limit` (SourceError beyond it)."""
-    backend, bucket, key = store(uri)
-    try:
-        data = backend.read(bucket, key, limit)
-    except Exception as exc:
-        raise SourceError(f"{uri}: download failed: {exc}") from exc
-    if len(data) > limit:
-        raise SourceError(f"{uri}: over {limit} bytes")
-    return data
 
 
 def upload_object(uri: str, src: Path) -> None:
