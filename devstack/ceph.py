@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 HINT = "install Ceph's S3 gateway (Debian: `apt-get install radosgw ceph-mon ceph-osd ceph-common`)"
 BLOCK_SIZE = 8 << 30  # sparse: takes only what is written
+DAEMONS = {"mon.a": "ceph-mon", "osd.0": "ceph-osd", "client.rgw.a": "radosgw"}  # name -> its program
 
 
 class CephS3:
@@ -62,6 +63,8 @@ pid_file = {r}/run/$cluster-$name.pid
 mon_data = {r}/mon/$cluster-$id
 osd_data = {r}/osd/$cluster-$id
 ms_bind_ipv6 = false
+public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
 osd_pool_default_size = 1
 osd_pool_default_min_size = 1
 osd_pool_default_pg_num = 8
@@ -138,7 +141,7 @@ rgw_dns_name = 127.0.0.1
                 path.chmod(0o600)
 
     def _pid(self, name: str) -> int | None:
-        return running_pid(self.run_dir / f"ceph-{name}.pid")
+        return running_pid(self.run_dir / f"ceph-{name}.pid", DAEMONS[name])
 
     def _log(self, name: str) -> Path:
         return self.log_dir / f"ceph-{name}.log"

@@ -31,7 +31,7 @@ class MlflowServer:
             return False
 
     def pid(self) -> int | None:
-        return running_pid(self.pid_file)
+        return running_pid(self.pid_file, "mlflow")
 
     def start(self, timeout: float = 120) -> None:
         if self.pid() is not None:

@@ -127,7 +127,7 @@ class Postgres:
         log.info("PostgreSQL: new cluster in %s", self.data)
 
     def pid(self) -> int | None:
-        return running_pid(self.data / "postmaster.pid")
+        return running_pid(self.data / "postmaster.pid", "postgres")
 
     def start(self, timeout: float = 60) -> None:
         if self.pid() is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from training.waiting import WaitTimeout, poll_until
+
+log = logging.getLogger(__name__)
 
 
 class StackError(RuntimeError):
@@ -86,9 +89,88 @@ def read_pid(pid_file: Path) -> int | None:
         return None
 
 
-def running_pid(pid_file: Path) -> int | None:
+def running_pid(pid_file: Path, program: str | None = None) -> int | None:
+    """The PID in `pid_file` when that process is alive and is still the one that was started: with
+    `program`, its command line names it, and it started no later than the PID file was written (a PID
+    left in a stale file may since belong to an unrelated process, which `down` must never signal)."""
     pid = read_pid(pid_file)
-    return pid if pid is not None and pid_alive(pid) else None
+    if pid is None or not pid_alive(pid):
+        return None
+    if program is not None and not is_our_process(pid, program, pid_file):
+        log.warning("%s names pid %d, which is no longer %s (a stale PID file); leaving that process alone",
+                    pid_file, pid, program)
+        return None
+    return pid
+
+
+def is_our_process(pid: int, program: str, pid_file: Path, slack_s: float = 2.0) -> bool:
+    """Whether `pid` runs `program` (in its first three arguments) and started before `pid_file` was written."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        started = process_start_time(pid)
+        written = pid_file.stat().st_mtime
+    except (OSError, ValueError):
+        return False
+    names = {Path(a.decode(errors="replace")).name for a in argv[:3] if a}
+    return program in names and started <= written + slack_s
+
+
+def process_start_time(pid: int) -> float:
+    """When `pid` started, in seconds since the epoch (from /proc: boot time plus its start in clock ticks)."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (a server that runs its workers as child processes)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(current := todo.pop())
+        todo += children.get(current, [])
+    return tree
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket that `pid` or a descendant listens on (IPv4 and IPv6), from /proc."""
+    inodes = set()
+    for member in process_tree(pid):
+        try:
+            fds = list(Path(f"/proc/{member}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            if width == 8:
+                addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            else:  # four little-endian 32-bit words
+                addr = socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+            found.add((addr, int(hex_port, 16)))
+    return found
 
 
 def spawn(argv: list[str], log_file: Path, env: dict[str, str] | None = None, cwd: Path | None = None,

@@ -1,6 +1,11 @@
 """`uv run -m serving --model-dir PATH_OR_URI`: serve a serving package over KServe V1/V2, with the web page.
 
 In a KServe InferenceService the storage initializer mounts `storageUri` at /mnt/models (the default).
+Listens on 127.0.0.1 unless `--host` says otherwise (the ServingRuntime passes 0.0.0.0). The limits
+under load (`serving.limits`): a bounded queue derived from the memory budget, a per-request deadline,
+read time-outs for slow clients, a connection limit under the open-file limit (raised to its hard limit
+at start), a watchdog on the forward pass, and a graceful drain on SIGTERM (`serving.server`).
+Exit status: 0 after a drain, 1 when the package is refused or a forward pass is stuck at exit.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import os
 import sys
 import time
 
-from serving.predictor import BACKENDS, DEFAULT_MODEL_DIR, MaskRCNNPredictor
+from serving.limits import (MIB, ServingLimits, connections_for_fds, memory_budget, queue_for_memory,
+                            raise_fd_limit)
+from serving.predictor import BACKENDS, DEFAULT_MODEL_DIR, FORWARD_LIMIT_S, MaskRCNNPredictor
 from training.logs import setup_logging
 
 log = logging.getLogger("serving")
@@ -22,12 +29,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="package folder, or s3:// / gs:// prefix")
     p.add_argument("--model-name", default="maskrcnn")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--score-threshold", type=float, default=0.5)
     p.add_argument("--max-detections", type=int, default=100)
     p.add_argument("--max-pixels", type=int, default=16_000_000, help="larger images are refused (decompression bombs)")
-    p.add_argument("--max-body-mb", type=float, default=32.0)
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="one request's body; larger: 400")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="prediction requests admitted at once (running and waiting); beyond: 503 with Retry-After. "
+                        "Default: what the memory budget affords at --max-body-mb (serving.limits)")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="the memory the queue may assume (default: the container's memory limit, else 6144)")
+    p.add_argument("--request-timeout-s", type=float, default=30.0,
+                   help="deadline from admission to answer; a request still queued then is dropped with 504")
+    p.add_argument("--forward-limit-s", type=float, default=FORWARD_LIMIT_S,
+                   help="a forward pass running longer: liveness fails (readiness at half of it)")
+    p.add_argument("--header-timeout-s", type=float, default=10.0, help="request headers must arrive within this")
+    p.add_argument("--body-timeout-s", type=float, default=10.0, help="longest pause inside a request body")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open client connections (default: the open-file limit less a reserve, at most 2048)")
+    p.add_argument("--grace-period-s", type=float, default=30.0,
+                   help="after SIGTERM: finish admitted requests for at most this long (below the pod's "
+                        "terminationGracePeriodSeconds)")
+    p.add_argument("--drain-delay-s", type=float, default=1.0,
+                   help="after SIGTERM: keep answering (503) at least this long before exiting")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="run the network in ONNX Runtime (the package's detector.onnx; auto: when the package has it) "
                         "or eager PyTorch")
@@ -40,13 +65,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def limits_from(args: argparse.Namespace, fd_limit: int) -> ServingLimits:
+    max_body = int(args.max_body_mb * MIB)
+    budget = int(args.memory_budget_mb * MIB) if args.memory_budget_mb else memory_budget()
+    return ServingLimits(
+        max_queue=args.max_queue if args.max_queue is not None else queue_for_memory(budget, max_body),
+        max_body_bytes=max_body, request_timeout_s=args.request_timeout_s, forward_limit_s=args.forward_limit_s,
+        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+        max_connections=args.max_connections if args.max_connections is not None else connections_for_fds(fd_limit),
+        grace_period_s=args.grace_period_s, drain_delay_s=args.drain_delay_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     setup_logging()
     args, _ = get_args_parser().parse_known_args(argv)  # kserve parses its own flags at import
-    import uvicorn
+    try:
+        limits = limits_from(args, raise_fd_limit())
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
 
     from serving.app import build_app
+    from serving.server import make_server
 
     from training.package import PackageError
     from training.signature import SignatureError
@@ -54,15 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,
                                   max_detections=args.max_detections, max_pixels=args.max_pixels, backend=args.backend,
-                                  threads=args.threads, public_keys=args.public_keys or None)
+                                  threads=args.threads, public_keys=args.public_keys or None,
+                                  forward_limit_s=limits.forward_limit_s)
         model.load()
     except (PackageError, SignatureError) as exc:  # never ready: the pod restarts and KServe reports the failed load
         log.error("not serving %s: %s", args.model_dir, exc)
         return 1
-    app = build_app(model, int(args.max_body_mb * (1 << 20)))
-    log.info("loaded in %.1f s; serving on http://%s:%d (web page: /ui)", time.perf_counter() - started, args.host,
-             args.http_port)
-    uvicorn.run(app, host=args.host, port=args.http_port, log_config=None, timeout_keep_alive=65)
+    app = build_app(model, limits)
+    log.info("loaded in %.1f s; serving on http://%s:%d (web page: /ui); %s", time.perf_counter() - started, args.host,
+             args.http_port, limits)
+    make_server(app, app.state.admission, limits, args.host, args.http_port).run()
+    if model.forward_seconds() > 0:  # the inference thread cannot be joined: leave without waiting for it
+        log.error("exiting with a forward pass still running after %.0f s", model.forward_seconds())
+        logging.shutdown()
+        os._exit(1)
     return 0
 
 

@@ -1,8 +1,18 @@
-"""The HTTP app: KServe's V1/V2 endpoints for the predictor, request limits, metrics, and the web page.
+"""The HTTP app: only the routes we mean to serve, from kserve's own pieces.
 
-Built in-process from kserve's own pieces (`ModelServer` for the data plane, `RESTServer` for the
-routes and error handlers), so that the host is ours to choose (kserve's `ModelServer.start` always
-binds 0.0.0.0) and tests can use FastAPI's TestClient on the very same app.
+- V1: `GET /v1/models`, `GET /v1/models/<name>` (model readiness), `POST /v1/models/<name>:predict`.
+- V2 (Open Inference Protocol): `GET /v2` (server metadata), `GET /v2/health/live`, `GET /v2/health/ready`,
+  `GET /v2/models`, `GET /v2/models/<name>` (model metadata: the `image` input, the `detections`
+  output, the version), `GET /v2/models/<name>/ready`, `POST /v2/models/<name>/infer`.
+- `GET /` (liveness, as kserve's), `GET /metrics` (Prometheus), `GET /ui` (the web page).
+
+Not served: kserve's model repository extension (`/v2/repository/.../load|unload`, with which one
+anonymous request took a replica out for good), `:explain`, the versioned V2 routes (one version is
+served), the OpenAPI pages. Liveness fails when one forward pass runs past `forward_limit_s`, and
+readiness (server and model) when it runs past half of that, or while draining after SIGTERM.
+kserve's data plane and endpoint handlers do the protocol work; the app is built here, so that the
+host is ours to choose (kserve's `ModelServer.start` always binds 0.0.0.0) and tests can use FastAPI's
+TestClient on the very same app.
 """
 
 from __future__ import annotations
@@ -13,10 +23,13 @@ import logging
 import time
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import Counter
+
+from serving.admission import Admission, AdmissionMiddleware, BodyLimit, RequestDropped
+from serving.limits import ServingLimits
 
 from serving.predictor import MaskRCNNPredictor
 
@@ -25,57 +38,6 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"
 REQUESTS = Counter("maskrcnn_requests_total", "Prediction requests by protocol, HTTP status and model version",
                    ["protocol", "status", "model_version"])
-
-
-class BodyLimit:
-    """ASGI middleware: refuse request bodies above `max_bytes` with 400 before they are read whole.
-
-    The refused upload is still received and thrown away (up to `drain_bytes`) before the answer is
-    sent: a server that answers and closes while the client is still sending makes the client's kernel
-    see a reset, and a plain client (urllib, requests) then reports "connection reset" instead of the 400.
-    """
-
-    def __init__(self, app, max_bytes: int, drain_bytes: int | None = None):
-        self.app, self.max_bytes = app, max_bytes
-        self.drain_bytes = drain_bytes if drain_bytes is not None else max(4 * max_bytes, 64 << 20)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = f"request body above the limit of {self.max_bytes} bytes"
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, receive, send, too_big, more_body=True)
-        seen, more = 0, True
-
-        async def limited():
-            nonlocal seen, more
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                more = message.get("more_body", False)
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(too_big)
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except BodyTooLarge as exc:
-            await self._refuse(scope, receive, send, str(exc), more_body=more)
-
-    async def _refuse(self, scope, receive, send, error: str, more_body: bool) -> None:
-        drained = 0
-        while more_body and drained < self.drain_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            drained += len(message.get("body", b""))
-            more_body = message.get("more_body", False)
-        await JSONResponse({"error": error}, status_code=400, headers={"connection": "close"})(scope, receive, send)
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class RequestMetrics:
@@ -119,20 +81,110 @@ def render_page(model_name: str, class_names: list[str]) -> str:
             .replace("{{MODEL_NAME_JSON}}", _script_json(model_name)).replace("{{CLASSES_JSON}}", _script_json(class_names)))
 
 
-def build_app(model: MaskRCNNPredictor, max_body_bytes: int = 32 << 20) -> FastAPI:
-    """Register the (loaded) model with kserve's data plane and return the FastAPI app."""
-    import kserve.model_server as kms
-    from kserve.protocol.rest.server import RESTServer
+class Health:
+    """Liveness and readiness as the predictor's state says: a forward pass stuck past the limit, draining."""
 
-    server = kms.ModelServer(enable_grpc=False, workers=1)
-    server.register_model(model)
-    rest = RESTServer(kms.FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, http_port=0)
-    rest.create_application()
-    app: FastAPI = kms.app
+    def __init__(self, model: MaskRCNNPredictor, admission: Admission):
+        self.model, self.admission = model, admission
 
-    @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+    def live_problem(self) -> str | None:
+        running = self.model.forward_seconds()
+        if running > self.model.forward_limit_s:
+            return (f"a forward pass has run {running:.0f} s, past the limit of {self.model.forward_limit_s:g} s: "
+                    f"the inference thread is stuck")
+        return None
+
+    def ready_problem(self) -> str | None:
+        if self.admission.draining:
+            return "shutting down"
+        if not self.model.ready:
+            return f"model {self.model.name} is not loaded"
+        running = self.model.forward_seconds()
+        if running > self.model.forward_limit_s / 2:
+            return f"a forward pass has run {running:.0f} s, past half the limit of {self.model.forward_limit_s:g} s"
+        return None
+
+
+def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> FastAPI:
+    """The FastAPI app for a (loaded) model: its routes, error handlers and the admission middleware.
+    The app's `state.admission` is the queue (its `draining` flag is what SIGTERM sets)."""
+    from kserve.errors import (InferenceError, InvalidInput, ModelNotFound, ModelNotReady, generic_exception_handler,
+                               inference_error_handler, invalid_input_handler, model_not_found_handler,
+                               model_not_ready_handler)
+    from kserve.model_repository import ModelRepository
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.rest.server import metrics_handler
+    from kserve.protocol.rest.v1_endpoints import V1Endpoints
+    from kserve.protocol.rest.v2_endpoints import V2Endpoints
+    from kserve.protocol.rest.v2_datamodels import ModelMetadataResponse
+
+    limits = limits or ServingLimits()
+    registry = ModelRepository()
+    registry.update(model)
+    dataplane = DataPlane(model_registry=registry)
+    v1, v2 = V1Endpoints(dataplane), V2Endpoints(dataplane)
+    app = FastAPI(title="maskrcnn predictor", docs_url=None, redoc_url=None, openapi_url=None)
+    admission = Admission(limits.max_queue, limits.request_timeout_s, limits.retry_after_s,
+                          drain_bytes=max(4 * limits.max_body_bytes, 64 << 20))
+    health = Health(model, admission)
+    app.state.admission, app.state.health = admission, health
+
+    def named(model_name: str) -> None:
+        if model_name != model.name:
+            raise ModelNotFound(model_name)
+
+    def unhealthy(problem: str) -> JSONResponse:
+        return JSONResponse({"error": problem}, status_code=503)
+
+    async def live():
+        problem = health.live_problem()
+        return unhealthy(problem) if problem else {"status": "alive"}
+
+    async def v2_live():
+        problem = health.live_problem()
+        return unhealthy(problem) if problem else {"live": True}
+
+    async def v2_ready():
+        problem = health.ready_problem()
+        return unhealthy(problem) if problem else {"ready": True}
+
+    async def model_ready(model_name: str):
+        named(model_name)
+        problem = health.ready_problem()
+        return unhealthy(problem) if problem else {"name": model_name, "ready": True}
+
+    async def server_metadata():
+        return {"name": "maskrcnn-predictor", "version": dataplane.metadata()["version"], "extensions": []}
+
+    async def models():
+        return {"models": [model.name]}
+
+    async def model_metadata(model_name: str):
+        named(model_name)
+        return ModelMetadataResponse.model_validate(model.metadata())
+
     async def page() -> str:
         return render_page(model.name, model.label_map.names)
+
+    routes = [("/", live, "GET"), ("/metrics", metrics_handler, "GET"), ("/ui", page, "GET"),
+              ("/v1/models", models, "GET"), ("/v1/models/{model_name}", model_ready, "GET"),
+              ("/v1/models/{model_name}:predict", v1.predict, "POST"),
+              ("/v2", server_metadata, "GET"), ("/v2/health/live", v2_live, "GET"), ("/v2/health/ready", v2_ready, "GET"),
+              ("/v2/models", models, "GET"), ("/v2/models/{model_name}", model_metadata, "GET"),
+              ("/v2/models/{model_name}/ready", model_ready, "GET"), ("/v2/models/{model_name}/infer", v2.infer, "POST")]
+    for path, endpoint, method in routes:
+        app.add_api_route(path, endpoint, methods=[method], response_model=None,
+                          response_class=HTMLResponse if endpoint is page else JSONResponse)
+
+    for error, handler in ((InvalidInput, invalid_input_handler), (InferenceError, inference_error_handler),
+                           (ModelNotFound, model_not_found_handler), (ModelNotReady, model_not_ready_handler),
+                           (Exception, generic_exception_handler)):
+        app.add_exception_handler(error, handler)
+
+    @app.exception_handler(RequestDropped)
+    async def dropped(request, exc: RequestDropped) -> Response:
+        headers = {"retry-after": str(limits.retry_after_s)} if exc.status == 503 else None
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc: RequestValidationError) -> JSONResponse:
@@ -142,6 +194,8 @@ def build_app(model: MaskRCNNPredictor, max_body_bytes: int = 32 << 20) -> FastA
         summary = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in detail)
         return JSONResponse({"error": f"invalid request body: {summary}", "detail": detail}, status_code=422)
 
+    # outermost last: count every answer, then admit (or 503), then bound the body
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(AdmissionMiddleware, admission=admission)
     app.add_middleware(RequestMetrics, model=model)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +45,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
 from prometheus_client import Histogram
 
+from serving.admission import TICKET, Ticket
 from training.data.coco import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
 from training.engine import MASK_BUDGET_BYTES, detect
@@ -58,6 +60,9 @@ DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per
 BACKENDS = ("auto", "onnxruntime", "eager")
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 PROBE_TIMEOUT_S = 60.0  # one probe input through the graph at load; a graph that runs longer is refused
+FORWARD_LIMIT_S = 30.0  # one forward pass longer than this: the inference thread is stuck (liveness fails)
+IMAGE_INPUT = {"name": "image", "datatype": "BYTES", "shape": [-1]}  # base64 JPG/PNG/TIFF, one per element
+DETECTIONS_OUTPUT = {"name": "detections", "datatype": "BYTES", "shape": [-1]}  # one JSON result per image
 
 
 class MaskRCNNPredictor(Model):
@@ -67,7 +72,8 @@ class MaskRCNNPredictor(Model):
     def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = 0.5,
                  max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8,
                  mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: str = "auto", threads: int | None = None,
-                 public_keys: str | Path | None = None, probe_timeout_s: float = PROBE_TIMEOUT_S):
+                 public_keys: str | Path | None = None, probe_timeout_s: float = PROBE_TIMEOUT_S,
+                 forward_limit_s: float = FORWARD_LIMIT_S):
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
@@ -83,6 +89,8 @@ class MaskRCNNPredictor(Model):
         # Trusted signing keys (a PEM file or a folder of them): with any, only packages they signed are served.
         self.public_keys = load_public_keys(public_keys) if public_keys else None
         self.probe_timeout_s = probe_timeout_s
+        self.forward_limit_s = forward_limit_s  # the watchdog's: see `forward_seconds` and serving.app's Health
+        self._forward_started: float | None = None  # monotonic time the running forward pass began
         self.model: torch.nn.Module | None = None
         self.graph: OnnxDetector | None = None
         self.torch_threads = 1
@@ -128,6 +136,31 @@ class MaskRCNNPredictor(Model):
                  f"signed by key {self.signer}" if self.signer else "signature not checked (no public key configured)")
         return self.ready
 
+    # -- health and metadata -------------------------------------------------------------------
+    def forward_seconds(self) -> float:
+        """How long the forward pass running now has run (0 when none runs): the watchdog's reading."""
+        started = self._forward_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    async def healthy(self) -> bool:
+        """kserve's model readiness, checked before each prediction: loaded, and no forward pass stuck past
+        half the limit (a request would only queue behind it)."""
+        return self.ready and self.forward_seconds() <= self.forward_limit_s / 2
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [IMAGE_INPUT]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return [DETECTIONS_OUTPUT]
+
+    def metadata(self) -> dict[str, Any]:
+        """The Open Inference Protocol's model metadata: the served version, where the network runs, the
+        `image` input (BYTES: base64 images, one per element) and the `detections` output (BYTES: one JSON
+        result per image)."""
+        return {"name": self.name, "versions": [self.version] if self.version else [],
+                "platform": "onnxruntime_onnx" if self.graph is not None else "pytorch_torchvision",
+                "inputs": self.get_input_types(), "outputs": self.get_output_types()}
+
     # -- request parsing -------------------------------------------------------------------------
     def _options(self, params: Any) -> tuple[float, int, bool]:
         params = {} if params is None else params
@@ -169,8 +202,11 @@ class MaskRCNNPredictor(Model):
 
     def _images_v1(self, payload: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
         instances = payload.get("instances")
+        expected = "expected a non-empty list of {\"image\": {\"b64\": ...}}"
+        if "instances" not in payload:
+            raise InvalidInput(f"missing field 'instances': {expected}")
         if not isinstance(instances, list) or not instances:
-            raise InvalidInput("missing field 'instances': expected a non-empty list of {\"image\": {\"b64\": ...}}")
+            raise InvalidInput(f"field 'instances': {expected}, got {_shown(instances)}")
         return [self._bytes_of(x, f"instances[{i}]") for i, x in enumerate(instances)], payload.get("parameters")
 
     def _images_v2(self, request: InferRequest) -> tuple[list[bytes], dict[str, Any]]:
@@ -214,21 +250,23 @@ class MaskRCNNPredictor(Model):
                                f"elongated: the model resizes its longer side to {cfg.max_size} px, leaving the shorter "
                                f"side under 1 px; expected an aspect ratio of at most {cfg.max_size}:1")
 
-    def _run(self, blobs: list[bytes], threshold: float, max_det: int, overlay: bool) -> tuple[list[dict[str, Any]], float]:
+    def _run(self, blobs: list[bytes], threshold: float, max_det: int, overlay: bool,
+             ticket: Ticket | None = None) -> tuple[list[dict[str, Any]], float]:
         """Decode and infer one image at a time, so one request holds one decoded image (and its masks) at
-        once; returns the results and the seconds spent in forward passes."""
+        once; returns the results and the seconds spent in forward passes. Before each image the request's
+        ticket is checked: work for a client that left, or past its deadline, is dropped, not computed."""
         if len(blobs) > self.max_images:
             raise InvalidInput(f"{len(blobs)} images in one request; at most {self.max_images}")
         results, forward_s = [], 0.0
         for i, blob in enumerate(blobs):
+            if ticket is not None:
+                ticket.check()
             results += self.infer([self._decode(blob, i)], threshold, max_det, overlay)
             forward_s += self.last_forward_seconds  # this thread's: the executor runs one request at a time
         return results, forward_s
 
     def infer(self, images: list[np.ndarray], threshold: float, max_det: int, overlay: bool) -> list[dict[str, Any]]:
         """Detections for decoded RGB images (the same code path for both protocols and the web page)."""
-        import time
-
         if self.model is None:
             raise InferenceError("model is not loaded")
         results = []
@@ -236,8 +274,12 @@ class MaskRCNNPredictor(Model):
             try:
                 with self._lock, _torch_threads(self.torch_threads):
                     start = time.perf_counter()
-                    (pred,) = detect(self.model, [to_tensor(img)], self.mask_threshold, threshold, max_det,
-                                     self.mask_budget_bytes, self.graph)
+                    self._forward_started = time.monotonic()
+                    try:
+                        (pred,) = detect(self.model, [to_tensor(img)], self.mask_threshold, threshold, max_det,
+                                         self.mask_budget_bytes, self.graph)
+                    finally:
+                        self._forward_started = None
                     self.last_forward_seconds = time.perf_counter() - start
             except Exception as exc:
                 log.exception("forward pass failed")
@@ -279,10 +321,9 @@ class MaskRCNNPredictor(Model):
                       response_headers: dict[str, str] | None = None) -> dict | InferResponse:
         # Decoding and the forward pass are CPU-bound: they run on the inference thread, so the event loop
         # keeps answering liveness and readiness probes (and other requests' I/O) meanwhile.
-        loop = asyncio.get_running_loop()
         if isinstance(payload, InferRequest):
             blobs, params = self._images_v2(payload)
-            results, forward_s = await loop.run_in_executor(self._executor, self._run, blobs, *self._options(params))
+            results, forward_s = await self._queued(blobs, params)
             self._timing_header(response_headers, forward_s)
             data = [json.dumps(r, separators=(",", ":")) for r in results]
             output = InferOutput("detections", [len(data)], "BYTES", data)
@@ -291,15 +332,26 @@ class MaskRCNNPredictor(Model):
         if not isinstance(payload, dict):
             raise InvalidInput(f"expected a JSON object, got {type(payload).__name__}")
         blobs, params = self._images_v1(payload)
-        results, forward_s = await loop.run_in_executor(self._executor, self._run, blobs, *self._options(params))
+        results, forward_s = await self._queued(blobs, params)
         self._timing_header(response_headers, forward_s)
         return {"predictions": results}
+
+    async def _queued(self, blobs: list[bytes], params: Any) -> tuple[list[dict[str, Any]], float]:
+        """Run `_run` on the inference thread; with an admission ticket (requests through the app), give up
+        as soon as the client leaves or the deadline passes, dropping work not yet started."""
+        ticket = TICKET.get()
+        work = asyncio.get_running_loop().run_in_executor(self._executor, self._run, blobs, *self._options(params), ticket)
+        return await (ticket.outcome(work) if ticket is not None else work)
 
     @staticmethod
     def _timing_header(response_headers: dict[str, str] | None, forward_s: float) -> None:
         """`x-forward-ms`: this request's forward passes and mask post-processing."""
         if response_headers is not None:
             response_headers["x-forward-ms"] = f"{forward_s * 1000:.2f}"
+
+
+def _shown(value: Any) -> str:
+    return "an empty list" if value == [] else f"a {type(value).__name__}"
 
 
 def cpu_budget(cgroup: Path = Path("/sys/fs/cgroup")) -> int:

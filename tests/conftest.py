@@ -240,12 +240,14 @@ def serving_predictor(serving_package):
 
 @pytest.fixture(scope="session")
 def serving_client(serving_predictor):
-    """FastAPI's TestClient on the predictor's app. kserve's app is a module-level global, so one per process."""
+    """FastAPI's TestClient on the predictor's app (default limits, but a 1 MiB body)."""
     from fastapi.testclient import TestClient
 
     from serving.app import build_app
+    from serving.limits import ServingLimits
 
-    with TestClient(build_app(serving_predictor, max_body_bytes=SERVING_MAX_BODY), raise_server_exceptions=False) as c:
+    with TestClient(build_app(serving_predictor, ServingLimits(max_body_bytes=SERVING_MAX_BODY)),
+                    raise_server_exceptions=False) as c:
         yield c
 
 

@@ -67,6 +67,40 @@ def test_inference_service_has_the_field_promote_patches():
     assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
 
 
+def quantity_bytes(text: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "K": 10**3, "M": 10**6, "G": 10**9}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def test_the_predictors_limits_and_the_manifests_agree():
+    """containerConcurrency is the queue the predictor derives from the pod's memory limit; the
+    InferenceService's timeout is its deadline; terminationGracePeriodSeconds outlasts its drain; the
+    probes hit the routes whose answers follow the watchdog and the drain."""
+    from serving.__main__ import get_args_parser, limits_from
+    from serving.limits import queue_for_memory
+
+    objects = render("deployment/overlays/production")
+    predictor = by_kind(objects, "InferenceService")["spec"]["predictor"]
+    (container,) = by_kind(objects, "ServingRuntime")["spec"]["containers"]
+    args = get_args_parser().parse_args(container["args"])
+    assert args.host == "0.0.0.0"
+    memory = quantity_bytes(predictor["model"]["resources"]["limits"]["memory"])
+    args.memory_budget_mb = memory / (1 << 20)
+    limits = limits_from(args, fd_limit=1 << 16)
+    assert predictor["containerConcurrency"] == limits.max_queue == queue_for_memory(memory, limits.max_body_bytes) == 32
+    assert predictor["timeout"] == limits.request_timeout_s
+    assert predictor["terminationGracePeriodSeconds"] >= limits.grace_period_s + 5
+    readiness, liveness = predictor["model"]["readinessProbe"], predictor["model"]["livenessProbe"]
+    assert readiness["httpGet"] == {"path": "/v1/models/maskrcnn", "port": 8080}
+    assert liveness["httpGet"] == {"path": "/", "port": 8080}
+    # readiness turns at half the forward limit and is probed more often: it fails before liveness does
+    assert readiness["periodSeconds"] * readiness.get("failureThreshold", 3) < \
+        liveness["periodSeconds"] * liveness.get("failureThreshold", 3) + limits.forward_limit_s / 2
+
+
 def test_the_predictor_trusts_the_configmaps_keys_and_the_promote_step_signs_with_the_secret():
     """The ServingRuntime's --public-keys is the folder where its ConfigMap volume (required: no pod without
     it) is mounted read-only; the compiled pipeline's promote step mounts the signing Secret where

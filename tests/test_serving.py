@@ -304,3 +304,54 @@ def test_threads_follow_the_containers_cpu_limit(tmp_path, serving_package):
     assert eager.load() and eager.graph is None and eager.torch_threads == 1
     with pytest.raises(ValueError, match="threads: expected an integer >= 1, got 0"):
         MaskRCNNPredictor("m", str(serving_package), threads=0)
+
+
+SERVED_ROUTES = {
+    ("GET", "/"), ("GET", "/metrics"), ("GET", "/ui"),
+    ("GET", "/v1/models"), ("GET", "/v1/models/{model_name}"), ("POST", "/v1/models/{model_name}:predict"),
+    ("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2/models"),
+    ("GET", "/v2/models/{model_name}"), ("GET", "/v2/models/{model_name}/ready"), ("POST", "/v2/models/{model_name}/infer"),
+}
+
+
+def test_the_app_serves_only_the_routes_we_mean(client):
+    """V1 and V2 inference and metadata, health, /metrics and /ui; nothing else (no model repository
+    extension, no :explain, no OpenAPI pages)."""
+    routes = {(method, route.path) for route in client.app.routes for method in getattr(route, "methods", {"?"})}
+    assert routes == SERVED_ROUTES
+    # what took a replica out for good: unload answered 200, then every prediction 404
+    for path in ("/v2/repository/models/maskrcnn/unload", "/v2/repository/models/maskrcnn/load"):
+        assert client.post(path).status_code == 404
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert client.get(path).status_code == 404
+    # :explain matches only the GET route /v1/models/{model_name}: not served (405)
+    assert client.post("/v1/models/maskrcnn:explain", json={"instances": []}).status_code == 405
+    assert client.get("/v2/models/maskrcnn/ready").json() == {"name": "maskrcnn", "ready": True}
+    assert client.get("/v1/models/maskrcnn").json() == {"name": "maskrcnn", "ready": True}
+    assert client.get("/v2/models/other").status_code == 404
+
+
+def test_health_follows_the_forward_pass_watchdog_and_the_drain(serving_predictor, client, monkeypatch):
+    """Readiness fails when a forward pass has run past half the limit, liveness past the limit; readiness
+    fails while draining, liveness does not."""
+    import time
+
+    monkeypatch.setattr(serving_predictor, "forward_limit_s", 10.0)
+    monkeypatch.setattr(serving_predictor, "_forward_started", time.monotonic() - 6)
+    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get("/v1/models/maskrcnn").status_code == 503
+    assert client.get("/v2/health/live").status_code == 200
+    monkeypatch.setattr(serving_predictor, "_forward_started", time.monotonic() - 11)
+    answer = client.get("/")
+    assert answer.status_code == 503 and "the inference thread is stuck" in answer.json()["error"]
+    monkeypatch.setattr(serving_predictor, "_forward_started", None)
+    admission = client.app.state.admission
+    admission.draining = True
+    try:
+        assert client.get("/v2/health/ready").json() == {"error": "shutting down"}
+        assert client.get("/v2/health/live").status_code == 200
+        refused = client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture())))
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    finally:
+        admission.draining = False
+    assert client.get("/v2/health/ready").json() == {"ready": True}

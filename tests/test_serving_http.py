@@ -137,3 +137,41 @@ def test_an_oversized_body_is_a_400_that_a_plain_client_can_read(server):
         assert info.value.code == 400
         assert "request body above the limit of 33554432 bytes" in json.loads(info.value.read())["error"]
     assert post(url, {"instances": [{"image": {"b64": base64.b64encode(encode_image(np.zeros((32, 32, 3), np.uint8))).decode()}}]})[0] == 200
+
+
+def test_kserve_inference_client_drives_both_protocols_and_reads_the_model_metadata(server):
+    """KServe's own `InferenceRESTClient`, as a client application would use it: health, model readiness
+    and inference over V1 and V2; the Open Inference Protocol's model metadata names the `image` input,
+    the `detections` output and the served version."""
+    import asyncio
+
+    from kserve import InferenceRESTClient, RESTConfig
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    url, _ = server
+    image = base64.b64encode(encode_image(np.full((48, 48, 3), 90, np.uint8))).decode()
+
+    async def drive() -> None:
+        async with InferenceRESTClient(RESTConfig(protocol="v1", timeout=60)) as v1:
+            assert await v1.is_server_live(url) and await v1.is_model_ready(url, "maskrcnn")
+            out = await v1.infer(url, {"instances": [{"image": {"b64": image}}]}, model_name="maskrcnn")
+            assert out["predictions"][0]["model_version"] == "7" and out["predictions"][0]["width"] == 48
+        async with InferenceRESTClient(RESTConfig(protocol="v2", timeout=60)) as v2:
+            assert await v2.is_server_live(url) and await v2.is_server_ready(url)
+            assert await v2.is_model_ready(url, "maskrcnn")
+            assert not await v2.is_model_ready(url, "other")  # an unknown model is not ready (404)
+            request = InferRequest("maskrcnn", [InferInput("image", [1], "BYTES", [image])], request_id="r1")
+            response = await v2.infer(url, request, model_name="maskrcnn")
+            # (kserve's client drops the response's model_version when it parses it: each result carries it)
+            assert response.outputs[0].name == "detections" and response.outputs[0].shape == [1]
+            result = json.loads(response.outputs[0].data[0])
+            assert result["width"] == 48 and result["model_version"] == "7" and isinstance(result["detections"], list)
+
+    asyncio.run(drive())
+    with urllib.request.urlopen(f"{url}/v2/models/maskrcnn", timeout=10) as resp:
+        metadata = json.loads(resp.read())
+    assert metadata == {"name": "maskrcnn", "versions": ["7"], "platform": "onnxruntime_onnx",
+                        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+                        "outputs": [{"name": "detections", "datatype": "BYTES", "shape": [-1]}]}
+    with urllib.request.urlopen(f"{url}/v2", timeout=10) as resp:
+        assert json.loads(resp.read())["extensions"] == []  # no model repository extension

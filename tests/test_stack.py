@@ -274,3 +274,51 @@ def test_private_files_are_never_readable_by_others(tmp_path):
     write_private(old, "s3cret")
     assert fresh.stat().st_mode & 0o777 == 0o600 and old.stat().st_mode & 0o777 == 0o600
     assert old.read_text() == "s3cret"
+
+
+def test_every_stack_process_listens_on_loopback_only(mlflow_stack):
+    """PostgreSQL, the Ceph monitor, OSD and gateway, and MLflow: every listening socket is on 127.0.0.1
+    (the OSD bound 0.0.0.0 before its public and cluster addresses were set)."""
+    from devstack.procs import listening_addresses
+
+    pids = mlflow_stack.status()
+    assert all(pids.values()), pids
+    for name, pid in pids.items():
+        addresses = listening_addresses(pid)
+        assert addresses, f"{name} (pid {pid}) listens on nothing"
+        assert {host for host, _ in addresses} <= {"127.0.0.1"}, f"{name} listens on {sorted(addresses)}"
+
+
+def test_down_never_signals_a_process_that_reused_a_stale_pid(tmp_path):
+    """A PID file left behind may name a process started later for something else: `down` leaves it
+    alone. The process that the file was written for is stopped."""
+    import subprocess
+
+    from devstack.mlflow_server import MlflowServer
+
+    fake = tmp_path / "bin" / "mlflow"  # a process whose command line names mlflow
+    fake.parent.mkdir()
+    fake.symlink_to("/bin/sleep")
+    server = MlflowServer(tmp_path, free_port(), "postgresql://unused", "s3://unused", "http://127.0.0.1:1", "k", "s")
+    unrelated = subprocess.Popen(["/bin/sleep", "60"])
+    later = None
+    try:
+        server.pid_file.write_text(f"{unrelated.pid}\n")  # alive, but not mlflow
+        assert server.pid() is None
+        server.stop()
+        assert unrelated.poll() is None
+        later = subprocess.Popen([str(fake), "60"], start_new_session=True)  # mlflow by name, but started after the file was written
+        server.pid_file.write_text(f"{later.pid}\n")
+        os.utime(server.pid_file, (time.time() - 60, time.time() - 60))
+        assert server.pid() is None
+        server.stop()
+        assert later.poll() is None
+        server.pid_file.write_text(f"{later.pid}\n")  # written after it started: the one the file is for
+        assert server.pid() == later.pid
+        server.stop()
+        assert later.wait(10) is not None
+    finally:
+        for proc in (unrelated, later):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,115 @@
+"""Slow and excess clients, at the connection: uvicorn's HTTP/1.1 protocol with read time-outs and a
+connection limit (uvicorn itself has neither a header nor a body time-out, so a client that sends
+slowly holds its connection, and a file descriptor, for ever).
+
+- Headers: a request's headers must arrive whole within `header_timeout_s` of the connection opening
+  (or of the previous response, on a kept-alive connection), else the client gets 408 and is closed.
+- Body: a pause longer than `body_timeout_s` between two pieces of a request body closes the
+  connection (the request, if admitted, sees its client leave and its work is dropped).
+- Connections: beyond `max_connections` open ones, a new connection is answered 503 with
+  `Retry-After` and closed at once, so that the process keeps serving the connections it holds. Under a
+  burst that reaches the open-file limit anyway, the event loop is asyncio's, which stops accepting for a
+  second and leaves the connections waiting in the listen backlog (they are then refused with 503);
+  uvloop (libuv) would accept and reset them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import Counter
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from serving.limits import ServingLimits
+
+log = logging.getLogger(__name__)
+
+CLOSED = Counter("maskrcnn_connections_refused_total",
+                 "Client connections closed by the server's limits (header_timeout, body_timeout, over_limit)", ["reason"])
+
+
+def canned(status: str, error: str, retry_after: int | None = None) -> bytes:
+    body = ('{"error": "%s"}' % error).encode()
+    head = [f"HTTP/1.1 {status}", "content-type: application/json", f"content-length: {len(body)}", "connection: close"]
+    if retry_after is not None:
+        head.append(f"retry-after: {retry_after}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def guarded_protocol(limits: ServingLimits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with `limits`' read time-outs and connection limit (pass as `Config(http=...)`)."""
+    over_limit = canned("503 Service Unavailable", f"the server is at its limit of {limits.max_connections} "
+                        "connections; retry later", limits.retry_after_s)
+    header_timeout = canned("408 Request Timeout", f"request headers not received within {limits.header_timeout_s:g} s")
+
+    class GuardedH11Protocol(H11Protocol):
+        _timer: asyncio.TimerHandle | None = None
+        _refused = False
+        _seen_cycle = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                self._refused = True
+                CLOSED.labels("over_limit").inc()
+                transport.write(over_limit)
+                # closed once what the client sent is read (closing with unread data would make its kernel
+                # see a reset, not the 503), or after half a second if it sends nothing
+                self._timer = self.loop.call_later(0.5, transport.close)
+                return
+            self._arm(limits.header_timeout_s, self._headers_late)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                self._cancel()
+                self.transport.close()
+                return
+            super().data_received(data)
+            cycle = self.cycle
+            if cycle is not None and cycle is not self._seen_cycle:  # a new request's headers arrived whole
+                self._seen_cycle = cycle
+                self._cancel()
+            if cycle is None or cycle.response_complete:  # between requests: the next one's headers are coming
+                if self._timer is None and data:
+                    self._arm(limits.header_timeout_s, self._headers_late)
+            elif cycle.more_body:
+                self._arm(limits.body_timeout_s, self._body_late)  # re-armed on every piece
+            else:
+                self._cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._cancel()  # uvicorn's keep-alive time-out covers the idle connection until data comes
+
+        def connection_lost(self, exc) -> None:
+            self._cancel()
+            super().connection_lost(exc)
+
+        def _arm(self, seconds: float, callback) -> None:
+            self._cancel()
+            self._timer = self.loop.call_later(seconds, callback)
+
+        def _cancel(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _headers_late(self) -> None:
+            self._timer = None
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return
+            CLOSED.labels("header_timeout").inc()
+            log.info("closing a connection from %s: headers not received within %g s", self.client, limits.header_timeout_s)
+            self.transport.write(header_timeout)
+            self.transport.close()
+
+        def _body_late(self) -> None:
+            self._timer = None
+            if self.transport.is_closing() or self.cycle is None or not self.cycle.more_body:
+                return
+            CLOSED.labels("body_timeout").inc()
+            log.info("closing a connection from %s: no request body for %g s", self.client, limits.body_timeout_s)
+            self.transport.close()
+
+    return GuardedH11Protocol

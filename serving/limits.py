@@ -1,0 +1,97 @@
+"""The predictor's limits under load: how many requests it admits, how long it waits for slow clients
+and stuck forward passes, and how it drains on SIGTERM.
+
+The queue depth is derived from the memory budget, as the pod's memory limit sets it: a queued request
+holds its body, and a body of B bytes costs about `REQUEST_MEMORY_FACTOR` x B while it is parsed
+(the raw bytes, the JSON string, the base64-decoded image, the decoded pixels; measured: 98 MB for a
+26 MB body, see `benchmarks/serving_load.py`). So
+
+    max_queue = (memory budget - RESIDENT_RESERVE) // (REQUEST_MEMORY_FACTOR x max body), in [1, 64]
+
+which for the InferenceService's 6 GiB limit and the default 32 MiB body is 32: the
+`containerConcurrency` in `deployment/base/inferenceservice.yaml` (a test checks that they agree).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+REQUEST_MEMORY_FACTOR = 4  # bytes of memory per byte of request body while a request is held
+RESIDENT_RESERVE = 2048 * MIB  # the process without requests: the interpreter, torch, the model, ONNX Runtime
+DEFAULT_MEMORY_BUDGET = 6144 * MIB  # the InferenceService's memory limit, when no cgroup limit is readable
+MAX_QUEUE_CAP = 64
+FD_RESERVE = 128  # descriptors kept for everything that is not a client connection (files, S3, logs)
+MAX_CONNECTIONS_CAP = 2048
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Admission, time-outs and shutdown. Every field is validated in `__post_init__`."""
+
+    max_queue: int = 32  # prediction requests admitted at once (the one running plus those waiting); beyond: 503
+    max_body_bytes: int = 32 * MIB  # one request's body; larger: 400 before it is read whole
+    request_timeout_s: float = 30.0  # from admission to answer; a request still queued then is dropped (504)
+    retry_after_s: int = 1  # the Retry-After of a 503 (queue full, or shutting down)
+    forward_limit_s: float = 30.0  # one forward pass longer than this: not live (Kubernetes restarts the pod);
+    #                                longer than half of it: not ready (traffic moves away first)
+    header_timeout_s: float = 10.0  # a request's headers must arrive whole within this (else 408, closed)
+    body_timeout_s: float = 10.0  # the longest pause between two pieces of a request body (else closed)
+    max_connections: int = 1024  # open client connections; a connection beyond this gets a 503 and is closed
+    grace_period_s: float = 30.0  # after SIGTERM: finish admitted requests for at most this long, then exit
+    drain_delay_s: float = 1.0  # after SIGTERM, answer 503 for at least this long before exiting (so that
+    #                             requests already routed here get an answer, not a refused connection)
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "max_body_bytes", "retry_after_s", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"serving limits: {name} must be an integer >= 1, got {value!r}")
+        for name in ("request_timeout_s", "forward_limit_s", "header_timeout_s", "body_timeout_s", "grace_period_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"serving limits: {name} must be a number of seconds > 0, got {value!r}")
+        if not 0 <= self.drain_delay_s <= self.grace_period_s:
+            raise ValueError(f"serving limits: drain_delay_s must be in [0, grace_period_s={self.grace_period_s}], "
+                             f"got {self.drain_delay_s!r}")
+
+
+def queue_for_memory(memory_budget: int, max_body_bytes: int) -> int:
+    """The queue depth a memory budget affords at this body limit (see the module's docstring)."""
+    free = memory_budget - RESIDENT_RESERVE
+    return max(1, min(MAX_QUEUE_CAP, free // (REQUEST_MEMORY_FACTOR * max_body_bytes)))
+
+
+def memory_budget(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """This container's memory limit (cgroup v2 `memory.max`, v1 `memory.limit_in_bytes`), else the
+    InferenceService's 6 GiB."""
+    for path in (cgroup / "memory.max", cgroup / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 50:  # v1 says "no limit" with a huge number
+            return int(text)
+    return DEFAULT_MEMORY_BUDGET
+
+
+def raise_fd_limit(cap: int = 1 << 16) -> int:
+    """Raise this process's soft limit on open files to its hard limit (at most `cap`); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(cap if hard == resource.RLIM_INFINITY else hard, cap)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return cap if soft == resource.RLIM_INFINITY else soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    log.info("open-file limit raised from %d to %d", soft, target)
+    return target
+
+
+def connections_for_fds(fd_limit: int) -> int:
+    """Client connections that fit under the open-file limit, leaving `FD_RESERVE` for everything else."""
+    return max(1, min(MAX_CONNECTIONS_CAP, fd_limit - FD_RESERVE))

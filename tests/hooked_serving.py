@@ -1,0 +1,38 @@
+"""A test launcher: `python -m serving` with a hook in the forward pass (a test hook, not a stand-in).
+
+An image 13 pixels wide blocks its forward pass for ever (a network that never returns); one 17 pixels
+wide takes `HOOK_SLOW_S` seconds (a heavy request, predictable on any machine). Every other image runs
+the package's network as usual.
+
+    python tests/hooked_serving.py --model-dir PACKAGE [serving's flags]
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import serving.predictor as predictor  # noqa: E402
+from serving.__main__ import main  # noqa: E402
+
+STUCK_WIDTH, SLOW_WIDTH, HOOK_SLOW_S = 13, 17, 0.5
+_detect = predictor.detect
+
+
+def hooked_detect(model, images, *args, **kwargs):
+    width = images[0].shape[-1]
+    if width == STUCK_WIDTH:
+        threading.Event().wait()  # never returns
+    if width == SLOW_WIDTH:
+        time.sleep(HOOK_SLOW_S)
+    return _detect(model, images, *args, **kwargs)
+
+
+predictor.detect = hooked_detect
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
