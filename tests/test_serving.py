@@ -148,7 +148,7 @@ def test_v2_infer_with_and_without_a_request_id(client, with_id):
     (v1(b"this is not an image"), 400, "not a decodable image"),
     (v1(encode_image(picture())[:60]), 400, "corrupt image data"),
     (v1(encode_image(np.zeros((1100, 1000, 3), np.uint8))), 400, "above the limit of 1000000"),
-    ({"instances": []}, 400, "missing field 'instances'"),
+    ({"instances": []}, 400, "field 'instances': expected a non-empty list"),
     ({"images": ["x"]}, 400, "missing field 'instances'"),
     ({"instances": [{"picture": "x"}]}, 400, "expected an object with 'image' or 'b64'"),
     ({"instances": [{"b64": "%%%"}]}, 400, "not valid base64"),

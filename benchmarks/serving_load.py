@@ -1,0 +1,181 @@
+"""The predictor under load and faults: the figures behind `tests/test_serving_faults.py`.
+
+`python -m serving` on 127.0.0.1 with a package of the default config's architecture (seeded weights,
+images resized to `--image-size`), driven by the bounded clients of `devstack.load`:
+
+1. load: concurrency 1, 4, 16 and 64 at the default limits (queue 32 from the 6 GiB budget); p50/p99
+   latency of the 200s, 503s, errors (any other answer, or no answer);
+2. saturation: 16 concurrent 26 MB bodies, with a queue of 4 against a queue of 64 (the baseline, as
+   good as no limit): peak RSS growth, and the memory each admitted request costs (the factor behind
+   `serving.limits.REQUEST_MEMORY_FACTOR`);
+3. abandoned work: 24 heavy requests whose clients leave at once, then one small request: its latency
+   against one forward pass (the baseline), and what /metrics counted;
+4. slow clients: 300 connections sending headers slowly while a good client is served, then 1100 under
+   an open-file limit of 1024: refused with 503, reset, or held;
+5. SIGTERM with 4 heavy requests in flight and a new one after it: answers, time to exit, exit status.
+
+    uv run python benchmarks/serving_load.py [--image-size 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.serving_vs_flask import make_package  # noqa: E402
+from devstack import load  # noqa: E402
+from training.logs import setup_logging  # noqa: E402
+
+log = logging.getLogger("benchmarks.serving_load")
+
+
+def image_body(size: int, seed: int = 0, count: int = 1) -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    instance = {"image": {"b64": base64.b64encode(buf.getvalue()).decode()}}
+    return json.dumps({"instances": [instance] * count}).encode()
+
+
+def peak_rss_growth(server: load.Server, send) -> tuple[float, list]:
+    base = load.rss_mb(server.proc.pid)
+    peak, done = [base], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(load.rss_mb(server.proc.pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        answers = send()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak) - base, answers
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    setup_logging()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=512)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="serving-load-"))
+    package = make_package(work, args.image_size)
+    small, heavy = image_body(64), image_body(args.image_size)
+    report = []
+
+    log.info("1. load at concurrency 1, 4, 16, 64 (default limits)")
+    with load.predictor(package, work / "load.log") as srv:
+        load.run_load(srv.url, [small] * 4, 2)  # warm-up
+        rows = [load.summary(load.run_load(srv.url, [image_body(128, seed=i) for i in range(max(16, 2 * c))], c))
+                for c in (1, 4, 16, 64)]
+    report.append("Load (128 px images, default limits: queue 32):\n\n" +
+                  table(rows, ["concurrency", "requests", "ok", "503", "errors", "p50_ms", "p99_ms"]))
+
+    log.info("2. saturation: 16 concurrent 26 MB bodies, queue 4 against queue 64")
+    big = json.dumps({"instances": [{"image": {"b64": "A" * (26 << 20)}}]}).encode()
+    rows = []
+    for queue in (64, 4):
+        with load.predictor(package, work / f"saturation-{queue}.log", "--max-queue", str(queue)) as srv:
+            growth, answers = peak_rss_growth(srv, lambda: load.run_load(srv.url, [big] * 16, 16).answers)
+            statuses = {s: [a.status for a in answers].count(s) for s in {a.status for a in answers}}
+            admitted = sum(1 for a in answers if a.status != 503)
+            rows.append({"queue": queue, "admitted": admitted, "answers": statuses, "peak_rss_growth_mb": round(growth),
+                         "mb_per_admitted": round(growth / max(1, min(admitted, queue)), 1),
+                         "factor_x_body": round(growth / max(1, min(admitted, queue)) / 26, 2)})
+    rows[1]["vs_baseline"] = f"x{rows[1]['peak_rss_growth_mb'] / max(1, rows[0]['peak_rss_growth_mb']):.2f}"
+    rows[0]["vs_baseline"] = "baseline"
+    report.append("Saturation (16 concurrent 26 MB bodies):\n\n" +
+                  table(rows, ["queue", "admitted", "answers", "peak_rss_growth_mb", "mb_per_admitted", "factor_x_body",
+                               "vs_baseline"]))
+
+    log.info("3. abandoned work: 24 heavy requests whose clients leave")
+    with load.predictor(package, work / "abandon.log") as srv:
+        load.predict(srv.url, heavy)
+        one = min(load.predict(srv.url, heavy).seconds for _ in range(3))
+        before = load.metrics(srv.url)
+        with ThreadPoolExecutor(24) as pool:
+            list(pool.map(lambda _: load.abandon(srv.url, heavy), range(24)))
+        time.sleep(0.2)
+        after_leave = load.predict(srv.url, small)
+        time.sleep(1)
+        after = load.metrics(srv.url)
+        dropped = load.metric(after, "maskrcnn_requests_dropped_total", reason="client_left") - \
+            load.metric(before, "maskrcnn_requests_dropped_total", reason="client_left")
+        computed = load.metric(after, "maskrcnn_detections_per_image_count") - \
+            load.metric(before, "maskrcnn_detections_per_image_count") - 1
+    report.append("Abandoned work (24 heavy requests whose clients leave, then one small request):\n\n" + table(
+        [{"one_heavy_forward_s": round(one, 2), "next_request_s": round(after_leave.seconds, 2),
+          "vs_one_forward": f"x{after_leave.seconds / one:.2f}", "dropped_client_left": int(dropped),
+          "forward_passes_computed": int(computed)}],
+        ["one_heavy_forward_s", "next_request_s", "vs_one_forward", "dropped_client_left", "forward_passes_computed"]))
+
+    log.info("4. slow clients: 300 held, then 1100 under an open-file limit of 1024")
+    with load.predictor(package, work / "slow.log", fd_limit=1024) as srv:
+        baseline = min(load.predict(srv.url, small).seconds for _ in range(3))
+        held = load.slow_clients(srv.url, 300)
+        good = min(load.predict(srv.url, small).seconds for _ in range(3))
+        for s in held:
+            s.close()
+        time.sleep(0.5)
+        many = load.slow_clients(srv.url, 1100)
+        fds = load.open_fds(srv.proc.pid)
+        outcomes = [load.read_status(s, timeout=15) for s in many]
+        for s in many:
+            s.close()
+        counts = {str(k): outcomes.count(k) for k in sorted(set(outcomes), key=str)}
+        after = load.predict(srv.url, small)
+    report.append("Slow clients (headers never finished; header time-out 10 s; open-file limit 1024 -> 896 connections):\n\n" +
+                  table([{"good_client_alone_ms": round(baseline * 1000, 1), "with_300_slow_ms": round(good * 1000, 1),
+                          "1100_slow_outcomes": counts, "server_fds_at_peak": fds,
+                          "good_client_after": after.status}],
+                        ["good_client_alone_ms", "with_300_slow_ms", "1100_slow_outcomes", "server_fds_at_peak",
+                         "good_client_after"]))
+
+    log.info("5. SIGTERM with 4 heavy requests in flight")
+    with load.predictor(package, work / "sigterm.log") as srv:
+        with ThreadPoolExecutor(4) as pool:
+            flying = [pool.submit(load.predict, srv.url, heavy) for _ in range(4)]
+            time.sleep(0.3)
+            sent = time.perf_counter()
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            new = load.predict(srv.url, small)
+            answers = [f.result().status for f in flying]
+        code = srv.proc.wait(60)
+        exit_s = time.perf_counter() - sent
+    report.append("SIGTERM with 4 heavy requests in flight:\n\n" + table(
+        [{"in_flight_answers": answers, "new_request": f"{new.status} retry-after={new.headers.get('retry-after')}",
+          "exit_status": code, "signal_to_exit_s": round(exit_s, 2)}],
+        ["in_flight_answers", "new_request", "exit_status", "signal_to_exit_s"]))
+    print("\n\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
