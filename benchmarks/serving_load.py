@@ -26,7 +26,6 @@ import logging
 import signal
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,25 +52,6 @@ def image_body(size: int, seed: int = 0, count: int = 1) -> bytes:
     Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
     instance = {"image": {"b64": base64.b64encode(buf.getvalue()).decode()}}
     return json.dumps({"instances": [instance] * count}).encode()
-
-
-def peak_rss_growth(server: load.Server, send) -> tuple[float, list]:
-    base = load.rss_mb(server.proc.pid)
-    peak, done = [base], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak.append(load.rss_mb(server.proc.pid))
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        answers = send()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak) - base, answers
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -103,7 +83,7 @@ def main() -> None:
     rows = []
     for queue in (64, 4):
         with load.predictor(package, work / f"saturation-{queue}.log", "--max-queue", str(queue)) as srv:
-            growth, answers = peak_rss_growth(srv, lambda: load.run_load(srv.url, [big] * 16, 16).answers)
+            growth, answers = load.peak_rss_growth(srv.proc.pid, lambda: load.run_load(srv.url, [big] * 16, 16).answers)
             statuses = {s: [a.status for a in answers].count(s) for s in {a.status for a in answers}}
             admitted = sum(1 for a in answers if a.status != 503)
             rows.append({"queue": queue, "admitted": admitted, "answers": statuses, "peak_rss_growth_mb": round(growth),

@@ -12,6 +12,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections import Counter
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from devstack.procs import free_port
 
@@ -154,6 +155,26 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def peak_rss_growth(pid: int, work: Callable[[], Any], interval: float = 0.01) -> tuple[float, Any]:
+    """(the peak growth of `pid`'s resident memory in MB while `work()` runs, sampled every `interval` s; its result)."""
+    base = rss_mb(pid)
+    peak, done = [base], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(rss_mb(pid))
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak) - base, result
 
 
 def open_fds(pid: int) -> int:

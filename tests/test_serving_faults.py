@@ -11,7 +11,6 @@ import base64
 import json
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,23 +67,12 @@ def test_saturation_is_refused_before_the_body_is_read_and_memory_stays_bounded(
     Retry-After; the process grows by about the admitted requests' worth, not 24 requests'."""
     big = json.dumps({"instances": [{"image": {"b64": "A" * (8 << 20)}}]}).encode()  # not an image: 400 once read
     before = metrics(server.url)
-    rss_before = load.rss_mb(server.proc.pid)
-    peak = [rss_before]
-    done = threading.Event()
 
-    def sample() -> None:
-        while not done.is_set():
-            peak.append(load.rss_mb(server.proc.pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    def send() -> list:
         with ThreadPoolExecutor(12) as pool:  # 12 senders, 2 rounds: some of each round find the queue full
-            answers = list(pool.map(lambda _: predict(server.url, big), range(24)))
-    finally:
-        done.set()
-        sampler.join()
+            return list(pool.map(lambda _: predict(server.url, big), range(24)))
+
+    growth, answers = load.peak_rss_growth(server.proc.pid, send, interval=0.02)
     statuses = sorted(a.status for a in answers)
     assert set(statuses) <= {400, 503}, statuses
     refused = [a for a in answers if a.status == 503]
@@ -92,7 +80,6 @@ def test_saturation_is_refused_before_the_body_is_read_and_memory_stays_bounded(
     after = metrics(server.url)
     assert metric(after, "maskrcnn_requests_rejected_total", reason="queue_full") - \
         metric(before, "maskrcnn_requests_rejected_total", reason="queue_full") == len(refused)
-    growth = max(peak) - rss_before
     # admitted at most 4 at once, each about 4x its 8 MB body while parsed
     assert growth < 4 * 4 * 8 + 96, f"RSS grew {growth:.0f} MB with 24 concurrent 8 MB bodies and a queue of 4"
     assert predict(server.url, body()).status == 200
