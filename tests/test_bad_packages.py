@@ -232,7 +232,7 @@ REFUSED = [
     ("mask_threshold NaN", config("eval", "mask_threshold", float("nan")), r"eval\.mask_threshold: expected 0\.001 to 0\.999, got nan"),
     ("representation_size 1e9", config("model", "representation_size", 1_000_000_000),
      r"config\.yaml: model\.representation_size: expected 8 to 16384, got 1000000000"),
-    ("a backbone nobody knows", config("model", "backbone", "evilnet"), r"config\.yaml: model\.backbone: unknown backbone 'evilnet'"),
+    ("a backbone nobody knows", config("model", "backbone", "evilnet"), r"config\.yaml: model\.backbone: expected one of resnet50_fpn, .*, got 'evilnet'"),
     ("label map with gaps", labels([(1, 1, "circle"), (5, 2, "square"), (9, 3, "triangle")]),
      r"label_map\.json: labels \[1, 5, 9\]: expected exactly 1 to 3"),
     ("label map with a background label", labels([(0, 1, "bg"), (1, 2, "square"), (2, 3, "triangle")]),

@@ -31,8 +31,11 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=5", "unknown field(s) ['epoch']"),
     ("train.epochs=five", "train.epochs: expected an integer, got 'five'"),
-    ("model.backbone=vgg", "unknown backbone 'vgg'"),
-    ("train.optimizer=lamb", "expected sgd or adamw"),
+    ("model.backbone=vgg", "model.backbone: expected one of resnet50_fpn, resnet50_fpn_v2, resnet18_fpn, "
+                           "mobilenet_v3_large_fpn, mobilenet_v3_small_fpn, got 'vgg'"),
+    ("train.optimizer=lamb", "train.optimizer: expected one of sgd, adamw, got 'lamb'"),
+    ("train.lr_schedule=linear", "train.lr_schedule: expected one of cosine, step, constant, got 'linear'"),
+    ("ray.use_gpu=maybe", "ray.use_gpu: expected one of auto, true, false, got 'maybe'"),
     ("train.epochs", "expected key.sub=value"),
 ])
 def test_bad_overrides_name_the_field(override, message):

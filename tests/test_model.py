@@ -161,3 +161,18 @@ def test_roi_sampling_ratio_must_be_positive():
 
     with pytest.raises(ConfigError, match="model.roi_sampling_ratio: expected 1 to 8, got 0"):
         ModelConfig(roi_sampling_ratio=0)
+
+
+def test_every_backbone_is_one_row_of_the_table_and_an_unknown_name_is_refused():
+    """Adding a backbone is one row (`BACKBONE_TABLE`) plus its name in the config; an unknown name is
+    refused by name, never built as some other backbone and frozen by its rules."""
+    from training.config import BACKBONES
+    from training.initialize import freeze_backbone
+    from training.model import BACKBONE_TABLE, backbone_row
+
+    assert set(BACKBONE_TABLE) == set(BACKBONES)
+    with pytest.raises(ValueError, match=r"unknown backbone 'vit_b_16', expected one of resnet50_fpn, "):
+        backbone_row("vit_b_16")
+    model = _initialized(_tiny("mobilenet_v3_small_fpn", trainable_backbone_layers=5), 3)
+    with pytest.raises(ValueError, match="unknown backbone 'resnet34_fpn'"):
+        freeze_backbone(model, "resnet34_fpn", 2)

@@ -14,7 +14,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -146,7 +146,18 @@ def check_ranges(section: str, obj: Any, ranges: dict[str, tuple[float, float]])
                 raise ConfigError(f"{section}.{name}: expected {low:g} to {high:g}, got {item!r}")
 
 
-BACKBONES = ("resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_large_fpn", "mobilenet_v3_small_fpn")
+Backbone = Literal["resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_large_fpn", "mobilenet_v3_small_fpn"]
+BACKBONES: tuple[str, ...] = get_args(Backbone)  # each has one row in training.model.BACKBONE_TABLE
+Optimizer = Literal["sgd", "adamw"]
+LrSchedule = Literal["cosine", "step", "constant"]
+UseGpu = Literal["auto", "true", "false"]
+
+
+def check_choices(section: str, obj: Any) -> None:
+    """Every `Literal` field of `obj` holds one of its choices (also when built directly, not loaded)."""
+    for name, typ in get_type_hints(type(obj)).items():
+        if get_origin(typ) is Literal and getattr(obj, name) not in get_args(typ):
+            raise ConfigError(f"{section}.{name}: expected one of {', '.join(get_args(typ))}, got {getattr(obj, name)!r}")
 
 
 @dataclass
@@ -157,7 +168,7 @@ class ModelConfig:
     `weights`, `backbone_weights` and `trainable_backbone_layers` are applied afterwards, by training
     only (`training.initialize`), so a checkpoint or serving package loads without them."""
 
-    backbone: str = "mobilenet_v3_large_fpn"
+    backbone: Backbone = "mobilenet_v3_large_fpn"
     """One of resnet50_fpn, resnet50_fpn_v2, resnet18_fpn, mobilenet_v3_large_fpn, mobilenet_v3_small_fpn."""
     weights: str = "none"
     """Whole-model weights: `none`, or a local path / s3:// / gs:// / http(s):// URI of a state dict."""
@@ -207,8 +218,7 @@ class ModelConfig:
     """Detections below this score are dropped inside the model (0-1; evaluation and serving filter further)."""
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"model.backbone: unknown backbone {self.backbone!r}, expected one of {', '.join(BACKBONES)}")
+        check_choices("model", self)
         check_ranges("model", self, MODEL_RANGES)
         if self.max_size < self.min_size:
             raise ConfigError(f"model: need min_size <= max_size, got {self.min_size}, {self.max_size}")
@@ -227,7 +237,7 @@ class TrainConfig:
     """Passes over the training split."""
     batch_size: int = 4
     """Images per worker per step."""
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     """sgd or adamw."""
     lr: float = 0.02
     """Learning rate for the global batch (not scaled further by the number of workers)."""
@@ -237,7 +247,7 @@ class TrainConfig:
     """L2 penalty (decoupled for adamw)."""
     warmup_steps: int = 100
     """Steps of linear warmup from 0.1% of `lr`; from-scratch training diverges without it."""
-    lr_schedule: str = "cosine"
+    lr_schedule: LrSchedule = "cosine"
     """cosine or step (x0.1 at 2/3 and 8/9 of training) or constant, after the linear warmup."""
     grad_clip: float = 10.0
     """Max gradient norm (0 disables clipping)."""
@@ -255,10 +265,7 @@ class TrainConfig:
     """torch intra-op threads per worker (0: the worker's CPU share)."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"train.optimizer: expected sgd or adamw, got {self.optimizer!r}")
-        if self.lr_schedule not in ("cosine", "step", "constant"):
-            raise ConfigError(f"train.lr_schedule: expected cosine, step or constant, got {self.lr_schedule!r}")
+        check_choices("train", self)
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"train: need epochs >= 1, batch_size >= 1, lr > 0; got {self.epochs}, {self.batch_size}, {self.lr}")
 
@@ -290,8 +297,8 @@ class RayConfig:
     `auto` or `ray://host:10001`: join as a driver (the job's own driver; Ray Client is not advised for Ray Train)."""
     num_workers: int = 2
     """Ray Train workers (DDP ranks)."""
-    use_gpu: str = "auto"
-    """auto (GPU when the cluster has one), true or false."""
+    use_gpu: UseGpu = "auto"
+    """auto (GPU when the cluster has one), true or false (anything else is refused)."""
     cpus_per_worker: int = 1
     """CPUs Ray reserves for each worker (and its torch threads unless train.threads_per_worker is set)."""
     storage_path: str = ""
@@ -304,6 +311,9 @@ class RayConfig:
     """Metric (higher is better) that ranks checkpoints; the best one is evaluated and logged as the model."""
     max_failures: int = 1
     """Worker-group restarts from the last checkpoint before the run fails."""
+
+    def __post_init__(self) -> None:
+        check_choices("ray", self)
 
 
 @dataclass
@@ -379,6 +389,13 @@ class Config:
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = getattr(typ, "__origin__", None)
+    if get_origin(typ) is Literal:
+        choices = get_args(typ)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML's `use_gpu: true`
+            value = str(value).lower()
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

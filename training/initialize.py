@@ -18,12 +18,9 @@ from torchvision.models.detection import MaskRCNN
 
 from training.config import ModelConfig
 from training.data.sources import fetch_file
-from training.model import stage_ends
+from training.model import backbone_row
 
 log = logging.getLogger(__name__)
-
-RESNET_STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]
-
 
 def initialize(model: MaskRCNN, cfg: ModelConfig, cache_dir: Path) -> MaskRCNN:
     """Load the initial weights `cfg` names (if any), then freeze backbone stages; returns `model`."""
@@ -60,15 +57,11 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) 
 
 
 def freeze_backbone(model: MaskRCNN, backbone: str, trainable: int) -> None:
-    """Leave the last `trainable` backbone stages (0-5) trainable and freeze the rest, as torchvision does."""
+    """Leave the last `trainable` backbone stages (0-5) trainable and freeze the rest, as torchvision does;
+    the stages are the backbone table's (`training.model.BACKBONE_TABLE`)."""
     body = model.backbone.body
-    if backbone.startswith("resnet"):
-        stages = RESNET_STAGES[:trainable] + (["bn1"] if trainable >= 5 else [])
-        for name, param in body.named_parameters():
-            param.requires_grad_(any(name.startswith(stage) for stage in stages))
-        return
-    blocks = list(body.children())  # MobileNetV3 blocks, in order
-    ends = stage_ends(blocks)
-    first_trainable = ends[-trainable - 1] + 1 if trainable < len(ends) else 0
-    for i, block in enumerate(blocks):
-        block.requires_grad_(i >= first_trainable)
+    stages = backbone_row(backbone).stages(body)
+    body.requires_grad_(False)
+    for stage in stages[max(0, len(stages) - trainable):] if trainable > 0 else []:
+        for module in stage:
+            module.requires_grad_(True)

@@ -96,7 +96,7 @@ def use_gpu(cfg: Config) -> bool:
         import ray
 
         return ray.cluster_resources().get("GPU", 0) >= 1
-    return cfg.ray.use_gpu.lower() in ("true", "1", "yes")
+    return cfg.ray.use_gpu == "true"
 
 
 def make_trainer(cfg: Config, loop_config: dict[str, Any], run_name: str, callbacks: list | None = None):
