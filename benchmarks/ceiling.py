@@ -54,7 +54,7 @@ def _sync(device: str) -> None:
 def sample_batch(cfg, count: int):
     """Images and targets from the embedded synthetic dataset, at the configured size."""
     from training.data.prepare import prepare_data
-    from training.data.coco import CocoDataset
+    from training.data.dataset import CocoDataset
 
     data = prepare_data(cfg.data, validate=False)
     dataset = CocoDataset(data.train, None, max_pixels=cfg.data.max_image_pixels)

@@ -1,6 +1,6 @@
 """The predictor's forward pass on CPU: eager PyTorch against in-process alternatives, speed and mAP.
 
-For one trained serving package, each backend is timed on the same threads with `training.engine.detect`
+For one trained serving package, each backend is timed on the same threads with `training.inference.detect`
 (the predictor's own inference and post-processing, at the package's score threshold) on validation images
 resized to each `--sizes` square, and scored (segm/bbox mAP) on the validation split at its native size.
 A backend is a candidate only if its segm mAP is within 0.005 of eager.
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from training.data.prepare import prepare_data
-from training.engine import detect
+from training.inference import detect
 from training.evaluate import evaluate_model
 from training.package import open_package
 from training.logs import setup_logging
@@ -146,7 +146,7 @@ def score(model, graph, val, config) -> float:
 
 
 def _images(split, size: int, count: int) -> list[torch.Tensor]:
-    from training.data.coco import CocoDataset
+    from training.data.dataset import CocoDataset
 
     dataset = CocoDataset(split)
     out = []

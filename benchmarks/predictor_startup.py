@@ -33,7 +33,7 @@ MAKE_BEFORE = """
 import sys, torch
 from training.checkpoint import save_checkpoint
 from training.config import CONFIG_DIR, load_config
-from training.data.coco import LabelMap
+from training.data.labels import LabelMap
 from training.export import export_package
 from training.model import build_model
 cfg = load_config(CONFIG_DIR / "default.yaml", [])
@@ -49,7 +49,7 @@ import sys, torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives import serialization
 from training.config import CONFIG_DIR, load_config
-from training.data.coco import LabelMap
+from training.data.labels import LabelMap
 from training.model import build_model
 from training.package import write_package
 cfg = load_config(CONFIG_DIR / "default.yaml", [])

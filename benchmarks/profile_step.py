@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from training.checkpoint import load_checkpoint
 from training.config import load_config
-from training.data.coco import CocoDataset, collate
+from training.data.dataset import CocoDataset, collate
 from training.data.prepare import prepare_data
 from training.data.transforms import build_train_transform
 from training.engine import build_optimizer

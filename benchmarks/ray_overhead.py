@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from training.config import Config, load_config
-from training.data.coco import CocoDataset, collate
+from training.data.dataset import CocoDataset, collate
 from training.data.prepare import prepare_data
 from training.data.transforms import build_train_transform
 from training.engine import build_optimizer, lr_lambda, train_one_epoch

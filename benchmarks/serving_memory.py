@@ -3,7 +3,7 @@
 `before`: what the predictor did until issue 11, torchvision's own post-processing: all images of the
 request decoded, one batched forward pass, and every detection's mask pasted at full resolution as
 float32 at once (twice over: a list, then a stacked copy), then thresholded. `after`: the predictor now,
-one image at a time through `training.engine.detect`, masks pasted a few at a time within
+one image at a time through `training.inference.detect`, masks pasted a few at a time within
 `MASK_BUDGET_BYTES` and encoded as they go, with the network in ONNX Runtime (the package's
 `detector.onnx`, the predictor's default); `eager`: the same with `--backend eager`.
 
@@ -31,7 +31,7 @@ def make_package(folder: Path, detections: int) -> Path:
     import torch
 
     from training.config import CONFIG_DIR, load_config
-    from training.data.coco import LabelMap
+    from training.data.labels import LabelMap
     from training.model import build_model
     from training.package import write_package
 
@@ -67,7 +67,7 @@ def measure(mode: str, package: str, megapixels: float, detections: int, count: 
 
     from serving.predictor import MaskRCNNPredictor
     from training.data.images import decode_image, to_tensor
-    from training.metrics import encode_masks
+    from training.data.masks import encode_masks
 
     page = os.sysconf("SC_PAGE_SIZE")
 

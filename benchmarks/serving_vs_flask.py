@@ -43,7 +43,7 @@ def make_package(folder: Path, image_size: int) -> Path:
     import torch
 
     from training.config import CONFIG_DIR, load_config
-    from training.data.coco import LabelMap
+    from training.data.labels import LabelMap
     from training.model import build_model
     from training.package import write_package
 

@@ -9,7 +9,7 @@ Requests (images as base64; JPG, PNG or TIFF):
 Each image's result: `{"width", "height", "model_version", "detections": [{"label", "category_id",
 "score", "box": [x0, y0, x1, y1], "mask": COCO RLE}]}`, plus `overlay_png` (base64 PNG) when asked.
 V2 returns the same JSON, one string per image, in the BYTES output `detections`.
-Decoding, pre-processing (`training.data.images`) and post-processing (`training.engine.postprocess`,
+Decoding, pre-processing (`training.data.images`) and post-processing (`training.inference.postprocess`,
 with the mask threshold from the package's config) are training's own, not copies.
 
 The network runs in ONNX Runtime when the package has `detector.onnx` (backend `auto`, the default, or
@@ -46,9 +46,9 @@ from PIL import Image
 from prometheus_client import Histogram
 
 from serving.admission import TICKET, Ticket
-from training.data.coco import LabelError
+from training.data.labels import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
-from training.engine import MASK_BUDGET_BYTES, detect
+from training.inference import MASK_BUDGET_BYTES, detect
 from training.graph import GraphError, OnnxDetector
 from training.package import PackageError, open_package
 from training.signature import load_public_keys
@@ -303,7 +303,7 @@ class MaskRCNNPredictor(Model):
 
     def _overlay(self, image: np.ndarray, detections: list[dict[str, Any]]) -> tuple[str, str]:
         """(the image with masks, boxes, labels and scores drawn; the masks alone, one colour each), as base64 PNGs."""
-        from training.data.coco import decode_segmentation
+        from training.data.masks import decode_segmentation
         from training.visualize import colour, draw_predictions
 
         pred = {"boxes": np.array([d["box"] for d in detections]).reshape(-1, 4),

@@ -210,7 +210,7 @@ def serving_package(tmp_path_factory) -> Path:
     """A serving package of a tiny, untrained but seeded model (it predicts low-score instances)."""
     import torch
 
-    from training.data.coco import LabelMap
+    from training.data.labels import LabelMap
     from training.model import build_model
     from training.package import write_package
 

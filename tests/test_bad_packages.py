@@ -316,7 +316,7 @@ def test_a_label_outside_the_label_map_is_a_model_failure(serving_predictor, mon
     answers 500, never some class (the old lookup served label 0 as the last class)."""
     from kserve.errors import InferenceError
 
-    from training.data.coco import LabelError, LabelMap
+    from training.data.labels import LabelError, LabelMap
 
     run = serving_predictor.graph.run
 

@@ -102,10 +102,26 @@ def test_pipelines_are_adapters_over_training_and_release(graph):
     assert {d.split(".")[0] for d in _imports_of(graph, "pipelines")} <= {"pipelines", "training", "release"}
 
 
-def test_serving_uses_the_package_loader_and_shared_processing_only(graph):
+# The architecture's rule (../shared/ARCHITECTURE.md): serving uses from training only the package reader,
+# inference, image decoding, masks, labels, visualisation and logging.
+SERVING_MAY_USE = {
+    "training.package", "training.signature", "training.graph", "training.onnx_detector",  # the package reader
+    "training.inference",  # inference: the forward pass and post-processing
+    "training.data.images",  # image decoding
+    "training.data.masks",  # masks
+    "training.data.labels",  # labels
+    "training.visualize",  # visualisation
+    "training.logs",  # logging
+}
+
+
+def test_serving_uses_from_training_only_what_the_architecture_allows(graph):
+    """Fails on any import from training outside the rule's list (the dataset, the COCO loader, the training
+    loop, the evaluator, tracking, ...) in any serving module, at the top or inside a function."""
     used = {d for d in _imports_of(graph, "serving") if not d.startswith("serving")}
-    assert used <= {"training.package", "training.signature", "training.graph", "training.data.images", "training.engine",
-                    "training.logs", "training.data.coco", "training.visualize", "training.onnx_detector"}, used
+    outside = {d for d in used if d.startswith("training") and d not in SERVING_MAY_USE}
+    assert not outside, f"serving imports {sorted(outside)} from training; the rule allows {sorted(SERVING_MAY_USE)}"
+    assert {d.split(".")[0] for d in used} <= {"training"}, used
 
 
 def test_nothing_imports_the_cli():

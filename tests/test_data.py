@@ -6,7 +6,9 @@ import pytest
 
 from conftest import square, write_coco
 from training.config import DataConfig, SyntheticConfig
-from training.data.coco import CocoDataset, DatasetError, LabelMap, load_coco
+from training.data.coco import DatasetError, load_coco
+from training.data.dataset import CocoDataset
+from training.data.labels import LabelMap
 from training.data.prepare import prepare_data
 from training.data.synthetic import synthetic_dataset
 

@@ -3,8 +3,11 @@
 import numpy as np
 import pytest
 
-from training.data.coco import LabelMap, decode_segmentation
-from training.metrics import coco_map, encode_masks, evaluate_predictions, mask_iou, to_coco_results
+from training.data.labels import LabelMap
+
+from training.data.masks import decode_segmentation
+from training.data.masks import encode_masks
+from training.metrics import coco_map, evaluate_predictions, mask_iou, to_coco_results
 
 W = H = 32
 

@@ -15,7 +15,7 @@ import torch
 import torchvision.ops.poolers
 
 from training.config import CONFIG_DIR, load_config
-from training.data.coco import LabelMap
+from training.data.labels import LabelMap
 from training.model import build_model
 from training.graph import ONNX_FILE, OnnxDetector, detection_mismatch
 from training.onnx_detector import OnnxExportError, export_onnx
@@ -82,7 +82,7 @@ def test_a_graph_with_no_detections(tmp_path):
     """A model whose box score threshold nothing passes: the graph returns empty outputs of the right
     shapes, and `detect` an empty prediction."""
     from conftest import TINY
-    from training.engine import detect
+    from training.inference import detect
 
     model = open_package(_write(tmp_path / "pkg", TINY, onnx=False)).build_model()
     model.roi_heads.score_thresh = 1.0

@@ -13,7 +13,7 @@ from release.publish import PublishError, publish_package
 from training.checkpoint import save_checkpoint
 from training.export import export_checkpoint
 from training.package import CHECKSUM_FILE, FORMAT_VERSION, PackageError, open_package
-from training.data.coco import LabelMap
+from training.data.labels import LabelMap
 from training.model import build_model
 
 

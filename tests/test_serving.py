@@ -72,7 +72,7 @@ def test_infer_matches_the_model_run_directly(predictor):
 def test_predictor_and_evaluation_share_post_processing(predictor, serving_package, tmp_path):
     """Serving's masks are evaluation's masks (one post-processing function), at the mask threshold of
     the package's config: a package evaluated at 0.8 is served at 0.8."""
-    from training.engine import predict
+    from training.inference import predict
     from training.package import open_package, write_package
 
     img = picture()
@@ -243,8 +243,8 @@ def test_liveness_answers_within_a_second_during_a_long_request(client, monkeypa
 
 def test_masks_are_pasted_within_the_memory_budget_and_match_torchvision(predictor, monkeypatch):
     """`detect` pastes a few masks at a time (the budget bounds memory) and gives exactly torchvision's masks."""
-    import training.engine as engine
-    from training.engine import detect
+    import training.inference as engine
+    from training.inference import detect
 
     img = to_tensor(np.random.default_rng(3).integers(0, 255, (300, 400, 3), dtype=np.uint8))
     with torch.inference_mode():

@@ -1,7 +1,9 @@
 import numpy as np
 
 from training.config import AugmentConfig, SyntheticConfig
-from training.data.coco import CocoDataset, load_coco, masks_to_boxes
+from training.data.coco import load_coco
+from training.data.dataset import CocoDataset
+from training.data.masks import masks_to_boxes
 from training.data.synthetic import synthetic_dataset
 from training.data.transforms import TrainAugment, build_train_transform
 

@@ -1,7 +1,7 @@
 import numpy as np
 
-from training.data.coco import LabelMap
-from training.metrics import encode_masks
+from training.data.labels import LabelMap
+from training.data.masks import encode_masks
 from training.visualize import draw_predictions
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from training.config import Config, save_config
-from training.data.coco import LabelMap
+from training.data.labels import LabelMap
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -11,29 +11,60 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from training.config import EvalConfig
-from training.data.coco import CocoDataset, CocoSplit, collate
-from training.engine import predict, summarize_scores
+from training.data.coco import CocoSplit
+from training.data.dataset import CocoDataset, collate
+from training.data.masks import Prediction
+from training.engine import is_primary
+from training.inference import predict
 from training.package import Package, open_package
-from training.metrics import Prediction, evaluate_predictions
+from training.metrics import evaluate_predictions
 from training.graph import OnnxDetector
 from training.visualize import draw_predictions
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_model(model: torch.nn.Module, split: CocoSplit, cfg: EvalConfig, batch_size: int = 4,
-                   graph: OnnxDetector | None = None) -> tuple[dict[str, float], list[Prediction]]:
-    loader = DataLoader(CocoDataset(split), batch_size=batch_size, collate_fn=collate)
-    predictions = predict(model, loader, torch.device("cpu"), cfg.mask_threshold, graph)
+def evaluate_model(model: torch.nn.Module, split: CocoSplit, cfg: EvalConfig, *, loader: Iterable | None = None,
+                   device: torch.device | None = None, graph: OnnxDetector | None = None,
+                   batch_size: int = 4) -> tuple[dict[str, float] | None, list[Prediction]]:
+    """The one evaluation: predict `split` (through `loader` when given, e.g. a distributed one, on `device`,
+    default the CPU), gather every rank's predictions, and score them: COCO mAP (bbox, segm), per-class AP,
+    mask IoU, detections per image. Under DDP only rank 0 scores (the others get None as metrics); the
+    training loop and `evaluate_package` both come here."""
+    loader = loader if loader is not None else DataLoader(CocoDataset(split), batch_size=batch_size, collate_fn=collate)
+    predictions = gather_predictions(predict(model, loader, device or torch.device("cpu"), cfg.mask_threshold, graph))
+    if not is_primary():
+        return None, predictions
     metrics = evaluate_predictions(split.coco, predictions, split.label_map, cfg.score_threshold, cfg.iou_match)
     metrics.update(summarize_scores(predictions, cfg))
     return metrics, predictions
+
+
+def gather_predictions(predictions: list[Prediction]) -> list[Prediction]:
+    """All ranks' predictions on every rank, each image once (DistributedSampler pads with repeats)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return predictions
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, predictions)
+    unique: dict[int, Prediction] = {}
+    for part in parts:
+        for p in part:
+            unique.setdefault(p["image_id"], p)
+    return [unique[k] for k in sorted(unique)]
+
+
+def summarize_scores(predictions: list[Prediction], cfg: EvalConfig) -> dict[str, float]:
+    """Detections per image above the evaluation score threshold (a quick sanity number)."""
+    counts = [int((np.asarray(p["scores"]) >= cfg.score_threshold).sum()) for p in predictions]
+    return {"detections_per_image": float(np.mean(counts)) if counts else 0.0}
 
 
 def evaluate_package(package: Package | str | Path, split: CocoSplit, cfg: EvalConfig | None = None,

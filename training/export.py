@@ -14,7 +14,7 @@ from typing import Any
 
 from training.checkpoint import load_checkpoint
 from training.config import Config
-from training.data.coco import LabelMap
+from training.data.labels import LabelMap
 from training.logs import setup_logging
 from training.graph import ONNX_FILE
 from training.package import Package, PackageError, write_package

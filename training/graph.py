@@ -161,7 +161,7 @@ class OnnxDetector:
 
     def __call__(self, batch: ImageList) -> list[dict[str, torch.Tensor]]:
         """`model.roi_heads`'s detections for each image of a transformed batch, one graph run per image
-        (`training.engine.detect`'s call; torch is imported here only)."""
+        (`training.inference.detect`'s call; torch is imported here only)."""
         import torch
 
         return [dict(zip(OUTPUTS, (torch.from_numpy(o) for o in self.run(batch.tensors[i:i + 1].detach().cpu().numpy(), size))))

@@ -19,20 +19,10 @@ import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as mask_util
 
-from training.data.coco import LabelMap, segmentation_to_rle
+from training.data.labels import LabelMap
+from training.data.masks import Prediction, segmentation_to_rle
 
 log = logging.getLogger(__name__)
-
-Prediction = dict[str, Any]
-
-
-def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
-    """(N, H, W) binary masks -> compressed RLEs with str counts (JSON-ready)."""
-    if len(masks) == 0:
-        return []
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    return [{"size": list(r["size"]), "counts": r["counts"].decode() if isinstance(r["counts"], bytes) else r["counts"]} for r in rles]
-
 
 def to_coco_results(predictions: list[Prediction], label_map: LabelMap) -> list[dict[str, Any]]:
     """Our predictions -> COCO result records with dataset category ids and xywh boxes."""

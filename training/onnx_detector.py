@@ -3,7 +3,7 @@
 The graph holds everything from the normalized, padded image tensor to the per-detection 28x28 mask
 probabilities: backbone, FPN, RPN (anchors, top-n, NMS), RoIAlign, the box head and its per-class NMS,
 and the mask head. Pre-processing (`model.transform`) and post-processing (mask pasting, thresholds, RLE:
-`training.engine.postprocess`) stay the same PyTorch code as eager inference. On 2 CPU threads ONNX
+`training.inference.postprocess`) stay the same PyTorch code as eager inference. On 2 CPU threads ONNX
 Runtime runs the graph 1.6-1.9x faster than eager PyTorch, in float32 with the same numbers
 (`benchmarks/forward_backends.py`; `benchmarks/RESULTS.md`, which also says why not OpenVINO).
 

@@ -46,7 +46,7 @@ import numpy as np
 import yaml
 
 from training.config import Config, ConfigError
-from training.data.coco import LabelError, LabelMap
+from training.data.labels import LabelError, LabelMap
 from training.graph import ONNX_FILE, GraphError, Probe, check_graph
 
 if TYPE_CHECKING:

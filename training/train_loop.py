@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from training.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from training.config import Config
-from training.data.coco import CocoDataset, collate
+from training.data.dataset import CocoDataset, collate
 from training.data.prepare import prepare_data
 from training.data.transforms import build_train_transform
-from training.engine import Progress, build_optimizer, gather_predictions, lr_lambda, predict, summarize_scores, train_one_epoch
-from training.metrics import evaluate_predictions
+from training.engine import Progress, build_optimizer, lr_lambda, train_one_epoch
+from training.evaluate import evaluate_model
 from training.initialize import initialize
 from training.model import build_model
 from training.logs import setup_logging
@@ -120,11 +120,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         trained = train_one_epoch(model, optimizer, scheduler, loader, device, epoch, cfg.train, progress, scaler, world)
         measured: dict[str, Any] = {}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
-            predictions = gather_predictions(predict(model, val_loader, device, cfg.eval.mask_threshold))
-            evaluated = None
-            if rank == 0:
-                evaluated = evaluate_predictions(data.val.coco, predictions, data.label_map, cfg.eval.score_threshold, cfg.eval.iou_match)
-                evaluated.update(summarize_scores(predictions, cfg.eval))
+            evaluated, _ = evaluate_model(model, data.val, cfg.eval, loader=val_loader, device=device)
             measured = last_eval = _broadcast(evaluated)
             if rank == 0:
                 log.info("epoch %d: segm mAP %.4f, bbox mAP %.4f, mask IoU %.4f", epoch, last_eval["segm_mAP"],

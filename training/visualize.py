@@ -7,8 +7,10 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.data.coco import LabelMap, decode_segmentation
-from training.metrics import Prediction
+from training.data.labels import LabelMap
+
+from training.data.masks import decode_segmentation
+from training.data.masks import Prediction
 
 
 def colour(i: int) -> tuple[int, int, int]:

@@ -1,4 +1,6 @@
-"""COCO instance-segmentation datasets: parse, validate, map category ids, and serve samples.
+"""COCO instance-segmentation annotations: parse and validate a split (the loader and the validator).
+
+The label map is `training.data.labels`, masks `training.data.masks`, samples `training.data.dataset`.
 
 Validation runs before training: every problem names the file, the record and the field, and says
 what was expected. With `skip_invalid` the offending annotations (or images) are dropped and counted
@@ -11,14 +13,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import torch
 from faster_coco_eval.core import mask as mask_util
-from torch.utils.data import Dataset
 
-from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
+from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from training.data.labels import LabelMap
+from training.data.masks import polygon_area, segmentation_to_rle
 from training.data.sources import escapes_folder
 
 log = logging.getLogger(__name__)
@@ -35,74 +37,6 @@ class DatasetError(ValueError):
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
         hint = "" if len(problems) == 1 and "JSON" in problems[0] else "\n(use data.skip_invalid=true to drop invalid records instead)"
         super().__init__(f"{source}: {len(problems)} problem(s):\n  - {shown}{more}{hint}")
-
-
-MAX_CLASSES = 1000
-MAX_NAME_CHARS = 200
-
-
-class LabelError(ValueError):
-    """A label map that is malformed, or a label outside it."""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass
-class LabelMap:
-    """Contiguous model labels (1..K, 0 is background) <-> COCO category ids (any integers)."""
-
-    category_ids: list[int]
-    names: list[str]
-
-    @property
-    def num_classes(self) -> int:
-        """Classes the model predicts, background included."""
-        return len(self.category_ids) + 1
-
-    def label_of(self, category_id: int) -> int:
-        return self.category_ids.index(category_id) + 1
-
-    def _index(self, label: int) -> int:
-        if not 1 <= label <= len(self.category_ids):  # 0 is background, and a negative index is no class
-            raise LabelError(f"label {label} is outside the label map (1 to {len(self.category_ids)})")
-        return label - 1
-
-    def category_of(self, label: int) -> int:
-        return self.category_ids[self._index(label)]
-
-    def name_of(self, label: int) -> str:
-        return self.names[self._index(label)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"categories": [{"label": i + 1, "id": c, "name": n} for i, (c, n) in enumerate(zip(self.category_ids, self.names))]}
-
-    @classmethod
-    def from_dict(cls, data: Any) -> LabelMap:
-        """Parse `{"categories": [{"label", "id", "name"}, ...]}`: labels exactly 1..K (K <= MAX_CLASSES),
-        integer ids and non-empty names, each unique. Raises LabelError naming the entry and the rule."""
-        cats = data.get("categories") if isinstance(data, dict) else None
-        if not isinstance(cats, list) or not 1 <= len(cats) <= MAX_CLASSES:
-            raise LabelError(f"expected {{\"categories\": [...]}} with 1 to {MAX_CLASSES} entries")
-        for i, c in enumerate(cats):
-            if not (isinstance(c, dict) and set(c) == {"label", "id", "name"} and _is_int(c["label"]) and _is_int(c["id"])
-                    and isinstance(c["name"], str) and 0 < len(c["name"]) <= MAX_NAME_CHARS):
-                raise LabelError(f"categories[{i}]: expected {{\"label\": int, \"id\": int, \"name\": 1 to "
-                                 f"{MAX_NAME_CHARS} characters}}, got {str(c)[:200]}")
-        cats = sorted(cats, key=lambda c: c["label"])
-        if [c["label"] for c in cats] != list(range(1, len(cats) + 1)):
-            raise LabelError(f"labels {[c['label'] for c in cats][:50]}: expected exactly 1 to {len(cats)} (0 is background)")
-        for key in ("id", "name"):
-            values = [c[key] for c in cats]
-            if len(set(values)) != len(values):
-                raise LabelError(f"category {key}s must be unique, got {values[:50]}")
-        return cls([int(c["id"]) for c in cats], [c["name"] for c in cats])
-
-    @classmethod
-    def from_categories(cls, categories: list[dict[str, Any]]) -> LabelMap:
-        cats = sorted(categories, key=lambda c: c["id"])
-        return cls([int(c["id"]) for c in cats], [str(c["name"]) for c in cats])
 
 
 @dataclass
@@ -126,12 +60,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
-def polygon_area(poly: list[float]) -> float:
-    """Area of a flat [x0, y0, x1, y1, ...] polygon (shoelace formula)."""
-    xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
-    return 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
 
 
 MIN_PART_AREA = 1.0
@@ -208,20 +136,6 @@ def _check_segmentation(seg: Any, width: int, height: int, iscrowd: int) -> tupl
     if isinstance(seg, dict):
         return _check_rle(seg, width, height), seg, 0
     return f"expected a polygon list or an RLE dict, got {type(seg).__name__}", seg, 0
-
-
-def segmentation_to_rle(seg: Any, height: int, width: int) -> dict[str, Any]:
-    """Polygon list, uncompressed RLE or compressed RLE -> one compressed RLE."""
-    if isinstance(seg, list):
-        return mask_util.merge(mask_util.frPyObjects(seg, height, width))
-    if isinstance(seg["counts"], list):
-        return mask_util.frPyObjects(seg, height, width)
-    return {"size": list(seg["size"]), "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
-
-
-def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
-    """Any COCO segmentation -> HxW uint8 mask."""
-    return mask_util.decode(segmentation_to_rle(seg, height, width)).astype(np.uint8)
 
 
 def _read_json(path: Path) -> Any:
@@ -418,64 +332,3 @@ def subset(split: CocoSplit, image_ids: list[int]) -> CocoSplit:
     return CocoSplit(coco, split.root, split.label_map, split.annotation_file)
 
 
-Transform = Callable[[np.ndarray, list[np.ndarray], list[int]], tuple[np.ndarray, list[np.ndarray], list[int]]]
-
-
-def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """(N, H, W) binary masks -> (N, 4) xyxy boxes covering each mask's pixels."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for i, m in enumerate(masks):
-        ys, xs = np.nonzero(m)
-        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    return boxes
-
-
-class CocoDataset(Dataset):
-    """Samples for torchvision detection models: (3xHxW float image, target dict).
-
-    Crowd annotations are left out of training targets (as in torchvision's references) but stay in
-    the COCO ground truth that evaluation uses. Boxes are derived from the (possibly augmented)
-    masks, so the two can never disagree.
-    """
-
-    def __init__(self, split: CocoSplit, transform: Transform | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.split = split
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.images = split.coco["images"]
-        self.anns_by_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in self.images}
-        for ann in split.coco["annotations"]:
-            if not ann["iscrowd"]:
-                self.anns_by_image[ann["image_id"]].append(ann)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, index: int) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
-        """Raw sample: HxWx3 uint8 image, list of HxW masks, contiguous labels."""
-        img = self.images[index]
-        image = decode_image(self.split.root / img["file_name"], max_pixels=self.max_pixels)
-        anns = self.anns_by_image[img["id"]]
-        masks = [decode_segmentation(a["segmentation"], img["height"], img["width"]) for a in anns]
-        labels = [self.split.label_map.label_of(a["category_id"]) for a in anns]
-        return image, masks, labels
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        image, masks, labels = self.load(index)
-        if self.transform is not None:
-            image, masks, labels = self.transform(image, masks, labels)
-        h, w = image.shape[:2]
-        keep = [i for i, m in enumerate(masks) if m.any()]
-        mask_arr = np.stack([masks[i] for i in keep]).astype(np.uint8) if keep else np.zeros((0, h, w), np.uint8)
-        target = {
-            "boxes": torch.from_numpy(masks_to_boxes(mask_arr)).reshape(-1, 4),
-            "labels": torch.tensor([labels[i] for i in keep], dtype=torch.int64),
-            "masks": torch.from_numpy(mask_arr),
-            "image_id": torch.tensor(self.images[index]["id"]),
-        }
-        return to_tensor(image), target
-
-
-def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    images, targets = zip(*batch)
-    return list(images), list(targets)

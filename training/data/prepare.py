@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from training.config import DataConfig
-from training.data.coco import CocoSplit, DatasetError, LabelMap, load_coco, subset
+from training.data.coco import CocoSplit, DatasetError, load_coco, subset
+from training.data.labels import LabelMap
 from training.data.sources import content_hash, fetch_prefix
 from training.data.synthetic import synthetic_dataset
 

@@ -21,7 +21,7 @@ from faster_coco_eval.core import mask as mask_util
 from PIL import Image, ImageDraw
 
 from training.config import SyntheticConfig
-from training.data.coco import polygon_area
+from training.data.masks import polygon_area
 
 log = logging.getLogger(__name__)
 
