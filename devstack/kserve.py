@@ -10,6 +10,7 @@ from pathlib import Path
 
 from devstack.podman import HARDENED, Podman
 from devstack.procs import StackError
+from training.config import MODEL_NAME
 from training.waiting import WaitTimeout, poll_until
 
 PUBLIC_KEYS_MOUNT = "/etc/maskrcnn/public-keys"  # as deployment/base/servingruntime.yaml mounts the ConfigMap
@@ -38,7 +39,7 @@ def start_predictor(podman: Podman, image: str, volume: Path, port: int, timeout
         else ((), ())
     podman("run", "--detach", "--name", name, *HARDENED, *limit, "--tmpfs", "/tmp:rw,size=256m,mode=1777",
            "--volume", f"{volume}:/mnt/models:ro", *keys[0], image, "python", "-m", "serving", "--model-dir",
-           "/mnt/models", "--model-name", "maskrcnn", "--host", "127.0.0.1", "--http-port", str(port), *keys[1])
+           "/mnt/models", "--model-name", MODEL_NAME, "--host", "127.0.0.1", "--http-port", str(port), *keys[1])
     def ready() -> str | None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5):

@@ -2,24 +2,21 @@
 (No `from __future__ import annotations` here: KFP reads the real types.)
 
 Each body imports the project (installed in the image, or the uv environment for the local runner),
-so `install_kfp_package=False`. The docstrings are the step descriptions in the Kubeflow UI.
+so `install_kfp_package=False`. The docstrings are the step descriptions in the Kubeflow UI. The
+functions here are the steps' sources; `make_components(image)` makes them components on an image.
 """
 
 
-import os
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-IMAGE = os.environ.get("MASKRCNN_IMAGE", "maskrcnn-platform:0.1.0")
+DEFAULT_IMAGE = "maskrcnn-platform:0.1.0"
+"""The image the committed pipeline YAML names (compile with --image for the one you pushed)."""
 
 
-def component(func):
-    return dsl.component(func, base_image=IMAGE, install_kfp_package=False)
-
-
-@component
 def prepare_data(config: str, overrides: list, data: str, val_data: str, dataset: Output[Dataset]) -> NamedTuple(
         "PreparedOutputs", content_hash=str, train_images=int, val_images=int):
     """Validate the COCO dataset (the same checks as training), split it, and write both splits with
@@ -37,7 +34,6 @@ def prepare_data(config: str, overrides: list, data: str, val_data: str, dataset
     return out(prepared.content_hash, prepared.stats["train"]["images"], prepared.stats["val"]["images"])
 
 
-@component
 def train(config: str, overrides: list, dataset: Input[Dataset], ray_address: str, tracking_uri: str,
           model: Output[Model]) -> NamedTuple("TrainOutputs", run_id=str, model_uri=str):
     """Train Mask R-CNN with Ray Train, on the Ray cluster at `ray_address` (e.g. KubeRay's
@@ -59,7 +55,6 @@ def train(config: str, overrides: list, dataset: Input[Dataset], ray_address: st
     return namedtuple("TrainOutputs", ["run_id", "model_uri"])(result.run_id, result.model_uri)
 
 
-@component
 def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, model_name: str,
              metrics: Output[Metrics]) -> NamedTuple("EvalOutputs", segm_map=float, mask_iou=float, bbox_map=float,
                                                      champion_version=str, champion_segm_map=float):
@@ -82,7 +77,6 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, mo
     return namedtuple("EvalOutputs", names)(*(out[n] for n in names))
 
 
-@component
 def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_map: float, min_segm_map: float,
          min_mask_iou: float, margin: float, run_id: str, tracking_uri: str,
          metrics: Output[Metrics]) -> NamedTuple("GateOutputs", decision=str, reason=str):
@@ -103,7 +97,6 @@ def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_
     return namedtuple("GateOutputs", ["decision", "reason"])(result.decision, result.reason)
 
 
-@component
 def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: str, reason: str,
             storage_prefix: str, isvc_name: str, namespace: str, canary_percent: int, ready_timeout: float,
             kubeconfig: str) -> str:
@@ -124,10 +117,27 @@ def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: 
     return result.storage_uri
 
 
-@component
 def reject(reason: str, metrics: Output[Metrics]) -> str:
     """Record that the candidate was not promoted, and why (the gate step already tagged the MLflow run
     and logged gate.json); nothing is registered or deployed."""
     metrics.log_metric("promoted", 0.0)
     metrics.metadata["reason"] = reason
     return reason
+
+
+@dataclass(frozen=True)
+class Components:
+    """The six steps as KFP components on one image."""
+
+    prepare_data: dsl.base_component.BaseComponent
+    train: dsl.base_component.BaseComponent
+    evaluate: dsl.base_component.BaseComponent
+    gate: dsl.base_component.BaseComponent
+    promote: dsl.base_component.BaseComponent
+    reject: dsl.base_component.BaseComponent
+
+
+def make_components(image: str = DEFAULT_IMAGE) -> Components:
+    """Every step as a KFP lightweight component whose container runs `image`."""
+    return Components(*(dsl.component(step, base_image=image, install_kfp_package=False)
+                        for step in (prepare_data, train, evaluate, gate, promote, reject)))

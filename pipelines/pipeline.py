@@ -2,11 +2,12 @@
 promote (register, publish, point KServe at it) or reject (recorded, and the run stays green)."""
 
 
-import os
-
 from kfp import dsl, kubernetes
 
-from pipelines.components import evaluate, gate, prepare_data, promote, reject, train
+from pipelines.components import DEFAULT_IMAGE, make_components
+from training.config import MODEL_NAME
+
+DESCRIPTION = __doc__
 
 PIPELINE_NAME = "maskrcnn-train-gate-serve"
 
@@ -14,9 +15,8 @@ PIPELINE_NAME = "maskrcnn-train-gate-serve"
 # ray_address is empty (local Ray), and only submits and waits when it names a Ray cluster.
 RESOURCES = {"prepare-data": ("1", "4Gi"), "train": ("4", "16Gi"), "evaluate": ("2", "8Gi"), "gate": ("100m", "512Mi"),
              "promote": ("1", "4Gi"), "reject": ("100m", "512Mi")}
-TRAIN_GPUS = int(os.environ.get("MASKRCNN_TRAIN_GPUS", "0"))
-"""GPUs for the train step's own pod (local Ray); `uv run -m pipelines.compile --train-gpus N`."""
-ACCELERATOR = os.environ.get("MASKRCNN_ACCELERATOR", "nvidia.com/gpu")
+DEFAULT_ACCELERATOR = "nvidia.com/gpu"
+"""The GPU resource name of the train step's pod when it has GPUs (`--accelerator`)."""
 SHM_SIZE = "2Gi"
 """The train and evaluate steps' /dev/shm (a memory emptyDir): Kubernetes gives 64 MiB, too little for
 PyTorch's data loader workers and Ray's object store."""
@@ -46,49 +46,59 @@ def _harden(task: dsl.PipelineTask, step: str, storage: bool = False, shm: bool 
     return task
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description=__doc__)
-def maskrcnn_pipeline(
-    tracking_uri: str,
-    storage_prefix: str,
-    config: str = "default",
-    overrides: list = [],  # noqa: B006  (KFP parameters are declared with their defaults)
-    data: str = "",
-    val_data: str = "",
-    ray_address: str = "",
-    model_name: str = "maskrcnn",
-    min_segm_map: float = 0.5,
-    min_mask_iou: float = 0.7,
-    margin: float = 0.0,
-    isvc_name: str = "maskrcnn",
-    namespace: str = "models",
-    canary_percent: int = 0,
-    ready_timeout: float = 600.0,
-    kubeconfig: str = "",
-):
-    prepared = _harden(prepare_data(config=config, overrides=overrides, data=data, val_data=val_data), "prepare-data",
-                       storage=True)
-    trained = _harden(train(config=config, overrides=overrides, dataset=prepared.outputs["dataset"], ray_address=ray_address,
-                            tracking_uri=tracking_uri), "train", storage=True, shm=True)
-    kubernetes.use_secret_as_env(trained, RAY_SECRET, {"auth_token": "RAY_AUTH_TOKEN"}, optional=True)
-    if TRAIN_GPUS:
-        trained.set_accelerator_type(ACCELERATOR).set_accelerator_limit(TRAIN_GPUS)
-    trained.set_caching_options(False)
-    scored = _harden(evaluate(dataset=prepared.outputs["dataset"], model=trained.outputs["model"], tracking_uri=tracking_uri,
-                              model_name=model_name), "evaluate", shm=True)
-    scored.set_caching_options(False)  # the champion may have changed since
-    decided = gate(segm_map=scored.outputs["segm_map"], mask_iou=scored.outputs["mask_iou"],
-                   champion_version=scored.outputs["champion_version"],
-                   champion_segm_map=scored.outputs["champion_segm_map"], min_segm_map=min_segm_map,
-                   min_mask_iou=min_mask_iou, margin=margin, run_id=trained.outputs["run_id"], tracking_uri=tracking_uri)
-    _harden(decided, "gate").set_caching_options(False)
-    with dsl.If(decided.outputs["decision"] == "promote", name="passed-the-gate"):
-        promoted = promote(model=trained.outputs["model"], model_uri=trained.outputs["model_uri"], tracking_uri=tracking_uri, model_name=model_name,
-                           reason=decided.outputs["reason"], storage_prefix=storage_prefix, isvc_name=isvc_name,
-                           namespace=namespace, canary_percent=canary_percent, ready_timeout=ready_timeout,
-                           kubeconfig=kubeconfig)
-        _harden(promoted, "promote", storage=True).set_caching_options(False)
-        kubernetes.use_secret_as_volume(promoted, SIGNING_SECRET, mount_path=SIGNING_MOUNT, optional=True)
-        promoted.set_env_variable("MASKRCNN_SIGNING_KEY_FILE", f"{SIGNING_MOUNT}/private.pem")
-    with dsl.Else(name="rejected"):
-        rejected = reject(reason=decided.outputs["reason"])
-        _harden(rejected, "reject").set_caching_options(False)
+def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator: str = DEFAULT_ACCELERATOR):
+    """The pipeline (a KFP `@dsl.pipeline` function) with every step on `image`, and `train_gpus` GPUs of
+    `accelerator` for the train step's own pod (when it trains there: an empty `ray_address`)."""
+    if train_gpus < 0:
+        raise ValueError(f"train_gpus: expected an integer >= 0, got {train_gpus}")
+    steps = make_components(image)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
+    def maskrcnn_pipeline(
+        tracking_uri: str,
+        storage_prefix: str,
+        config: str = "default",
+        overrides: list = [],  # noqa: B006  (KFP parameters are declared with their defaults)
+        data: str = "",
+        val_data: str = "",
+        ray_address: str = "",
+        model_name: str = MODEL_NAME,
+        min_segm_map: float = 0.5,
+        min_mask_iou: float = 0.7,
+        margin: float = 0.0,
+        isvc_name: str = MODEL_NAME,
+        namespace: str = "models",
+        canary_percent: int = 0,
+        ready_timeout: float = 600.0,
+        kubeconfig: str = "",
+    ):
+        prepared = _harden(steps.prepare_data(config=config, overrides=overrides, data=data, val_data=val_data),
+                           "prepare-data", storage=True)
+        trained = _harden(steps.train(config=config, overrides=overrides, dataset=prepared.outputs["dataset"],
+                                      ray_address=ray_address, tracking_uri=tracking_uri), "train", storage=True, shm=True)
+        kubernetes.use_secret_as_env(trained, RAY_SECRET, {"auth_token": "RAY_AUTH_TOKEN"}, optional=True)
+        if train_gpus:
+            trained.set_accelerator_type(accelerator).set_accelerator_limit(train_gpus)
+        trained.set_caching_options(False)
+        scored = _harden(steps.evaluate(dataset=prepared.outputs["dataset"], model=trained.outputs["model"],
+                                        tracking_uri=tracking_uri, model_name=model_name), "evaluate", shm=True)
+        scored.set_caching_options(False)  # the champion may have changed since
+        decided = steps.gate(segm_map=scored.outputs["segm_map"], mask_iou=scored.outputs["mask_iou"],
+                             champion_version=scored.outputs["champion_version"],
+                             champion_segm_map=scored.outputs["champion_segm_map"], min_segm_map=min_segm_map,
+                             min_mask_iou=min_mask_iou, margin=margin, run_id=trained.outputs["run_id"],
+                             tracking_uri=tracking_uri)
+        _harden(decided, "gate").set_caching_options(False)
+        with dsl.If(decided.outputs["decision"] == "promote", name="passed-the-gate"):
+            promoted = steps.promote(model=trained.outputs["model"], model_uri=trained.outputs["model_uri"],
+                                     tracking_uri=tracking_uri, model_name=model_name, reason=decided.outputs["reason"],
+                                     storage_prefix=storage_prefix, isvc_name=isvc_name, namespace=namespace,
+                                     canary_percent=canary_percent, ready_timeout=ready_timeout, kubeconfig=kubeconfig)
+            _harden(promoted, "promote", storage=True).set_caching_options(False)
+            kubernetes.use_secret_as_volume(promoted, SIGNING_SECRET, mount_path=SIGNING_MOUNT, optional=True)
+            promoted.set_env_variable("MASKRCNN_SIGNING_KEY_FILE", f"{SIGNING_MOUNT}/private.pem")
+        with dsl.Else(name="rejected"):
+            rejected = steps.reject(reason=decided.outputs["reason"])
+            _harden(rejected, "reject").set_caching_options(False)
+
+    return maskrcnn_pipeline

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipelines.components import DEFAULT_IMAGE
+from pipelines.pipeline import build_pipeline
 from training.logs import setup_logging
 
 log = logging.getLogger("pipelines.run_local")
@@ -63,12 +65,10 @@ def _share_file(src: str, root: Path, rel: str) -> str:
     return str(copy)
 
 
-def run_local(pipeline_root: str | Path, runner: str = "subprocess", **params: Any) -> None:
-    """Run the pipeline with KFP's SubprocessRunner or DockerRunner; raises RuntimeError when a step fails.
-    For the DockerRunner, the components' image is $MASKRCNN_IMAGE when `pipelines.components` is imported."""
+def run_local(pipeline_root: str | Path, runner: str = "subprocess", image: str = DEFAULT_IMAGE, **params: Any) -> None:
+    """Run the pipeline with KFP's SubprocessRunner or DockerRunner (its steps in containers of `image`);
+    raises RuntimeError when a step fails."""
     from kfp import local
-
-    from pipelines.pipeline import maskrcnn_pipeline
 
     import warnings
 
@@ -90,7 +90,7 @@ def run_local(pipeline_root: str | Path, runner: str = "subprocess", **params: A
         warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
         chosen = local.SubprocessRunner(use_venv=False)
     local.init(runner=chosen, pipeline_root=str(root), raise_on_error=True)
-    maskrcnn_pipeline(**params)
+    build_pipeline(image)(**params)
 
 
 # Where a local run differs from the pipeline's own defaults (or gives the required ones one): the tiny
@@ -110,12 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     """One flag per pipeline parameter, with the pipeline's own types and defaults (but LOCAL_DEFAULTS)."""
     import inspect
 
-    from pipelines.pipeline import maskrcnn_pipeline
-
     p = argparse.ArgumentParser(prog="python -m pipelines.run_local", description=__doc__)
-    import os
-
-    for name, param in inspect.signature(maskrcnn_pipeline.pipeline_func).parameters.items():
+    for name, param in inspect.signature(build_pipeline().pipeline_func).parameters.items():
         default = LOCAL_DEFAULTS.get(name, param.default)
         if default == "$MLFLOW_TRACKING_URI":
             default = os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -129,24 +125,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-root", default="./pipeline_runs", help="where step artifacts are written")
     p.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                    help="steps as subprocesses here, or in containers of --image (Docker or podman's API in $DOCKER_HOST)")
-    p.add_argument("--image", help="the steps' image for --runner docker (default $MASKRCNN_IMAGE)")
+    p.add_argument("--image", default=os.environ.get("MASKRCNN_IMAGE", DEFAULT_IMAGE),
+                   help=f"the steps' image for --runner docker (default $MASKRCNN_IMAGE, else {DEFAULT_IMAGE})")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     setup_logging()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--image")
-    image = pre.parse_known_args(argv)[0].image
-    if image:  # before the components are defined: their base image is read when they are
-        os.environ["MASKRCNN_IMAGE"] = image
     args = vars(get_args_parser().parse_args(argv))
-    root, runner = args.pop("pipeline_root"), args.pop("runner")
-    args.pop("image")
+    root, runner, image = args.pop("pipeline_root"), args.pop("runner"), args.pop("image")
     try:
-        run_local(root, runner, **args)
+        run_local(root, runner, image, **args)
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1

@@ -24,6 +24,7 @@ import tempfile
 from release.deploy import DeployError
 from release.promote import SIGNING_KEY_ENV
 from release.publish import PublishError
+from training.config import MODEL_NAME
 from training.logs import setup_logging
 
 log = logging.getLogger("release")
@@ -35,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m release", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracking-uri", default="", help="default $MLFLOW_TRACKING_URI")
-    p.add_argument("--model-name", default="maskrcnn", help="registered model name")
+    p.add_argument("--model-name", default=MODEL_NAME, help="registered model name")
     p.add_argument("--isvc-name", default="", help="InferenceService to point at the model (empty: none)")
     p.add_argument("--namespace", default="models")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for Ready before rolling back")

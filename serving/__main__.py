@@ -18,40 +18,44 @@ import time
 
 from serving.limits import (MIB, ServingLimits, connections_for_fds, memory_budget, queue_for_memory,
                             raise_fd_limit)
-from serving.predictor import BACKENDS, DEFAULT_MODEL_DIR, FORWARD_LIMIT_S, MaskRCNNPredictor
+from serving.predictor import (BACKENDS, DEFAULT_MODEL_DIR, MAX_DETECTIONS, MAX_PIXELS, SCORE_THRESHOLD,
+                               MaskRCNNPredictor)
 from training.logs import setup_logging
+from training.package import MODEL_NAME
 
 log = logging.getLogger("serving")
 PUBLIC_KEYS_ENV = "MASKRCNN_PUBLIC_KEYS"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    limits = ServingLimits()  # the defaults, defined once
     p = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="package folder, or s3:// / gs:// prefix")
-    p.add_argument("--model-name", default="maskrcnn")
+    p.add_argument("--model-name", default=MODEL_NAME)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
     p.add_argument("--http-port", type=int, default=8080)
-    p.add_argument("--score-threshold", type=float, default=0.5)
-    p.add_argument("--max-detections", type=int, default=100)
-    p.add_argument("--max-pixels", type=int, default=16_000_000, help="larger images are refused (decompression bombs)")
-    p.add_argument("--max-body-mb", type=float, default=32.0, help="one request's body; larger: 400")
+    p.add_argument("--score-threshold", type=float, default=SCORE_THRESHOLD)
+    p.add_argument("--max-detections", type=int, default=MAX_DETECTIONS)
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="larger images are refused (decompression bombs)")
+    p.add_argument("--max-body-mb", type=float, default=limits.max_body_bytes / MIB, help="one request's body; larger: 400")
     p.add_argument("--max-queue", type=int, default=None,
                    help="prediction requests admitted at once (running and waiting); beyond: 503 with Retry-After. "
                         "Default: what the memory budget affords at --max-body-mb (serving.limits)")
     p.add_argument("--memory-budget-mb", type=float, default=None,
                    help="the memory the queue may assume (default: the container's memory limit, else 6144)")
-    p.add_argument("--request-timeout-s", type=float, default=30.0,
+    p.add_argument("--request-timeout-s", type=float, default=limits.request_timeout_s,
                    help="deadline from admission to answer; a request still queued then is dropped with 504")
-    p.add_argument("--forward-limit-s", type=float, default=FORWARD_LIMIT_S,
+    p.add_argument("--forward-limit-s", type=float, default=limits.forward_limit_s,
                    help="a forward pass running longer: liveness fails (readiness at half of it)")
-    p.add_argument("--header-timeout-s", type=float, default=10.0, help="request headers must arrive within this")
-    p.add_argument("--body-timeout-s", type=float, default=10.0, help="longest pause inside a request body")
+    p.add_argument("--header-timeout-s", type=float, default=limits.header_timeout_s,
+                   help="request headers must arrive within this")
+    p.add_argument("--body-timeout-s", type=float, default=limits.body_timeout_s, help="longest pause inside a request body")
     p.add_argument("--max-connections", type=int, default=None,
                    help="open client connections (default: the open-file limit less a reserve, at most 2048)")
-    p.add_argument("--grace-period-s", type=float, default=30.0,
+    p.add_argument("--grace-period-s", type=float, default=limits.grace_period_s,
                    help="after SIGTERM: finish admitted requests for at most this long (below the pod's "
                         "terminationGracePeriodSeconds)")
-    p.add_argument("--drain-delay-s", type=float, default=1.0,
+    p.add_argument("--drain-delay-s", type=float, default=limits.drain_delay_s,
                    help="after SIGTERM: keep answering (503) at least this long before exiting")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="run the network in ONNX Runtime (the package's detector.onnx; auto: when the package has it) "

@@ -46,6 +46,7 @@ from PIL import Image
 from prometheus_client import Histogram
 
 from serving.admission import TICKET, Ticket
+from serving.limits import ServingLimits
 from training.data.labels import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
 from training.inference import MASK_BUDGET_BYTES, detect
@@ -60,7 +61,8 @@ DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per
 BACKENDS = ("auto", "onnxruntime", "eager")
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 PROBE_TIMEOUT_S = 60.0  # one probe input through the graph at load; a graph that runs longer is refused
-FORWARD_LIMIT_S = 30.0  # one forward pass longer than this: the inference thread is stuck (liveness fails)
+FORWARD_LIMIT_S = ServingLimits.forward_limit_s  # one forward pass longer: the inference thread is stuck
+SCORE_THRESHOLD, MAX_DETECTIONS, MAX_PIXELS = 0.5, 100, 16_000_000  # defaults of the predictor and its CLI
 IMAGE_INPUT = {"name": "image", "datatype": "BYTES", "shape": [-1]}  # base64 JPG/PNG/TIFF, one per element
 DETECTIONS_OUTPUT = {"name": "detections", "datatype": "BYTES", "shape": [-1]}  # one JSON result per image
 
@@ -69,8 +71,8 @@ class MaskRCNNPredictor(Model):
     """Serves a serving package from a folder, `s3://` or `gs://` prefix, once it is verified (checksums,
     limits, the signature when public keys are configured) and its network answers the package's probe."""
 
-    def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = 0.5,
-                 max_detections: int = 100, max_pixels: int = 16_000_000, max_images: int = 8,
+    def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = SCORE_THRESHOLD,
+                 max_detections: int = MAX_DETECTIONS, max_pixels: int = MAX_PIXELS, max_images: int = 8,
                  mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: str = "auto", threads: int | None = None,
                  public_keys: str | Path | None = None, probe_timeout_s: float = PROBE_TIMEOUT_S,
                  forward_limit_s: float = FORWARD_LIMIT_S):

@@ -19,8 +19,7 @@ ISVC, NAMESPACE, PREVIOUS = "maskrcnn", "models", "s3://models/maskrcnn/previous
 
 
 def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
-    monkeypatch.delenv("MASKRCNN_IMAGE", raising=False)
-    monkeypatch.delenv("MASKRCNN_TRAIN_GPUS", raising=False)
+    monkeypatch.setenv("MASKRCNN_IMAGE", "elsewhere:1")  # the factory reads no environment: only the CLI's default does
     fresh = compile_pipeline(tmp_path / "pipeline.yaml")
     assert fresh.read_text() == DEFAULT_OUTPUT.read_text(), "stale: run `uv run -m pipelines.compile` and commit"
 
@@ -43,9 +42,9 @@ def test_yaml_has_the_steps_and_the_gate_condition():
     # docstrings: the pipeline's is in the YAML; each component carries its own (KFP's pipeline IR has
     # no per-task description field, so tasks also get display names)
     assert spec["pipelineInfo"]["description"].startswith("The Mask R-CNN pipeline")
-    from pipelines import components
+    from pipelines.components import make_components
 
-    assert "Ray Train" in components.train.component_spec.description
+    assert "Ray Train" in make_components().train.component_spec.description
     assert tasks["train"]["taskInfo"]["name"] == "train"
 
 
@@ -240,16 +239,20 @@ def test_yaml_sets_required_parameters_resources_shm_secrets_and_non_root():
     assert "secretAsEnv" not in k8s["exec-gate"]  # least privilege: only the steps that touch storage
 
 
-def test_gpus_for_the_train_step_at_compile_time(tmp_path, monkeypatch):
-    monkeypatch.delenv("MASKRCNN_IMAGE", raising=False)
-    try:
-        spec, _ = yaml.safe_load_all(compile_pipeline(tmp_path / "gpu.yaml", train_gpus=1).read_text())
-    finally:
-        monkeypatch.delenv("MASKRCNN_TRAIN_GPUS", raising=False)
-        compile_pipeline(tmp_path / "again.yaml", train_gpus=0)
-        monkeypatch.delenv("MASKRCNN_TRAIN_GPUS", raising=False)
-    accelerator = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
-    assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1"
+def test_image_and_gpus_are_arguments_of_the_pipeline_factory(tmp_path):
+    """The image, the train step's GPUs and their resource name are the factory's arguments: no environment
+    variable, no module reload, and a second compile is unaffected by the first."""
+    spec, _ = yaml.safe_load_all(compile_pipeline(tmp_path / "gpu.yaml", image="registry.example/p@sha256:" + "a" * 64,
+                                                  train_gpus=2, accelerator="nvidia.com/mig-1g.10gb").read_text())
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    accelerator = train["resources"]["accelerator"]
+    assert accelerator["resourceType"] == "nvidia.com/mig-1g.10gb" and accelerator["resourceCount"] == "2"
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {"registry.example/p@sha256:" + "a" * 64}
+    plain, _ = yaml.safe_load_all(compile_pipeline(tmp_path / "plain.yaml").read_text())
+    assert "accelerator" not in plain["deploymentSpec"]["executors"]["exec-train"]["container"].get("resources", {})
+    assert {e["container"]["image"] for e in plain["deploymentSpec"]["executors"].values()} == {"maskrcnn-platform:0.1.0"}
+    with pytest.raises(ValueError, match="train_gpus: expected an integer >= 0, got -1"):
+        compile_pipeline(tmp_path / "bad.yaml", train_gpus=-1)
 
 
 def test_component_image_installs_the_locked_project_as_non_root():

@@ -99,13 +99,30 @@ def test_run_is_tracked_in_mlflow(three_epochs, tmp_path):
 
 
 def _inject_fault(monkeypatch, epoch: int, marker: Path) -> None:
-    """The last rank dies once at `epoch`, as a lost node would (see train_loop._maybe_lose_worker)."""
+    """The last rank dies once at `epoch`, some time into it, as a lost node would; `marker` is created
+    before it dies, so the restarted worker group goes on. Injected through the worker config's
+    `on_epoch_start` callback (a nested function: Ray pickles it by value to the workers)."""
+    import dataclasses
+
     import training.trainer as trainer
 
     real = trainer.make_trainer
+    marker_path = str(marker)
 
-    def with_fault(cfg, loop_config, run_name, callbacks=None):
-        return real(cfg, {**loop_config, "lose_worker_once": {"epoch": epoch, "marker": str(marker)}}, run_name, callbacks)
+    def lose_last_rank_once(at_epoch: int, rank: int, world: int) -> None:
+        import logging
+        import os
+        import time
+
+        if at_epoch != epoch or rank != world - 1 or os.path.exists(marker_path):
+            return
+        open(marker_path, "w").close()
+        time.sleep(3.0)  # after Ray has registered the previous checkpoint
+        logging.getLogger("training").warning("fault injection: rank %d exits at epoch %d", rank, at_epoch)
+        os._exit(1)
+
+    def with_fault(cfg, worker, run_name, callbacks=None):
+        return real(cfg, dataclasses.replace(worker, on_epoch_start=lose_last_rank_once), run_name, callbacks)
 
     monkeypatch.setattr(trainer, "make_trainer", with_fault)
 

@@ -1,8 +1,8 @@
 """Typed configuration: dataclasses loaded from YAML, with dotted command-line overrides.
 
 Every field carries its meaning in the docstring below it (a test fails on an undocumented field);
-`asdict()` of the root `Config` feeds Ray's `train_loop_config` and (flattened) MLflow's params, and
-is saved beside every checkpoint and in every serving package.
+The root `Config` reaches every Ray Train worker inside a `WorkerConfig`; `asdict()` of it feeds
+(flattened) MLflow's params, and is saved beside every checkpoint and in every serving package.
 
 `option_overrides` is the one mapping from named options (the CLI's flags, the pipeline's
 parameters) to `section.field=value` overrides.
@@ -14,10 +14,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+MODEL_NAME = "maskrcnn"
+"""The default name of everything one model is: its MLflow experiment and registered model, its Ray run,
+its InferenceService and the name the predictor serves it under."""
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
@@ -303,7 +306,7 @@ class RayConfig:
     """CPUs Ray reserves for each worker (and its torch threads unless train.threads_per_worker is set)."""
     storage_path: str = ""
     """Where Ray keeps checkpoints: a folder or s3:// URI. Default: ./ray_results."""
-    name: str = "maskrcnn"
+    name: str = MODEL_NAME
     """Run name: checkpoints go to <storage_path>/<name>."""
     num_to_keep: int = 2
     """Checkpoints kept, the best by `checkpoint_metric`."""
@@ -344,9 +347,9 @@ class TrackingConfig:
 
     tracking_uri: str = ""
     """Empty: $MLFLOW_TRACKING_URI, else a local SQLite store ./mlflow.db (open it with `mlflow ui`)."""
-    experiment: str = "maskrcnn"
+    experiment: str = MODEL_NAME
     """MLflow experiment of the runs."""
-    model_name: str = "maskrcnn"
+    model_name: str = MODEL_NAME
     """Registered model name."""
     register: bool = True
     """Register the logged model as a new version (the pipeline registers only what passes its gate)."""
@@ -385,6 +388,24 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         return _build(cls, values, "")
+
+
+@dataclass
+class WorkerConfig:
+    """What each Ray Train worker receives (as `train_loop_config={"worker": WorkerConfig(...)}`, the dict
+    Ray requires): the run's config, the MLflow run it logs to (rank 0), the checkpoint it resumes from,
+    and an optional `on_epoch_start(epoch, rank, world_size)` callback (the tests inject faults with it)."""
+
+    config: Config
+    """The run's validated configuration."""
+    mlflow_run_id: str = ""
+    """The MLflow run that rank 0 logs per-epoch metrics to (empty: none)."""
+    tracking_uri: str = ""
+    """The MLflow tracking server of that run."""
+    resume_from: str = ""
+    """A checkpoint (folder or s3:// URI) to resume from when Ray has none of its own (empty: start afresh)."""
+    on_epoch_start: Callable[[int, int, int], None] | None = None
+    """Called as each epoch starts with (epoch, rank, world size); tests inject faults with it."""
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

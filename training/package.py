@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import yaml
 
-from training.config import Config, ConfigError
+from training.config import MODEL_NAME, Config, ConfigError  # noqa: F401  (MODEL_NAME: re-exported for serving)
 from training.data.labels import LabelError, LabelMap
 from training.graph import ONNX_FILE, GraphError, Probe, check_graph
 

@@ -24,6 +24,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from training.config import MODEL_NAME
 from training.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -165,11 +166,11 @@ def get_args_parser():
                                      description="Show or move model aliases (tracking URI from $MLFLOW_TRACKING_URI).")
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="versions, their key tags and aliases, and the history of each alias")
-    show.add_argument("name", nargs="?", default="maskrcnn")
+    show.add_argument("name", nargs="?", default=MODEL_NAME)
     move = sub.add_parser("set-alias", help="point an alias at a version (recorded in the history)")
     move.add_argument("alias")
     move.add_argument("version")
-    move.add_argument("--name", default="maskrcnn")
+    move.add_argument("--name", default=MODEL_NAME)
     move.add_argument("--reason", default="set by hand")
     return parser
 

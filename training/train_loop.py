@@ -8,10 +8,9 @@ Ray touches the loop in four places: `prepare_model` (DDP and device), `prepare_
 from __future__ import annotations
 
 import logging
-import os
 import random
 import tempfile
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from training.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from training.config import Config
+from training.config import Config, WorkerConfig
 from training.data.dataset import CocoDataset, collate
 from training.data.prepare import prepare_data
 from training.data.transforms import build_train_transform
@@ -49,20 +48,59 @@ def _broadcast(obj: Any) -> Any:
     return obj
 
 
+@dataclass
+class _Loop:
+    """One worker's training state, built by `_build` and restored by `_restore`."""
+
+    data: Any
+    augment: Any
+    sampler: DistributedSampler
+    loader: DataLoader
+    val_loader: DataLoader
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    steps_per_epoch: int
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Train `loop_config["config"]`; optionally log to MLflow run `loop_config["mlflow_run_id"]` (rank 0)."""
+    """Train `loop_config["worker"].config`; rank 0 logs to MLflow when the worker config names a run."""
     # This project's progress at INFO; Ray Train's own INFO lines (a full metrics dict per report) stay out.
     setup_logging(logging.WARNING, force=True)
     logging.getLogger("training").setLevel(logging.INFO)
-    cfg = Config.from_dict(loop_config["config"])
+    worker: WorkerConfig = loop_config["worker"]
+    cfg = worker.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = cfg.train.threads_per_worker or cfg.ray.cpus_per_worker
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(max(1, cfg.train.threads_per_worker or cfg.ray.cpus_per_worker))
     seed_everything(cfg.train.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     device = ray.train.torch.get_device()
-    use_amp = cfg.train.amp and device.type == "cuda"
+    run = _build(cfg, rank, world, device)
+    start_epoch, last_eval = _restore(run, worker.resume_from, rank)
+    client = _mlflow_client(worker) if rank == 0 else None
+    progress = Progress(cfg.train.epochs - start_epoch, run.steps_per_epoch)
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if worker.on_epoch_start is not None:
+            worker.on_epoch_start(epoch, rank, world)
+        _seed_epoch(run, cfg, epoch, rank)
+        trained = train_one_epoch(run.model, run.optimizer, run.scheduler, run.loader, device, epoch, cfg.train, progress,
+                                  run.scaler, world)
+        measured = _evaluate_if_due(run, cfg, epoch, device, rank)
+        last_eval = measured or last_eval
+        # Ray ranks checkpoints by the latest evaluation (absent before the first: 0); MLflow gets only
+        # what was measured at this epoch, so its charts show no value that was not taken.
+        metrics: dict[str, Any] = {"epoch": epoch, **trained, cfg.ray.checkpoint_metric: 0.0, **last_eval}
+        if client is not None:
+            from training.tracking import log_metrics
 
+            log_metrics(client, worker.mlflow_run_id, {**trained, **measured}, step=epoch)
+        _report(run, worker, epoch, metrics, rank)
+
+
+def _build(cfg: Config, rank: int, world: int, device: torch.device) -> _Loop:
+    """The data (a distributed sampler over the training split, every rank's share of the validation split),
+    the model (initialised, DDP), the optimiser, the schedule and, on GPU with AMP, the gradient scaler."""
     data = prepare_data(cfg.data, validate=False)
     augment = build_train_transform(cfg.data.augment)
     train_ds = CocoDataset(data.train, augment, max_pixels=cfg.data.max_image_pixels)
@@ -73,83 +111,72 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
     val_loader = DataLoader(val_ds, batch_size=cfg.train.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers,
                             sampler=DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False))
-
     model = initialize(build_model(cfg.model, data.label_map.num_classes), cfg.model, cfg.data.resolved_cache_dir())
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model, cfg.train)
     steps_per_epoch = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train, cfg.train.epochs * steps_per_epoch))
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    scaler = torch.amp.GradScaler("cuda") if cfg.train.amp and device.type == "cuda" else None
+    return _Loop(data, augment, sampler, loader, val_loader, model, optimizer, scheduler, scaler, steps_per_epoch)
 
-    start_epoch, last_eval = 0, {}
-    # Ray's own checkpoint after a worker-group restart; else the one --resume named (a folder or s3:// URI).
+
+def _restore(run: _Loop, resume_from: str, rank: int) -> tuple[int, dict[str, Any]]:
+    """(the first epoch to train, the last evaluation): Ray's own checkpoint after a worker-group restart,
+    else the one --resume named (a folder or s3:// URI), else (0, {})."""
     checkpoint = ray.train.get_checkpoint()
-    resume_from = loop_config.get("resume_from")
     if checkpoint is None and resume_from:
         checkpoint = ray.train.Checkpoint(resume_from)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"] + 1
-        last_eval = {k: v for k, v in state["metrics"].items() if not k.startswith("train_")}
+    if checkpoint is None:
+        return 0, {}
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(folder)
+    unwrap(run.model).load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    if rank == 0:
+        log.info("resuming from %s at epoch %d", checkpoint.path, state["epoch"] + 1)
+    return state["epoch"] + 1, {k: v for k, v in state["metrics"].items() if not k.startswith("train_")}
+
+
+def _mlflow_client(worker: WorkerConfig):
+    if not worker.mlflow_run_id:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(worker.tracking_uri)
+
+
+def _seed_epoch(run: _Loop, cfg: Config, epoch: int, rank: int) -> None:
+    """Every random stream (augmentation, RPN/ROI sampling) is a function of (seed, epoch, rank), so a
+    resumed run replays exactly what the uninterrupted run would have done."""
+    run.sampler.set_epoch(epoch)
+    epoch_seed = cfg.train.seed * 100_003 + epoch * 1009 + rank
+    seed_everything(epoch_seed)
+    if run.augment is not None:
+        run.augment.reseed(epoch_seed)
+
+
+def _evaluate_if_due(run: _Loop, cfg: Config, epoch: int, device: torch.device, rank: int) -> dict[str, Any]:
+    """The validation metrics on every rank when this epoch is evaluated (every `eval_every`, and the last), else {}."""
+    if (epoch + 1) % cfg.train.eval_every and epoch != cfg.train.epochs - 1:
+        return {}
+    evaluated, _ = evaluate_model(run.model, run.data.val, cfg.eval, loader=run.val_loader, device=device)
+    evaluated = _broadcast(evaluated)
+    if rank == 0:
+        log.info("epoch %d: segm mAP %.4f, bbox mAP %.4f, mask IoU %.4f", epoch, evaluated["segm_mAP"],
+                 evaluated["bbox_mAP"], evaluated["mask_iou"])
+    return evaluated
+
+
+def _report(run: _Loop, worker: WorkerConfig, epoch: int, metrics: dict[str, Any], rank: int) -> None:
+    """Report the epoch's metrics to Ray, with rank 0's checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
         if rank == 0:
-            log.info("resuming from %s at epoch %d", checkpoint.path, start_epoch)
-
-    client = None
-    if rank == 0 and loop_config.get("mlflow_run_id"):
-        from mlflow.tracking import MlflowClient
-
-        from training.tracking import log_metrics
-        client = MlflowClient(loop_config["tracking_uri"])
-
-    progress = Progress(cfg.train.epochs - start_epoch, steps_per_epoch)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        _maybe_lose_worker(loop_config.get("lose_worker_once"), epoch, rank, world)
-        sampler.set_epoch(epoch)
-        # Every random stream (augmentation, RPN/ROI sampling) is a function of (seed, epoch, rank),
-        # so a resumed run replays exactly what the uninterrupted run would have done.
-        epoch_seed = cfg.train.seed * 100_003 + epoch * 1009 + rank
-        seed_everything(epoch_seed)
-        if augment is not None:
-            augment.reseed(epoch_seed)
-        trained = train_one_epoch(model, optimizer, scheduler, loader, device, epoch, cfg.train, progress, scaler, world)
-        measured: dict[str, Any] = {}
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch == cfg.train.epochs - 1:
-            evaluated, _ = evaluate_model(model, data.val, cfg.eval, loader=val_loader, device=device)
-            measured = last_eval = _broadcast(evaluated)
-            if rank == 0:
-                log.info("epoch %d: segm mAP %.4f, bbox mAP %.4f, mask IoU %.4f", epoch, last_eval["segm_mAP"],
-                         last_eval["bbox_mAP"], last_eval["mask_iou"])
-        # Ray ranks checkpoints by the latest evaluation (absent before the first: 0); MLflow gets only
-        # what was measured at this epoch, so its charts show no value that was not taken.
-        metrics: dict[str, Any] = {"epoch": epoch, **trained, cfg.ray.checkpoint_metric: 0.0, **last_eval}
-        if client is not None:
-            log_metrics(client, loop_config["mlflow_run_id"], {**trained, **measured}, step=epoch)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                                config=cfg, label_map=data.label_map, metrics=metrics,
-                                run_info={"mlflow_run_id": loop_config.get("mlflow_run_id") or "",
-                                          "tracking_uri": loop_config.get("tracking_uri") or ""})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-
-
-def _maybe_lose_worker(spec: dict[str, Any] | None, epoch: int, rank: int, world: int) -> None:
-    """Fault injection for tests: the last rank dies once at `spec["epoch"]`, as a lost node would.
-
-    `spec["marker"]` is a file created before dying, so the restarted worker group goes on.
-    """
-    if not spec or epoch != spec["epoch"] or rank != world - 1 or os.path.exists(spec["marker"]):
-        return
-    open(spec["marker"], "w").close()
-    # A node is lost some time into an epoch, after Ray has registered the previous checkpoint.
-    time.sleep(spec.get("delay_s", 3.0))
-    log.warning("fault injection: rank %d exits at epoch %d", rank, epoch)
-    os._exit(1)
+            save_checkpoint(tmp, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
+                            epoch=epoch, config=worker.config, label_map=run.data.label_map, metrics=metrics,
+                            run_info={"mlflow_run_id": worker.mlflow_run_id, "tracking_uri": worker.tracking_uri})
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)

@@ -20,7 +20,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from training.checkpoint import read_checkpoint_info
-from training.config import Config, ConfigError
+from training.config import Config, ConfigError, WorkerConfig
 from training.data.prepare import PreparedData, prepare_data
 from training.tracking import git_commit, open_run, resolve_tracking_uri, tracked_run
 
@@ -99,7 +99,7 @@ def use_gpu(cfg: Config) -> bool:
     return cfg.ray.use_gpu == "true"
 
 
-def make_trainer(cfg: Config, loop_config: dict[str, Any], run_name: str, callbacks: list | None = None):
+def make_trainer(cfg: Config, worker: WorkerConfig, run_name: str, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -108,7 +108,7 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], run_name: str, callba
     gpu = use_gpu(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"worker": worker},  # Ray wants a dict
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(
@@ -196,6 +196,6 @@ def train(cfg: Config, resume: str | None = None, data: PreparedData | None = No
     run_id, tracking_uri = open_run(cfg, data, run_name, run_id=previous_run)
     with tracked_run(MlflowClient(tracking_uri), run_id):
         init_ray(cfg)
-        loop_config = {"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "resume_from": resume_from}
-        result = make_trainer(cfg, loop_config, run_name).fit()
+        worker = WorkerConfig(cfg, mlflow_run_id=run_id, tracking_uri=tracking_uri, resume_from=resume_from or "")
+        result = make_trainer(cfg, worker, run_name).fit()
         return finalize(cfg, data, run_id, tracking_uri, best_checkpoint(result, cfg.ray.checkpoint_metric), package_dir)

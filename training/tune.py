@@ -15,7 +15,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from training.config import Config
+from training.config import Config, WorkerConfig
 from training.data.prepare import prepare_data
 from training.tracking import open_run, tracked_run
 from training.trainer import finalize, init_ray, make_trainer, storage_path
@@ -37,10 +37,10 @@ def _trial(params: dict[str, Any]) -> None:
     run_id, tracking_uri = open_run(cfg, data, f"trial-{trial_id}", parent_run_id=params["parent_run_id"])
     client = MlflowClient(tracking_uri)
     client.set_tag(run_id, "tune.trial_id", trial_id)
-    loop_config = {"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
+    worker = WorkerConfig(cfg, mlflow_run_id=run_id, tracking_uri=tracking_uri)
     # Tune stops a trial (an ASHA decision) by exiting its thread: not a failure.
     with tracked_run(client, run_id, stopped_status=lambda: trial_status(client, run_id, cfg.train.epochs)):
-        make_trainer(cfg, loop_config, f"{params['run_name']}-{trial_id}", callbacks=[TuneReportCallback()]).fit()
+        make_trainer(cfg, worker, f"{params['run_name']}-{trial_id}", callbacks=[TuneReportCallback()]).fit()
 
 
 def trial_status(client: MlflowClient, run_id: str, epochs: int) -> str:

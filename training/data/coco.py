@@ -151,6 +151,132 @@ def _read_json(path: Path) -> Any:
         raise DatasetError([f"not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"], str(path)) from None
 
 
+def _read_split(ann_path: Path) -> dict[str, Any]:
+    """The annotation file's top level: an object with lists `images`, `annotations`, `categories` (else fatal)."""
+    data = _read_json(ann_path)
+    if not isinstance(data, dict):
+        raise DatasetError([f"top level is a {type(data).__name__}, expected an object with images, annotations, categories"],
+                           str(ann_path))
+    fatal = [f"{ann_path.name}: field '{key}' is missing or not a list"
+             for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+    if fatal:
+        raise DatasetError(fatal, str(ann_path))
+    return data
+
+
+def _check_categories(records: list[Any], src: str) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """(the categories by id, the problems); any problem in the categories is fatal."""
+    categories: dict[int, dict[str, Any]] = {}
+    problems = []
+    for i, cat in enumerate(records):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            problems.append(f"{src}: categories[{i}]: expected {{'id': int, 'name': str}}, got {cat!r}")
+        elif cat["id"] in categories:
+            problems.append(f"{src}: categories[{i}], field 'id': duplicate category id {cat['id']}")
+        elif cat["id"] <= 0:
+            problems.append(f"{src}: categories[{i}], field 'id': {cat['id']} must be a positive integer")
+        else:
+            categories[cat["id"]] = {"id": cat["id"], "name": cat["name"], "supercategory": cat.get("supercategory", "")}
+    if not categories and not problems:
+        problems.append(f"{src}: field 'categories' is empty, expected at least one category")
+    return categories, problems
+
+
+@dataclass
+class _Checked:
+    """What the records checked so far establish, for the ones that refer to them."""
+
+    src: str
+    root: Path
+    check_images: bool
+    max_pixels: int
+    categories: dict[int, dict[str, Any]]
+    images: dict[int, dict[str, Any]] = field(default_factory=dict)
+    declared_image_ids: set[int] = field(default_factory=set)
+    annotation_ids: set[int] = field(default_factory=set)
+
+
+def _check_image(i: int, img: Any, ctx: _Checked) -> tuple[dict[str, Any] | None, str | None]:
+    """(the cleaned image record, None) or (None, what is wrong with images[i])."""
+    if not isinstance(img, dict):
+        return None, f"{ctx.src}: images[{i}]: expected an object, got {img!r}"
+    where = f"{ctx.src}: images[{i}] (id={img.get('id')!r}, file_name={img.get('file_name')!r})"
+    if not _is_int(img.get("id")):
+        return None, f"{where}, field 'id': expected an integer"
+    if img["id"] in ctx.images:
+        return None, f"{where}, field 'id': duplicate image id"
+    if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+        return None, f"{where}, field 'file_name': expected a non-empty string"
+    if escapes_folder(img["file_name"]):
+        return None, (f"{where}, field 'file_name': escapes the dataset folder (an absolute path or '..'); "
+                      f"expected a path relative to {ctx.root}")
+    if not (_is_int(img.get("width")) and _is_int(img.get("height")) and img["width"] > 0 and img["height"] > 0):
+        return None, f"{where}, fields 'width'/'height': expected positive integers, got {img.get('width')!r}x{img.get('height')!r}"
+    path = ctx.root / img["file_name"]
+    if not path.is_file() and (ctx.root / "images" / img["file_name"]).is_file():
+        path = ctx.root / "images" / img["file_name"]
+    if not path.is_file():
+        return None, f"{where}: image file not found at {path}"
+    if ctx.check_images:
+        try:
+            pixels = decode_image(path, max_pixels=ctx.max_pixels)
+        except ImageError as exc:
+            return None, f"{where}: {exc}"
+        h, w = pixels.shape[:2]
+        if (w, h) != (img["width"], img["height"]):
+            return None, f"{where}: the JSON says {img['width']}x{img['height']}, the image file is {w}x{h}"
+    return {"id": img["id"], "file_name": str(path.relative_to(ctx.root)), "width": img["width"], "height": img["height"]}, None
+
+
+SILENTLY_DROPPED = "its image was invalid and is reported already"
+
+
+def _check_annotation(i: int, ann: Any, ctx: _Checked) -> tuple[dict[str, Any] | None, str | None, int]:
+    """(the cleaned annotation, None, degenerate polygon parts dropped) or (None, what is wrong with
+    annotations[i], 0); the problem is `SILENTLY_DROPPED` for an annotation of an invalid image."""
+    if not isinstance(ann, dict):
+        return None, f"{ctx.src}: annotations[{i}]: expected an object, got {ann!r}", 0
+    where = f"{ctx.src}: annotations[{i}] (id={ann.get('id')!r})"
+    image_id, cat_id, iscrowd = ann.get("image_id"), ann.get("category_id"), ann.get("iscrowd", 0)
+    if not _is_int(ann.get("id")):
+        return None, f"{where}, field 'id': expected an integer", 0
+    if ann["id"] in ctx.annotation_ids:
+        return None, f"{where}, field 'id': duplicate annotation id", 0
+    if not _is_int(image_id) or image_id not in ctx.declared_image_ids:
+        return None, f"{where}, field 'image_id': {image_id!r} is not the id of any image in 'images'", 0
+    if image_id not in ctx.images:
+        return None, SILENTLY_DROPPED, 0
+    if not _is_int(cat_id) or cat_id not in ctx.categories:
+        known = ", ".join(str(c) for c in sorted(ctx.categories))
+        return None, f"{where}, field 'category_id': {cat_id!r} is not a known category (known: {known})", 0
+    if iscrowd not in (0, 1):
+        return None, f"{where}, field 'iscrowd': expected 0 or 1, got {iscrowd!r}", 0
+    if "segmentation" not in ann:
+        return None, f"{where}, field 'segmentation': missing, expected a polygon list or an RLE dict", 0
+    img = ctx.images[image_id]
+    reason, segmentation, degenerate = _check_segmentation(ann["segmentation"], img["width"], img["height"], iscrowd)
+    if reason:
+        return None, f"{where}, field 'segmentation': {reason}", 0
+    bbox = ann.get("bbox")
+    if "bbox" in ann and not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+                              and bbox[2] >= 0 and bbox[3] >= 0):
+        return None, f"{where}, field 'bbox': expected [x, y, width, height] with width, height >= 0, got {bbox!r}", 0
+    if "area" in ann and ann["area"] is not None and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        return None, f"{where}, field 'area': expected a number >= 0, got {ann['area']!r}", 0
+    try:
+        rle = segmentation_to_rle(segmentation, img["height"], img["width"])
+    except Exception as exc:  # the C decoder's errors are not typed
+        return None, f"{where}, field 'segmentation': cannot be decoded: {exc}", 0
+    area = float(mask_util.area(rle))
+    if area <= 0:
+        return None, f"{where}, field 'segmentation': the mask is empty", 0
+    if degenerate:
+        log.debug("%s: dropped %d degenerate polygon part(s)", where, degenerate)
+    return {"id": ann["id"], "image_id": image_id, "category_id": cat_id, "segmentation": segmentation,
+            "area": float(ann.get("area") or area), "bbox": [float(v) for v in bbox or mask_util.toBbox(rle)],
+            "iscrowd": int(iscrowd)}, None, degenerate
+
+
 def load_coco(
     root: str | Path,
     annotation_file: str | Path = "annotations.json",
@@ -167,138 +293,31 @@ def load_coco(
     root = Path(root)
     ann_path = Path(annotation_file) if Path(annotation_file).is_absolute() else root / annotation_file
     src = ann_path.name
-    data = _read_json(ann_path)
-    if not isinstance(data, dict):
-        raise DatasetError([f"top level is a {type(data).__name__}, expected an object with images, annotations, categories"], str(ann_path))
-    fatal: list[str] = []
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            fatal.append(f"{src}: field '{key}' is missing or not a list")
+    data = _read_split(ann_path)
+    categories, fatal = _check_categories(data["categories"], src)
     if fatal:
         raise DatasetError(fatal, str(ann_path))
-
-    categories: dict[int, dict[str, Any]] = {}
-    for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            fatal.append(f"{src}: categories[{i}]: expected {{'id': int, 'name': str}}, got {cat!r}")
-        elif cat["id"] in categories:
-            fatal.append(f"{src}: categories[{i}], field 'id': duplicate category id {cat['id']}")
-        elif cat["id"] <= 0:
-            fatal.append(f"{src}: categories[{i}], field 'id': {cat['id']} must be a positive integer")
-        else:
-            categories[cat["id"]] = {"id": cat["id"], "name": cat["name"], "supercategory": cat.get("supercategory", "")}
-    if not categories and not fatal:
-        fatal.append(f"{src}: field 'categories' is empty, expected at least one category")
-    if fatal:
-        raise DatasetError(fatal, str(ann_path))
-
+    ctx = _Checked(src, root, check_images, max_pixels, categories,
+                   declared_image_ids={im.get("id") for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))})
     problems: list[str] = []
-    images: dict[int, dict[str, Any]] = {}
-    bad_images = 0
+    bad_images = bad_anns = parts_dropped = 0
     for i, img in enumerate(data["images"]):
-        where = f"{src}: images[{i}]"
-        if not isinstance(img, dict):
-            problems.append(f"{where}: expected an object, got {img!r}")
-            bad_images += 1
-            continue
-        where = f"{src}: images[{i}] (id={img.get('id')!r}, file_name={img.get('file_name')!r})"
-        problem = None
-        if not _is_int(img.get("id")):
-            problem = f"{where}, field 'id': expected an integer"
-        elif img["id"] in images:
-            problem = f"{where}, field 'id': duplicate image id"
-        elif not isinstance(img.get("file_name"), str) or not img["file_name"]:
-            problem = f"{where}, field 'file_name': expected a non-empty string"
-        elif escapes_folder(img["file_name"]):
-            problem = (f"{where}, field 'file_name': escapes the dataset folder (an absolute path or '..'); "
-                       f"expected a path relative to {root}")
-        elif not (_is_int(img.get("width")) and _is_int(img.get("height")) and img["width"] > 0 and img["height"] > 0):
-            problem = f"{where}, fields 'width'/'height': expected positive integers, got {img.get('width')!r}x{img.get('height')!r}"
-        if problem is None:
-            path = root / img["file_name"]
-            if not path.is_file() and (root / "images" / img["file_name"]).is_file():
-                path = root / "images" / img["file_name"]
-            if not path.is_file():
-                problem = f"{where}: image file not found at {path}"
-            elif check_images:
-                try:
-                    pixels = decode_image(path, max_pixels=max_pixels)
-                except ImageError as exc:
-                    problem = f"{where}: {exc}"
-                else:
-                    h, w = pixels.shape[:2]
-                    if (w, h) != (img["width"], img["height"]):
-                        problem = f"{where}: the JSON says {img['width']}x{img['height']}, the image file is {w}x{h}"
+        record, problem = _check_image(i, img, ctx)
         if problem:
             problems.append(problem)
             bad_images += 1
-            continue
-        images[img["id"]] = {"id": img["id"], "file_name": str(path.relative_to(root)), "width": img["width"], "height": img["height"]}
-
-    declared_image_ids = {im.get("id") for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))}
-    annotations: list[dict[str, Any]] = []
-    bad_anns = parts_dropped = 0
-    ann_ids: set[int] = set()
-    known_cats = ", ".join(str(c) for c in sorted(categories))
-    for i, ann in enumerate(data["annotations"]):
-        where = f"{src}: annotations[{i}]"
-        if not isinstance(ann, dict):
-            problems.append(f"{where}: expected an object, got {ann!r}")
-            bad_anns += 1
-            continue
-        where = f"{src}: annotations[{i}] (id={ann.get('id')!r})"
-        problem = None
-        image_id, cat_id, iscrowd = ann.get("image_id"), ann.get("category_id"), ann.get("iscrowd", 0)
-        if not _is_int(ann.get("id")):
-            problem = f"{where}, field 'id': expected an integer"
-        elif ann["id"] in ann_ids:
-            problem = f"{where}, field 'id': duplicate annotation id"
-        elif not _is_int(image_id) or image_id not in declared_image_ids:
-            problem = f"{where}, field 'image_id': {image_id!r} is not the id of any image in 'images'"
-        elif image_id not in images:
-            bad_anns += 1  # its image was invalid and is already reported; drop silently with it
-            continue
-        elif not _is_int(cat_id) or cat_id not in categories:
-            problem = f"{where}, field 'category_id': {cat_id!r} is not a known category (known: {known_cats})"
-        elif iscrowd not in (0, 1):
-            problem = f"{where}, field 'iscrowd': expected 0 or 1, got {iscrowd!r}"
-        elif "segmentation" not in ann:
-            problem = f"{where}, field 'segmentation': missing, expected a polygon list or an RLE dict"
         else:
-            img = images[image_id]
-            reason, segmentation, degenerate = _check_segmentation(ann["segmentation"], img["width"], img["height"], iscrowd)
-            if reason:
-                problem = f"{where}, field 'segmentation': {reason}"
-            elif "bbox" in ann and not (
-                isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4 and all(_is_number(v) for v in ann["bbox"])
-                and ann["bbox"][2] >= 0 and ann["bbox"][3] >= 0
-            ):
-                problem = f"{where}, field 'bbox': expected [x, y, width, height] with width, height >= 0, got {ann['bbox']!r}"
-            elif "area" in ann and ann["area"] is not None and not (_is_number(ann["area"]) and ann["area"] >= 0):
-                problem = f"{where}, field 'area': expected a number >= 0, got {ann['area']!r}"
-        if problem is None:
-            img = images[image_id]
-            try:
-                rle = segmentation_to_rle(segmentation, img["height"], img["width"])
-            except Exception as exc:  # the C decoder's errors are not typed
-                problem = f"{where}, field 'segmentation': cannot be decoded: {exc}"
-            else:
-                area = float(mask_util.area(rle))
-                if area <= 0:
-                    problem = f"{where}, field 'segmentation': the mask is empty"
+            ctx.images[record["id"]] = record
+    annotations = []
+    for i, ann in enumerate(data["annotations"]):
+        record, problem, degenerate = _check_annotation(i, ann, ctx)
         if problem:
-            problems.append(problem)
+            problems += [] if problem is SILENTLY_DROPPED else [problem]
             bad_anns += 1
             continue
-        ann_ids.add(ann["id"])
-        if degenerate:
-            parts_dropped += degenerate
-            log.debug("%s: dropped %d degenerate polygon part(s)", where, degenerate)
-        bbox = ann.get("bbox") or [float(v) for v in mask_util.toBbox(rle)]
-        annotations.append({
-            "id": ann["id"], "image_id": image_id, "category_id": cat_id, "segmentation": segmentation,
-            "area": float(ann.get("area") or area), "bbox": [float(v) for v in bbox], "iscrowd": int(iscrowd),
-        })
+        ctx.annotation_ids.add(record["id"])
+        parts_dropped += degenerate
+        annotations.append(record)
 
     if problems and not skip_invalid:
         raise DatasetError(problems, str(ann_path))
@@ -307,18 +326,14 @@ def load_coco(
     if parts_dropped:
         log.warning("%s: dropped %d degenerate polygon part(s) (zero area, a sliver or fewer than 3 points); "
                     "their instances keep their other parts", ann_path, parts_dropped)
-    if not images:
+    if not ctx.images:
         raise DatasetError([f"{src}: no usable images"], str(ann_path))
     if not any(a["iscrowd"] == 0 for a in annotations):
-        raise DatasetError([f"{src}: no annotations: none of the {len(images)} image(s) has an instance to learn "
+        raise DatasetError([f"{src}: no annotations: none of the {len(ctx.images)} image(s) has an instance to learn "
                             f"(field 'annotations' is empty{' after dropping invalid ones' if bad_anns else ''} or "
                             f"holds crowd regions only); expected at least one non-crowd instance"], str(ann_path))
-    coco = {
-        "info": data.get("info", {}),
-        "images": list(images.values()),
-        "annotations": annotations,
-        "categories": list(categories.values()),
-    }
+    coco = {"info": data.get("info", {}), "images": list(ctx.images.values()), "annotations": annotations,
+            "categories": list(categories.values())}
     return CocoSplit(coco, root, LabelMap.from_categories(list(categories.values())), ann_path,
                      dropped={"images": bad_images, "annotations": bad_anns, "polygon_parts": parts_dropped})
 
