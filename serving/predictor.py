@@ -35,7 +35,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal, get_args
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 
 DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per image", ["model_version"],
                        buckets=(0, 1, 2, 5, 10, 20, 50, 100))
-BACKENDS = ("auto", "onnxruntime", "eager")
+Backend = Literal["auto", "onnxruntime", "eager"]  # where the network runs (see the module's docstring)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 PROBE_TIMEOUT_S = 60.0  # one probe input through the graph at load; a graph that runs longer is refused
 FORWARD_LIMIT_S = ServingLimits.forward_limit_s  # one forward pass longer: the inference thread is stuck
@@ -73,7 +74,7 @@ class MaskRCNNPredictor(Model):
 
     def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = SCORE_THRESHOLD,
                  max_detections: int = MAX_DETECTIONS, max_pixels: int = MAX_PIXELS, max_images: int = 8,
-                 mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: str = "auto", threads: int | None = None,
+                 mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: Backend = "auto", threads: int | None = None,
                  public_keys: str | Path | None = None, probe_timeout_s: float = PROBE_TIMEOUT_S,
                  forward_limit_s: float = FORWARD_LIMIT_S):
         super().__init__(name, return_response_headers=True)
@@ -83,7 +84,7 @@ class MaskRCNNPredictor(Model):
         self.mask_budget_bytes = mask_budget_bytes
         self.mask_threshold = 0.5  # replaced by the package's eval.mask_threshold on load
         if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+            raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
         if threads is not None and threads < 1:
             raise ValueError(f"threads: expected an integer >= 1, got {threads}")
