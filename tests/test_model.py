@@ -5,8 +5,8 @@ import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from training.config import ModelConfig
-from training.initialize import initialize
-from training.model import build_model
+from training.initialize import freeze_backbone, initialize
+from training.model import BACKBONE_TABLE, build_model
 
 
 def _initialized(cfg: ModelConfig, num_classes: int, cache_dir=None):
@@ -164,15 +164,34 @@ def test_roi_sampling_ratio_must_be_positive():
 
 
 def test_every_backbone_is_one_row_of_the_table_and_an_unknown_name_is_refused():
-    """Adding a backbone is one row (`BACKBONE_TABLE`) plus its name in the config; an unknown name is
-    refused by name, never built as some other backbone and frozen by its rules."""
-    from training.config import BACKBONES
-    from training.initialize import freeze_backbone
-    from training.model import BACKBONE_TABLE, backbone_row
+    """Adding a backbone is one row (`BACKBONE_TABLE`) plus its name in the config's `Backbone` type; an
+    unknown name is refused by name when the config is read, never built as some other backbone."""
+    from training.config import BACKBONES, ConfigError, load_config
+    from training.model import backbone_row
 
     assert set(BACKBONE_TABLE) == set(BACKBONES)
+    with pytest.raises(ConfigError, match=r"model.backbone: expected one of resnet50_fpn, .*, got 'vit_b_16'"):
+        load_config(None, ["model.backbone=vit_b_16"])
     with pytest.raises(ValueError, match=r"unknown backbone 'vit_b_16', expected one of resnet50_fpn, "):
         backbone_row("vit_b_16")
     model = _initialized(_tiny("mobilenet_v3_small_fpn", trainable_backbone_layers=5), 3)
     with pytest.raises(ValueError, match="unknown backbone 'resnet34_fpn'"):
         freeze_backbone(model, "resnet34_fpn", 2)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONE_TABLE))
+def test_every_row_builds_with_its_outputs_and_freezes_by_its_stages(name):
+    """For each row of the table: the built model's FPN reads the row's outputs with their channels (the
+    last `fpn_levels` of them for the light backbones, all four for torchvision's ResNet-50 models), and
+    freezing keeps exactly the row's last N stages trainable."""
+    row = BACKBONE_TABLE[name]
+    model = build_model(_tiny(name) if row.torchvision is None else ModelConfig(backbone=name, min_size=64, max_size=64), 3)
+    outputs = row.outputs(row.body())[-len(model.backbone.fpn.inner_blocks):]
+    assert [block[0].in_channels for block in model.backbone.fpn.inner_blocks] == [channels for _, channels in outputs]
+    assert list(model.backbone.body.return_layers) == [layer for layer, _ in outputs]
+    stages = row.stages(model.backbone.body)
+    body_params = dict(model.backbone.body.named_parameters())
+    for trainable in range(len(stages) + 1):
+        freeze_backbone(model, name, trainable)
+        kept = {id(p) for stage in stages[len(stages) - trainable:] if trainable for m in stage for p in m.parameters()}
+        assert {n for n, p in body_params.items() if p.requires_grad} == {n for n, p in body_params.items() if id(p) in kept}

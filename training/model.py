@@ -1,8 +1,9 @@
 """torchvision Mask R-CNN builder: the architecture only, from the config. It reads no file.
 
-Every backbone is one row of `BACKBONE_TABLE`: how its model is built and how its body divides into
-stages (which `training.initialize` freezes). A name in `training.config.BACKBONES` without a row, or a
-row without a name, fails at import; an unknown name is refused by name, never built as another.
+Every backbone is one row of `BACKBONE_TABLE`: its trunk, the layers (and channels) an FPN reads, its
+stages (which `training.initialize` freezes) and, for the ResNet-50 variants, torchvision's builder. The
+config's `Backbone` type names the same keys (a name in one place only fails at import), so an unknown
+name is refused when the config is read, never built as another backbone.
 
 The ResNet-50 variants are torchvision's own `maskrcnn_resnet50_fpn(_v2)` so that torchvision's
 COCO checkpoints load into them; only the RPN/ROI sampling settings come from the config. The light
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
-from torchvision.models import mobilenet_v3_large, mobilenet_v3_small, resnet18
+from torchvision.models import mobilenet_v3_large, mobilenet_v3_small, resnet18, resnet50
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -30,26 +31,6 @@ from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from training.config import BACKBONES, ModelConfig
-
-
-def _resnet18_fpn(cfg: ModelConfig) -> BackboneWithFPN:
-    body = resnet18(weights=None)
-    names, channels = ["layer1", "layer2", "layer3", "layer4"][-cfg.fpn_levels:], [64, 128, 256, 512][-cfg.fpn_levels:]
-    return BackboneWithFPN(body, {name: str(n) for n, name in enumerate(names)}, channels, cfg.fpn_channels,
-                           extra_blocks=LastLevelMaxPool())
-
-
-def _mobilenet_v3_fpn(make: Callable[..., nn.Module]) -> Callable[[ModelConfig], BackboneWithFPN]:
-    def build(cfg: ModelConfig) -> BackboneWithFPN:
-        features = make(weights=None).features
-        # A stage ends just before each stride-2 block (marked `_is_cn`), and at the last block. torchvision's
-        # own recipe feeds the FPN two stride-32 maps, 4x4 at 128 px: far too coarse for small objects.
-        # Stage ends at strides 4, 8, 16, 32 give the FPN the fine levels Mask R-CNN expects.
-        returned = stage_ends(features)[-cfg.fpn_levels:]
-        return BackboneWithFPN(features, {str(i): str(n) for n, i in enumerate(returned)},
-                               [_out_channels(features[i]) for i in returned], cfg.fpn_channels,
-                               extra_blocks=LastLevelMaxPool())
-    return build
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -92,49 +73,64 @@ def build_model(cfg: ModelConfig, num_classes: int) -> MaskRCNN:
         box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, cfg.roi_sampling_ratio),
         mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, cfg.roi_sampling_ratio),
     )
-    model = backbone_row(cfg.backbone).build(cfg, num_classes, kwargs)
+    row = backbone_row(cfg.backbone)
+    if row.torchvision is not None:  # torchvision's own model, so that its COCO checkpoints load (all layers trainable)
+        model = row.torchvision(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    else:
+        model = _light_model(row, cfg, num_classes, kwargs)
     if cfg.frozen_batchnorm:
         # torchvision picks FrozenBatchNorm2d only when it downloads weights itself, which it never does here.
         freeze_batchnorm(model.backbone.body)
     return model
 
 
-def _torchvision_resnet50(build: Callable[..., MaskRCNN]) -> Callable[[ModelConfig, int, dict], MaskRCNN]:
-    """torchvision's own model, so that its COCO checkpoints load (all layers trainable)."""
-    return lambda cfg, num_classes, kwargs: build(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+def _light_model(row: Backbone, cfg: ModelConfig, num_classes: int, kwargs: dict) -> MaskRCNN:
+    """A light backbone's trunk under an FPN on its last `fpn_levels` outputs, with the config's FPN width,
+    anchors (one size tuple per level) and head sizes."""
+    body = row.body()
+    outputs = row.outputs(body)[-cfg.fpn_levels:]
+    backbone = BackboneWithFPN(body, {name: str(n) for n, (name, _) in enumerate(outputs)}, [c for _, c in outputs],
+                               cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
+    levels = len(outputs) + 1  # the FPN's returned levels plus the max-pool level
+    sizes = tuple((s,) for s in cfg.anchor_sizes[:levels])
+    if len(sizes) < levels:
+        raise ValueError(f"model.anchor_sizes: {cfg.backbone} has {levels} feature levels, got {len(cfg.anchor_sizes)} sizes")
+    anchors = AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * levels)
+    out = backbone.out_channels
+    mask_layers = (cfg.mask_head_channels,) * cfg.mask_head_layers
+    return MaskRCNN(
+        backbone, num_classes=None, rpn_anchor_generator=anchors,
+        box_head=TwoMLPHead(out * 7 * 7, cfg.representation_size),
+        box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
+        mask_head=MaskRCNNHeads(out, mask_layers, 1),
+        mask_predictor=MaskRCNNPredictor(mask_layers[-1], cfg.mask_head_channels, num_classes),
+        **kwargs,
+    )
 
 
-def _light(backbone: Callable[[ModelConfig], BackboneWithFPN]) -> Callable[[ModelConfig, int, dict], MaskRCNN]:
-    """A light backbone with the config's FPN width, anchors (one size tuple per level) and head sizes."""
-    def build(cfg: ModelConfig, num_classes: int, kwargs: dict) -> MaskRCNN:
-        body = backbone(cfg)
-        levels = len(body.body.return_layers) + 1  # the FPN's returned levels plus the max-pool level
-        sizes = tuple((s,) for s in cfg.anchor_sizes[:levels])
-        if len(sizes) < levels:
-            raise ValueError(f"model.anchor_sizes: {cfg.backbone} has {levels} feature levels, got {len(cfg.anchor_sizes)} sizes")
-        anchors = AnchorGenerator(sizes, (tuple(cfg.aspect_ratios),) * levels)
-        out = body.out_channels
-        mask_layers = (cfg.mask_head_channels,) * cfg.mask_head_layers
-        return MaskRCNN(
-            body, num_classes=None, rpn_anchor_generator=anchors,
-            box_head=TwoMLPHead(out * 7 * 7, cfg.representation_size),
-            box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
-            mask_head=MaskRCNNHeads(out, mask_layers, 1),
-            mask_predictor=MaskRCNNPredictor(mask_layers[-1], cfg.mask_head_channels, num_classes),
-            **kwargs,
-        )
-    return build
+RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def resnet_outputs(body: nn.Module) -> list[tuple[str, int]]:
+    """A ResNet's stage outputs, input to output: layer1-4 and their channels."""
+    return [(name, _out_channels(getattr(body, name)[-1])) for name in RESNET_LAYERS]
 
 
 def resnet_stages(body: nn.Module) -> list[list[nn.Module]]:
     """A ResNet body's stages, input to output: the stem (conv1, bn1), then layer1-4 (as torchvision freezes them)."""
     children = dict(body.named_children())
-    return [[children[n] for n in ("conv1", "bn1") if n in children]] + \
-        [[children[n]] for n in ("layer1", "layer2", "layer3", "layer4") if n in children]
+    return [[children[n] for n in ("conv1", "bn1") if n in children]] + [[children[n]] for n in RESNET_LAYERS if n in children]
+
+
+def mobilenet_outputs(body: nn.Module) -> list[tuple[str, int]]:
+    """A MobileNetV3 trunk's stage outputs, input to output: the last block of each stage (strides 2 to 32).
+    torchvision's own recipe feeds the FPN two stride-32 maps, 4x4 at 128 px: far too coarse for small
+    objects; the stage ends at strides 4, 8, 16, 32 give the FPN the fine levels Mask R-CNN expects."""
+    return [(str(i), _out_channels(body[i])) for i in stage_ends(body)]
 
 
 def mobilenet_stages(body: nn.Module) -> list[list[nn.Module]]:
-    """A MobileNetV3 body's stages, input to output: its blocks, cut after each stage's last block."""
+    """A MobileNetV3 trunk's stages, input to output: its blocks, cut after each stage's last block."""
     blocks = list(body.children())
     ends = stage_ends(blocks)
     return [blocks[start:end + 1] for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends)]
@@ -142,18 +138,21 @@ def mobilenet_stages(body: nn.Module) -> list[list[nn.Module]]:
 
 @dataclass(frozen=True)
 class Backbone:
-    """One backbone: how its whole model is built, and its body's stages (for freezing)."""
+    """One backbone: its randomly initialised trunk, the layers an FPN reads with their channels, the trunk's
+    stages (which `training.initialize` freezes), and, for torchvision's own detection models, their builder."""
 
-    build: Callable[[ModelConfig, int, dict], MaskRCNN]
+    body: Callable[[], nn.Module]
+    outputs: Callable[[nn.Module], list[tuple[str, int]]]
     stages: Callable[[nn.Module], list[list[nn.Module]]]
+    torchvision: Callable[..., MaskRCNN] | None = None
 
 
 BACKBONE_TABLE: dict[str, Backbone] = {
-    "resnet50_fpn": Backbone(_torchvision_resnet50(maskrcnn_resnet50_fpn), resnet_stages),
-    "resnet50_fpn_v2": Backbone(_torchvision_resnet50(maskrcnn_resnet50_fpn_v2), resnet_stages),
-    "resnet18_fpn": Backbone(_light(_resnet18_fpn), resnet_stages),
-    "mobilenet_v3_large_fpn": Backbone(_light(_mobilenet_v3_fpn(mobilenet_v3_large)), mobilenet_stages),
-    "mobilenet_v3_small_fpn": Backbone(_light(_mobilenet_v3_fpn(mobilenet_v3_small)), mobilenet_stages),
+    "resnet50_fpn": Backbone(lambda: resnet50(weights=None), resnet_outputs, resnet_stages, maskrcnn_resnet50_fpn),
+    "resnet50_fpn_v2": Backbone(lambda: resnet50(weights=None), resnet_outputs, resnet_stages, maskrcnn_resnet50_fpn_v2),
+    "resnet18_fpn": Backbone(lambda: resnet18(weights=None), resnet_outputs, resnet_stages),
+    "mobilenet_v3_large_fpn": Backbone(lambda: mobilenet_v3_large(weights=None).features, mobilenet_outputs, mobilenet_stages),
+    "mobilenet_v3_small_fpn": Backbone(lambda: mobilenet_v3_small(weights=None).features, mobilenet_outputs, mobilenet_stages),
 }
 if set(BACKBONE_TABLE) != set(BACKBONES):  # a backbone named in one place only: fail now, not build another one
     raise ImportError(f"training.model.BACKBONE_TABLE {sorted(BACKBONE_TABLE)} and training.config.BACKBONES "
