@@ -177,6 +177,15 @@ def peak_rss_growth(pid: int, work: Callable[[], Any], interval: float = 0.01) -
     return max(peak) - base, result
 
 
+def fd_limits(pid: int) -> tuple[int, int]:
+    """(soft, hard) open-file limits of `pid`, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise RuntimeError(f"no open-file limit for process {pid}")
+
+
 def open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
@@ -192,16 +201,16 @@ class Server:
 
 
 @contextmanager
-def predictor(package: Path, log: Path, *args: str, launcher: list[str] | None = None, fd_limit: int | None = None,
-              timeout: float = 120) -> Iterator[Server]:
+def predictor(package: Path, log: Path, *args: str, launcher: list[str] | None = None,
+              fd_limit: int | tuple[int, int] | None = None, timeout: float = 120) -> Iterator[Server]:
     """`python -m serving` (or `launcher`) on `package`, on 127.0.0.1 and a free port, ready; killed on exit
-    if it is still running. `fd_limit`: the process's open-file limit (soft and hard)."""
+    if it is still running. `fd_limit`: the process's open-file limit (soft and hard, or both the same)."""
     port = free_port()
 
     def limit_fds() -> None:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+        resource.setrlimit(resource.RLIMIT_NOFILE, fd_limit if isinstance(fd_limit, tuple) else (fd_limit, fd_limit))
 
     command = [*(launcher or [sys.executable, "-m", "serving"]), "--model-dir", str(package), "--host", "127.0.0.1",
                "--http-port", str(port), *args]

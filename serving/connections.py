@@ -4,8 +4,9 @@ slowly holds its connection, and a file descriptor, for ever).
 
 - Headers: a request's headers must arrive whole within `header_timeout_s` of the connection opening
   (or of the previous response, on a kept-alive connection), else the client gets 408 and is closed.
-- Body: a pause longer than `body_timeout_s` between two pieces of a request body closes the
-  connection (the request, if admitted, sees its client leave and its work is dropped).
+- Body: a pause longer than `body_timeout_s` between two pieces of a request body, or a body still
+  incomplete `request_timeout_s` after its headers (a client trickling bytes), closes the connection
+  (the request, if admitted, sees its client leave and its work is dropped).
 - Connections: beyond `max_connections` open ones, a new connection is answered 503 with
   `Retry-After` and closed at once, so that the process keeps serving the connections it holds. Under a
   burst that reaches the open-file limit anyway, the event loop is asyncio's, which stops accepting for a
@@ -47,6 +48,7 @@ def guarded_protocol(limits: ServingLimits) -> type[H11Protocol]:
         _timer: asyncio.TimerHandle | None = None
         _refused = False
         _seen_cycle = None
+        _body_deadline = 0.0
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -69,12 +71,13 @@ def guarded_protocol(limits: ServingLimits) -> type[H11Protocol]:
             cycle = self.cycle
             if cycle is not None and cycle is not self._seen_cycle:  # a new request's headers arrived whole
                 self._seen_cycle = cycle
+                self._body_deadline = self.loop.time() + limits.request_timeout_s
                 self._cancel()
             if cycle is None or cycle.response_complete:  # between requests: the next one's headers are coming
                 if self._timer is None and data:
                     self._arm(limits.header_timeout_s, self._headers_late)
-            elif cycle.more_body:
-                self._arm(limits.body_timeout_s, self._body_late)  # re-armed on every piece
+            elif cycle.more_body:  # re-armed on every piece, never past the whole body's deadline
+                self._arm(max(0.0, min(limits.body_timeout_s, self._body_deadline - self.loop.time())), self._body_late)
             else:
                 self._cancel()
 
@@ -109,7 +112,8 @@ def guarded_protocol(limits: ServingLimits) -> type[H11Protocol]:
             if self.transport.is_closing() or self.cycle is None or not self.cycle.more_body:
                 return
             CLOSED.labels("body_timeout").inc()
-            log.info("closing a connection from %s: no request body for %g s", self.client, limits.body_timeout_s)
+            log.info("closing a connection from %s: request body paused %g s, or incomplete after %g s", self.client,
+                     limits.body_timeout_s, limits.request_timeout_s)
             self.transport.close()
 
     return GuardedH11Protocol

@@ -25,7 +25,7 @@ from devstack.load import abandon, metric, metrics, predict, predictor, read_sta
 pytestmark = pytest.mark.slow
 
 HOOKED = [sys.executable, str(Path(__file__).with_name("hooked_serving.py"))]
-FD_LIMIT = 256  # the server's open-file limit in these tests: 128 client connections (the rest is reserved)
+FD_LIMIT = 256  # the server's hard open-file limit in these tests (soft: 64, raised at start): 128 client connections
 
 
 def body(width: int = 32, height: int = 32, seed: int = 0) -> bytes:
@@ -38,10 +38,10 @@ SLOW, STUCK = body(17), body(13)
 
 @pytest.fixture(scope="module")
 def server(serving_package, tmp_path_factory):
-    """Queue of 4, 3 s deadline, 1 s header and body time-outs, an open-file limit of 256."""
+    """Queue of 4, 3 s deadline, 1 s header and body time-outs, open-file limits 64 (soft) and 256 (hard)."""
     with predictor(serving_package, tmp_path_factory.mktemp("faults") / "serving.log", "--max-queue", "4",
                    "--request-timeout-s", "3", "--header-timeout-s", "1", "--body-timeout-s", "1",
-                   "--score-threshold", "0.0", "--max-detections", "5", launcher=HOOKED, fd_limit=FD_LIMIT) as srv:
+                   "--score-threshold", "0.0", "--max-detections", "5", launcher=HOOKED, fd_limit=(64, FD_LIMIT)) as srv:
         yield srv
 
 
@@ -131,6 +131,7 @@ def test_slow_clients_up_to_the_descriptor_limit(server):
     """100 clients that send headers slowly do not stop a good client; 200 more, past the connection limit
     (128 under an open-file limit of 256), get a clean 503 at once; the slow ones get 408 after the header
     time-out; a body that stalls is cut after the body time-out; the process never reaches its limit."""
+    assert load.fd_limits(server.proc.pid) == (FD_LIMIT, FD_LIMIT)  # the soft limit was raised to the hard one
     held = slow_clients(server.url, 100)
     try:
         assert predict(server.url, body()).status == 200  # served while 100 slow clients are held
@@ -153,10 +154,22 @@ def test_slow_clients_up_to_the_descriptor_limit(server):
         assert read_status(stalled, timeout=5) in ("closed", "reset")  # cut after 1 s without body
     finally:
         stalled.close()
+    trickle = slow_clients(server.url, 1, f"POST {load.V1_PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode())[0]
+    began = time.monotonic()
+    try:  # a byte every 0.5 s never pauses 1 s, but the body is still incomplete at the 3 s deadline
+        while time.monotonic() - began < 8:
+            try:
+                trickle.sendall(b" ")
+            except OSError:
+                break
+            time.sleep(0.5)
+        assert time.monotonic() - began < 6, "a client trickling its body was never cut"
+    finally:
+        trickle.close()
     samples = metrics(server.url)
     assert metric(samples, "maskrcnn_connections_refused_total", reason="over_limit") >= 160
     assert metric(samples, "maskrcnn_connections_refused_total", reason="header_timeout") >= 100
-    assert metric(samples, "maskrcnn_connections_refused_total", reason="body_timeout") >= 1
+    assert metric(samples, "maskrcnn_connections_refused_total", reason="body_timeout") >= 2
     assert predict(server.url, body()).status == 200 and server.proc.poll() is None
 
 
