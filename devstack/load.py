@@ -80,7 +80,7 @@ class LoadResult:
         times = sorted(a.seconds for a in self.answers if a.status == status)
         if not times:
             return float("nan")
-        return times[min(len(times) - 1, int(q * len(times)))] if len(times) > 1 else times[0]
+        return times[min(len(times) - 1, int(q * len(times)))]
 
     @property
     def errors(self) -> int:

@@ -32,9 +32,17 @@ STATUS = {CLIENT_LEFT: 499, DEADLINE: 504, SHUTDOWN: 503}  # 499: nginx's "clien
 TICKET: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("maskrcnn_ticket", default=None)
 
 
-def is_prediction(scope: dict[str, Any]) -> bool:
+def prediction_protocol(scope: dict[str, Any]) -> str | None:
+    """"v1" or "v2" for a prediction request (`POST ...:predict`, `POST .../infer`), else None."""
+    if scope.get("type") != "http" or scope.get("method") != "POST":
+        return None
     path = scope.get("path", "")
-    return scope.get("type") == "http" and scope.get("method") == "POST" and (path.endswith(":predict") or path.endswith("/infer"))
+    return "v1" if path.endswith(":predict") else "v2" if path.endswith("/infer") else None
+
+
+def drain_budget(max_body_bytes: int) -> int:
+    """How much of a refused body is received and thrown away before the refusal is sent."""
+    return max(4 * max_body_bytes, 64 << 20)
 
 
 class RequestDropped(Exception):
@@ -122,7 +130,7 @@ class Admission:
 
     async def handle(self, app, scope, receive, send) -> None:
         """Admit (or refuse) one ASGI request to `app`."""
-        if not is_prediction(scope):
+        if prediction_protocol(scope) is None:
             return await app(scope, receive, send)
         if self.draining:
             REJECTED.labels("shutting_down").inc()
@@ -190,7 +198,7 @@ class BodyLimit:
 
     def __init__(self, app, max_bytes: int, drain_bytes: int | None = None):
         self.app, self.max_bytes = app, max_bytes
-        self.drain_bytes = drain_bytes if drain_bytes is not None else max(4 * max_bytes, 64 << 20)
+        self.drain_bytes = drain_bytes if drain_bytes is not None else drain_budget(max_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import Counter
 
-from serving.admission import Admission, AdmissionMiddleware, BodyLimit, RequestDropped
+from serving.admission import Admission, AdmissionMiddleware, BodyLimit, RequestDropped, drain_budget, prediction_protocol
 from serving.limits import ServingLimits
 
 from serving.predictor import MaskRCNNPredictor
@@ -48,8 +48,7 @@ class RequestMetrics:
         self.app, self.model = app, model
 
     async def __call__(self, scope, receive, send):
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        protocol = "v1" if path.endswith(":predict") else "v2" if path.endswith("/infer") else None
+        protocol = prediction_protocol(scope)
         if protocol is None:
             return await self.app(scope, receive, send)
         status = {"code": 500}
@@ -88,21 +87,14 @@ class Health:
         self.model, self.admission = model, admission
 
     def live_problem(self) -> str | None:
-        running = self.model.forward_seconds()
-        if running > self.model.forward_limit_s:
-            return (f"a forward pass has run {running:.0f} s, past the limit of {self.model.forward_limit_s:g} s: "
-                    f"the inference thread is stuck")
-        return None
+        return self.model.stuck_problem(ready=False)
 
     def ready_problem(self) -> str | None:
         if self.admission.draining:
             return "shutting down"
         if not self.model.ready:
             return f"model {self.model.name} is not loaded"
-        running = self.model.forward_seconds()
-        if running > self.model.forward_limit_s / 2:
-            return f"a forward pass has run {running:.0f} s, past half the limit of {self.model.forward_limit_s:g} s"
-        return None
+        return self.model.stuck_problem(ready=True)
 
 
 def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> FastAPI:
@@ -125,9 +117,9 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
     v1, v2 = V1Endpoints(dataplane), V2Endpoints(dataplane)
     app = FastAPI(title="maskrcnn predictor", docs_url=None, redoc_url=None, openapi_url=None)
     admission = Admission(limits.max_queue, limits.request_timeout_s, limits.retry_after_s,
-                          drain_bytes=max(4 * limits.max_body_bytes, 64 << 20))
+                          drain_bytes=drain_budget(limits.max_body_bytes))
     health = Health(model, admission)
-    app.state.admission, app.state.health = admission, health
+    app.state.admission = admission
 
     def named(model_name: str) -> None:
         if model_name != model.name:

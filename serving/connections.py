@@ -17,6 +17,7 @@ slowly holds its connection, and a file descriptor, for ever).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from prometheus_client import Counter
@@ -31,7 +32,7 @@ CLOSED = Counter("maskrcnn_connections_refused_total",
 
 
 def canned(status: str, error: str, retry_after: int | None = None) -> bytes:
-    body = ('{"error": "%s"}' % error).encode()
+    body = json.dumps({"error": error}).encode()
     head = [f"HTTP/1.1 {status}", "content-type: application/json", f"content-length: {len(body)}", "connection: close"]
     if retry_after is not None:
         head.append(f"retry-after: {retry_after}")

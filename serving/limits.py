@@ -27,16 +27,24 @@ REQUEST_MEMORY_FACTOR = 4  # bytes of memory per byte of request body while a re
 RESIDENT_RESERVE = 2048 * MIB  # the process without requests: the interpreter, torch, the model, ONNX Runtime
 DEFAULT_MEMORY_BUDGET = 6144 * MIB  # the InferenceService's memory limit, when no cgroup limit is readable
 MAX_QUEUE_CAP = 64
+DEFAULT_MAX_BODY = 32 * MIB
 FD_RESERVE = 128  # descriptors kept for everything that is not a client connection (files, S3, logs)
 MAX_CONNECTIONS_CAP = 2048
+
+
+def queue_for_memory(memory_budget: int, max_body_bytes: int) -> int:
+    """The queue depth a memory budget affords at this body limit (see the module's docstring)."""
+    free = memory_budget - RESIDENT_RESERVE
+    return max(1, min(MAX_QUEUE_CAP, free // (REQUEST_MEMORY_FACTOR * max_body_bytes)))
 
 
 @dataclass(frozen=True)
 class ServingLimits:
     """Admission, time-outs and shutdown. Every field is validated in `__post_init__`."""
 
-    max_queue: int = 32  # prediction requests admitted at once (the one running plus those waiting); beyond: 503
-    max_body_bytes: int = 32 * MIB  # one request's body; larger: 400 before it is read whole
+    max_queue: int = queue_for_memory(DEFAULT_MEMORY_BUDGET, DEFAULT_MAX_BODY)  # prediction requests admitted at once
+    #                  (the one running plus those waiting); beyond: 503. 32 for the pod's 6 GiB and 32 MiB bodies
+    max_body_bytes: int = DEFAULT_MAX_BODY  # one request's body; larger: 400 before it is read whole
     request_timeout_s: float = 30.0  # from admission to answer; a request still queued then is dropped (504)
     retry_after_s: int = 1  # the Retry-After of a 503 (queue full, or shutting down)
     forward_limit_s: float = 30.0  # one forward pass longer than this: not live (Kubernetes restarts the pod);
@@ -60,12 +68,6 @@ class ServingLimits:
         if not 0 <= self.drain_delay_s <= self.grace_period_s:
             raise ValueError(f"serving limits: drain_delay_s must be in [0, grace_period_s={self.grace_period_s}], "
                              f"got {self.drain_delay_s!r}")
-
-
-def queue_for_memory(memory_budget: int, max_body_bytes: int) -> int:
-    """The queue depth a memory budget affords at this body limit (see the module's docstring)."""
-    free = memory_budget - RESIDENT_RESERVE
-    return max(1, min(MAX_QUEUE_CAP, free // (REQUEST_MEMORY_FACTOR * max_body_bytes)))
 
 
 def memory_budget(cgroup: Path = Path("/sys/fs/cgroup")) -> int:

@@ -145,10 +145,20 @@ class MaskRCNNPredictor(Model):
         started = self._forward_started
         return 0.0 if started is None else time.monotonic() - started
 
+    def stuck_problem(self, ready: bool) -> str | None:
+        """The watchdog: what is wrong when the running forward pass has run past the limit (liveness), or
+        past half of it (`ready`: readiness fails first, so that traffic moves away); else None."""
+        running, limit = self.forward_seconds(), self.forward_limit_s
+        if ready and running > limit / 2:
+            return f"a forward pass has run {running:.0f} s, past half the limit of {limit:g} s"
+        if running > limit:
+            return f"a forward pass has run {running:.0f} s, past the limit of {limit:g} s: the inference thread is stuck"
+        return None
+
     async def healthy(self) -> bool:
         """kserve's model readiness, checked before each prediction: loaded, and no forward pass stuck past
         half the limit (a request would only queue behind it)."""
-        return self.ready and self.forward_seconds() <= self.forward_limit_s / 2
+        return self.ready and self.stuck_problem(ready=True) is None
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return [IMAGE_INPUT]

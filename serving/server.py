@@ -36,7 +36,6 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.admission, self.limits = admission, limits
         self.drain_started: float | None = None
-        self.unfinished = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # uvicorn's own handler records the signal and raises it again after shutdown (exit status 143);
@@ -56,10 +55,9 @@ class DrainingServer(uvicorn.Server):
             waited = time.monotonic() - self.drain_started
             idle = self.admission.admitted == 0
             if (idle and waited >= self.limits.drain_delay_s) or waited >= self.limits.grace_period_s:
-                self.unfinished = self.admission.admitted
-                if self.unfinished:
+                if self.admission.admitted:
                     log.error("grace period of %g s over with %d request(s) unfinished; answering them 503 and closing",
-                              self.limits.grace_period_s, self.unfinished)
+                              self.limits.grace_period_s, self.admission.admitted)
                     self.admission.abort_all()
                 else:
                     log.info("drained after %.1f s; closing", waited)
