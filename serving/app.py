@@ -28,7 +28,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import Counter
 
-from serving.admission import Admission, AdmissionMiddleware, BodyLimit, RequestDropped, drain_budget, prediction_protocol
+from starlette.requests import ClientDisconnect
+
+from serving.admission import (CLIENT_LEFT, TICKET, Admission, AdmissionMiddleware, BodyLimit, RequestDropped, drain_budget,
+                               prediction_protocol)
 from serving.limits import ServingLimits
 
 from serving.predictor import MaskRCNNPredictor
@@ -177,6 +180,14 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
     async def dropped(request, exc: RequestDropped) -> Response:
         headers = {"retry-after": str(limits.retry_after_s)} if exc.status == 503 else None
         return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def left_before_its_body_was_read(request, exc: ClientDisconnect) -> Response:
+        # uvicorn reports a closed connection before a body it has buffered: a client that sent its whole
+        # request and left at once is dropped (client_left) like one that left while its request waited
+        ticket = TICKET.get()
+        exc = ticket.drop(CLIENT_LEFT) if ticket is not None else RequestDropped(CLIENT_LEFT, "the client left")
+        return await dropped(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc: RequestValidationError) -> JSONResponse:

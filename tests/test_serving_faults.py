@@ -38,11 +38,25 @@ SLOW, STUCK = body(17), body(13)
 
 @pytest.fixture(scope="module")
 def server(serving_package, tmp_path_factory):
-    """Queue of 4, 3 s deadline, 1 s header and body time-outs, open-file limits 64 (soft) and 256 (hard)."""
+    """Queue of 4, 3 s deadline, 5 s header and 1 s body time-outs, open-file limits 64 (soft) and 256
+    (hard). The header time-out is long enough for the slow-client test to open its 300 connections and
+    make a prediction before the first of them is timed out (on a loaded 2-core machine, 1 s was not)."""
     with predictor(serving_package, tmp_path_factory.mktemp("faults") / "serving.log", "--max-queue", "4",
-                   "--request-timeout-s", "3", "--header-timeout-s", "1", "--body-timeout-s", "1",
+                   "--request-timeout-s", "3", "--header-timeout-s", "5", "--body-timeout-s", "1",
                    "--score-threshold", "0.0", "--max-detections", "5", launcher=HOOKED, fd_limit=(64, FD_LIMIT)) as srv:
         yield srv
+
+
+def settled(url: str, before: dict, name: str, count: int, timeout: float = 10, **labels: str) -> dict:
+    """/metrics once `name{labels}` has grown by `count` since `before` and no request is admitted (the
+    server has seen every client leave), or after `timeout` seconds, whichever comes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = metrics(url)
+        grown = metric(now, name, **labels) - metric(before, name, **labels)
+        if (grown >= count and metric(now, "maskrcnn_queue_depth") == 0) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
 
 
 def test_load_at_concurrency_1_4_16_64_is_answered_or_refused_cleanly(server):
@@ -107,14 +121,16 @@ def test_a_request_past_its_deadline_is_dropped_before_its_forward_pass(server):
 
 
 def test_work_for_clients_that_left_is_dropped_and_counted(server):
-    """Twelve heavy requests whose clients leave at once: the next request does not wait for them, and
-    /metrics counts them dropped (client_left), not answered."""
+    """Twelve heavy requests whose clients leave at once (the last four before the server has read their
+    bodies): the next request does not wait for them, and /metrics counts them dropped (client_left), not
+    answered."""
     before = metrics(server.url)
     forwards_before = metric(before, "maskrcnn_detections_per_image_count")
-    for _ in range(3):  # 3 rounds of 4: the queue's depth
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda _: abandon(server.url, SLOW), range(4)))
-    time.sleep(0.5)
+    for round_, linger in enumerate((0.05, 0.05, 0.0), 1):  # 3 rounds of 4 (the queue's depth); the last
+        with ThreadPoolExecutor(4) as pool:                     # closes before the server has read its body
+            list(pool.map(lambda _: abandon(server.url, SLOW, linger), range(4)))
+        # the next round starts once this one is dropped, so none of them is refused for a full queue
+        settled(server.url, before, "maskrcnn_requests_dropped_total", 4 * round_, reason="client_left")
     answer = predict(server.url, body())
     assert answer.status == 200, (answer.status, answer.error, answer.body[:200])
     after = metrics(server.url)
@@ -122,7 +138,9 @@ def test_work_for_clients_that_left_is_dropped_and_counted(server):
         metric(before, "maskrcnn_requests_dropped_total", reason="client_left")
     answered_499 = metric(after, "maskrcnn_requests_total", status="499") - metric(before, "maskrcnn_requests_total", status="499")
     forwards = metric(after, "maskrcnn_detections_per_image_count") - forwards_before - 1  # less the good request
-    assert left == 12 and answered_499 == 12, (left, answered_499)
+    full = metric(after, "maskrcnn_requests_rejected_total", reason="queue_full") - \
+        metric(before, "maskrcnn_requests_rejected_total", reason="queue_full")
+    assert left == 12 and answered_499 == 12, {"client_left": left, "499": answered_499, "queue_full": full}
     # at most one forward pass per round had started before its client was seen to leave
     assert forwards <= 3, f"{forwards:.0f} forward passes computed for 12 clients that left"
 
@@ -144,7 +162,7 @@ def test_slow_clients_up_to_the_descriptor_limit(server):
                 s.close()
         assert set(over) == {503}, {x: over.count(x) for x in set(over)}
         assert peak_fds < FD_LIMIT
-        timed_out = [read_status(s, timeout=5) for s in held]
+        timed_out = [read_status(s, timeout=10) for s in held]  # 408 at 5 s after each opened
         assert set(timed_out) == {408}, {x: timed_out.count(x) for x in set(timed_out)}
     finally:
         for s in held:
