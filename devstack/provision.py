@@ -25,6 +25,13 @@ PACKAGES: dict[str, str] = {
     "buildah": "podman's image builds",
     "runc": "podman's container runtime (crun fails on these machines)",
     "mmdebstrap": "the image's Debian base, made offline",
+    "etcd-server": "the Kubernetes API server's store (devstack/kubeapi.py)",
+    "golang-go": "builds kube-apiserver from Debian's source package, once per machine (devstack/kube_build.py)",
+    "golang-github-modern-go-reflect2-dev": "the reflect2 that kube-apiserver 1.20 needs under Go 1.19",
+    "rsync": "kube-apiserver's build (its code generators)",
+    "make": "kube-apiserver's build",
+    "patch": "Debian's patches to the kubernetes source",
+    "openssl": "the Kubernetes API server's test certificates",
 }
 BINARIES = {"kubectl": "`kubectl kustomize` renders the manifests (install kubectl from your Kubernetes vendor)"}
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,16 +194,71 @@ def gcs_emulator():
     proc.wait(10)
 
 
-@pytest.fixture
-def k8s_emulator(tmp_path):
-    """kmock's in-memory Kubernetes API on 127.0.0.1 with the InferenceService resource, and a kubeconfig
-    for it. An emulator: no controllers, so tests play KServe (see IsvcController)."""
-    from k8s_emulator import KubernetesApiEmulator
+KSERVE_CRDS = sorted((Path(__file__).resolve().parents[1] / "deployment" / "crds").glob("kserve-*.yaml"))
 
-    emulator = KubernetesApiEmulator().start()
-    emulator.kubeconfig = str(emulator.write_kubeconfig(tmp_path / "kubeconfig"))
-    yield emulator
-    emulator.stop()
+
+@pytest.fixture(scope="session")
+def kube_api():
+    """A real Kubernetes API server (kube-apiserver 1.20 and etcd on 127.0.0.1, RBAC on) with KServe's CRDs,
+    adapted for 1.20 (`devstack.kubeapi.adapt_crd_for_1_20`: their `default: ""` lines dropped, in a copy).
+    Built from Debian's source package the first time on a machine (minutes; cached). No controllers run."""
+    import shutil
+    import tempfile
+
+    from devstack import kubeapi
+
+    root = Path(tempfile.mkdtemp(prefix="maskrcnn-kube-"))
+    api = kubeapi.start(root)
+    try:
+        api.apply_crds(KSERVE_CRDS)
+        yield api
+    finally:
+        api.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class KubeNamespace:
+    """One test's namespace on the real API server: `kubeconfig` acts as its `promoter` ServiceAccount (a
+    TokenRequest token, bound by the project's own Role from deployment/base/rbac-promote.yaml); `admin`
+    is the cluster admin's (for the KServe stand-in and for checks)."""
+
+    api: Any
+    namespace: str
+    kubeconfig: str
+    admin: str
+
+
+_namespaces = iter(range(1, 1 << 30))
+
+
+def promoter_rbac(namespace: str, subject: dict[str, str]) -> list[dict[str, Any]]:
+    """The production overlay's Role and RoleBinding for the promote step, moved to `namespace` and bound
+    to `subject` (a ServiceAccount reference)."""
+    out = []
+    for doc in render_kustomization("deployment/overlays/production"):
+        if doc["kind"] in ("Role", "RoleBinding") and doc["metadata"]["name"] == "inferenceservice-promoter":
+            doc["metadata"]["namespace"] = namespace
+            if doc["kind"] == "RoleBinding":
+                doc["subjects"] = [subject]
+            out.append(doc)
+    assert len(out) == 2, "the production overlay lost the promote step's Role or RoleBinding"
+    return out
+
+
+@pytest.fixture
+def k8s(kube_api, tmp_path) -> KubeNamespace:
+    """A fresh namespace on the real API server, with the promote step's ServiceAccount and RBAC in it.
+    (Namespaces are never deleted: without kube-controller-manager their deletion never completes.)"""
+    import yaml
+
+    namespace = f"t{next(_namespaces)}-{os.getpid()}"
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "promoter", "namespace": namespace}}
+    docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}, sa,
+            *promoter_rbac(namespace, {"kind": "ServiceAccount", "name": "promoter", "namespace": namespace})]
+    kube_api.apply(yaml.safe_dump_all(docs))
+    kubeconfig = kube_api.token_kubeconfig(tmp_path / "promoter.kubeconfig", "promoter", namespace)
+    return KubeNamespace(kube_api, namespace, str(kubeconfig), str(kube_api.kubeconfig))
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,23 @@
-"""Pointing an InferenceService at a new model, against an in-memory Kubernetes API (kmock emulator;
-no Kubernetes API server can run here). The test plays KServe's controller, writing the status fields
-KServe writes (see IsvcController), in Knative and Standard (RawDeployment) mode."""
+"""Pointing an InferenceService at a new model, against a real Kubernetes API server (kube-apiserver 1.20
+and etcd, `devstack.kubeapi`), as the promote step's ServiceAccount with the project's own Role (a
+TokenRequest token). KServe's controller cannot run here: a stand-in plays it through the same API,
+writing the status fields KServe writes (`kserve_stand_in.IsvcController`), in Knative and Standard
+(RawDeployment) mode; test names say `kserve_stand_in`."""
 
 from __future__ import annotations
 
 import pytest
-from k8s_emulator import SOURCE_URI, IsvcController
+from kserve_stand_in import SOURCE_URI, IsvcController
 
 from release.deploy import DeployError, custom_objects_api, update_storage_uri
 
 
-def test_patch_then_ready_returns_the_previous_uri_emulator(k8s_emulator):
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+def test_patch_then_ready_returns_the_previous_uri_kserve_stand_in(k8s):
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
     ctl.create("s3://models/maskrcnn/v1")
     with ctl:
-        result = update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", canary_percent=10, timeout=30,
-                                    poll=0.2, kubeconfig=k8s_emulator.kubeconfig)
+        result = update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", canary_percent=10, timeout=30,
+                                    poll=0.2, kubeconfig=k8s.kubeconfig)
     assert result.previous_uri == "s3://models/maskrcnn/v1" and result.storage_uri == "s3://models/maskrcnn/v2"
     predictor = ctl.get()["spec"]["predictor"]
     assert predictor["model"]["storageUri"] == "s3://models/maskrcnn/v2"
@@ -23,34 +25,34 @@ def test_patch_then_ready_returns_the_previous_uri_emulator(k8s_emulator):
     assert predictor["minReplicas"] == 1 and predictor["model"]["modelFormat"] == {"name": "maskrcnn"}  # untouched
 
 
-def test_not_serving_in_time_rolls_back_emulator(k8s_emulator):
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", rollout_s=30)
+def test_not_serving_in_time_rolls_back_kserve_stand_in(k8s):
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace, rollout_s=30)
     ctl.create("s3://models/maskrcnn/v1")
     with ctl:
         with pytest.raises(DeployError, match=r"was not serving within 3 s on s3://models/maskrcnn/v2 \(revision "
                                               r"maskrcnn-predictor-00002 is not ready yet .*\); rolled back to "
                                               r"s3://models/maskrcnn/v1"):
-            update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=3, poll=0.2,
-                               kubeconfig=k8s_emulator.kubeconfig)
+            update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=3, poll=0.2,
+                               kubeconfig=k8s.kubeconfig)
     assert ctl.seen[0] == "s3://models/maskrcnn/v2"  # it was patched, then restored
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
 
 
-def test_missing_inference_service_is_named_emulator(k8s_emulator):
-    with pytest.raises(DeployError, match="InferenceService models/nope: cannot read it"):
-        update_storage_uri("nope", "models", "s3://x/y", timeout=1, kubeconfig=k8s_emulator.kubeconfig)
+def test_missing_inference_service_is_named_kserve_stand_in(k8s):
+    with pytest.raises(DeployError, match=f"InferenceService {k8s.namespace}/nope: cannot read it \\(404"):
+        update_storage_uri("nope", k8s.namespace, "s3://x/y", timeout=1, kubeconfig=k8s.kubeconfig)
 
 
-def test_real_kubectl_sees_the_patched_uri_emulator(k8s_emulator):
+def test_real_kubectl_sees_the_patched_uri_kserve_stand_in(k8s):
     import shutil
     import subprocess
 
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
     ctl.create("gs://bucket/maskrcnn/v1")
     with ctl:
-        update_storage_uri("maskrcnn", "models", "gs://bucket/maskrcnn/v2", timeout=30, poll=0.2,
-                           kubeconfig=k8s_emulator.kubeconfig)
-    out = subprocess.run([shutil.which("kubectl"), "--kubeconfig", k8s_emulator.kubeconfig, "-n", "models", "get",
+        update_storage_uri("maskrcnn", k8s.namespace, "gs://bucket/maskrcnn/v2", timeout=30, poll=0.2,
+                           kubeconfig=k8s.kubeconfig)
+    out = subprocess.run([shutil.which("kubectl"), "--kubeconfig", k8s.kubeconfig, "-n", k8s.namespace, "get",
                           "inferenceservices.serving.kserve.io", "maskrcnn", "-o",
                           "jsonpath={.spec.predictor.model.storageUri}"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -66,72 +68,72 @@ def _deploy_and_time(ctl, kubeconfig: str, uri: str) -> float:
     import time
 
     with ctl:
-        update_storage_uri("maskrcnn", "models", uri, timeout=30, poll=0.1, kubeconfig=kubeconfig)
+        update_storage_uri("maskrcnn", ctl.namespace, uri, timeout=30, poll=0.1, kubeconfig=kubeconfig)
         return time.monotonic()
 
 
-def test_it_returns_only_once_the_new_revision_serves_k8s_emulator(k8s_emulator):
+def test_it_returns_only_once_the_new_revision_serves_kserve_stand_in(k8s):
     """KServe has not reconciled for 2 s: the old revision is still Ready, with an observedGeneration (the
     Knative Service's) above the InferenceService's generation. That is not the new model serving."""
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", reconcile_delay_s=2.0)
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace, reconcile_delay_s=2.0)
     ctl.create("s3://models/maskrcnn/v1")
-    returned = _deploy_and_time(ctl, k8s_emulator.kubeconfig, "s3://models/maskrcnn/v2")
+    returned = _deploy_and_time(ctl, k8s.kubeconfig, "s3://models/maskrcnn/v2")
     assert returned >= _served_at(ctl, "s3://models/maskrcnn/v2")
     predictor = ctl.get()["status"]["components"]["predictor"]
     assert predictor["latestReadyRevision"] == predictor["latestCreatedRevision"] == "maskrcnn-predictor-00002"
 
 
-def test_a_revision_that_never_loads_fails_fast_and_rolls_back_k8s_emulator(k8s_emulator):
+def test_a_revision_that_never_loads_fails_fast_and_rolls_back_kserve_stand_in(k8s):
     """The new revision fails to load (BlockedByFailedLoad) while the old one keeps serving: fail at once,
     not after the whole timeout, and put the old URI back."""
     import time
 
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", becomes_ready=False)
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace, becomes_ready=False)
     ctl.create("s3://models/maskrcnn/v1")
     began = time.monotonic()
     with ctl, pytest.raises(DeployError, match=r"failed on s3://models/maskrcnn/v2 \(revision maskrcnn-predictor-00002: "
                                                 r"BlockedByFailedLoad \(ModelLoadFailed: checksum mismatch\); "
                                                 r"maskrcnn-predictor-00001 keeps serving\); rolled back"):
-        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=120, poll=0.1,
-                           kubeconfig=k8s_emulator.kubeconfig)
+        update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=120, poll=0.1,
+                           kubeconfig=k8s.kubeconfig)
     assert time.monotonic() - began < 30
     assert ctl.seen[0] == "s3://models/maskrcnn/v2"
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
 
 
-def test_a_canary_is_serving_when_its_share_of_traffic_is_routed_k8s_emulator(k8s_emulator):
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+def test_a_canary_is_serving_when_its_share_of_traffic_is_routed_kserve_stand_in(k8s):
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
     ctl.create("s3://models/maskrcnn/v1")
     with ctl:
-        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", canary_percent=25, timeout=30, poll=0.1,
-                           kubeconfig=k8s_emulator.kubeconfig)
+        update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", canary_percent=25, timeout=30, poll=0.1,
+                           kubeconfig=k8s.kubeconfig)
     traffic = {t["revisionName"]: t["percent"] for t in ctl.get()["status"]["components"]["predictor"]["traffic"]}
     assert traffic == {"maskrcnn-predictor-00002": 25, "maskrcnn-predictor-00001": 75}
 
 
-def test_standard_mode_waits_for_the_deployment_rollout_k8s_emulator(k8s_emulator):
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", mode="Standard", rollout_s=1.5)
+def test_standard_mode_waits_for_the_deployment_rollout_kserve_stand_in(k8s):
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace, mode="Standard", rollout_s=1.5)
     ctl.create("s3://models/maskrcnn/v1")
-    returned = _deploy_and_time(ctl, k8s_emulator.kubeconfig, "s3://models/maskrcnn/v2")
+    returned = _deploy_and_time(ctl, k8s.kubeconfig, "s3://models/maskrcnn/v2")
     assert returned >= _served_at(ctl, "s3://models/maskrcnn/v2")
-    deployment = ctl.apps.read_namespaced_deployment("maskrcnn-predictor", "models")
+    deployment = ctl.apps.read_namespaced_deployment("maskrcnn-predictor", k8s.namespace)
     assert deployment.spec.template.metadata.annotations[SOURCE_URI] == "s3://models/maskrcnn/v2"
 
 
-def test_standard_mode_stuck_rollout_rolls_back_k8s_emulator(k8s_emulator):
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", mode="Standard", becomes_ready=False)
+def test_standard_mode_stuck_rollout_rolls_back_kserve_stand_in(k8s):
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace, mode="Standard", becomes_ready=False)
     ctl.create("s3://models/maskrcnn/v1")
     with ctl, pytest.raises(DeployError, match="rollout stopped: ProgressDeadlineExceeded.*rolled back to s3://models/maskrcnn/v1"):
-        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=60, poll=0.1,
-                           kubeconfig=k8s_emulator.kubeconfig)
+        update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=60, poll=0.1,
+                           kubeconfig=k8s.kubeconfig)
 
 
-def test_a_canary_needs_knative_mode_emulator(k8s_emulator):
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", mode="Standard")
+def test_a_canary_needs_knative_mode_kserve_stand_in(k8s):
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace, mode="Standard")
     ctl.create("s3://models/maskrcnn/v1")
     with ctl, pytest.raises(DeployError, match="Standard mode: canaryTrafficPercent needs KServe's Knative"):
-        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", canary_percent=10, timeout=5,
-                           kubeconfig=k8s_emulator.kubeconfig)
+        update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", canary_percent=10, timeout=5,
+                           kubeconfig=k8s.kubeconfig)
     assert ctl.seen == [] and ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
 
 
@@ -156,7 +158,7 @@ def test_knative_progress_reads_kserve_status(status, expected):
 
 
 class FlakyApi:
-    """The real client (against the emulator) with GETs of the InferenceService failing as told: `fail(n)` is
+    """The real client with GETs of the InferenceService failing as told: `fail(n)` is
     the exception for the n-th GET after the patch, or None. The patch and everything else go through."""
 
     def __init__(self, kubeconfig: str, fail):
@@ -182,59 +184,59 @@ def _unavailable():
     return ApiException(status=503, reason="Service Unavailable")
 
 
-def test_a_get_that_fails_once_is_retried_k8s_emulator(k8s_emulator, caplog):
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+def test_a_get_that_fails_once_is_retried_kserve_stand_in(k8s, caplog):
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
     ctl.create("s3://models/maskrcnn/v1")
-    api = FlakyApi(k8s_emulator.kubeconfig, lambda n: _unavailable() if n == 1 else None)
+    api = FlakyApi(k8s.kubeconfig, lambda n: _unavailable() if n == 1 else None)
     with ctl:
-        result = update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=30, poll=0.1, api=api)
+        result = update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=30, poll=0.1, api=api)
     assert result.storage_uri == "s3://models/maskrcnn/v2" and api.gets >= 2
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v2"
     assert "ApiException" in caplog.text and "retrying" in caplog.text
 
 
-def test_a_get_that_always_fails_rolls_back_at_the_deadline_k8s_emulator(k8s_emulator):
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+def test_a_get_that_always_fails_rolls_back_at_the_deadline_kserve_stand_in(k8s):
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
     ctl.create("s3://models/maskrcnn/v1")
-    api = FlakyApi(k8s_emulator.kubeconfig, lambda n: _unavailable())
+    api = FlakyApi(k8s.kubeconfig, lambda n: _unavailable())
     with ctl, pytest.raises(DeployError, match=r"was not serving within 2 s on s3://models/maskrcnn/v2 \(last error: "
                                                 r"ApiException: \(503\) Reason: Service Unavailable\); rolled back to s3://models/maskrcnn/v1"):
-        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=2, poll=0.1, api=api)
+        update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=2, poll=0.1, api=api)
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
 
 
-def test_a_get_that_fails_for_good_rolls_back_at_once_k8s_emulator(k8s_emulator):
+def test_a_get_that_fails_for_good_rolls_back_at_once_kserve_stand_in(k8s):
     """A 403 (the Role lost `get`) is not transient: no waiting out the timeout, the URI is put back."""
     import time
 
     from kubernetes.client.exceptions import ApiException
 
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models")
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
     ctl.create("s3://models/maskrcnn/v1")
-    api = FlakyApi(k8s_emulator.kubeconfig, lambda n: ApiException(status=403, reason="Forbidden"))
+    api = FlakyApi(k8s.kubeconfig, lambda n: ApiException(status=403, reason="Forbidden"))
     began = time.monotonic()
     with ctl, pytest.raises(DeployError, match=r"could not be watched while it rolled out s3://models/maskrcnn/v2 "
                                                 r"\(ApiException: \(403\) Reason: Forbidden\); rolled back to s3://models/maskrcnn/v1"):
-        update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=60, poll=0.1, api=api)
+        update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=60, poll=0.1, api=api)
     assert time.monotonic() - began < 10
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
 
 
-def test_already_set_still_waits_until_kserve_serves_it_k8s_emulator(k8s_emulator):
+def test_already_set_still_waits_until_kserve_serves_it_kserve_stand_in(k8s):
     """The URI is already the target (a retried promotion), but its revision failed to load: not a success."""
-    ctl = IsvcController(k8s_emulator.kubeconfig, "maskrcnn", "models", becomes_ready=False)
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace, becomes_ready=False)
     ctl.create("s3://models/maskrcnn/v1")
     with ctl:
         with pytest.raises(DeployError):
-            update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=30, poll=0.1,
-                               kubeconfig=k8s_emulator.kubeconfig)
-        ctl.api.patch_namespaced_custom_object("serving.kserve.io", "v1beta1", "models", "inferenceservices", "maskrcnn",
+            update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=30, poll=0.1,
+                               kubeconfig=k8s.kubeconfig)
+        ctl.api.patch_namespaced_custom_object("serving.kserve.io", "v1beta1", k8s.namespace, "inferenceservices", "maskrcnn",
                                                {"spec": {"predictor": {"model": {"storageUri": "s3://models/maskrcnn/v2"}}}})
         with pytest.raises(DeployError, match=r"already points at s3://models/maskrcnn/v2, but KServe does not serve it"):
-            update_storage_uri("maskrcnn", "models", "s3://models/maskrcnn/v2", timeout=3, poll=0.1,
-                               kubeconfig=k8s_emulator.kubeconfig)
-    ready = IsvcController(k8s_emulator.kubeconfig, "other", "models")
+            update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=3, poll=0.1,
+                               kubeconfig=k8s.kubeconfig)
+    ready = IsvcController(k8s.admin, "other", k8s.namespace)
     ready.create("s3://models/other/v1")
     with ready:
-        assert update_storage_uri("other", "models", "s3://models/other/v1", timeout=30, poll=0.1,
-                                  kubeconfig=k8s_emulator.kubeconfig).storage_uri == "s3://models/other/v1"
+        assert update_storage_uri("other", k8s.namespace, "s3://models/other/v1", timeout=30, poll=0.1,
+                                  kubeconfig=k8s.kubeconfig).storage_uri == "s3://models/other/v1"

@@ -1,6 +1,8 @@
 """The KFP v2 pipeline: the committed YAML, and whole local runs (KFP's SubprocessRunner) on the tiny
-config with real Ray, the real MLflow stack and its S3 server. The InferenceService lives in kmock's
-in-memory Kubernetes API (an emulator: no API server can run here), with the test playing KServe."""
+config with real Ray, the real MLflow stack and its S3 server. The InferenceService lives on a real
+Kubernetes API server (`devstack.kubeapi`), patched by the promote step as its ServiceAccount (a
+TokenRequest token, the project's Role); KServe's controller cannot run here, so a stand-in plays it
+(`kserve_stand_in`)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_emulator import IsvcController
+from kserve_stand_in import IsvcController
 from mlflow.tracking import MlflowClient
 
 from pipelines.compile import DEFAULT_OUTPUT, compile_pipeline
 
-ISVC, NAMESPACE, PREVIOUS = "maskrcnn", "models", "s3://models/maskrcnn/previous"
+ISVC, PREVIOUS = "maskrcnn", "s3://models/maskrcnn/previous"
 
 
 def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
@@ -49,21 +51,21 @@ def test_yaml_has_the_steps_and_the_gate_condition():
 
 
 @pytest.fixture
-def pipeline_env(mlflow_stack, cache_dir, k8s_emulator, tmp_path, monkeypatch):
+def pipeline_env(mlflow_stack, cache_dir, k8s, tmp_path, monkeypatch):
     """Everything one local run needs: S3 keys and endpoint in the environment (the steps inherit it),
     a unique experiment and model name, an InferenceService serving PREVIOUS, checkpoints in S3."""
     for key, value in mlflow_stack.env().items():
         monkeypatch.setenv(key, value)
     name = f"pipe-{time.time_ns()}"
-    ctl = IsvcController(k8s_emulator.kubeconfig, ISVC, NAMESPACE)
+    ctl = IsvcController(k8s.admin, ISVC, k8s.namespace)
     ctl.create(PREVIOUS)
     bucket = mlflow_stack.state.models_bucket
     params = dict(
         config="tiny", data="", val_data="", model_name=name, tracking_uri=mlflow_stack.tracking_uri,
         overrides=[f"ray.storage_path=s3://{bucket}/ray/{name}", f"tracking.experiment={name}", "train.epochs=1"],
         ray_address="", min_segm_map=0.0, min_mask_iou=0.0, margin=-1.0,
-        storage_prefix=f"s3://{bucket}", isvc_name=ISVC, namespace=NAMESPACE,
-        canary_percent=0, ready_timeout=60.0, kubeconfig=k8s_emulator.kubeconfig)
+        storage_prefix=f"s3://{bucket}", isvc_name=ISVC, namespace=k8s.namespace,
+        canary_percent=0, ready_timeout=60.0, kubeconfig=k8s.kubeconfig)
     return params, ctl, MlflowClient(mlflow_stack.tracking_uri), tmp_path / "pipeline-root"
 
 
@@ -103,7 +105,7 @@ def _only_run(client, experiment):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", ["docker", "subprocess"])
-def test_a_good_model_is_promoted_and_served_k8s_emulator(runner, pipeline_env, mlflow_stack, tmp_path, capsys, request,
+def test_a_good_model_is_promoted_and_served_kserve_stand_in(runner, pipeline_env, mlflow_stack, tmp_path, capsys, request,
                                                           monkeypatch):
     """In containers, the train step submits to the two-node Ray cluster in containers (Jobs API, token
     authentication); as subprocesses, it starts a local Ray."""
@@ -177,7 +179,7 @@ def test_a_good_model_is_promoted_and_served_k8s_emulator(runner, pipeline_env, 
 
 
 @pytest.mark.slow
-def test_a_bad_model_is_rejected_and_nothing_moves_k8s_emulator(pipeline_env, containers):
+def test_a_bad_model_is_rejected_and_nothing_moves_kserve_stand_in(pipeline_env, containers):
     params, ctl, client, root = pipeline_env
     with ctl:
         _run(params, root, image=containers, min_segm_map=0.99, min_mask_iou=0.99)  # returns: the run is green
@@ -191,7 +193,7 @@ def test_a_bad_model_is_rejected_and_nothing_moves_k8s_emulator(pipeline_env, co
 
 
 @pytest.mark.slow
-def test_a_failed_upload_leaves_the_inference_service_untouched_k8s_emulator(pipeline_env, containers):
+def test_a_failed_upload_leaves_the_inference_service_untouched_kserve_stand_in(pipeline_env, containers):
     params, ctl, client, root = pipeline_env
     with ctl, pytest.raises(RuntimeError, match="promote"):
         _run(params, root, image=containers, storage_prefix="s3://no-such-bucket/models")
@@ -204,7 +206,7 @@ def test_a_failed_upload_leaves_the_inference_service_untouched_k8s_emulator(pip
 
 
 @pytest.mark.slow
-def test_a_service_that_never_becomes_ready_is_rolled_back_k8s_emulator(pipeline_env, containers):
+def test_a_service_that_never_becomes_ready_is_rolled_back_kserve_stand_in(pipeline_env, containers):
     params, ctl, client, root = pipeline_env
     ctl.becomes_ready = False
     with ctl, pytest.raises(RuntimeError, match="promote"):

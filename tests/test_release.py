@@ -1,6 +1,7 @@
 """The release layer's own command, without KFP: score, gate, register, publish, deploy and roll back,
-against the real MLflow stack and its S3 server. The InferenceService lives in kmock's in-memory
-Kubernetes API (an emulator: no API server can run here), with the test playing KServe."""
+against the real MLflow stack and its S3 server. The InferenceService lives on a real Kubernetes API
+server (`devstack.kubeapi`), patched as the promote step's ServiceAccount (a TokenRequest token, the
+project's Role); KServe's controller cannot run here, so a stand-in plays it (`kserve_stand_in`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shutil
 import time
 
 import pytest
-from k8s_emulator import IsvcController
+from kserve_stand_in import IsvcController
 from mlflow.tracking import MlflowClient
 
 from release.__main__ import REJECTED, main
@@ -17,7 +18,7 @@ from training.tracking import log_package
 
 pytestmark = pytest.mark.slow
 
-ISVC, NAMESPACE = "maskrcnn", "models"
+ISVC = "maskrcnn"
 
 
 def _logged_run(client, experiment: str, package) -> str:
@@ -30,7 +31,7 @@ def _logged_run(client, experiment: str, package) -> str:
     return run_id
 
 
-def test_promote_reject_promote_rollback_k8s_emulator(mlflow_stack, serving_package, cache_dir, k8s_emulator,
+def test_promote_reject_promote_rollback_kserve_stand_in(mlflow_stack, serving_package, cache_dir, k8s,
                                                        tmp_path, monkeypatch, caplog):
     for key, value in mlflow_stack.env().items():
         monkeypatch.setenv(key, value)
@@ -40,9 +41,9 @@ def test_promote_reject_promote_rollback_k8s_emulator(mlflow_stack, serving_pack
     prefix = f"s3://{mlflow_stack.state.models_bucket}/release"
     first = _logged_run(client, name, shutil.copytree(serving_package, tmp_path / "a"))
     second = _logged_run(client, name, shutil.copytree(serving_package, tmp_path / "b"))
-    ctl = IsvcController(k8s_emulator.kubeconfig, ISVC, NAMESPACE)
+    ctl = IsvcController(k8s.admin, ISVC, k8s.namespace)
     ctl.create(f"{prefix}/previous")
-    common = ["--model-name", name, "--isvc-name", ISVC, "--namespace", NAMESPACE, "--kubeconfig", k8s_emulator.kubeconfig,
+    common = ["--model-name", name, "--isvc-name", ISVC, "--namespace", k8s.namespace, "--kubeconfig", k8s.kubeconfig,
               "--ready-timeout", "60"]
     uri = lambda: ctl.get()["spec"]["predictor"]["model"]["storageUri"]  # noqa: E731
     with ctl:
@@ -73,7 +74,7 @@ def test_promote_reject_promote_rollback_k8s_emulator(mlflow_stack, serving_pack
     assert main([*common, "rollback", "99"]) == 2
 
 
-def test_promote_ends_served_and_signed_or_rolled_back_and_tagged_k8s_emulator(mlflow_stack, serving_package, k8s_emulator,
+def test_promote_ends_served_and_signed_or_rolled_back_and_tagged_kserve_stand_in(mlflow_stack, serving_package, k8s,
                                                                               tmp_path, monkeypatch):
     """Two promotions of the same run's model. The first one's rollout wait cannot read the InferenceService
     (every GET after the patch answers 503): the URI is rolled back and the version tagged promotion.failed,
@@ -96,15 +97,15 @@ def test_promote_ends_served_and_signed_or_rolled_back_and_tagged_k8s_emulator(m
     run_id = _logged_run(client, name, package)
     model_uri = f"models:/{client.search_logged_models([client.get_run(run_id).info.experiment_id])[0].model_id}"
     prefix = f"s3://{mlflow_stack.state.models_bucket}/two-states"
-    ctl = IsvcController(k8s_emulator.kubeconfig, ISVC, NAMESPACE)
+    ctl = IsvcController(k8s.admin, ISVC, k8s.namespace)
     ctl.create(f"{prefix}/previous")
     key = Ed25519PrivateKey.generate()
     args = dict(package_dir=package, model_uri=model_uri, tracking_uri=mlflow_stack.tracking_uri, model_name=name,
-                storage_prefix=prefix, isvc_name=ISVC, namespace=NAMESPACE, ready_timeout=3,
-                kubeconfig=k8s_emulator.kubeconfig, signing_key=key)
+                storage_prefix=prefix, isvc_name=ISVC, namespace=k8s.namespace, ready_timeout=3,
+                kubeconfig=k8s.kubeconfig, signing_key=key)
     with ctl:
         with monkeypatch.context() as m:
-            m.setattr(deploy, "custom_objects_api", lambda kubeconfig="": FlakyApi(k8s_emulator.kubeconfig, lambda n: _unavailable()))
+            m.setattr(deploy, "custom_objects_api", lambda kubeconfig="": FlakyApi(k8s.kubeconfig, lambda n: _unavailable()))
             with pytest.raises(DeployError, match="rolled back to " + f"{prefix}/previous"):
                 promote(**args)
         failed = client.get_model_version(name, "1")
