@@ -83,12 +83,18 @@ class IsvcController:
         return [{"type": t, "status": status, **extra, "lastTransitionTime": _now()} for t in ("PredictorReady", "Ready")]
 
     def create(self, storage_uri: str) -> dict:
-        """Create the InferenceService serving `storage_uri` (and, in Standard mode, its Deployment), with
-        the status KServe reports once it serves."""
-        import time
-
+        """Create the InferenceService serving `storage_uri` and report it served (see `adopt`)."""
         created = self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
                                                            isvc_body(self.name, self.namespace, storage_uri, self.mode))
+        self.adopt()
+        return created
+
+    def adopt(self) -> None:
+        """Report the InferenceService (created here or applied from an overlay) as KServe does once it serves
+        its storageUri: in Standard mode, with its predictor Deployment, created here."""
+        import time
+
+        storage_uri = self.get()["spec"]["predictor"]["model"]["storageUri"]
         status = {"deploymentMode": self.mode, "observedGeneration": 1, "conditions": self._ready("True")}
         if self.mode == "Knative":
             status["observedGeneration"] = self.ksvc_generation
@@ -102,7 +108,6 @@ class IsvcController:
             self._deployment_status(generation=1, ready=True)
         self._status(status)
         self.served.append((time.monotonic(), storage_uri))
-        return created
 
     def _deployment(self, uri: str) -> dict:
         return {"apiVersion": "apps/v1", "kind": "Deployment",

@@ -172,3 +172,30 @@ def test_the_multi_user_overlay_moves_the_permission_to_the_profiles_default_edi
     runner, _, _ = apis(kube_api.token_kubeconfig(tmp_path / "runner.kubeconfig", "pipeline-runner", "kubeflow"))
     _forbidden(runner.patch_namespaced_custom_object, GROUP, VERSION, "models", PLURAL, "maskrcnn",
                {"spec": {"predictor": {"model": {"storageUri": "gs://x/y"}}}})
+
+
+@pytest.mark.parametrize("overlay, account, namespace", [
+    ("deployment/overlays/production", "pipeline-runner", "kubeflow"),
+    ("deployment/overlays/kubeflow-multi-user", "default-editor", "kubeflow-user-example-com")])
+def test_the_promote_step_runs_as_the_overlays_service_account_kserve_stand_in(kube_api, tmp_path, overlay, account, namespace):
+    """The promote step's deploy, as the account each overlay binds, on the overlay's own InferenceService:
+    patched, served (the stand-in plays KServe), and, for a model that never loads, rolled back; all
+    within the Role."""
+    from kserve_stand_in import IsvcController
+
+    from release.deploy import DeployError, update_storage_uri
+
+    _as_service_account(kube_api, tmp_path, overlay, account, namespace)
+    kubeconfig = str(kube_api.token_kubeconfig(tmp_path / "promote.kubeconfig", account, namespace))
+    ctl = IsvcController(str(kube_api.kubeconfig), "maskrcnn", "models")
+    ctl.adopt()
+    before = ctl.get()["spec"]["predictor"]["model"]["storageUri"]
+    with ctl:
+        result = update_storage_uri("maskrcnn", "models", f"{before}/{account}", timeout=30, poll=0.1, kubeconfig=kubeconfig)
+    assert result.previous_uri == before and ctl.get()["spec"]["predictor"]["model"]["storageUri"] == f"{before}/{account}"
+    failing = IsvcController(str(kube_api.kubeconfig), "maskrcnn", "models", becomes_ready=False)
+    failing.adopt()
+    with failing, pytest.raises(DeployError, match="BlockedByFailedLoad.*rolled back"):
+        update_storage_uri("maskrcnn", "models", f"{before}/broken", timeout=30, poll=0.1, kubeconfig=kubeconfig)
+    assert failing.get()["spec"]["predictor"]["model"]["storageUri"] == f"{before}/{account}"
+
