@@ -136,13 +136,18 @@ def _status(data: bytes) -> int | str:
 
 def metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The server's /metrics as {(sample name, sorted labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     answer = request(url, "GET", "/metrics")
     if answer.status != 200:
         raise RuntimeError(f"/metrics answered {answer.status}: {answer.error or answer.body[:200]!r}")
+    return parse_metrics(answer.body.decode())
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text exposition as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(answer.body.decode()) for s in family.samples}
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def metric(samples: dict, name: str, **labels: str) -> float:

@@ -22,7 +22,8 @@ from prometheus_client import Counter, Gauge
 
 log = logging.getLogger(__name__)
 
-QUEUE_DEPTH = Gauge("maskrcnn_queue_depth", "Prediction requests admitted and not yet answered (running or waiting)")
+QUEUE_DEPTH = Gauge("maskrcnn_queue_depth", "Prediction requests admitted and not yet answered (running or waiting)",
+                    ["model_version"])
 REJECTED = Counter("maskrcnn_requests_rejected_total", "Prediction requests refused with 503 before their body was read",
                    ["reason"])
 DROPPED = Counter("maskrcnn_requests_dropped_total", "Admitted prediction requests whose work was dropped, not answered",
@@ -114,14 +115,16 @@ class Ticket:
 class Admission:
     """The bounded queue, the drain flag and the tickets (the app's `AdmissionMiddleware` consults it)."""
 
-    def __init__(self, max_queue: int, request_timeout_s: float, retry_after_s: int = 1, drain_bytes: int = 64 << 20):
+    def __init__(self, max_queue: int, request_timeout_s: float, retry_after_s: int = 1, drain_bytes: int = 64 << 20,
+                 model_version: str = "unknown"):
         self.max_queue = max_queue
+        self.depth = QUEUE_DEPTH.labels(model_version)
         self.request_timeout_s, self.retry_after_s = request_timeout_s, retry_after_s
         self.drain_bytes = drain_bytes
         self.admitted = 0
         self.draining = False
         self.tickets: set[Ticket] = set()
-        QUEUE_DEPTH.set(0)
+        self.depth.set(0)
 
     def abort_all(self) -> None:
         """Give up on every admitted request (the grace period is over): each is answered 503 at once."""
@@ -142,7 +145,7 @@ class Admission:
                                 f"requests; retry after {self.retry_after_s} s", self.drain_bytes,
                                 {"retry-after": str(self.retry_after_s)})
         self.admitted += 1
-        QUEUE_DEPTH.set(self.admitted)
+        self.depth.set(self.admitted)
         ticket = Ticket(self.request_timeout_s)
         self.tickets.add(ticket)
         token = TICKET.set(ticket)
@@ -178,7 +181,7 @@ class Admission:
             TICKET.reset(token)
             self.tickets.discard(ticket)
             self.admitted -= 1
-            QUEUE_DEPTH.set(self.admitted)
+            self.depth.set(self.admitted)
             if watcher is not None and not watcher.done():
                 watcher.cancel()
 

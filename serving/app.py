@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 from serving.admission import (CLIENT_LEFT, TICKET, Admission, AdmissionMiddleware, BodyLimit, RequestDropped, drain_budget,
                                prediction_protocol)
 from serving.limits import ServingLimits
+from serving.observe import REQUEST_SECONDS, version_label
 
 from serving.predictor import MaskRCNNPredictor
 
@@ -68,7 +69,9 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, record)
         finally:
-            REQUESTS.labels(protocol, str(status["code"]), self.model.version or "unknown").inc()
+            version = version_label(self.model.version)
+            REQUESTS.labels(protocol, str(status["code"]), version).inc()
+            REQUEST_SECONDS.labels(protocol, str(status["code"]), version).observe(time.perf_counter() - began)
 
 
 def _script_json(value) -> str:
@@ -120,7 +123,7 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
     v1, v2 = V1Endpoints(dataplane), V2Endpoints(dataplane)
     app = FastAPI(title="maskrcnn predictor", docs_url=None, redoc_url=None, openapi_url=None)
     admission = Admission(limits.max_queue, limits.request_timeout_s, limits.retry_after_s,
-                          drain_bytes=drain_budget(limits.max_body_bytes))
+                          drain_bytes=drain_budget(limits.max_body_bytes), model_version=version_label(model.version))
     health = Health(model, admission)
     app.state.admission = admission
 

@@ -43,10 +43,10 @@ from kserve import Model
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
-from prometheus_client import Histogram
 
 from serving.admission import TICKET, Ticket
 from serving.limits import ServingLimits
+from serving.observe import ModelMetrics
 from training.data.labels import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
 from training.inference import MASK_BUDGET_BYTES, detect
@@ -56,8 +56,6 @@ from training.signature import load_public_keys
 
 log = logging.getLogger(__name__)
 
-DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per image", ["model_version"],
-                       buckets=(0, 1, 2, 5, 10, 20, 50, 100))
 Backend = Literal["auto", "onnxruntime", "eager"]  # where the network runs (see the module's docstring)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
@@ -103,6 +101,7 @@ class MaskRCNNPredictor(Model):
         # One inference thread: requests queue holding their compressed bodies only, not decoded images.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.last_forward_seconds = 0.0
+        self.metrics = ModelMetrics(None, [])  # the served version's, once loaded
 
     def load(self) -> bool:
         """Read and verify the package (checksums, limits, signature when keys are configured), build the
@@ -129,6 +128,7 @@ class MaskRCNNPredictor(Model):
             raise PackageError(f"{self.model_dir}: the network does not answer the package's probe as its weights "
                                f"did at export, so it is not served: {problem}")
         self.model, self.graph = model, graph
+        self.metrics = ModelMetrics(self.version, self.label_map.names)
         # With the graph, PyTorch only resizes and pastes masks: one thread, so that its idle OpenMP
         # workers do not spin against ONNX Runtime's on the same cores (set per forward pass, in `infer`).
         self.torch_threads = 1 if self.graph is not None else cores
@@ -284,8 +284,9 @@ class MaskRCNNPredictor(Model):
             raise InferenceError("model is not loaded")
         results = []
         for img in images:
+            self.metrics.image(img)
             try:
-                with self._lock, _torch_threads(self.torch_threads):
+                with self._lock, _torch_threads(self.torch_threads), self.metrics.forward():
                     start = time.perf_counter()
                     self._forward_started = time.monotonic()
                     try:
@@ -310,7 +311,7 @@ class MaskRCNNPredictor(Model):
                       "detections": detections}
             if overlay:
                 result["overlay_png"], result["mask_png"] = self._overlay(img, detections)
-            DETECTIONS.labels(self.version or "unknown").observe(len(detections))
+            self.metrics.detections(detections)
             results.append(result)
         return results
 

@@ -94,3 +94,16 @@ def test_pixel_limit_is_checked_before_decoding():
 def test_to_tensor_layout_and_range():
     t = to_tensor(np.full((2, 3, 3), 255, np.uint8))
     assert tuple(t.shape) == (3, 2, 3) and float(t.max()) == 1.0
+
+
+def test_image_statistics_are_luminance_mean_and_spread():
+    from training.data.images import image_statistics
+
+    white = image_statistics(np.full((40, 50, 3), 255, np.uint8))
+    assert white.megapixels == pytest.approx(0.002) and white.brightness == pytest.approx(1.0) and white.contrast == 0
+    red = image_statistics(np.tile(np.array([255, 0, 0], np.uint8), (16, 16, 1)))
+    assert red.brightness == pytest.approx(0.299, abs=1e-6)  # BT.601 luminance
+    halves = np.zeros((64, 64, 3), np.uint8)
+    halves[:, 32:] = 255
+    stats = image_statistics(halves)
+    assert stats.brightness == pytest.approx(0.5) and stats.contrast == pytest.approx(0.5)

@@ -191,6 +191,45 @@ def test_metrics_count_requests_by_status_and_version(client):
     assert 'request_predict_seconds_count{model_name="maskrcnn"}' in text  # kserve's own metrics too
 
 
+def test_metrics_describe_the_model_by_version(client, predictor):
+    """Latency, forward passes, detections, scores, classes and the inputs' statistics, each labelled with
+    the served version; an all-white and an all-black image move the brightness histogram's sum by 1 and 0."""
+    from devstack.load import metric, parse_metrics
+    from serving.observe import MAX_CLASS_LABELS, ModelMetrics
+    from training.data.images import image_statistics
+
+    before = parse_metrics(client.get("/metrics").text)
+    white, black = np.full((40, 50, 3), 255, np.uint8), np.zeros((40, 50, 3), np.uint8)
+    for image in (white, black):
+        assert client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(image), score_threshold=0.0)).status_code == 200
+    answer = client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture()), score_threshold=0.0)).json()
+    after = parse_metrics(client.get("/metrics").text)
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, model_version="7", **labels) - metric(before, name, model_version="7", **labels)
+
+    assert grew("maskrcnn_request_seconds_count", protocol="v1", status="200") == 3
+    assert grew("maskrcnn_forward_seconds_count") == 3 and grew("maskrcnn_forward_seconds_sum") > 0
+    assert grew("maskrcnn_input_brightness_count") == 3 and grew("maskrcnn_input_contrast_count") == 3
+    expected = 1.0 + 0.0 + image_statistics(picture()).brightness  # white, black, the picture (PNG: the same pixels)
+    assert grew("maskrcnn_input_brightness_sum") == pytest.approx(expected, abs=1e-5)
+    assert grew("maskrcnn_input_megapixels_sum") == pytest.approx(2 * 40 * 50 / 1e6 + 64 * 64 / 1e6)
+    detections = answer["predictions"][0]["detections"]
+    assert detections  # threshold 0: the untrained model's detections show
+    assert grew("maskrcnn_detection_score_count") >= len(detections)
+    for name in {d["label"] for d in detections}:
+        assert grew("maskrcnn_detections_total", label=name) >= sum(d["label"] == name for d in detections)
+    assert metric(after, "maskrcnn_inflight_requests", model_version="7") == 0
+    assert ("maskrcnn_queue_depth", (("model_version", "7"),)) in after
+    # a label map larger than the cap: its classes beyond it are counted as "other", not as new series
+    many = ModelMetrics("cap-test", [f"c{i}" for i in range(MAX_CLASS_LABELS + 50)])
+    many.detections([{"label": f"c{i}", "score": 0.9} for i in range(MAX_CLASS_LABELS + 50)])
+    capped = parse_metrics(client.get("/metrics").text)
+    assert metric(capped, "maskrcnn_detections_total", model_version="cap-test", label="other") == 50
+    assert len([k for k in capped if k[0] == "maskrcnn_detections_total" and ("model_version", "cap-test") in k[1]]) == \
+        MAX_CLASS_LABELS + 1
+
+
 def test_health_and_model_ready(client):
     assert client.get("/v1/models/maskrcnn").json() == {"name": "maskrcnn", "ready": True}
     assert client.get("/v2/health/ready").status_code == 200

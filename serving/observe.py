@@ -1,0 +1,92 @@
+"""What the predictor's traffic says about the model, on /metrics, every series labelled `model_version`.
+
+- `maskrcnn_request_seconds{protocol,status,model_version}`: a prediction request's time in the server,
+  from its arrival to its response (histogram; the app's `RequestMetrics` observes it).
+- `maskrcnn_forward_seconds{model_version}`: one image's forward pass and mask post-processing.
+- `maskrcnn_inflight_requests{model_version}`: images in a forward pass right now (the queue is
+  `maskrcnn_queue_depth{model_version}`: requests admitted, running or waiting).
+- `maskrcnn_detections_per_image{model_version}`, `maskrcnn_detection_score{model_version}` (each returned
+  detection's score) and `maskrcnn_detections_total{model_version,label}` (the class mix).
+- `maskrcnn_input_megapixels`, `maskrcnn_input_brightness`, `maskrcnn_input_contrast` (`{model_version}`):
+  each decoded image's `training.data.images.image_statistics`, the function the package's reference
+  statistics are computed with.
+
+Cardinality is bounded: one `model_version` per process, the HTTP statuses the server answers, two
+protocols, and at most `MAX_CLASS_LABELS` class labels (beyond them, classes are counted as `other`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from training.data.images import image_statistics
+
+MAX_CLASS_LABELS = 100
+OTHER = "other"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+FRACTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
+
+REQUEST_SECONDS = Histogram("maskrcnn_request_seconds", "Prediction requests' time in the server, arrival to response",
+                            ["protocol", "status", "model_version"], buckets=LATENCY_BUCKETS)
+FORWARD_SECONDS = Histogram("maskrcnn_forward_seconds", "One image's forward pass and mask post-processing",
+                            ["model_version"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("maskrcnn_inflight_requests", "Images in a forward pass now", ["model_version"])
+DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per image", ["model_version"],
+                       buckets=(0, 1, 2, 5, 10, 20, 50, 100))
+SCORES = Histogram("maskrcnn_detection_score", "Score of each returned detection", ["model_version"],
+                   buckets=FRACTION_BUCKETS)
+CLASSES = Counter("maskrcnn_detections_total", "Returned detections by class (at most MAX_CLASS_LABELS classes, then 'other')",
+                  ["model_version", "label"])
+MEGAPIXELS = Histogram("maskrcnn_input_megapixels", "Decoded input images' size (width x height / 1e6)", ["model_version"],
+                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
+BRIGHTNESS = Histogram("maskrcnn_input_brightness", "Decoded input images' mean luminance (0-1)", ["model_version"],
+                       buckets=FRACTION_BUCKETS)
+CONTRAST = Histogram("maskrcnn_input_contrast", "Decoded input images' luminance standard deviation (0-0.5)",
+                     ["model_version"], buckets=tuple(round(0.025 * i, 3) for i in range(1, 21)))
+
+
+def version_label(version: str | None) -> str:
+    return version or "unknown"
+
+
+class ModelMetrics:
+    """The series of one served model version (children bound once: observing is a lock and an add)."""
+
+    def __init__(self, version: str | None, class_names: Sequence[str]):
+        self.version = version_label(version)
+        v = self.version
+        self.forward_seconds, self.in_flight = FORWARD_SECONDS.labels(v), IN_FLIGHT.labels(v)
+        self.per_image, self.scores = DETECTIONS.labels(v), SCORES.labels(v)
+        self.megapixels, self.brightness, self.contrast = MEGAPIXELS.labels(v), BRIGHTNESS.labels(v), CONTRAST.labels(v)
+        labels = list(class_names)[:MAX_CLASS_LABELS]
+        self._classes = {name: CLASSES.labels(v, name) for name in labels}
+        self._other = CLASSES.labels(v, OTHER)
+        self.in_flight.set(0)
+
+    def image(self, image: np.ndarray) -> None:
+        stats = image_statistics(image)
+        self.megapixels.observe(stats.megapixels)
+        self.brightness.observe(stats.brightness)
+        self.contrast.observe(stats.contrast)
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        self.in_flight.inc()
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.forward_seconds.observe(time.perf_counter() - began)
+            self.in_flight.dec()
+
+    def detections(self, detections: list[dict[str, Any]]) -> None:
+        self.per_image.observe(len(detections))
+        for detection in detections:
+            self.scores.observe(detection["score"])
+            self._classes.get(detection["label"], self._other).inc()
