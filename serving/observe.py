@@ -10,6 +10,11 @@
 - `maskrcnn_input_megapixels`, `maskrcnn_input_brightness`, `maskrcnn_input_contrast` (`{model_version}`):
   each decoded image's `training.data.images.image_statistics`, the function the package's reference
   statistics are computed with.
+- The package's reference (`training.reference`, when the package has one), with the same buckets:
+  `maskrcnn_reference_mean{statistic}`, `maskrcnn_reference_bucket{statistic,le}` (cumulative shares, the
+  live histogram's `_bucket / _count`), `maskrcnn_reference_class_share{label}`, `maskrcnn_reference_images`.
+  `statistic` is one of brightness, contrast, megapixels (`maskrcnn_input_*`), detections_per_image
+  (`maskrcnn_detections_per_image`) and score (`maskrcnn_detection_score`).
 
 Cardinality is bounded: one `model_version` per process, the HTTP statuses the server answers, two
 protocols, and at most `MAX_CLASS_LABELS` class labels (beyond them, classes are counted as `other`).
@@ -24,31 +29,43 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.utils import floatToGoString
 
 from training.data.images import image_statistics
+from training.reference import BUCKETS, Reference
 
 MAX_CLASS_LABELS = 100
 OTHER = "other"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-FRACTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
 
 REQUEST_SECONDS = Histogram("maskrcnn_request_seconds", "Prediction requests' time in the server, arrival to response",
                             ["protocol", "status", "model_version"], buckets=LATENCY_BUCKETS)
 FORWARD_SECONDS = Histogram("maskrcnn_forward_seconds", "One image's forward pass and mask post-processing",
                             ["model_version"], buckets=LATENCY_BUCKETS)
 IN_FLIGHT = Gauge("maskrcnn_inflight_requests", "Images in a forward pass now", ["model_version"])
-DETECTIONS = Histogram("maskrcnn_detections_per_image", "Detections returned per image", ["model_version"],
-                       buckets=(0, 1, 2, 5, 10, 20, 50, 100))
-SCORES = Histogram("maskrcnn_detection_score", "Score of each returned detection", ["model_version"],
-                   buckets=FRACTION_BUCKETS)
 CLASSES = Counter("maskrcnn_detections_total", "Returned detections by class (at most MAX_CLASS_LABELS classes, then 'other')",
                   ["model_version", "label"])
-MEGAPIXELS = Histogram("maskrcnn_input_megapixels", "Decoded input images' size (width x height / 1e6)", ["model_version"],
-                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
-BRIGHTNESS = Histogram("maskrcnn_input_brightness", "Decoded input images' mean luminance (0-1)", ["model_version"],
-                       buckets=FRACTION_BUCKETS)
-CONTRAST = Histogram("maskrcnn_input_contrast", "Decoded input images' luminance standard deviation (0-0.5)",
-                     ["model_version"], buckets=tuple(round(0.025 * i, 3) for i in range(1, 21)))
+# The live distributions, with the reference's buckets (training.reference.BUCKETS), by statistic
+LIVE = {
+    "detections_per_image": Histogram("maskrcnn_detections_per_image", "Detections returned per image", ["model_version"],
+                                      buckets=BUCKETS["detections_per_image"]),
+    "score": Histogram("maskrcnn_detection_score", "Score of each returned detection", ["model_version"],
+                       buckets=BUCKETS["score"]),
+    "megapixels": Histogram("maskrcnn_input_megapixels", "Decoded input images' size (width x height / 1e6)",
+                            ["model_version"], buckets=BUCKETS["megapixels"]),
+    "brightness": Histogram("maskrcnn_input_brightness", "Decoded input images' mean luminance (0-1)", ["model_version"],
+                            buckets=BUCKETS["brightness"]),
+    "contrast": Histogram("maskrcnn_input_contrast", "Decoded input images' luminance standard deviation (0-0.5)",
+                          ["model_version"], buckets=BUCKETS["contrast"]),
+}
+REFERENCE_IMAGES = Gauge("maskrcnn_reference_images", "Validation images the package's reference was computed on",
+                         ["model_version"])
+REFERENCE_MEAN = Gauge("maskrcnn_reference_mean", "The reference's mean of a statistic (the live histogram's sum/count)",
+                       ["model_version", "statistic"])
+REFERENCE_BUCKET = Gauge("maskrcnn_reference_bucket", "The reference's share of observations <= le (the live histogram's "
+                         "bucket/count)", ["model_version", "statistic", "le"])
+REFERENCE_CLASS = Gauge("maskrcnn_reference_class_share", "The reference's share of detections of a class",
+                        ["model_version", "label"])
 
 
 def version_label(version: str | None) -> str:
@@ -58,16 +75,33 @@ def version_label(version: str | None) -> str:
 class ModelMetrics:
     """The series of one served model version (children bound once: observing is a lock and an add)."""
 
-    def __init__(self, version: str | None, class_names: Sequence[str]):
+    def __init__(self, version: str | None, class_names: Sequence[str], reference: Reference | None = None):
         self.version = version_label(version)
         v = self.version
         self.forward_seconds, self.in_flight = FORWARD_SECONDS.labels(v), IN_FLIGHT.labels(v)
-        self.per_image, self.scores = DETECTIONS.labels(v), SCORES.labels(v)
-        self.megapixels, self.brightness, self.contrast = MEGAPIXELS.labels(v), BRIGHTNESS.labels(v), CONTRAST.labels(v)
+        self.per_image, self.scores = LIVE["detections_per_image"].labels(v), LIVE["score"].labels(v)
+        self.megapixels, self.brightness = LIVE["megapixels"].labels(v), LIVE["brightness"].labels(v)
+        self.contrast = LIVE["contrast"].labels(v)
         labels = list(class_names)[:MAX_CLASS_LABELS]
         self._classes = {name: CLASSES.labels(v, name) for name in labels}
         self._other = CLASSES.labels(v, OTHER)
         self.in_flight.set(0)
+        if reference is not None:
+            self._publish(reference, labels)
+
+    def _publish(self, reference: Reference, labels: list[str]) -> None:
+        """The package's reference as gauges, with the live histograms' `le` labels (so rules can join them)."""
+        v = self.version
+        REFERENCE_IMAGES.labels(v).set(reference.images)
+        for statistic, dist in reference.stats.items():
+            REFERENCE_MEAN.labels(v, statistic).set(dist.mean)
+            for bound, share in zip(BUCKETS[statistic], dist.fractions):
+                REFERENCE_BUCKET.labels(v, statistic, floatToGoString(bound)).set(share)
+            REFERENCE_BUCKET.labels(v, statistic, "+Inf").set(1.0)
+        shown = set(labels)
+        for name in labels:
+            REFERENCE_CLASS.labels(v, name).set(reference.classes.get(name, 0.0))
+        REFERENCE_CLASS.labels(v, OTHER).set(sum(share for name, share in reference.classes.items() if name not in shown))
 
     def image(self, image: np.ndarray) -> None:
         stats = image_statistics(image)

@@ -47,6 +47,7 @@ from PIL import Image
 from serving.admission import TICKET, Ticket
 from serving.limits import ServingLimits
 from serving.observe import ModelMetrics
+from training.reference import MAX_DETECTIONS, SCORE_THRESHOLD
 from training.data.labels import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
 from training.inference import MASK_BUDGET_BYTES, detect
@@ -61,7 +62,7 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 PROBE_TIMEOUT_S = 60.0  # one probe input through the graph at load; a graph that runs longer is refused
 FORWARD_LIMIT_S = ServingLimits.forward_limit_s  # one forward pass longer: the inference thread is stuck
-SCORE_THRESHOLD, MAX_DETECTIONS, MAX_PIXELS = 0.5, 100, 16_000_000  # defaults of the predictor and its CLI
+MAX_PIXELS = 16_000_000  # default of the predictor and its CLI (the score threshold and detections: the reference's)
 IMAGE_INPUT = {"name": "image", "datatype": "BYTES", "shape": [-1]}  # base64 JPG/PNG/TIFF, one per element
 DETECTIONS_OUTPUT = {"name": "detections", "datatype": "BYTES", "shape": [-1]}  # one JSON result per image
 
@@ -128,7 +129,7 @@ class MaskRCNNPredictor(Model):
             raise PackageError(f"{self.model_dir}: the network does not answer the package's probe as its weights "
                                f"did at export, so it is not served: {problem}")
         self.model, self.graph = model, graph
-        self.metrics = ModelMetrics(self.version, self.label_map.names)
+        self.metrics = ModelMetrics(self.version, self.label_map.names, package.reference)
         # With the graph, PyTorch only resizes and pastes masks: one thread, so that its idle OpenMP
         # workers do not spin against ONNX Runtime's on the same cores (set per forward pass, in `infer`).
         self.torch_threads = 1 if self.graph is not None else cores

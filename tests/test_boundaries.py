@@ -110,6 +110,7 @@ SERVING_MAY_USE = {
     "training.data.images",  # image decoding
     "training.data.masks",  # masks
     "training.data.labels",  # labels
+    "training.reference",  # the package's reference statistics (and the predictor's defaults they assume)
     "training.visualize",  # visualisation
     "training.logs",  # logging
 }

@@ -180,7 +180,7 @@ def test_publish_to_gcs_emulator(checkpoint, tmp_path, gcs_emulator):
     assert publish_package(package, uri) == uri  # again, the same bytes: a no-op
     with pytest.raises(PublishError, match="already holds a different serving package"):
         publish_package(package.stamped({"model_version": "other"}), uri)
-    with pytest.raises(PublishError, match="already holds a different serving package .*SHA256SUMS\.sig"):
+    with pytest.raises(PublishError, match=r"already holds a different serving package .*SHA256SUMS\.sig"):
         publish_package(package.stamped({}).signed(_key()), uri)  # the same files, signed by another key
 
 

@@ -89,7 +89,14 @@ def test_run_is_tracked_in_mlflow(three_epochs, tmp_path):
                             tmp_path / "model")
     package = open_package(folder)
     assert set(package.checksums) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "probe.npz",
-                                      "detector.onnx"}
+                                      "detector.onnx", "reference.json"}
+    # the reference: the validation split's statistics and the scored predictions', counted as the predictor does
+    from training.data.prepare import prepare_data
+
+    val_images = len(prepare_data(cfg.data, validate=True).val.coco["images"])
+    reference = package.reference
+    assert reference.images == val_images and reference.stats["brightness"].fractions[-1] == 1.0
+    assert reference.detections == round(reference.stats["detections_per_image"].mean * val_images)
     assert not list(folder.rglob("*.pkl")) and not (folder / "MLmodel").exists()
     assert package.metadata["metrics"]["segm_mAP"] == pytest.approx(result.metrics["segm_mAP"], abs=1e-9)
     model = package.build_model()

@@ -21,11 +21,13 @@ from torch.utils.data import DataLoader
 from training.config import EvalConfig
 from training.data.coco import CocoSplit
 from training.data.dataset import CocoDataset, collate
+from training.data.images import decode_image
 from training.data.masks import Prediction
 from training.engine import is_primary
 from training.inference import predict
 from training.package import Package, open_package
 from training.metrics import evaluate_predictions
+from training.reference import Reference, compute_reference
 from training.graph import OnnxDetector
 from training.visualize import draw_predictions
 
@@ -85,6 +87,18 @@ def evaluate_package(package: Package | str | Path, split: CocoSplit, cfg: EvalC
         return evaluate_model(package.build_model(), split, cfg or package.config.eval, graph=graph)
     finally:
         torch.set_num_threads(before)
+
+
+def split_reference(split: CocoSplit, predictions: list[Prediction], class_names: list[str]) -> Reference:
+    """The model's reference (`training.reference`) on `split`: its images' statistics and `predictions`
+    (as `evaluate_model` returns them), matched by image id."""
+    by_id = {p["image_id"]: p for p in predictions}
+    images = split.coco["images"]
+    missing = [img["id"] for img in images if img["id"] not in by_id]
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} image(s) of the split, e.g. id {missing[0]}")
+    decoded = (decode_image(split.root / img["file_name"]) for img in images)
+    return compute_reference(decoded, (by_id[img["id"]] for img in images), class_names)
 
 
 def write_samples(split: CocoSplit, predictions: list[Prediction], out_dir: Path, count: int, score_threshold: float) -> list[Path]:

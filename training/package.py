@@ -15,6 +15,7 @@ A package is a folder of regular files (format 1):
 | `metadata.json` | `format_version` and the evidence (run, metrics, dataset hash, commit, version) | 1 MiB |
 | `probe.npz` | a few network inputs and the detections the weights give on them (`Probe`) | 256 MiB |
 | `detector.onnx` | optional: the network as a self-contained ONNX graph, run by ONNX Runtime | 2 GiB |
+| `reference.json` | optional: the inputs' and predictions' statistics on the validation split (`training.reference`) | 1 MiB |
 | `SHA256SUMS` | `sha256sum` lines over every file above (`sha256sum -c SHA256SUMS` checks by hand) | 64 KiB |
 | `SHA256SUMS.sig` | optional: an Ed25519 signature over `SHA256SUMS` (`training.signature`) | 4 KiB |
 
@@ -48,6 +49,7 @@ import yaml
 from training.config import MODEL_NAME, Config, ConfigError  # noqa: F401  (MODEL_NAME: re-exported for serving)
 from training.data.labels import LabelError, LabelMap
 from training.graph import ONNX_FILE, GraphError, Probe, check_graph
+from training.reference import REFERENCE_FILE, Reference, ReferenceError, parse_reference
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +76,7 @@ FILES: dict[str, FileRule] = {  # the package's file contract: one table
     "metadata.json": FileRule(1 << 20, True),
     "probe.npz": FileRule(256 << 20, True),
     ONNX_FILE: FileRule(2 << 30, False),
+    REFERENCE_FILE: FileRule(1 << 20, False),
 }
 UNLISTED = {CHECKSUM_FILE: 64 << 10, SIGNATURE_FILE: 4 << 10}  # not in SHA256SUMS: it lists, or signs, the rest
 MAX_YAML_ALIASES = 0  # safe_dump writes none; every alias is another's bytes read again
@@ -101,6 +104,8 @@ class Package:
     """Where it was read from (for messages)."""
     signer: str = ""
     """Id of the trusted key that verified the signature; empty when not checked."""
+    reference: Reference | None = None
+    """The inputs' and predictions' statistics on the validation split (`training.reference`), if it has them."""
 
     @property
     def checksums(self) -> dict[str, str]:
@@ -143,6 +148,12 @@ class Package:
         metadata = json.loads(_metadata_bytes({**self.metadata, **updates}))  # as a reader will see it
         files = _with_checksums({**self.files, "metadata.json": _metadata_bytes(metadata)})
         return dataclasses.replace(self, files=files, metadata=metadata, signer="")
+
+    def with_reference(self, reference: Reference) -> Package:
+        """The same package carrying `reference` as reference.json; every other file byte-identical. Unsigned."""
+        files = _with_checksums({**self.files, REFERENCE_FILE: reference.to_json()})
+        parsed = parse_reference(files[REFERENCE_FILE], REFERENCE_FILE, self.label_map.names)  # as a reader will see it
+        return dataclasses.replace(self, files=files, reference=parsed, signer="")
 
     def signed(self, private_key: Ed25519PrivateKey) -> Package:
         """The same package with `SHA256SUMS.sig` by `private_key`."""
@@ -290,7 +301,13 @@ def _from_files(files: dict[str, bytes], source: str, public_keys: list[Ed25519P
             check_graph(files[ONNX_FILE], at(ONNX_FILE))
         except GraphError as exc:
             raise PackageError(str(exc)) from None
-    return Package(dict(files), config, label_map, metadata, weights, probe, source, signer)
+    reference = None
+    if REFERENCE_FILE in files:
+        try:
+            reference = parse_reference(files[REFERENCE_FILE], at(REFERENCE_FILE), label_map.names)
+        except ReferenceError as exc:
+            raise PackageError(str(exc)) from None
+    return Package(dict(files), config, label_map, metadata, weights, probe, source, signer, reference)
 
 
 def _json(data: bytes, where: str) -> Any:

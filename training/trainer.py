@@ -134,7 +134,7 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
              package_dir: str | Path | None = None) -> TrainResult:
     """Export the best checkpoint's serving package, score it on the validation split, log the checkpoint,
     sample images and the package (as the run's model), and register it when configured."""
-    from training.evaluate import evaluate_package, metric_summary, write_samples
+    from training.evaluate import evaluate_package, metric_summary, split_reference, write_samples
     from training.export import export_checkpoint
     from training.registry import register_package, set_alias
     from training.tracking import log_metrics, log_package
@@ -147,7 +147,8 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
         log.info("evaluating the best checkpoint's package (epoch %d) on %d validation images", epoch,
                  len(data.val.coco["images"]))
         metrics, predictions = evaluate_package(package, data.val, cfg.eval)
-        package = package.stamped({"metrics": metrics})
+        reference = split_reference(data.val, predictions, package.label_map.names)
+        package = package.stamped({"metrics": metrics}).with_reference(reference)
         package_path = package.save(package_dir or Path(tmp) / "package")  # written once, as logged and registered
         log.info("final: %s", metric_summary(metrics))
         log_metrics(client, run_id, {f"final_{k}": v for k, v in metrics.items()}, step=epoch)
