@@ -32,6 +32,7 @@ PACKAGES: dict[str, str] = {
     "make": "kube-apiserver's build",
     "patch": "Debian's patches to the kubernetes source",
     "openssl": "the Kubernetes API server's test certificates",
+    "prometheus": "promtool: the alerting rules' checks and unit tests (deployment/monitoring/)",
 }
 BINARIES = {"kubectl": "`kubectl kustomize` renders the manifests (install kubectl from your Kubernetes vendor)"}
 

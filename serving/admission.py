@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = Gauge("maskrcnn_queue_depth", "Prediction requests admitted and not yet answered (running or waiting)",
                     ["model_version"])
+QUEUE_LIMIT = Gauge("maskrcnn_queue_limit", "The most prediction requests admitted at once (max_queue)", ["model_version"])
 REJECTED = Counter("maskrcnn_requests_rejected_total", "Prediction requests refused with 503 before their body was read",
                    ["reason"])
 DROPPED = Counter("maskrcnn_requests_dropped_total", "Admitted prediction requests whose work was dropped, not answered",
@@ -119,6 +120,7 @@ class Admission:
                  model_version: str = "unknown"):
         self.max_queue = max_queue
         self.depth = QUEUE_DEPTH.labels(model_version)
+        QUEUE_LIMIT.labels(model_version).set(max_queue)
         self.request_timeout_s, self.retry_after_s = request_timeout_s, retry_after_s
         self.drain_bytes = drain_bytes
         self.admitted = 0

@@ -26,7 +26,7 @@ from pathlib import Path
 from fastapi import FastAPI, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from starlette.requests import ClientDisconnect
 
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"
 REQUESTS = Counter("maskrcnn_requests_total", "Prediction requests by protocol, HTTP status and model version",
                    ["protocol", "status", "model_version"])
+
+
+READY = Gauge("maskrcnn_ready", "1 while the predictor is ready (model loaded, not draining, no stuck forward pass)",
+              ["model_version"])
 
 
 class RequestMetrics:
@@ -125,6 +129,7 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
     admission = Admission(limits.max_queue, limits.request_timeout_s, limits.retry_after_s,
                           drain_bytes=drain_budget(limits.max_body_bytes), model_version=version_label(model.version))
     health = Health(model, admission)
+    READY.labels(version_label(model.version)).set_function(lambda: float(health.ready_problem() is None))
     app.state.admission = admission
 
     def named(model_name: str) -> None:

@@ -221,6 +221,8 @@ def test_metrics_describe_the_model_by_version(client, predictor):
         assert grew("maskrcnn_detections_total", label=name) >= sum(d["label"] == name for d in detections)
     assert metric(after, "maskrcnn_inflight_requests", model_version="7") == 0
     assert ("maskrcnn_queue_depth", (("model_version", "7"),)) in after
+    assert metric(after, "maskrcnn_ready", model_version="7") == 1  # read from the health check at scrape time
+    assert metric(after, "maskrcnn_queue_limit", model_version="7") == client.app.state.admission.max_queue
     # a label map larger than the cap: its classes beyond it are counted as "other", not as new series
     many = ModelMetrics("cap-test", [f"c{i}" for i in range(MAX_CLASS_LABELS + 50)])
     many.detections([{"label": f"c{i}", "score": 0.9} for i in range(MAX_CLASS_LABELS + 50)])
