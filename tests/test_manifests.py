@@ -21,7 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # The custom resources' schemas as KServe and KubeRay publish them (deployment/crds/README.md).
 CRDS = {("serving.kserve.io/v1beta1", "InferenceService"): "kserve-v0.20.0-inferenceservices.yaml",
         ("serving.kserve.io/v1alpha1", "ServingRuntime"): "kserve-v0.20.0-servingruntimes.yaml",
-        ("ray.io/v1", "RayCluster"): "kuberay-v1.7.0-rayclusters.yaml"}
+        ("ray.io/v1", "RayCluster"): "kuberay-v1.7.0-rayclusters.yaml",
+        ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-operator-v0.93.0-podmonitors.yaml",
+        ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheus-operator-v0.93.0-prometheusrules.yaml",
+        ("monitoring.googleapis.com/v1", "PodMonitoring"): "gmp-v0.17.2-podmonitorings.yaml",
+        ("monitoring.googleapis.com/v1", "Rules"): "gmp-v0.17.2-rules.yaml"}
+MONITORING = ["deployment/monitoring/prometheus-operator", "deployment/monitoring/gke-managed-prometheus"]
 K8S_VERSION = "1.31"
 
 
@@ -169,6 +174,9 @@ def crd_schema(file: str, version: str) -> dict:
 
     def strict(node):
         if isinstance(node, dict):
+            if isinstance(node.get("pattern"), str) and node["pattern"].startswith("^(?i)"):
+                # Go's RE2 takes a flag group anywhere; Python's `re` only at the start: the same pattern
+                node["pattern"] = "(?i)^" + node["pattern"][len("^(?i)"):]
             if ("properties" in node and "additionalProperties" not in node
                     and not node.get("x-kubernetes-preserve-unknown-fields")):
                 node["additionalProperties"] = False
@@ -184,7 +192,7 @@ def crd_schema(file: str, version: str) -> dict:
 
 def custom_resources() -> list[tuple[str, dict]]:
     found = []
-    for path in KUSTOMIZATIONS:
+    for path in KUSTOMIZATIONS + MONITORING:
         for obj in render(path):
             if (obj["apiVersion"], obj["kind"]) in CRDS:
                 found.append((f"{path}:{obj['kind']}", obj))
@@ -262,3 +270,30 @@ def test_multi_user_overlay_binds_the_profile_default_editor():
                                     "namespace": "kubeflow-user-example-com"}]
     standalone = by_kind(render("deployment/overlays/production"), "RoleBinding")
     assert standalone["subjects"][0]["name"] == "pipeline-runner"
+
+
+def test_the_monitoring_resources_carry_the_one_rules_file_and_scrape_the_predictor():
+    """The PrometheusRule and GKE's Rules hold exactly deployment/monitoring/rules.yaml's groups (tested by
+    promtool in test_monitoring_rules.py); both scrapers select the InferenceService's pods on the port the
+    predictor serves /metrics on, and the NetworkPolicy lets exactly those scrapers reach it."""
+    groups = yaml.safe_load((ROOT / "deployment" / "monitoring" / "rules.yaml").read_text())["groups"]
+    operator, managed = (render(path) for path in MONITORING)
+    assert by_kind(operator, "PrometheusRule")["spec"]["groups"] == groups
+    assert by_kind(managed, "Rules")["spec"]["groups"] == groups
+    isvc = by_kind(render("deployment/overlays/production"), "InferenceService")
+    runtime = by_kind(render("deployment/overlays/production"), "ServingRuntime")
+    (port,) = [p["containerPort"] for c in runtime["spec"]["containers"] for p in c.get("ports", [])]
+    pods = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    (endpoint,) = by_kind(operator, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert by_kind(operator, "PodMonitor")["spec"]["selector"]["matchLabels"] == pods
+    assert (endpoint["portNumber"], endpoint["path"]) == (port, "/metrics")
+    (endpoint,) = by_kind(managed, "PodMonitoring")["spec"]["endpoints"]
+    assert by_kind(managed, "PodMonitoring")["spec"]["selector"]["matchLabels"] == pods
+    assert (endpoint["port"], endpoint["path"]) == (port, "/metrics")
+    policy = by_kind(render("deployment/overlays/production"), "NetworkPolicy")
+    scrapers = [rule for rule in policy["spec"]["ingress"] if any("podSelector" in peer for peer in rule["from"])]
+    assert len(scrapers) == 1 and {p["port"] for p in scrapers[0]["ports"]} == {port, 9091}
+    assert [(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], peer["podSelector"]["matchLabels"])
+            for peer in scrapers[0]["from"]] == [("monitoring", {"app.kubernetes.io/name": "prometheus"}),
+                                                 ("gmp-system", {"app.kubernetes.io/name": "collector"})]
+
