@@ -1,6 +1,8 @@
 """`uv run -m devstack up|down|status|env`: the local MLflow stack on 127.0.0.1.
 `uv run -m devstack image`: build the project's image with podman, offline (mmdebstrap base).
-`uv run -m devstack rehearse`: the whole cluster path in containers on this machine (see devstack/rehearse.py)."""
+`uv run -m devstack rehearse`: the whole cluster path in containers on this machine (see devstack/rehearse.py).
+`uv run -m devstack monitoring --target 127.0.0.1:8080`: Prometheus (the project's rules) and Alertmanager on
+127.0.0.1, scraping a running predictor, until Ctrl-C (see devstack/monitoring.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ log = logging.getLogger("devstack")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "status", "env", "image", "rehearse"])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "image", "rehearse", "monitoring"])
     parser.add_argument("--dir", type=Path, default=None, help="stack folder (default $MASKRCNN_STACK_DIR or ./.stack)")
     defaults = Ports()
     parser.add_argument("--postgres-port", type=int, help=f"first `up` only (default {defaults.postgres})")
@@ -28,6 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", type=Path, default=Path(".rehearsal"),
                         help="image/rehearse: podman settings, pipeline root and the model volume (default ./.rehearsal)")
     parser.add_argument("--port", type=int, default=8080, help="rehearse: the predictor's port on 127.0.0.1")
+    parser.add_argument("--target", action="append", default=None,
+                        help="monitoring: a predictor to scrape, host:port (repeatable; default 127.0.0.1:8080)")
+    parser.add_argument("--webhook", default=None, help="monitoring: where Alertmanager posts alerts (default: nowhere)")
     return parser
 
 
@@ -56,6 +61,25 @@ def main(argv: list[str] | None = None) -> int:
             timings = rehearse(stack, args.work.resolve(), args.port)
             for stage, seconds in timings.items():
                 print(f"{stage:24s} {seconds:7.1f} s")
+        elif args.command == "monitoring":
+            import signal
+            import time
+
+            from devstack import monitoring
+
+            root = (args.dir or Path(".stack")).resolve() / "monitoring"
+            mon = monitoring.start(root, args.target or ["127.0.0.1:8080"], [monitoring.RULES], webhook=args.webhook,
+                                   scrape_interval="15s", evaluation_interval="30s")
+            log.info("Prometheus at %s (rules: %s), Alertmanager at %s; Ctrl-C stops both", mon.prometheus_url,
+                     monitoring.RULES, mon.alertmanager_url)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both on SIGTERM too
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                mon.stop()
         elif args.command == "up":
             stack.up()
             log.info("stack is up in %s; MLflow UI at %s", stack.root, stack.tracking_uri)

@@ -32,7 +32,8 @@ PACKAGES: dict[str, str] = {
     "make": "kube-apiserver's build",
     "patch": "Debian's patches to the kubernetes source",
     "openssl": "the Kubernetes API server's test certificates",
-    "prometheus": "promtool: the alerting rules' checks and unit tests (deployment/monitoring/)",
+    "prometheus": "the alerting rules' checks (promtool) and a real Prometheus scraping the predictor (devstack/monitoring.py)",
+    "prometheus-alertmanager": "a real Alertmanager delivering the alerts (devstack/monitoring.py)",
 }
 BINARIES = {"kubectl": "`kubectl kustomize` renders the manifests (install kubectl from your Kubernetes vendor)"}
 
