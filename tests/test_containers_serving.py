@@ -28,6 +28,17 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def served_package(serving_package):
+    """The tiny package with a reference (`training.reference`) computed on a few synthetic images."""
+    from training.package import open_package
+    from training.reference import compute_reference
+
+    package = open_package(serving_package)
+    images = [np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8) for i in range(4)]
+    empty = {"scores": np.array([]), "labels": np.array([], int)}
+    return package.with_reference(compute_reference(images, [empty] * 4, package.label_map.names))
+
+
 @pytest.fixture(scope="module")
 def model_volume(podman, initializer_image, mlflow_stack, serving_package, tmp_path_factory):
     """The storageUri downloaded by KServe's storage initializer into a folder (the pod's emptyDir)."""
@@ -37,7 +48,7 @@ def model_volume(podman, initializer_image, mlflow_stack, serving_package, tmp_p
     with pytest.MonkeyPatch.context() as mp:
         for key, value in mlflow_stack.env().items():
             mp.setenv(key, value)
-        uri = publish_package(open_package(serving_package), f"s3://{mlflow_stack.state.models_bucket}/containers/v7")
+        uri = publish_package(served_package(serving_package), f"s3://{mlflow_stack.state.models_bucket}/containers/v7")
     volume = tmp_path_factory.mktemp("mnt-models")
     env = mlflow_stack.storage_initializer_env()
     out = initialize_storage(podman, initializer_image, uri, volume, env)
@@ -50,7 +61,7 @@ def test_storage_initializer_downloads_the_published_package(model_volume, servi
     from training.package import open_package
 
     _, volume = model_volume
-    assert open_package(volume).files == open_package(serving_package).files  # every file, byte for byte
+    assert open_package(volume).files == served_package(serving_package).files  # every file, byte for byte
 
 
 def test_storage_initializer_fails_on_a_missing_uri(podman, initializer_image, mlflow_stack, tmp_path):
@@ -135,3 +146,39 @@ def test_with_public_keys_the_predictor_container_serves_signed_packages_only(po
     finally:
         podman("rm", "-f", "-t", "0", name, check=False)
     shutil.rmtree(signed)
+
+
+def test_every_dashboard_panel_has_data_from_a_real_prometheus_scraping_the_container(predictor_url, tmp_path):
+    """deployment/monitoring/grafana/dashboard.json: a real Prometheus with the project's rules (evaluated every
+    second, windows unchanged) scrapes the predictor container, as KServe runs it, under a bounded load of six
+    requests; then every panel's query returns data through Prometheus' HTTP API."""
+    import time
+    from pathlib import Path
+
+    from devstack import monitoring
+
+    url, _ = predictor_url
+    dashboard = json.loads((Path(monitoring.RULES).parent / "grafana" / "dashboard.json").read_text())
+    rules = monitoring.time_scaled_rules(monitoring.RULES, tmp_path / "rules.yaml", {}, min_count=100)
+    mon = monitoring.start(tmp_path / "mon", [url.removeprefix("http://")], [rules])
+    try:
+        deadline = time.monotonic() + 30
+        while not mon.targets_up():
+            assert time.monotonic() < deadline, "Prometheus never scraped the container"
+            time.sleep(0.5)
+        image = np.random.default_rng(7).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+        for _ in range(6):
+            status, _ = _post(f"{url}/v1/models/maskrcnn:predict",
+                              {"instances": [{"image": {"b64": base64.b64encode(encode_image(image)).decode()}}]})
+            assert status == 200
+            time.sleep(0.5)
+        time.sleep(4)  # a few more scrapes and rule evaluations
+        empty = []
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                if not mon.query(target["expr"]):
+                    empty.append((panel["title"], target["expr"]))
+        assert not empty, f"panels whose query returned no data: {empty}"
+    finally:
+        mon.stop()
+

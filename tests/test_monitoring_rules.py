@@ -71,3 +71,52 @@ def test_the_rules_read_only_metrics_the_predictor_exports(serving_client):
     missing = {n for n in named if n not in families and not any(n.endswith(s) and n[: -len(s)] in families for s in suffixes)
                and not (n.endswith("_total") and n in {f + "_total" for f in families})}
     assert not missing, f"rules read metrics the predictor does not export: {sorted(missing)}"
+
+
+def dropped_keys(given, kept, path: str = "") -> list[str]:
+    """Paths of keys in `given` that are not in `kept` (the SDK's re-serialised form adds defaults)."""
+    if isinstance(given, dict):
+        if not isinstance(kept, dict):
+            return [path or "."]
+        return [p for k, v in given.items() for p in ([f"{path}.{k}"] if k not in kept else dropped_keys(v, kept[k], f"{path}.{k}"))]
+    if isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        return [p for i, (a, b) in enumerate(zip(given, kept)) for p in dropped_keys(a, b, f"{path}[{i}]")]
+    return []
+
+
+def reserialised(dashboard: dict) -> dict:
+    import json
+
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    return json.loads(json.dumps(Dashboard.from_json(dashboard), cls=JSONEncoder))
+
+
+def test_the_dashboard_has_no_key_grafanas_schema_does_not_know():
+    """grafana-foundation-sdk reads the dashboard and drops what its schema does not know: nothing may be
+    dropped (a misspelt key is a panel option silently ignored); the check catches a misspelling."""
+    import copy
+    import json
+
+    dashboard = json.loads((MONITORING / "grafana" / "dashboard.json").read_text())
+    assert dropped_keys(dashboard, reserialised(dashboard)) == []
+    assert len(dashboard["panels"]) >= 12 and all(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    typo = copy.deepcopy(dashboard)
+    typo["panels"][0]["gridPoss"] = typo["panels"][0].pop("gridPos")
+    assert dropped_keys(typo, reserialised(typo)) == [".panels[0].gridPoss"]
+
+
+def test_every_dashboard_query_parses_and_reads_only_exported_or_recorded_series(serving_client):
+    import json
+
+    dashboard = json.loads((MONITORING / "grafana" / "dashboard.json").read_text())
+    groups = yaml.safe_load((MONITORING / "rules.yaml").read_text())["groups"]
+    recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    exported = set(re.findall(r"^# TYPE (maskrcnn_[a-z_]+) ", serving_client.get("/metrics").text, re.M))
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\b(maskrcnn[:_][a-z0-9_:]+)", target["expr"]):
+                base = re.sub(r"_(bucket|count|sum|total)$", "", name)
+                assert name in recorded or name in exported or base in exported, (panel["title"], name)
+
