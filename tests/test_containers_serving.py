@@ -43,7 +43,6 @@ def served_package(serving_package):
 def model_volume(podman, initializer_image, mlflow_stack, serving_package, tmp_path_factory):
     """The storageUri downloaded by KServe's storage initializer into a folder (the pod's emptyDir)."""
     from release.publish import publish_package
-    from training.package import open_package
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in mlflow_stack.env().items():
