@@ -105,7 +105,8 @@ def test_a_run_on_two_nodes_survives_a_lost_worker(ray_nodes, mlflow_stack, cach
     assert {m.step for m in client.get_metric_history(result["run_id"], "train_loss")} == set(range(8))
     assert run.data.metrics["final_segm_mAP"] == pytest.approx(result["metrics"]["segm_mAP"])
     assert set(open_package(tmp_path / "package").checksums) == {"model.pt", "config.yaml", "label_map.json",
-                                                                  "metadata.json", "probe.npz", "detector.onnx"}
+                                                                  "metadata.json", "probe.npz", "detector.onnx",
+                                                                  "reference.json"}
     assert sum("checkpoint_" in key and key.endswith("checkpoint.pt") for key in _objects(storage)) >= 1
 
 

@@ -135,7 +135,8 @@ def test_a_good_model_is_promoted_and_served_kserve_stand_in(runner, pipeline_en
 
     package = open_package(fetch_prefix(uri, tmp_path / "download"))
     served = package.checksums
-    assert set(served) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "probe.npz", "detector.onnx"}
+    assert set(served) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "probe.npz", "detector.onnx",
+                           "reference.json"}
     # One artifact: the Model artifact, the model logged in MLflow and the published package hold the
     # same weights, config and label map (only metadata.json gains the version number)
     from training.tracking import download_model
