@@ -26,14 +26,13 @@ import re
 import shutil
 import ssl
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from devstack import kube_build
-from devstack.procs import (StackError, free_port, pid_alive, port_open, run, running_pid, spawn, stop_pid, tail, wait_for,
+from devstack.procs import (StackError, free_port, http_ok, port_open, run, running_pid, spawn, stop_pid, wait_for,
                             write_private)
 
 log = logging.getLogger(__name__)
@@ -155,11 +154,7 @@ class KubeApi:
     def ready(self) -> bool:
         context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
         context.load_cert_chain(self.pki / "admin.crt", self.pki / "admin.key")
-        try:
-            with urllib.request.urlopen(f"{self.url}/readyz", context=context, timeout=2) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
+        return http_ok(f"{self.url}/readyz", context=context)
 
     def rss_mb(self) -> dict[str, float]:
         """Resident memory of the API server and etcd, in MB."""
@@ -216,11 +211,3 @@ def start(root: Path, binary: Path | None = None) -> KubeApi:
         raise
     return api
 
-
-def alive(api: KubeApi) -> bool:
-    pid = running_pid(api.root / "kube-apiserver.pid", "kube-apiserver")
-    return pid is not None and pid_alive(pid)
-
-
-def log_tail(api: KubeApi) -> str:
-    return tail(api.root / "kube-apiserver.log")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-import urllib.request
 from pathlib import Path
 
-from devstack.procs import running_pid, spawn, stop_pid, wait_for
+from devstack.procs import http_ok, running_pid, spawn, stop_pid, wait_for
 
 
 class MlflowServer:
@@ -24,11 +23,7 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return http_ok(f"{self.url}/health")
 
     def pid(self) -> int | None:
         return running_pid(self.pid_file, "mlflow")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from devstack.procs import StackError, free_port, running_pid, spawn, stop_pid, wait_for
+from devstack.procs import StackError, free_port, http_ok, running_pid, spawn, stop_pid, wait_for
 
 RULES = Path(__file__).resolve().parents[1] / "deployment" / "monitoring" / "rules.yaml"
 
@@ -111,20 +111,13 @@ def start(root: Path, targets: list[str], rule_files: list[Path], webhook: str |
         am = spawn([_binary("prometheus-alertmanager", "alertmanager"), f"--config.file={root / 'alertmanager.yml'}",
                     f"--storage.path={root / 'alertmanager'}", f"--web.listen-address=127.0.0.1:{mon.alertmanager_port}",
                     "--cluster.listen-address="], am_log, pid_file=root / "alertmanager.pid")
-        wait_for(lambda: _ready(f"{mon.alertmanager_url}/-/ready"), "alertmanager", 30, am_log, am.pid)
+        wait_for(lambda: http_ok(f"{mon.alertmanager_url}/-/ready"), "alertmanager", 30, am_log, am.pid)
         prom = spawn([_binary("prometheus"), f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
                       f"--web.listen-address=127.0.0.1:{mon.prometheus_port}", "--web.enable-lifecycle"],
                      prom_log, pid_file=root / "prometheus.pid")
-        wait_for(lambda: _ready(f"{mon.prometheus_url}/-/ready"), "prometheus", 30, prom_log, prom.pid)
+        wait_for(lambda: http_ok(f"{mon.prometheus_url}/-/ready"), "prometheus", 30, prom_log, prom.pid)
     except BaseException:
         mon.stop()
         raise
     return mon
 
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as answer:
-            return answer.status == 200
-    except OSError:
-        return False

@@ -240,6 +240,17 @@ def stop_pid(pid: int, what: str, timeout: float = 30, group: bool = False) -> N
         raise StackError(f"{what} (pid {pid}) did not stop")
 
 
+def http_ok(url: str, timeout: float = 2, context=None) -> bool:
+    """Whether `url` answers a GET with 200 now (a readiness or health endpoint)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)

@@ -102,7 +102,7 @@ class MaskRCNNPredictor(Model):
         # One inference thread: requests queue holding their compressed bodies only, not decoded images.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.last_forward_seconds = 0.0
-        self.metrics = ModelMetrics(None, [])  # the served version's, once loaded
+        self.metrics: ModelMetrics | None = None  # the served version's series, made by `load` (none before)
 
     def load(self) -> bool:
         """Read and verify the package (checksums, limits, signature when keys are configured), build the
@@ -128,8 +128,8 @@ class MaskRCNNPredictor(Model):
         if problem:
             raise PackageError(f"{self.model_dir}: the network does not answer the package's probe as its weights "
                                f"did at export, so it is not served: {problem}")
+        self.metrics = ModelMetrics(self.version, self.label_map.names, package.reference)  # before the model: infer needs both
         self.model, self.graph = model, graph
-        self.metrics = ModelMetrics(self.version, self.label_map.names, package.reference)
         # With the graph, PyTorch only resizes and pastes masks: one thread, so that its idle OpenMP
         # workers do not spin against ONNX Runtime's on the same cores (set per forward pass, in `infer`).
         self.torch_threads = 1 if self.graph is not None else cores
@@ -281,7 +281,7 @@ class MaskRCNNPredictor(Model):
 
     def infer(self, images: list[np.ndarray], threshold: float, max_det: int, overlay: bool) -> list[dict[str, Any]]:
         """Detections for decoded RGB images (the same code path for both protocols and the web page)."""
-        if self.model is None:
+        if self.model is None or self.metrics is None:
             raise InferenceError("model is not loaded")
         results = []
         for img in images:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -232,11 +233,18 @@ class KubeNamespace:
 _namespaces = iter(range(1, 1 << 30))
 
 
+@functools.cache
+def _production_overlay() -> list[dict[str, Any]]:
+    return render_kustomization("deployment/overlays/production")  # rendered once per session, not per test
+
+
 def promoter_rbac(namespace: str, subject: dict[str, str]) -> list[dict[str, Any]]:
     """The production overlay's Role and RoleBinding for the promote step, moved to `namespace` and bound
     to `subject` (a ServiceAccount reference)."""
+    import copy
+
     out = []
-    for doc in render_kustomization("deployment/overlays/production"):
+    for doc in copy.deepcopy(_production_overlay()):
         if doc["kind"] in ("Role", "RoleBinding") and doc["metadata"]["name"] == "inferenceservice-promoter":
             doc["metadata"]["namespace"] = namespace
             if doc["kind"] == "RoleBinding":

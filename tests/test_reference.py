@@ -64,7 +64,7 @@ def broken(change) -> bytes:
     (lambda d: d["stats"].pop("score"), "stats must have exactly"),
 ])
 def test_a_bad_reference_is_refused_naming_the_field(change, message):
-    with pytest.raises(ReferenceError, match=f"reference.json: .*{message}|reference.json: {message}"):
+    with pytest.raises(ReferenceError, match=f"reference.json: .*{message}"):
         parse_reference(broken(change), REFERENCE_FILE, NAMES)
 
 
