@@ -16,8 +16,8 @@ import os
 import sys
 import time
 
-from serving.limits import (MIB, ServingLimits, connections_for_fds, memory_budget, queue_for_memory,
-                            raise_fd_limit)
+from serving.limits import (MIB, ServingLimits, backlog_for_fds, connections_for_fds, memory_budget,
+                            queue_for_memory, raise_fd_limit)
 from serving.predictor import (BACKENDS, DEFAULT_MODEL_DIR, MAX_DETECTIONS, MAX_PIXELS, SCORE_THRESHOLD,
                                MaskRCNNPredictor)
 from training.logs import setup_logging
@@ -72,11 +72,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def limits_from(args: argparse.Namespace, fd_limit: int) -> ServingLimits:
     max_body = int(args.max_body_mb * MIB)
     budget = int(args.memory_budget_mb * MIB) if args.memory_budget_mb else memory_budget()
+    connections = args.max_connections if args.max_connections is not None else connections_for_fds(fd_limit)
     return ServingLimits(
         max_queue=args.max_queue if args.max_queue is not None else queue_for_memory(budget, max_body),
         max_body_bytes=max_body, request_timeout_s=args.request_timeout_s, forward_limit_s=args.forward_limit_s,
         header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
-        max_connections=args.max_connections if args.max_connections is not None else connections_for_fds(fd_limit),
+        max_connections=connections, backlog=backlog_for_fds(fd_limit, connections),
         grace_period_s=args.grace_period_s, drain_delay_s=args.drain_delay_s)
 
 

@@ -8,8 +8,10 @@ slowly holds its connection, and a file descriptor, for ever).
   incomplete `request_timeout_s` after its headers (a client trickling bytes), closes the connection
   (the request, if admitted, sees its client leave and its work is dropped).
 - Connections: beyond `max_connections` open ones, a new connection is answered 503 with
-  `Retry-After` and closed at once, so that the process keeps serving the connections it holds. Under a
-  burst that reaches the open-file limit anyway, the event loop is asyncio's, which stops accepting for a
+  `Retry-After` and closed at once (as soon as its request has been read, so that its client sees the
+  503 and not a reset), so that the process keeps serving the connections it holds. A burst is accepted
+  in batches of `limits.backlog`, sized to the descriptors left beyond the connection limit
+  (`serving.limits.backlog_for_fds`). Under a burst that reaches the open-file limit anyway, the event loop is asyncio's, which stops accepting for a
   second and leaves the connections waiting in the listen backlog (they are then refused with 503);
   uvloop (libuv) would accept and reset them.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 
 from prometheus_client import Counter
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -37,6 +40,22 @@ def canned(status: str, error: str, retry_after: int | None = None) -> bytes:
     if retry_after is not None:
         head.append(f"retry-after: {retry_after}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def drained(transport, most: int = 1 << 16) -> bool:
+    """Read and discard what a client has sent so far (at most `most` bytes, without waiting); whether
+    anything was there."""
+    sock = transport.get_extra_info("socket")
+    got = 0
+    try:
+        while got < most:
+            chunk = os.read(sock.fileno(), most - got)
+            if not chunk:
+                break
+            got += len(chunk)
+    except (BlockingIOError, OSError):
+        pass
+    return got > 0
 
 
 def guarded_protocol(limits: ServingLimits) -> type[H11Protocol]:
@@ -58,8 +77,12 @@ def guarded_protocol(limits: ServingLimits) -> type[H11Protocol]:
                 CLOSED.labels("over_limit").inc()
                 transport.write(over_limit)
                 # closed once what the client sent is read (closing with unread data would make its kernel
-                # see a reset, not the 503), or after half a second if it sends nothing
-                self._timer = self.loop.call_later(0.5, transport.close)
+                # see a reset, not the 503): at once if its request is already here, else when it comes, or
+                # after half a second if it sends nothing
+                if drained(transport):
+                    transport.close()
+                else:
+                    self._timer = self.loop.call_later(0.5, transport.close)
                 return
             self._arm(limits.header_timeout_s, self._headers_late)
 

@@ -30,6 +30,7 @@ MAX_QUEUE_CAP = 64
 DEFAULT_MAX_BODY = 32 * MIB
 FD_RESERVE = 128  # descriptors kept for everything that is not a client connection (files, S3, logs)
 MAX_CONNECTIONS_CAP = 2048
+MAX_BACKLOG = 2048  # uvicorn's default listen backlog
 
 
 def queue_for_memory(memory_budget: int, max_body_bytes: int) -> int:
@@ -52,12 +53,14 @@ class ServingLimits:
     header_timeout_s: float = 10.0  # a request's headers must arrive whole within this (else 408, closed)
     body_timeout_s: float = 10.0  # the longest pause between two pieces of a request body (else closed)
     max_connections: int = 1024  # open client connections; a connection beyond this gets a 503 and is closed
+    backlog: int = MAX_BACKLOG  # how many connections asyncio accepts in one go, before any of them runs (a
+    #                             burst of accepts must fit in the descriptors beside max_connections)
     grace_period_s: float = 30.0  # after SIGTERM: finish admitted requests for at most this long, then exit
     drain_delay_s: float = 1.0  # after SIGTERM, answer 503 for at least this long before exiting (so that
     #                             requests already routed here get an answer, not a refused connection)
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_body_bytes", "retry_after_s", "max_connections"):
+        for name in ("max_queue", "max_body_bytes", "retry_after_s", "max_connections", "backlog"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"serving limits: {name} must be an integer >= 1, got {value!r}")
@@ -97,3 +100,13 @@ def raise_fd_limit(cap: int = 1 << 16) -> int:
 def connections_for_fds(fd_limit: int) -> int:
     """Client connections that fit under the open-file limit, leaving `FD_RESERVE` for everything else."""
     return max(1, min(MAX_CONNECTIONS_CAP, fd_limit - FD_RESERVE))
+
+
+def backlog_for_fds(fd_limit: int, max_connections: int) -> int:
+    """The accept batch under the open-file limit (uvicorn's `backlog`; the kernel's listen queue is set
+    back to 2048 once the server listens, see `serving.server`). asyncio accepts up to `backlog` connections in one go
+    before any of them runs (and is refused, past `max_connections`), so a burst can hold that many
+    descriptors at once beyond the connection limit, and a few times that while the refused ones close
+    (those whose request has not arrived yet wait for it): an eighth of the descriptors left beyond
+    `max_connections`, at least 8, at most uvicorn's 2048 (which an open-file limit of 32768 or more gives)."""
+    return max(8, min(MAX_BACKLOG, (fd_limit - max_connections) // 8))

@@ -16,7 +16,9 @@ A second SIGINT (Ctrl-C) stops at once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -24,7 +26,7 @@ import uvicorn
 
 from serving.admission import Admission
 from serving.connections import guarded_protocol
-from serving.limits import ServingLimits
+from serving.limits import MAX_BACKLOG, ServingLimits
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,16 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.admission, self.limits = admission, limits
         self.drain_started: float | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # asyncio accepts at most `limits.backlog` connections in one go (it passes the listen backlog on as
+        # that count; see serving.limits.backlog_for_fds); the kernel's queue of connections waiting to be
+        # accepted is set back to uvicorn's 2048, so that a burst waits there rather than losing its SYNs
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                with socket.socket(fileno=os.dup(sock.fileno())) as listening:
+                    listening.listen(MAX_BACKLOG)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # uvicorn's own handler records the signal and raises it again after shutdown (exit status 143);
@@ -67,5 +79,5 @@ class DrainingServer(uvicorn.Server):
 
 def make_server(app, admission: Admission, limits: ServingLimits, host: str, port: int) -> DrainingServer:
     config = uvicorn.Config(app, host=host, port=port, log_config=None, timeout_keep_alive=65, http=guarded_protocol(limits),
-                            timeout_graceful_shutdown=3, lifespan="off", loop="asyncio")  # see serving.connections
+                            backlog=limits.backlog, timeout_graceful_shutdown=3, lifespan="off", loop="asyncio")  # see serving.connections
     return DrainingServer(config, admission, limits)
