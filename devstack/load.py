@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -207,9 +208,11 @@ class Server:
 
 @contextmanager
 def predictor(package: Path, log: Path, *args: str, launcher: list[str] | None = None,
-              fd_limit: int | tuple[int, int] | None = None, timeout: float = 120) -> Iterator[Server]:
+              fd_limit: int | tuple[int, int] | None = None, timeout: float = 120,
+              env: dict[str, str] | None = None) -> Iterator[Server]:
     """`python -m serving` (or `launcher`) on `package`, on 127.0.0.1 and a free port, ready; killed on exit
-    if it is still running. `fd_limit`: the process's open-file limit (soft and hard, or both the same)."""
+    if it is still running. `fd_limit`: the process's open-file limit (soft and hard, or both the same);
+    `env`: variables added to this process's environment for it."""
     port = free_port()
 
     def limit_fds() -> None:
@@ -220,7 +223,8 @@ def predictor(package: Path, log: Path, *args: str, launcher: list[str] | None =
     command = [*(launcher or [sys.executable, "-m", "serving"]), "--model-dir", str(package), "--host", "127.0.0.1",
                "--http-port", str(port), *args]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit_fds if fd_limit else None)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit_fds if fd_limit else None,
+                                env={**os.environ, **env} if env else None)
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + timeout

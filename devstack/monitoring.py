@@ -75,6 +75,16 @@ class Monitoring:
             raise StackError(f"query {expr!r} failed: {doc}")
         return [(r["metric"], float(r["value"][1])) for r in doc["data"]["result"]]
 
+    def set_targets(self, targets: list[str]) -> None:
+        """Scrape `targets` (host:port) from now on: the configuration rewritten and reloaded (`/-/reload`)."""
+        config = yaml.safe_load((self.root / "prometheus.yml").read_text())
+        config["scrape_configs"][0]["static_configs"] = [{"targets": targets}]
+        (self.root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        request = urllib.request.Request(f"{self.prometheus_url}/-/reload", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            if answer.status != 200:
+                raise StackError(f"Prometheus did not reload its configuration: HTTP {answer.status}")
+
     def targets_up(self) -> bool:
         active = self._get(f"{self.prometheus_url}/api/v1/targets")["data"]["activeTargets"]
         return bool(active) and all(t["health"] == "up" for t in active)

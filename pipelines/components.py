@@ -99,21 +99,40 @@ def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_
 
 def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: str, reason: str,
             storage_prefix: str, isvc_name: str, namespace: str, canary_percent: int, ready_timeout: float,
-            kubeconfig: str) -> str:
+            kubeconfig: str, prometheus_url: str, prometheus_selector: str, canary_bounds: dict,
+            metrics: Output[Metrics]) -> str:
     """Register the version in MLflow with its evidence (metrics, dataset hash, git commit, config, run,
     the gate's decision), upload its serving package to `storage_prefix` and verify it, patch the
-    InferenceService's storageUri (canary when canary_percent > 0), wait for Ready or roll back, then
-    move the `champion` alias. Returns the URI. The package is signed with the key in the file named by
+    InferenceService's storageUri, wait for Ready or roll back, then move the `champion` alias. Returns
+    the URI. With canary_percent > 0 the version serves that share first and is judged on live metrics
+    against the champion (Prometheus at `prometheus_url`; `canary_bounds`: release.canary.CanaryBounds'
+    fields), then takes all the traffic or is rolled back (the step fails); the analysis goes to the
+    Metrics, the MLflow run and the version. The package is signed with the key in the file named by
     $MASKRCNN_SIGNING_KEY_FILE (the pipeline mounts the maskrcnn-signing-key Secret there) when it exists."""
+    from release.canary import CanaryBounds
     from release.gate import GateDecision
-    from release.promote import promote as run_promote, signing_key_from_env
+    from release.promote import CanaryPlan, CanaryRejected, promote as run_promote, signing_key_from_env
     from training.tracking import resolve_tracking_uri
 
-    result = run_promote(package_dir=model.path, model_uri=model_uri, tracking_uri=resolve_tracking_uri(tracking_uri),
-                         model_name=model_name, storage_prefix=storage_prefix, gate=GateDecision(True, reason),
-                         isvc_name=isvc_name, namespace=namespace,
-                         canary_percent=canary_percent if canary_percent > 0 else None,
-                         ready_timeout=ready_timeout, kubeconfig=kubeconfig, signing_key=signing_key_from_env())
+    plan = None
+    if canary_percent > 0:
+        plan = CanaryPlan(prometheus_url, CanaryBounds.from_dict(dict(canary_bounds), "canary_bounds"), prometheus_selector)
+    try:
+        result = run_promote(package_dir=model.path, model_uri=model_uri, tracking_uri=resolve_tracking_uri(tracking_uri),
+                             model_name=model_name, storage_prefix=storage_prefix, gate=GateDecision(True, reason),
+                             isvc_name=isvc_name, namespace=namespace,
+                             canary_percent=canary_percent if canary_percent > 0 else None, canary_plan=plan,
+                             ready_timeout=ready_timeout, kubeconfig=kubeconfig, signing_key=signing_key_from_env())
+    except CanaryRejected as exc:
+        for key, value in exc.analysis.metrics().items():
+            metrics.log_metric(key, value)
+        metrics.metadata["canary_reason"] = exc.analysis.reason
+        raise
+    metrics.log_metric("promoted", 1.0)
+    if result.canary is not None:
+        for key, value in result.canary.metrics().items():
+            metrics.log_metric(key, value)
+        metrics.metadata["canary_reason"] = result.canary.reason
     return result.storage_uri
 
 

@@ -71,6 +71,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
         canary_percent: int = 0,
         ready_timeout: float = 600.0,
         kubeconfig: str = "",
+        prometheus_url: str = "",
+        prometheus_selector: str = "",
+        canary_bounds: dict = {},  # noqa: B006
     ):
         prepared = _harden(steps.prepare_data(config=config, overrides=overrides, data=data, val_data=val_data),
                            "prepare-data", storage=True)
@@ -93,7 +96,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
             promoted = steps.promote(model=trained.outputs["model"], model_uri=trained.outputs["model_uri"],
                                      tracking_uri=tracking_uri, model_name=model_name, reason=decided.outputs["reason"],
                                      storage_prefix=storage_prefix, isvc_name=isvc_name, namespace=namespace,
-                                     canary_percent=canary_percent, ready_timeout=ready_timeout, kubeconfig=kubeconfig)
+                                     canary_percent=canary_percent, ready_timeout=ready_timeout, kubeconfig=kubeconfig,
+                                     prometheus_url=prometheus_url, prometheus_selector=prometheus_selector,
+                                     canary_bounds=canary_bounds)
             _harden(promoted, "promote", storage=True).set_caching_options(False)
             kubernetes.use_secret_as_volume(promoted, SIGNING_SECRET, mount_path=SIGNING_MOUNT, optional=True)
             promoted.set_env_variable("MASKRCNN_SIGNING_KEY_FILE", f"{SIGNING_MOUNT}/private.pem")

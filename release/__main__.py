@@ -9,18 +9,22 @@ from the usual variables and kubeconfig, as for the pipeline.
 
 `promote` downloads the run's model (its serving package), scores it and the current champion on the
 same validation split (`--val-data`, default: the split the model was trained with), applies the gate,
-and promotes it when it passes. Exit status: 0 promoted (or rolled back), 3 rejected by the gate,
-1 publish/deploy failure (rolled back where it got that far), 2 bad arguments.
+and promotes it when it passes. With `--canary-percent P` the new version first serves P% of the traffic
+and is judged on live metrics against the champion (`--prometheus-url`, see release.canary). Exit status:
+0 promoted (or rolled back), 3 rejected by the gate, 4 the canary judged and rolled back, 1 publish or
+deploy failure (rolled back where it got that far), 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import tempfile
 
+from release.canary import CanaryBounds, CanaryError
 from release.deploy import DeployError
 from release.promote import SIGNING_KEY_ENV
 from release.publish import PublishError
@@ -30,6 +34,8 @@ from training.logs import setup_logging
 log = logging.getLogger("release")
 
 REJECTED = 3
+CANARY_ROLLED_BACK = 4
+PROMETHEUS_TOKEN_ENV = "MASKRCNN_PROMETHEUS_TOKEN_FILE"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,7 +55,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-segm-map", type=float, default=0.5)
     up.add_argument("--min-mask-iou", type=float, default=0.7)
     up.add_argument("--margin", type=float, default=0.0, help="segm mAP the candidate must beat the champion by")
-    up.add_argument("--canary-percent", type=int, default=0)
+    up.add_argument("--canary-percent", type=int, default=0,
+                    help="serve the new version to this share of the traffic first (1-99), judge it on live metrics "
+                         "against the champion (needs --prometheus-url), then promote it to all the traffic or roll "
+                         "it back; 0: all the traffic at once")
+    up.add_argument("--prometheus-url", default="", help="the Prometheus that scrapes the predictors (canary analysis)")
+    up.add_argument("--prometheus-selector", default="",
+                    help='label matchers that scope the predictors\' series, e.g. namespace="models" (comma-separated)')
+    up.add_argument("--prometheus-token-file", default=os.environ.get(PROMETHEUS_TOKEN_ENV, ""),
+                    help=f"a file holding a bearer token for Prometheus (default ${PROMETHEUS_TOKEN_ENV}; empty: none)")
+    for f in dataclasses.fields(CanaryBounds):
+        up.add_argument(f"--canary-{f.name.replace('_', '-')}", dest=f"canary_{f.name}", type=type(f.default),
+                        default=f.default, help=f"canary analysis bound, default {f.default} (release.canary.CanaryBounds)")
     up.add_argument("--signing-key", default=os.environ.get(SIGNING_KEY_ENV, ""),
                     help=f"Ed25519 private key (PEM file, e.g. a mounted Secret) that signs the published package's "
                          f"SHA256SUMS; default ${SIGNING_KEY_ENV}; empty: unsigned")
@@ -92,6 +109,7 @@ def cmd_promote(args: argparse.Namespace, tracking_uri: str) -> int:
     from training.tracking import download_model
 
     signing_key = load_private_key(args.signing_key) if args.signing_key else None  # before any work: fail fast
+    canary_plan = canary_plan_from(args)
     client = MlflowClient(tracking_uri)
     model_uri = logged_model_of(client, args.run_id)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,10 +126,31 @@ def cmd_promote(args: argparse.Namespace, tracking_uri: str) -> int:
         return REJECTED
     result = promote(package_dir=package, model_uri=model_uri, tracking_uri=tracking_uri, model_name=args.model_name,
                      storage_prefix=args.storage_prefix, gate=decision, isvc_name=args.isvc_name,
-                     namespace=args.namespace, canary_percent=args.canary_percent or None,
+                     namespace=args.namespace, canary_percent=args.canary_percent or None, canary_plan=canary_plan,
                      ready_timeout=args.ready_timeout, kubeconfig=args.kubeconfig, signing_key=signing_key)
     log.info("%s v%s is the champion, served from %s", args.model_name, result.version, result.storage_uri)
     return 0
+
+
+def canary_plan_from(args: argparse.Namespace):
+    """The canary analysis the flags ask for (None without --canary-percent); ValueError names the bad flag."""
+    from release.canary import PrometheusApi, selector_for
+    from release.promote import CanaryPlan
+
+    if not args.canary_percent:
+        return None
+    if not args.prometheus_url:
+        raise ValueError("--canary-percent needs --prometheus-url: a canary is judged on live metrics")
+    PrometheusApi(args.prometheus_url)  # validates the URL
+    selector_for("0", args.prometheus_selector)  # validates the selector
+    token = ""
+    if args.prometheus_token_file:
+        try:
+            token = open(args.prometheus_token_file, encoding="utf-8").read(8192).strip()
+        except OSError as exc:
+            raise ValueError(f"--prometheus-token-file {args.prometheus_token_file}: {exc.strerror}") from exc
+    bounds = CanaryBounds(**{f.name: getattr(args, f"canary_{f.name}") for f in dataclasses.fields(CanaryBounds)})
+    return CanaryPlan(args.prometheus_url, bounds, args.prometheus_selector, token)
 
 
 def cmd_rollback(args: argparse.Namespace, tracking_uri: str) -> int:
@@ -147,15 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.coco import DatasetError
     from training.package import PackageError
     from training.signature import SignatureError
+    from release.promote import CanaryRejected
     from training.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:
         return cmd_promote(args, tracking_uri) if args.command == "promote" else cmd_rollback(args, tracking_uri)
-    except (FileNotFoundError, ConfigError, DatasetError, MlflowException, PackageError, SignatureError) as exc:
+    except (FileNotFoundError, ConfigError, DatasetError, MlflowException, PackageError, SignatureError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    except (PublishError, DeployError) as exc:
+    except CanaryRejected as exc:
+        log.error("%s", exc)
+        return CANARY_ROLLED_BACK
+    except (PublishError, DeployError, CanaryError) as exc:
         log.error("%s", exc)
         return 1
 

@@ -43,6 +43,7 @@ class DeployResult:
     namespace: str
     storage_uri: str
     previous_uri: str | None
+    previous_canary: int | None = None  # the canaryTrafficPercent before this change (None: none set)
 
 
 def custom_objects_api(kubeconfig: str = "") -> Any:
@@ -162,10 +163,13 @@ def _read_deployment(apps: Any, name: str, namespace: str) -> dict[str, Any] | N
 
 
 def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: int | None = None,
-                       timeout: float = 600, poll: float = 2.0, api: Any = None, kubeconfig: str = "") -> DeployResult:
-    """Patch `spec.predictor.model.storageUri` (and `canaryTrafficPercent` when given), wait until KServe
-    serves the new model (see the module's docstring), and restore the previous URI (and canary setting)
-    if it does not within `timeout` seconds, fails, or the wait itself fails.
+                       clear_canary: bool = False, timeout: float = 600, poll: float = 2.0, api: Any = None,
+                       kubeconfig: str = "") -> DeployResult:
+    """Patch `spec.predictor.model.storageUri` (and `canaryTrafficPercent` when given; `clear_canary`
+    removes it, so that the latest revision gets all the traffic), wait until KServe serves the new model
+    (see the module's docstring), and restore the previous URI (and canary setting) if it does not within
+    `timeout` seconds, fails, or the wait itself fails. With the URI unchanged and only the canary setting
+    changing (a canary promoted to 100%), KServe creates no revision: it waits for the traffic to move.
 
     Transient API errors (connection failures, 429, 5xx) are retried (`training.waiting`); any other error
     while waiting rolls back and raises DeployError. When the URI is already set, nothing is patched, but it
@@ -186,30 +190,33 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
                           f"KServe's Knative (Serverless) mode; nothing was changed")
     previous_uri = storage_uri_of(before)
     previous_canary = _predictor(before).get("canaryTrafficPercent")
+    set_canary = canary_percent is not None or (clear_canary and previous_canary is not None)
+    canary = canary_percent if set_canary else previous_canary  # what the InferenceService asks for once patched
     apps = _apps_api(api) if mode == "Standard" else None
-    if previous_uri == uri and previous_canary == canary_percent:
+    if previous_uri == uri and previous_canary == canary:
         log.info("InferenceService %s/%s already points at %s; waiting until KServe serves it", namespace, name, uri)
         try:
-            why = _wait_serving(api, apps, name, namespace, mode, uri, None, canary_percent, timeout, poll)
+            why = _wait_serving(api, apps, name, namespace, mode, uri, None, canary, timeout, poll)
         except Exception as exc:
             raise DeployError(f"InferenceService {namespace}/{name} already points at {uri}, but KServe does not "
                               f"serve it: {exc}") from exc
         log.info("InferenceService %s/%s serves %s: %s", namespace, name, uri, why)
-        return DeployResult(name, namespace, uri, previous_uri)
-    revision_before = _created_revision(before)
+        return DeployResult(name, namespace, uri, previous_uri, previous_canary)
+    # a new URI makes a new revision; a new traffic split alone moves the traffic of the latest one
+    revision_before = _created_revision(before) if previous_uri != uri else None
     try:
-        _call(_patch, api, name, namespace, uri, canary_percent, canary_percent is not None)
+        _call(_patch, api, name, namespace, uri, canary, set_canary)
     except ApiException as exc:
         raise DeployError(f"InferenceService {namespace}/{name}: patch refused ({exc.status} {exc.reason})") from exc
     log.info("InferenceService %s/%s (%s mode): storageUri %s -> %s%s; waiting up to %.0f s for it to serve", namespace,
-             name, mode, previous_uri, uri, f" (canary {canary_percent}%)" if canary_percent is not None else "", timeout)
+             name, mode, previous_uri, uri, f" (canary {canary}%)" if canary is not None else " (all traffic)", timeout)
     try:
-        why = _wait_serving(api, apps, name, namespace, mode, uri, revision_before, canary_percent, timeout, poll)
+        why = _wait_serving(api, apps, name, namespace, mode, uri, revision_before, canary, timeout, poll)
     except _ChangedElsewhere as exc:
         raise DeployError(str(exc)) from None
     except BaseException as exc:  # whatever ends the wait: restore what was served, then say why
         try:
-            _call(_patch, api, name, namespace, previous_uri, previous_canary, canary_percent is not None)
+            _call(_patch, api, name, namespace, previous_uri, previous_canary, set_canary)
         except Exception as undo:
             raise DeployError(f"InferenceService {namespace}/{name}: {_reason(exc, uri, timeout)}; rolling back to "
                               f"{previous_uri} FAILED too ({describe(undo)}): restore it by hand") from exc
@@ -218,7 +225,7 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
         raise DeployError(f"InferenceService {namespace}/{name} {_reason(exc, uri, timeout)}; rolled back to "
                           f"{previous_uri}") from exc
     log.info("InferenceService %s/%s serves %s: %s", namespace, name, uri, why)
-    return DeployResult(name, namespace, uri, previous_uri)
+    return DeployResult(name, namespace, uri, previous_uri, previous_canary)
 
 
 class _ChangedElsewhere(RuntimeError):

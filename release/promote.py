@@ -8,11 +8,16 @@ Order, and why:
    byte-identical to the model logged in MLflow and scored by the gate), sign its `SHA256SUMS` when a
    signing key is given, and publish it to `<storage>/<model>/v<version>` (immutable: the destination
    must be empty), read back and verified: an InferenceService never points at a partial package,
-3. patch the InferenceService's storageUri (optional canary), wait until KServe serves it, roll back if not,
-4. move `champion` to the version, so the alias always names what is served.
+3. patch the InferenceService's storageUri, wait until KServe serves it, roll back if not,
+4. with a canary: KServe serves the version to `canary_percent`% of the traffic; it is judged on live
+   metrics against the champion (`release.canary`: error ratio, p95 latency, scores and detections, read
+   from Prometheus), the analysis recorded on the run (tags `canary.*`, artifact `canary.json`) and the
+   version; then the canary takes all the traffic, or it is rolled back,
+5. move `champion` to the version, so the alias always names what is served.
 
-It ends in one of two states, whatever fails in between: the new model is served and `champion` moved,
-or the storageUri is back where it was and the version is tagged `promotion.failed` with the reason.
+It ends in one of two states, whatever fails in between: the new model is served (to all the traffic) and
+`champion` moved, or the storageUri (and traffic split) is back where it was and the version is tagged
+`promotion.failed` with the reason.
 Transient errors of the API and the stores are retried by one policy (`training.waiting`).
 """
 
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from mlflow.tracking import MlflowClient
 
+from release.canary import ANALYSIS_FILE, CanaryAnalysis, CanaryBounds, PrometheusApi, judge_canary
 from release.deploy import DeployError, update_storage_uri
 from release.gate import GateDecision
 from release.publish import publish_package
@@ -43,23 +49,50 @@ SIGNER_TAG = "serving.signed_by"
 SIGNING_KEY_ENV = "MASKRCNN_SIGNING_KEY_FILE"
 
 
+class CanaryRejected(DeployError):
+    """The canary's live metrics were out of bounds (or too few): it was rolled back. `analysis` says why."""
+
+    def __init__(self, analysis: CanaryAnalysis):
+        super().__init__(analysis.reason)
+        self.analysis = analysis
+
+
+@dataclass(frozen=True)
+class CanaryPlan:
+    """How a canary is judged: the Prometheus that scrapes the predictors, the bounds, and label matchers
+    that scope the series to this InferenceService (e.g. `namespace="models"`; the versions are told apart
+    by `model_version`). `token`: a bearer token for Prometheus, when its frontend wants one."""
+
+    prometheus_url: str
+    bounds: CanaryBounds = CanaryBounds()
+    selector: str = ""
+    token: str = ""
+
+
 @dataclass(frozen=True)
 class PromoteResult:
     version: str
     storage_uri: str
     previous_storage_uri: str | None
+    canary: CanaryAnalysis | None = None
 
 
 def promote(*, package_dir: str | Path | Package, model_uri: str, tracking_uri: str, model_name: str,
             storage_prefix: str, gate: GateDecision | None = None, isvc_name: str = "", namespace: str = "models",
-            canary_percent: int | None = None, ready_timeout: float = 600, kubeconfig: str = "",
-            signing_key: Ed25519PrivateKey | None = None) -> PromoteResult:
-    """Register, sign, publish, deploy, then move `champion` (see the module's docstring for the order)."""
-    package = package_dir if isinstance(package_dir, Package) else open_package(package_dir)
+            canary_percent: int | None = None, canary_plan: CanaryPlan | None = None, ready_timeout: float = 600,
+            kubeconfig: str = "", signing_key: Ed25519PrivateKey | None = None) -> PromoteResult:
+    """Register, sign, publish, deploy (and judge the canary), then move `champion` (see the module's
+    docstring for the order). A canary needs `canary_plan`, an InferenceService and a champion to compare
+    with; without them nothing is registered. Raises CanaryRejected (a DeployError) when the canary is
+    rolled back."""
     client = MlflowClient(tracking_uri)
+    stable = None
+    if canary_percent is not None:
+        stable = _canary_preconditions(client, model_name, canary_percent, canary_plan, isvc_name)
+    package = package_dir if isinstance(package_dir, Package) else open_package(package_dir)
     version = register_package(client, model_name, model_uri, package, gate.tags() if gate else None)
     reason = gate.reason if gate else "promoted by hand"
-    deployed = None
+    deployed = analysis = None
     try:
         served = package.stamped({"model_name": model_name, "model_version": version, "model_uri": model_uri})
         if signing_key is not None:
@@ -71,12 +104,50 @@ def promote(*, package_dir: str | Path | Package, model_uri: str, tracking_uri: 
         if isvc_name:
             deployed = update_storage_uri(isvc_name, namespace, uri, canary_percent=canary_percent,
                                           timeout=ready_timeout, kubeconfig=kubeconfig)
+        if stable is not None and canary_plan is not None:
+            analysis = judge_canary(PrometheusApi(canary_plan.prometheus_url, canary_plan.token), stable=stable,
+                                    canary=version, bounds=canary_plan.bounds, selector=canary_plan.selector)
+            record_canary(client, model_name, version, package.metadata.get("mlflow_run_id", ""), analysis)
+            if not analysis.promote:
+                raise CanaryRejected(analysis)
+            log.info("canary v%s promoted to all the traffic: %s", version, analysis.reason)
+            update_storage_uri(isvc_name, namespace, uri, clear_canary=True, timeout=ready_timeout, kubeconfig=kubeconfig)
         retry_call(set_alias, client, model_name, CHAMPION, version, reason=f"{reason}; serving {uri}",
                    what=f"moving {CHAMPION} to {model_name} v{version}")
     except BaseException as exc:
         _unwind(client, model_name, version, exc, deployed, namespace, ready_timeout, kubeconfig)
         raise
-    return PromoteResult(version, uri, deployed.previous_uri if deployed else None)
+    return PromoteResult(version, uri, deployed.previous_uri if deployed else None, analysis)
+
+
+def _canary_preconditions(client: MlflowClient, model_name: str, percent: int, plan: CanaryPlan | None,
+                          isvc_name: str) -> str:
+    """The champion's version, which the canary is judged against; ValueError when a canary cannot run."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 99:
+        raise ValueError(f"canary_percent must be an integer in [1, 99], got {percent!r}")
+    if plan is None:
+        raise ValueError("a canary is judged on live metrics: give the Prometheus that scrapes the predictors "
+                         "(--prometheus-url)")
+    if not isvc_name:
+        raise ValueError("a canary needs an InferenceService (--isvc-name)")
+    try:
+        return retry_call(client.get_model_version_by_alias, model_name, CHAMPION,
+                          what=f"reading {model_name}@{CHAMPION}").version
+    except MlflowException as exc:
+        raise ValueError(f"a canary is judged against the champion, and {model_name} has no {CHAMPION} yet: promote "
+                         f"the first version without --canary-percent") from exc
+
+
+def record_canary(client: MlflowClient, model_name: str, version: str, run_id: str, analysis: CanaryAnalysis) -> None:
+    """The analysis on the candidate's run (tags `canary.*`, artifact canary.json) and the version (tags)."""
+    for key, value in analysis.tags().items():
+        _tag(client, model_name, version, key, value)
+    if run_id:
+        for key, value in analysis.tags().items():
+            retry_call(client.set_tag, run_id, key, value, what=f"tagging run {run_id} {key}")
+        retry_call(client.log_dict, run_id, analysis.to_dict(), ANALYSIS_FILE, what=f"logging {ANALYSIS_FILE}")
 
 
 def signing_key_from_env() -> Ed25519PrivateKey | None:
@@ -102,10 +173,11 @@ def _unwind(client: MlflowClient, name: str, version: str, exc: BaseException, d
             ready_timeout: float, kubeconfig: str) -> None:
     """After a failure: put back the storageUri if this promotion had moved it (the deploy step rolls back
     its own failures), and tag the version `promotion.failed` with the reason."""
-    why = describe(exc)
+    why = str(exc) if isinstance(exc, CanaryRejected) else describe(exc)
     if deployed is not None and deployed.previous_uri and deployed.previous_uri != deployed.storage_uri:
-        try:
-            update_storage_uri(deployed.name, namespace, deployed.previous_uri, timeout=ready_timeout,
+        try:  # the previous URI, with the traffic split it had (none: all its traffic)
+            update_storage_uri(deployed.name, namespace, deployed.previous_uri, canary_percent=deployed.previous_canary,
+                               clear_canary=deployed.previous_canary is None, timeout=ready_timeout,
                                kubeconfig=kubeconfig)
             why += f"; storageUri rolled back to {deployed.previous_uri}"
         except DeployError as undo:

@@ -49,13 +49,16 @@ class IsvcController:
     """
 
     def __init__(self, kubeconfig: str, name: str, namespace: str, becomes_ready: bool = True, mode: str = "Knative",
-                 rollout_s: float = 1.1, reconcile_delay_s: float = 0.0):
+                 rollout_s: float = 1.1, reconcile_delay_s: float = 0.0, on_revision=None, on_traffic=None):
         from kubernetes import client, config
 
         api_client = config.new_client_from_config(config_file=str(kubeconfig))
         self.api, self.apps = client.CustomObjectsApi(api_client), client.AppsV1Api(api_client)
         self.name, self.namespace, self.becomes_ready, self.mode = name, namespace, becomes_ready, mode
         self.rollout_s, self.reconcile_delay_s = rollout_s, reconcile_delay_s
+        # on_revision(revision, uri): called when a new revision's pods start (it returns once they are ready, as a
+        # readiness probe would); on_traffic(traffic): called with the traffic split whenever it changes
+        self.on_revision, self.on_traffic = on_revision, on_traffic
         self.seen: list[str] = []
         self.errors: list[str] = []
         self.served: list[tuple[float, str]] = []  # (time.monotonic(), uri) whenever a model starts serving
@@ -140,6 +143,8 @@ class IsvcController:
                           "modelStatus": {"transitionStatus": "InProgress", "states": {"targetModelState": "Loading"}}})
             if self._stop.wait(self.rollout_s):  # the test is over
                 return
+            if self.on_revision is not None and self.becomes_ready:
+                self.on_revision(new, uri)
             if not self.becomes_ready:
                 self._status({"conditions": self._ready("False", "RevisionFailed", f"Revision {new} failed with message: "
                                                                                     "container exited with code 1"),
@@ -159,6 +164,8 @@ class IsvcController:
                           "components": {"predictor": {"latestReadyRevision": new, "traffic": traffic, **rolled}},
                           "modelStatus": {"transitionStatus": "UpToDate",
                                           "states": {"activeModelState": "Loaded", "targetModelState": "Loaded"}}})
+            if self.on_traffic is not None:
+                self.on_traffic(traffic)
         else:
             template = {"spec": {"template": {"metadata": {"annotations": {SOURCE_URI: uri}}}}}
             generation = int(self.apps.patch_namespaced_deployment(self.predictor, self.namespace, template).metadata.generation)
@@ -172,6 +179,22 @@ class IsvcController:
                           "conditions": self._ready("True") if self.becomes_ready else
                           self._ready("False", "ProgressDeadlineExceeded", "ReplicaSet has timed out progressing.")})
 
+    def _retraffic(self, canary: int | None) -> None:
+        """A change of canaryTrafficPercent alone: Knative moves the traffic, and creates no revision (the
+        pod template is the same). At 100% (or none) the latest revision is the rolled-out one."""
+        if self._stop.wait(self.rollout_s / 2):
+            return
+        predictor = self.get()["status"]["components"]["predictor"]
+        latest, rolled = predictor["latestReadyRevision"], predictor.get("latestRolledoutRevision")
+        traffic = [{"revisionName": latest, "percent": 100 if canary is None else canary, "latestRevision": True}]
+        if canary is not None and canary < 100 and rolled and rolled != latest:
+            traffic.append({"revisionName": rolled, "percent": 100 - canary, "latestRevision": False})
+        self.ksvc_generation += 1
+        self._status({"observedGeneration": self.ksvc_generation, "components": {"predictor": {
+            "traffic": traffic, **({"latestRolledoutRevision": latest} if canary in (None, 100) else {})}}})
+        if self.on_traffic is not None:
+            self.on_traffic(traffic)
+
     def _run(self) -> None:
         import time
 
@@ -179,6 +202,7 @@ class IsvcController:
         from kubernetes.client.exceptions import ApiException
 
         current, version = self._entered_uri, self._entered_version
+        canary = self._entered_canary
         while not self._stop.is_set():
             try:
                 stream = watch.Watch().stream(self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
@@ -188,10 +212,14 @@ class IsvcController:
                     obj = event["object"]
                     version = obj["metadata"]["resourceVersion"]
                     uri = obj["spec"]["predictor"]["model"]["storageUri"]
+                    wanted = obj["spec"]["predictor"].get("canaryTrafficPercent")
                     if uri != current:
                         self.seen.append(uri)
-                        current = uri
+                        current, canary = uri, wanted
                         self._rollout(uri)
+                    elif wanted != canary and self.mode == "Knative":
+                        canary = wanted
+                        self._retraffic(wanted)
                     if self._stop.is_set():
                         break
             except ApiException as exc:
@@ -210,6 +238,7 @@ class IsvcController:
         # machine) took the new URI for the old one and never rolled out.
         obj = self.get()
         self._entered_uri, self._entered_version = obj["spec"]["predictor"]["model"]["storageUri"], obj["metadata"]["resourceVersion"]
+        self._entered_canary = obj["spec"]["predictor"].get("canaryTrafficPercent")
         self.thread.start()
         return self
 
