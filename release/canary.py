@@ -93,7 +93,9 @@ class CanaryBounds:
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"{where}: unknown bound(s) {unknown}; known: {sorted(f.name for f in fields(cls))}")
-        return cls(**values)
+        # a KFP dict parameter is a protobuf Struct, whose numbers are all doubles: 100.0 means 100
+        ints = {f.name for f in fields(cls) if f.type in (int, "int")}
+        return cls(**{k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in values.items()})
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,9 @@ def test_bad_bounds_selectors_and_urls_are_refused_naming_the_field():
         CanaryBounds(window_s=float("inf"))
     with pytest.raises(ValueError, match=r"canary_bounds: unknown bound\(s\) \['min_request'\]"):
         CanaryBounds.from_dict({"min_request": 5}, "canary_bounds")
+    assert CanaryBounds.from_dict({"min_requests": 50.0}).min_requests == 50  # a KFP Struct's numbers are doubles
+    with pytest.raises(ValueError, match="min_requests must be an integer"):
+        CanaryBounds.from_dict({"min_requests": 50.5})
     with pytest.raises(ValueError, match="Prometheus URL: expected http"):
         PrometheusApi("file:///etc/passwd")
     from release.canary import selector_for
@@ -216,7 +219,10 @@ def test_promote_with_a_canary_serves_a_good_one_to_all_and_rolls_a_failing_one_
     from test_release import ISVC, _logged_run
 
     from release.__main__ import CANARY_ROLLED_BACK, logged_model_of, main
-    from release.promote import CanaryPlan, promote
+    from kfp.dsl import Metrics, Model
+
+    from pipelines.components import promote as promote_step
+    from release.promote import promote
     from training.package import open_package
 
     for key, value in mlflow_stack.env().items():
@@ -257,10 +263,17 @@ def test_promote_with_a_canary_serves_a_good_one_to_all_and_rolls_a_failing_one_
             first = promote(package_dir=tmp_path / "run1", model_uri=model_uri(runs[0]), **common)
             assert first.version == "1" and first.canary is None
 
-            second = promote(package_dir=tmp_path / "run2", model_uri=model_uri(runs[1]), canary_percent=25,
-                             canary_plan=CanaryPlan(mon.prometheus_url, BOUNDS), **common)
-            assert second.version == "2" and second.canary.verdict == PROMOTE, second.canary.reason
-            assert isvc()["model"]["storageUri"] == second.storage_uri and "canaryTrafficPercent" not in isvc()
+            # v2 through the pipeline's promote step (the function KFP runs), its analysis in the step's Metrics
+            metrics = Metrics(uri=str(tmp_path / "metrics"))
+            second = promote_step(model=Model(uri=str(tmp_path / "run2")), model_uri=model_uri(runs[1]), reason="gate",
+                                  canary_percent=25, kubeconfig=k8s.kubeconfig, prometheus_url=mon.prometheus_url,
+                                  prometheus_selector="", canary_bounds={**vars(BOUNDS), "min_requests": 12.0},
+                                  metrics=metrics, **{k: v for k, v in common.items() if k != "kubeconfig"})
+            assert metrics.metadata["canary_promoted"] == 1.0 and metrics.metadata["promoted"] == 1.0, metrics.metadata
+            assert metrics.metadata["canary_requests"] >= 12 and "every check passed" in metrics.metadata["canary_reason"]
+            assert {"canary_error_ratio", "stable_p95_latency_s", "canary_mean_score"} <= set(metrics.metadata)
+            assert second == f"{prefix}/{name}/v2"
+            assert isvc()["model"]["storageUri"] == second and "canaryTrafficPercent" not in isvc()
             traffic = ctl.get()["status"]["components"]["predictor"]["traffic"]
             assert [(t["percent"], t["latestRevision"]) for t in traffic] == [(100, True)]
             assert client.get_model_version_by_alias(name, "champion").version == "2"
@@ -277,16 +290,16 @@ def test_promote_with_a_canary_serves_a_good_one_to_all_and_rolls_a_failing_one_
                          "--min-segm-map", "0", "--min-mask-iou", "0", "--margin", "-1", "--canary-percent", "25",
                          "--prometheus-url", mon.prometheus_url, *flags])
             assert code == CANARY_ROLLED_BACK
-            assert isvc()["model"]["storageUri"] == second.storage_uri and "canaryTrafficPercent" not in isvc()
+            assert isvc()["model"]["storageUri"] == second and "canaryTrafficPercent" not in isvc()
             traffic = ctl.get()["status"]["components"]["predictor"]["traffic"]
-            assert [(t["percent"], revisions[t["revisionName"]]) for t in traffic] == [(100, served[second.storage_uri])]
+            assert [(t["percent"], revisions[t["revisionName"]]) for t in traffic] == [(100, served[second])]
         failed = client.get_model_version(name, "3").tags
         assert failed["canary.verdict"] == ROLLBACK
         assert failed["promotion.failed"].startswith("canary failed: error_ratio 1 against stable 0")
-        assert f"storageUri rolled back to {second.storage_uri}" in failed["promotion.failed"]
+        assert f"storageUri rolled back to {second}" in failed["promotion.failed"]
         assert client.get_model_version_by_alias(name, "champion").version == "2"
         assert client.get_run(runs[2]).data.tags["canary.verdict"] == ROLLBACK
-        assert set(router.sent[served[second.storage_uri]]) == {200}  # the good model answered every request
+        assert set(router.sent[served[second]]) == {200}  # the good model answered every request
         assert set(router.sent[served[f"{prefix}/{name}/v3"]]) == {500}
     assert ctl.seen == [f"{prefix}/{name}/v1", f"{prefix}/{name}/v2", f"{prefix}/{name}/v3", f"{prefix}/{name}/v2"]
 
