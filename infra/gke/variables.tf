@@ -1,0 +1,76 @@
+variable "project_id" {
+  description = "The Google Cloud project (the manifests' PROJECT)."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the cluster, buckets, registry and database (the manifests' REGION)."
+  type        = string
+  default     = "us-central1"
+}
+
+variable "node_zones" {
+  description = "Zones of the node pools (L4 GPUs exist in us-central1-a, -b and -c)."
+  type        = list(string)
+  default     = ["us-central1-a", "us-central1-b"]
+}
+
+variable "name" {
+  description = "Prefix of every resource's name."
+  type        = string
+  default     = "maskrcnn"
+}
+
+variable "cpu_machine_type" {
+  description = "CPU pool: system pods, MLflow, KFP, the Ray head and the predictors (2 CPU, 6 GiB each)."
+  type        = string
+  default     = "n2-standard-8"
+}
+
+variable "cpu_max_nodes" {
+  description = "CPU pool's autoscaling ceiling per zone."
+  type        = number
+  default     = 6
+}
+
+variable "gpu_machine_type" {
+  description = "GPU pool's machine type (g2 carries NVIDIA L4)."
+  type        = string
+  default     = "g2-standard-8"
+}
+
+variable "gpu_type" {
+  description = "GPU pool's accelerator: must equal ray/raycluster.yaml's cloud.google.com/gke-accelerator selector."
+  type        = string
+  default     = "nvidia-l4"
+}
+
+variable "gpu_max_nodes" {
+  description = "GPU pool's autoscaling ceiling per zone (it scales from 0: no GPU is paid for while idle)."
+  type        = number
+  default     = 2
+}
+
+variable "master_authorized_cidrs" {
+  description = "CIDR blocks allowed to reach the cluster's API server (your VPN or CI runners)."
+  type        = list(string)
+  default     = []
+}
+
+variable "kubeflow_pipeline_service_accounts" {
+  description = "Kubernetes ServiceAccounts the pipeline steps run as (namespace/name): standalone KFP's pipeline-runner and the multi-user profile's default-editor (deployment/overlays/kubeflow-multi-user)."
+  type        = list(string)
+  default     = ["kubeflow/pipeline-runner", "kubeflow-user-example-com/default-editor"]
+}
+
+variable "sql_tier" {
+  description = "Cloud SQL machine tier for MLflow's PostgreSQL."
+  type        = string
+  default     = "db-custom-2-7680"
+}
+
+variable "kms_key" {
+  description = "Cloud KMS key (projects/.../cryptoKeys/...) that encrypts the buckets; empty: Google-managed keys."
+  type        = string
+  default     = ""
+}
