@@ -156,12 +156,14 @@ def test_buckets_are_private_uniform_and_models_versioned(tf):
 
 
 def test_the_gpu_pool_is_what_the_raycluster_asks_for_and_the_predictor_avoids(tf):
-    pools = tf["resource"]["google_container_node_pool"]
-    gpu = pools["gpu"]["node_config"][0]
-    assert gpu["guest_accelerator"][0]["type"] == "${var.gpu_type}"
-    assert pools["gpu"]["autoscaling"][0]["min_node_count"] == 0
-    taint = gpu["taint"][0]
+    pools = tf["locals"]["pools"]
+    assert set(pools) == {"cpu", "gpu"} and pools["cpu"]["gpu"] == [] and pools["cpu"]["taints"] == []
+    assert pools["gpu"]["gpu"] == ["${var.gpu_type}"] and pools["gpu"]["min"] == 0
+    (taint,) = pools["gpu"]["taints"]
     assert (taint["key"], taint["effect"]) == ("nvidia.com/gpu", "NO_SCHEDULE")
+    node_config = tf["resource"]["google_container_node_pool"]["pool"]["node_config"][0]
+    assert node_config["dynamic"]  # the accelerator and the taint come from the pool's entry
+    assert node_config["workload_metadata_config"][0]["mode"] == "GKE_METADATA"
     cluster = by_kind(render("ray"), "RayCluster")
     groups = cluster["spec"]["workerGroupSpecs"]
     gpu_groups = [g for g in groups if g["template"]["spec"].get("nodeSelector", {}).get("cloud.google.com/gke-accelerator")]
@@ -176,8 +178,6 @@ def test_the_gpu_pool_is_what_the_raycluster_asks_for_and_the_predictor_avoids(t
     cluster_tf = tf["resource"]["google_container_cluster"]["main"]
     assert cluster_tf["workload_identity_config"][0]["workload_pool"] == "${var.project_id}.svc.id.goog"
     assert cluster_tf["datapath_provider"] == "ADVANCED_DATAPATH"  # enforces the manifests' NetworkPolicies
-    for pool in pools.values():
-        assert pool["node_config"][0]["workload_metadata_config"][0]["mode"] == "GKE_METADATA"
 
 
 def test_the_outputs_fill_every_placeholder_of_a_copy_of_the_manifests(tmp_path):

@@ -91,57 +91,29 @@ resource "google_container_cluster" "main" {
   }
 }
 
-# CPU pool: everything but training on GPUs
-resource "google_container_node_pool" "cpu" {
-  name           = "cpu"
-  cluster        = google_container_cluster.main.id
-  node_locations = var.node_zones
-
-  autoscaling {
-    min_node_count = 1
-    max_node_count = var.cpu_max_nodes
-  }
-
-  management {
-    auto_repair  = true
-    auto_upgrade = true
-  }
-
-  node_config {
-    machine_type    = var.cpu_machine_type
-    disk_size_gb    = 100
-    disk_type       = "pd-balanced"
-    image_type      = "COS_CONTAINERD"
-    service_account = google_service_account.nodes.email
-    oauth_scopes    = ["https://www.googleapis.com/auth/cloud-platform"]
-    labels = {
-      pool = "cpu"
-    }
-    workload_metadata_config {
-      mode = "GKE_METADATA"
-    }
-    shielded_instance_config {
-      enable_secure_boot          = true
-      enable_integrity_monitoring = true
-    }
-    metadata = {
-      disable-legacy-endpoints = "true"
+# Two pools. CPU: everything but training on GPUs. GPU: Ray's GPU workers, from zero nodes; its taint is
+# the one the RayCluster's GPU workers tolerate (nvidia.com/gpu, NoSchedule; GKE also adds it to GPU
+# nodes by itself) and the InferenceService does not (the predictor runs on CPU, so it never lands on a
+# GPU node); its accelerator is what the RayCluster's nodeSelector cloud.google.com/gke-accelerator names.
+locals {
+  pools = {
+    cpu = { machine_type = var.cpu_machine_type, min = 1, max = var.cpu_max_nodes, disk_gb = 100, gpu = [], taints = [] }
+    gpu = {
+      machine_type = var.gpu_machine_type, min = 0, max = var.gpu_max_nodes, disk_gb = 200, gpu = [var.gpu_type],
+      taints       = [{ key = "nvidia.com/gpu", value = "present", effect = "NO_SCHEDULE" }]
     }
   }
 }
 
-# GPU pool for Ray's GPU workers, from zero nodes. Its taint is the one the RayCluster's GPU workers
-# tolerate (nvidia.com/gpu, NoSchedule; GKE also adds it to GPU nodes by itself) and the InferenceService
-# does not (the predictor runs on CPU, so it never lands on a GPU node). The accelerator type is what the
-# RayCluster's nodeSelector cloud.google.com/gke-accelerator names.
-resource "google_container_node_pool" "gpu" {
-  name           = "gpu"
+resource "google_container_node_pool" "pool" {
+  for_each       = local.pools
+  name           = each.key
   cluster        = google_container_cluster.main.id
   node_locations = var.node_zones
 
   autoscaling {
-    min_node_count = 0
-    max_node_count = var.gpu_max_nodes
+    min_node_count = each.value.min
+    max_node_count = each.value.max
   }
 
   management {
@@ -150,28 +122,34 @@ resource "google_container_node_pool" "gpu" {
   }
 
   node_config {
-    machine_type    = var.gpu_machine_type
-    disk_size_gb    = 200
+    machine_type    = each.value.machine_type
+    disk_size_gb    = each.value.disk_gb
     disk_type       = "pd-balanced"
     image_type      = "COS_CONTAINERD"
     service_account = google_service_account.nodes.email
     oauth_scopes    = ["https://www.googleapis.com/auth/cloud-platform"]
     labels = {
-      pool = "gpu"
+      pool = each.key
     }
 
-    guest_accelerator {
-      type  = var.gpu_type
-      count = 1
-      gpu_driver_installation_config {
-        gpu_driver_version = "LATEST"
+    dynamic "guest_accelerator" {
+      for_each = each.value.gpu
+      content {
+        type  = guest_accelerator.value
+        count = 1
+        gpu_driver_installation_config {
+          gpu_driver_version = "LATEST"
+        }
       }
     }
 
-    taint {
-      key    = "nvidia.com/gpu"
-      value  = "present"
-      effect = "NO_SCHEDULE"
+    dynamic "taint" {
+      for_each = each.value.taints
+      content {
+        key    = taint.value.key
+        value  = taint.value.value
+        effect = taint.value.effect
+      }
     }
 
     workload_metadata_config {
