@@ -6,6 +6,7 @@ from the usual variables and kubeconfig, as for the pipeline.
   uv run -m release promote RUN_ID --storage-prefix s3://models [--isvc-name maskrcnn --namespace models]
   uv run -m release rollback 3 --isvc-name maskrcnn --namespace models --reason "incident 42"
   uv run -m release keygen signing.key signing.pub
+  uv run -m release ship --repository REGION-docker.pkg.dev/PROJECT/maskrcnn/platform --kfp-host URL [--run] [--cron ...]
 
 `promote` downloads the run's model (its serving package), scores it and the current champion on the
 same validation split (`--val-data`, default: the split the model was trained with), applies the gate,
@@ -27,6 +28,7 @@ import tempfile
 from release.canary import CanaryBounds, CanaryError
 from release.deploy import DeployError
 from release.promote import SIGNING_KEY_ENV
+from release.ship import KFP_TOKEN_ENV
 from release.publish import PublishError
 from training.config import MODEL_NAME
 from training.logs import setup_logging
@@ -70,6 +72,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     up.add_argument("--signing-key", default=os.environ.get(SIGNING_KEY_ENV, ""),
                     help=f"Ed25519 private key (PEM file, e.g. a mounted Secret) that signs the published package's "
                          f"SHA256SUMS; default ${SIGNING_KEY_ENV}; empty: unsigned")
+    out = sub.add_parser("ship", help="build and push the image, compile the pipeline on its digest, upload it to "
+                                      "Kubeflow as a version named after the commit, optionally run or schedule it")
+    out.add_argument("--repository", required=True,
+                     help="the image's repository without tag, e.g. REGION-docker.pkg.dev/PROJECT/maskrcnn/platform")
+    out.add_argument("--commit", default="", help="the git commit (default: git rev-parse HEAD)")
+    out.add_argument("--tag", default="", help="the image tag (default: the commit's first 12 characters)")
+    out.add_argument("--builder", default="", choices=["", "podman", "buildah", "docker"], help="default: the first found")
+    out.add_argument("--context", default=".", help="the build context (default: the current folder)")
+    out.add_argument("--containerfile", default="Dockerfile", help="the Dockerfile, relative to the current folder")
+    out.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="passed to the build (repeatable)")
+    out.add_argument("--insecure-registry", action="store_true",
+                     help="push without TLS (a registry on 127.0.0.1 only; podman and buildah)")
+    out.add_argument("--output", default="maskrcnn_pipeline.yaml", help="where the compiled pipeline is written")
+    out.add_argument("--kfp-host", default="", help="Kubeflow Pipelines' API (empty: compile only)")
+    out.add_argument("--kfp-namespace", default="", help="multi-user Kubeflow: the profile namespace")
+    out.add_argument("--kfp-token-file", default=os.environ.get(KFP_TOKEN_ENV, ""),
+                     help=f"a file holding the bearer token for Kubeflow (default ${KFP_TOKEN_ENV})")
+    out.add_argument("--pipeline-name", default="maskrcnn-train-gate-serve")
+    out.add_argument("--experiment", default="maskrcnn")
+    out.add_argument("--run", action="store_true", help="start one run of the new version")
+    out.add_argument("--cron", default="", help="make the new version the recurring run (6 fields, seconds first)")
+    out.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
+                     help="a pipeline parameter of the runs, its value as JSON or a plain string (repeatable)")
     back = sub.add_parser("rollback", help="serve an earlier published version again and move champion to it")
     back.add_argument("version")
     back.add_argument("--reason", default="rolled back by hand")
@@ -175,11 +200,58 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from release.ship import ShipError, ShipPlan, ship
+
+    def pairs(items: list[str], flag: str, parse) -> dict:
+        out = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+            out[key] = parse(value)
+        return out
+
+    def value(text: str):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+    try:
+        commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                               check=True).stdout.strip()
+        token = Path(args.kfp_token_file).read_text()[:8192].strip() if args.kfp_token_file else ""
+        plan = ShipPlan(repository=args.repository, commit=commit, tag=args.tag, builder=args.builder,
+                        context=Path(args.context), containerfile=Path(args.containerfile),
+                        build_args=pairs(args.build_arg, "--build-arg", str), tls_verify=not args.insecure_registry,
+                        kfp_host=args.kfp_host, kfp_namespace=args.kfp_namespace, pipeline_name=args.pipeline_name,
+                        experiment=args.experiment, run=args.run, cron=args.cron,
+                        params=pairs(args.param, "--param", value), output=Path(args.output))
+    except (ValueError, OSError, subprocess.CalledProcessError) as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        shipped = ship(plan, token)
+    except ShipError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("shipped %s@%s; pipeline %s%s", plan.repository, shipped.digest, shipped.pipeline_yaml,
+             f", version {shipped.version_id}" if shipped.version_id else "")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = get_args_parser().parse_args(argv)
     if args.command == "keygen":
         return cmd_keygen(args)
+    if args.command == "ship":
+        return cmd_ship(args)
     from mlflow.exceptions import MlflowException
 
     from training.config import ConfigError
