@@ -84,6 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="passed to the build (repeatable)")
     out.add_argument("--insecure-registry", action="store_true",
                      help="push without TLS (a registry on 127.0.0.1 only; podman and buildah)")
+    out.add_argument("--prebuilt", default="", metavar="SHA256_DIGEST",
+                     help="the image is already pushed to --repository with this digest: compile and upload only")
     out.add_argument("--output", default="maskrcnn_pipeline.yaml", help="where the compiled pipeline is written")
     out.add_argument("--kfp-host", default="", help="Kubeflow Pipelines' API (empty: compile only)")
     out.add_argument("--kfp-namespace", default="", help="multi-user Kubeflow: the profile namespace")
@@ -231,7 +233,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
                         build_args=pairs(args.build_arg, "--build-arg", str), tls_verify=not args.insecure_registry,
                         kfp_host=args.kfp_host, kfp_namespace=args.kfp_namespace, pipeline_name=args.pipeline_name,
                         experiment=args.experiment, run=args.run, cron=args.cron,
-                        params=pairs(args.param, "--param", value), output=Path(args.output))
+                        params=pairs(args.param, "--param", value), output=Path(args.output), prebuilt=args.prebuilt)
     except (ValueError, OSError, subprocess.CalledProcessError) as exc:
         log.error("%s", exc)
         return 2

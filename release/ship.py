@@ -8,6 +8,8 @@
 4. **upload** it to Kubeflow (`kfp.Client`): the pipeline is created on its first upload, then a version
    named after the commit is added (the same commit again: the existing version is kept, nothing is
    uploaded twice);
+   (`--prebuilt sha256:...`: an image already built and pushed, e.g. by Cloud Build's own steps, so only
+   the steps below run)
 5. optionally **run** that version once, and/or make it the **recurring** run (cron), replacing the
    recurring run of the same name so that the schedule always runs the newest version.
 
@@ -68,6 +70,7 @@ class ShipPlan:
     cron: str = ""  # make it the recurring run on this schedule (6 fields, seconds first)
     params: dict[str, Any] = field(default_factory=dict)  # the runs' pipeline parameters
     output: Path = Path("maskrcnn_pipeline.yaml")
+    prebuilt: str = ""  # sha256:... of an image already pushed to `repository` (Cloud Build pushes it): no build, no push
 
     def __post_init__(self) -> None:
         if not REPOSITORY.match(self.repository):
@@ -82,7 +85,9 @@ class ShipPlan:
             raise ValueError(f"ship: cron {self.cron!r}: expected 6 fields, seconds first (e.g. '0 0 3 * * 1')")
         if (self.run or self.cron) and not self.kfp_host:
             raise ValueError("ship: --run and --cron need --kfp-host")
-        if not Path(self.containerfile).is_file():
+        if self.prebuilt and not DIGEST.fullmatch(self.prebuilt):
+            raise ValueError(f"ship: prebuilt {self.prebuilt!r}: expected the pushed image's digest, sha256:<64 hex>")
+        if not self.prebuilt and not Path(self.containerfile).is_file():
             raise ValueError(f"ship: containerfile {self.containerfile} does not exist")
 
     @property
@@ -204,9 +209,13 @@ def ship(plan: ShipPlan, token: str = "", build_timeout: float = 3600) -> Shippe
     """The five steps (see the module's docstring); ShipError names the one that failed."""
     from pipelines.compile import compile_pipeline
 
-    builder = find_builder(plan.builder)
-    build(plan, builder, build_timeout)
-    digest = push(plan, builder, build_timeout)
+    if plan.prebuilt:
+        log.info("build, push: skipped; %s is already pushed as %s", plan.image, plan.prebuilt)
+        digest = plan.prebuilt
+    else:
+        builder = find_builder(plan.builder)
+        build(plan, builder, build_timeout)
+        digest = push(plan, builder, build_timeout)
     shipped = Shipped(plan.image, digest, Path(plan.output))
     try:
         compile_pipeline(shipped.pipeline_yaml, image=shipped.pinned)

@@ -153,6 +153,12 @@ def test_a_failure_names_its_step_and_bad_input_is_refused(plan, build_context, 
                  "--build-arg", f"BASE={base}", "--output", str(tmp_path / "cli.yaml")])
     assert code == 0 and (tmp_path / "cli.yaml").exists()
     assert any(r.message.startswith("push: ") and " is sha256:" in r.message for r in caplog.records)
+    # an image pushed by someone else (Cloud Build's own steps): compiled on its digest, nothing built
+    digest = registry_digest(registry, "maskrcnn/platform", COMMIT_B[:12])
+    assert main(["ship", "--repository", f"{registry}/maskrcnn/platform", "--commit", COMMIT_B, "--prebuilt", digest,
+                 "--containerfile", "/nonexistent", "--output", str(tmp_path / "prebuilt.yaml")]) == 0
+    assert images_in(tmp_path / "prebuilt.yaml") == {f"{registry}/maskrcnn/platform@{digest}"}
+    assert main(["ship", "--repository", f"{registry}/maskrcnn/platform", "--commit", COMMIT_B, "--prebuilt", "latest"]) == 2
     assert main(["ship", "--repository", f"{registry}/maskrcnn/platform", "--commit", "not-a-commit"]) == 2
     assert main(["ship", "--repository", f"{registry}/x", "--commit", COMMIT_B, "--param", "novalue"]) == 2
 
