@@ -6,6 +6,8 @@ from the usual variables and kubeconfig, as for the pipeline.
   uv run -m release promote RUN_ID --storage-prefix s3://models [--isvc-name maskrcnn --namespace models]
   uv run -m release rollback 3 --isvc-name maskrcnn --namespace models --reason "incident 42"
   uv run -m release keygen signing.key signing.pub
+  uv run -m release retrain --data gs://RAY_BUCKET/data/coco --claims gs://RAY_BUCKET/retrain-claims --kfp-host URL
+  terraform -chdir=infra/gke output -json placeholders | uv run -m release placeholders
   uv run -m release ship --repository REGION-docker.pkg.dev/PROJECT/maskrcnn/platform --kfp-host URL [--run] [--cron ...]
 
 `promote` downloads the run's model (its serving package), scores it and the current champion on the
@@ -97,6 +99,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--cron", default="", help="make the new version the recurring run (6 fields, seconds first)")
     out.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
                      help="a pipeline parameter of the runs, its value as JSON or a plain string (repeatable)")
+    again = sub.add_parser("retrain", help="start the pipeline when the data's content hash differs from the champion's "
+                                           "(for a CronJob: deployment/retrain)")
+    again.add_argument("--data", required=True, help="the training data prefix (s3://, gs://, folder), as the pipeline's data")
+    again.add_argument("--val-data", default="", help="the validation split (default: held out of --data)")
+    again.add_argument("--config", default="default", help="the training config the pipeline runs (its data settings)")
+    again.add_argument("--claims", required=True, help="s3:// or gs:// prefix where each started hash is claimed once")
+    again.add_argument("--kfp-host", required=True, help="Kubeflow Pipelines' API")
+    again.add_argument("--kfp-namespace", default="")
+    again.add_argument("--kfp-token-file", default=os.environ.get(KFP_TOKEN_ENV, ""))
+    again.add_argument("--pipeline-name", default="maskrcnn-train-gate-serve")
+    again.add_argument("--experiment", default="maskrcnn")
+    again.add_argument("--param", action="append", default=[], metavar="KEY=JSON", help="another pipeline parameter (repeatable)")
+    sub.add_parser("placeholders", help="fill the manifests' placeholders from `terraform output -json placeholders` "
+                                        "on stdin (infra/gke)")
     back = sub.add_parser("rollback", help="serve an earlier published version again and move champion to it")
     back.add_argument("version")
     back.add_argument("--reason", default="rolled back by hand")
@@ -202,27 +218,53 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ship(args: argparse.Namespace) -> int:
+def _pairs(items: list[str], flag: str) -> dict:
+    """KEY=VALUE flags; the value read as JSON when it is JSON, else as a string."""
     import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from release.retrain import RetrainError, RetrainPlan, retrain
+    from training.data.coco import DatasetError
+    from training.data.sources import SourceError
+    from training.tracking import resolve_tracking_uri
+
+    try:
+        token = Path(args.kfp_token_file).read_text()[:8192].strip() if args.kfp_token_file else ""
+        plan = RetrainPlan(data=args.data, val_data=args.val_data, config=args.config, claims=args.claims,
+                           kfp_host=args.kfp_host, kfp_namespace=args.kfp_namespace,
+                           tracking_uri=resolve_tracking_uri(args.tracking_uri), model_name=args.model_name,
+                           pipeline_name=args.pipeline_name, experiment=args.experiment,
+                           params=_pairs(args.param, "--param"))
+        result = retrain(plan, token)
+    except (ValueError, OSError, DatasetError) as exc:
+        log.error("%s", exc)
+        return 2
+    except (RetrainError, SourceError) as exc:
+        log.error("retrain: %s", exc)
+        return 1
+    log.info("retrain: %s (dataset %s)%s", result.action, result.dataset_hash[:12], f", run {result.run_id}" if result.run_id else "")
+    return 0
+
+
+def cmd_ship(args: argparse.Namespace) -> int:
     import subprocess
     from pathlib import Path
 
     from release.ship import ShipError, ShipPlan, ship
-
-    def pairs(items: list[str], flag: str, parse) -> dict:
-        out = {}
-        for item in items:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
-            out[key] = parse(value)
-        return out
-
-    def value(text: str):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
 
     try:
         commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -230,10 +272,10 @@ def cmd_ship(args: argparse.Namespace) -> int:
         token = Path(args.kfp_token_file).read_text()[:8192].strip() if args.kfp_token_file else ""
         plan = ShipPlan(repository=args.repository, commit=commit, tag=args.tag, builder=args.builder,
                         context=Path(args.context), containerfile=Path(args.containerfile),
-                        build_args=pairs(args.build_arg, "--build-arg", str), tls_verify=not args.insecure_registry,
+                        build_args={k: str(v) for k, v in _pairs(args.build_arg, "--build-arg").items()}, tls_verify=not args.insecure_registry,
                         kfp_host=args.kfp_host, kfp_namespace=args.kfp_namespace, pipeline_name=args.pipeline_name,
                         experiment=args.experiment, run=args.run, cron=args.cron,
-                        params=pairs(args.param, "--param", value), output=Path(args.output), prebuilt=args.prebuilt)
+                        params=_pairs(args.param, "--param"), output=Path(args.output), prebuilt=args.prebuilt)
     except (ValueError, OSError, subprocess.CalledProcessError) as exc:
         log.error("%s", exc)
         return 2
@@ -254,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_keygen(args)
     if args.command == "ship":
         return cmd_ship(args)
+    if args.command == "retrain":
+        return cmd_retrain(args)
+    if args.command == "placeholders":
+        from release.placeholders import main as fill_main
+
+        return fill_main()
     from mlflow.exceptions import MlflowException
 
     from training.config import ConfigError

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra" / "gke"
 CHECKOV = "checkov==3.3.30"  # in its own environment (uvx): it clashes with python-hcl2 over the `hcl2` module
 SKIPS = {"CKV_GCP_12", "CKV_GCP_65", "CKV_GCP_6", "CKV_GCP_84", "CKV_GCP_62"}  # each justified where it is
-MANIFESTS = ["deployment/overlays/production", "deployment/overlays/kubeflow-multi-user", "ray", "mlflow/k8s/overlays/gcs"]
+MANIFESTS = ["deployment/overlays/production", "deployment/overlays/kubeflow-multi-user", "ray", "mlflow/k8s/overlays/gcs",
+             "deployment/retrain"]
 PLACEHOLDER = re.compile(r"\b(PROJECT|REGION|[A-Z]+_BUCKET)\b")
 
 
@@ -111,14 +112,14 @@ def test_workload_identity_binds_exactly_the_manifests_service_accounts(tf):
     identities["maskrcnn-pipeline"] = default(tf, "kubeflow_pipeline_service_accounts")
     annotated = _annotated_service_accounts()
     assert annotated == {"models/maskrcnn-predictor": "maskrcnn-predictor", "ray/ray-worker": "maskrcnn-training",
-                         "mlflow/mlflow": "mlflow"}
+                         "mlflow/mlflow": "mlflow", "kubeflow/maskrcnn-retrain": "maskrcnn-pipeline"}
     for subject, account in annotated.items():
         assert subject in identities[account], (subject, account)
     # the pipeline's steps run as the subjects the promote Role is bound to
     bound = {f"{s['namespace']}/{s['name']}" for kustomization in ("deployment/overlays/production",
                                                                     "deployment/overlays/kubeflow-multi-user")
              for rb in by_kind(render(kustomization), "RoleBinding", all_=True) for s in rb["subjects"]}
-    assert bound == set(identities["maskrcnn-pipeline"]), bound
+    assert bound | {"kubeflow/maskrcnn-retrain"} == set(identities["maskrcnn-pipeline"]), bound
     # least privilege: roles on buckets only, none project-wide but the nodes' logging and metrics
     roles = {(r["account"], r["bucket"], r["role"]) for r in tf["locals"]["bucket_roles"]}
     assert ("maskrcnn-predictor", "models", "roles/storage.objectViewer") in roles
@@ -131,18 +132,18 @@ def test_workload_identity_binds_exactly_the_manifests_service_accounts(tf):
 
 def test_every_placeholder_in_the_manifests_is_an_output(tf):
     used = set()
-    for folder in ("deployment/base", "deployment/overlays", "ray", "mlflow/k8s"):
+    for folder in ("deployment/base", "deployment/overlays", "deployment/retrain", "ray", "mlflow/k8s"):
         for path in (ROOT / folder).rglob("*.yaml"):
             used |= set(PLACEHOLDER.findall(path.read_text()))
-    assert used == {"PROJECT", "REGION", "MODELS_BUCKET", "MLFLOW_BUCKET"}, used
+    assert used == {"PROJECT", "REGION", "MODELS_BUCKET", "MLFLOW_BUCKET", "RAY_BUCKET"}, used
     outputs = tf["output"]["placeholders"]["value"]
-    assert used <= set(outputs) and "RAY_BUCKET" in outputs  # the README's ray.storage_path=gs://RAY_BUCKET/ray
+    assert used <= set(outputs)
     buckets = tf["locals"]["buckets"]
     assert set(buckets) == {"models", "mlflow", "ray"}
     assert outputs["MODELS_BUCKET"] == '${google_storage_bucket.main["models"].name}'
     registry = tf["resource"]["google_artifact_registry_repository"]["images"]
     assert registry["repository_id"] == "${var.name}" and default(tf, "name") == "maskrcnn"
-    for kustomization in ("deployment/base", "ray", "mlflow/k8s/base"):
+    for kustomization in ("deployment/base", "ray", "mlflow/k8s/base", "deployment/retrain"):
         text = (ROOT / kustomization / "kustomization.yaml").read_text()
         assert re.search(r"newName: REGION-docker\.pkg\.dev/PROJECT/maskrcnn/(platform|mlflow)", text), kustomization
 
@@ -182,10 +183,8 @@ def test_the_gpu_pool_is_what_the_raycluster_asks_for_and_the_predictor_avoids(t
 
 def test_the_outputs_fill_every_placeholder_of_a_copy_of_the_manifests(tmp_path):
     import shutil
-    import sys
 
-    sys.path.insert(0, str(ROOT / "infra"))
-    from fill_placeholders import fill
+    from release.placeholders import fill
 
     for folder in ("deployment", "ray", "mlflow"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.py", "Dockerfile"))
@@ -193,7 +192,7 @@ def test_the_outputs_fill_every_placeholder_of_a_copy_of_the_manifests(tmp_path)
               "MLFLOW_BUCKET": "acme-ml-maskrcnn-mlflow", "RAY_BUCKET": "acme-ml-maskrcnn-ray"}
     changed = {p.relative_to(tmp_path).as_posix() for p in fill(values, tmp_path)}
     assert {"deployment/base/inferenceservice.yaml", "deployment/base/serviceaccount.yaml", "ray/serviceaccount.yaml",
-            "mlflow/k8s/overlays/gcs/kustomization.yaml"} <= changed
+            "mlflow/k8s/overlays/gcs/kustomization.yaml", "deployment/retrain/cronjob.yaml"} <= changed
     assert not [c for c in changed if "crds" in c]
     for path in [*tmp_path.rglob("*.yaml")]:
         if "crds" not in path.parts:

@@ -16,7 +16,7 @@ from conftest import render_kustomization as render
 from release.deploy import storage_uri_of
 
 KUSTOMIZATIONS = ["deployment/overlays/production", "deployment/overlays/canary", "deployment/overlays/kubeflow-multi-user",
-                  "ray", "mlflow/k8s/overlays/gcs", "mlflow/k8s/overlays/minio"]
+                  "ray", "mlflow/k8s/overlays/gcs", "mlflow/k8s/overlays/minio", "deployment/retrain"]
 ROOT = Path(__file__).resolve().parents[1]
 # The custom resources' schemas as KServe and KubeRay publish them (deployment/crds/README.md).
 CRDS = {("serving.kserve.io/v1beta1", "InferenceService"): "kserve-v0.20.0-inferenceservices.yaml",
@@ -224,6 +224,9 @@ def pod_specs(objects: list[dict]) -> list[tuple[str, dict, list[dict]]]:
         kind, spec = obj["kind"], obj.get("spec", {})
         if kind == "Deployment":
             pods.append((kind, spec["template"]["spec"], spec["template"]["spec"]["containers"]))
+        elif kind == "CronJob":
+            template = spec["jobTemplate"]["spec"]["template"]["spec"]
+            pods.append((kind, template, template["containers"]))
         elif kind == "RayCluster":
             for group in (spec["headGroupSpec"], *spec["workerGroupSpecs"]):
                 pods.append((kind, group["template"]["spec"], group["template"]["spec"]["containers"]))

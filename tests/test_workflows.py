@@ -96,3 +96,17 @@ def test_the_ship_command_each_runs_is_one_the_cli_accepts():
     args = get_args_parser().parse_args(_ship_argv(ship_step["args"][-1], cb_env))
     assert args.prebuilt == "sha256:" + "0" * 64 and args.commit == "c" * 40 and args.kfp_host == "https://kfp"
     assert ship_step["name"] == "${_IMAGE}:${SHORT_SHA}"  # the ship step runs in the image it ships
+
+
+def test_the_retrain_cronjob_runs_a_command_the_cli_accepts():
+    from conftest import render_kustomization
+
+    from release.__main__ import get_args_parser
+
+    (cron,) = [o for o in render_kustomization("deployment/retrain") if o["kind"] == "CronJob"]
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "release"]
+    args = get_args_parser().parse_args(container["args"])
+    assert args.command == "retrain" and args.data.startswith("gs://") and args.claims.startswith("gs://")
+    assert args.tracking_uri and args.kfp_host.startswith("http://ml-pipeline.kubeflow")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"

@@ -58,9 +58,9 @@ variable "master_authorized_cidrs" {
 }
 
 variable "kubeflow_pipeline_service_accounts" {
-  description = "Kubernetes ServiceAccounts the pipeline steps run as (namespace/name): standalone KFP's pipeline-runner and the multi-user profile's default-editor (deployment/overlays/kubeflow-multi-user)."
+  description = "Kubernetes ServiceAccounts the pipeline steps run as (namespace/name): standalone KFP's pipeline-runner, the multi-user profile's default-editor (deployment/overlays/kubeflow-multi-user), and the retraining trigger (deployment/retrain)."
   type        = list(string)
-  default     = ["kubeflow/pipeline-runner", "kubeflow-user-example-com/default-editor"]
+  default     = ["kubeflow/pipeline-runner", "kubeflow-user-example-com/default-editor", "kubeflow/maskrcnn-retrain"]
 }
 
 variable "sql_tier" {

@@ -98,6 +98,10 @@ class _S3:
             raise
 
 
+    def delete(self, bucket: str, key: str) -> None:
+        s3_client().delete_object(Bucket=bucket, Key=key)
+
+
 class _GCS:
     """Google Cloud Storage through google-cloud-storage (`STORAGE_EMULATOR_HOST` for its emulator)."""
 
@@ -118,6 +122,10 @@ class _GCS:
             gcs_client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
         except PreconditionFailed:
             raise ObjectExists(f"gs://{bucket}/{key}: already exists") from None
+
+
+    def delete(self, bucket: str, key: str) -> None:
+        gcs_client().bucket(bucket).blob(key).delete()
 
 
 SCHEMES: dict[str, Any] = {"s3": _S3(), "gs": _GCS()}
@@ -179,6 +187,15 @@ def create_object(uri: str, data: bytes) -> None:
         raise
     except Exception as exc:
         raise SourceError(f"{uri}: upload failed: {exc}") from exc
+
+
+def delete_object(uri: str) -> None:
+    """Remove the object `uri` (s3://bucket/key or gs://bucket/key)."""
+    backend, bucket, key = store(uri)
+    try:
+        backend.delete(bucket, key)
+    except Exception as exc:
+        raise SourceError(f"{uri}: delete failed: {exc}") from exc
 
 
 def fetch_prefix(uri: str, cache_dir: Path, accept: Callable[[str, int], object] | None = None) -> Path:

@@ -1,17 +1,21 @@
-"""Fill the manifests' placeholders with what Terraform made: reads `terraform output -json placeholders`
-on stdin ({"PROJECT": "...", "REGION": "...", "MODELS_BUCKET": "...", ...}) and rewrites, in place, every
-YAML file under deployment/ (not the vendored CRDs), ray/ and mlflow/k8s/ where a placeholder appears as
-a whole word. Prints each file it changed.
+"""`uv run -m release placeholders`: fill the manifests' placeholders with what Terraform made.
 
-    terraform -chdir=infra/gke output -json placeholders | python3 infra/fill_placeholders.py
+Reads `terraform output -json placeholders` on stdin ({"PROJECT": "...", "REGION": "...",
+"MODELS_BUCKET": "...", ...}) and rewrites, in place, every YAML file under deployment/ (not the vendored
+CRDs), ray/ and mlflow/k8s/ where a placeholder appears as a whole word. Logs each file it changed.
+
+    terraform -chdir=infra/gke output -json placeholders | uv run -m release placeholders
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^[A-Z][A-Z_]*$")
@@ -39,17 +43,12 @@ def fill(values: dict[str, str], root: Path = ROOT) -> list[Path]:
     return changed
 
 
-def main() -> int:
+def main(stream=sys.stdin) -> int:
     try:
-        values = json.load(sys.stdin)
-        changed = fill(values)
+        changed = fill(json.load(stream))
     except (ValueError, json.JSONDecodeError) as exc:
-        print(f"fill_placeholders: {exc}", file=sys.stderr)
+        log.error("placeholders: %s", exc)
         return 2
     for path in changed:
-        print(path.relative_to(ROOT))
+        log.info("filled %s", path.relative_to(ROOT))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
