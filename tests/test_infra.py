@@ -14,12 +14,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import render_kustomization as render
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra" / "gke"
 CHECKOV = "checkov==3.3.30"  # in its own environment (uvx): it clashes with python-hcl2 over the `hcl2` module
-SKIPS = {"CKV_GCP_12", "CKV_GCP_65", "CKV_GCP_6", "CKV_GCP_84", "CKV_GCP_62"}  # each justified where it is
+SKIPS = {"CKV_GCP_12", "CKV_GCP_65", "CKV_GCP_6", "CKV_GCP_84", "CKV_GCP_62", "CKV_GCP_125"}  # each justified where it is
 MANIFESTS = ["deployment/overlays/production", "deployment/overlays/kubeflow-multi-user", "ray", "mlflow/k8s/overlays/gcs",
              "deployment/retrain"]
 PLACEHOLDER = re.compile(r"\b(PROJECT|REGION|[A-Z]+_BUCKET)\b")
@@ -70,7 +71,8 @@ def default(tf: dict, name: str):
 
 
 def test_every_file_parses_and_state_stays_out_of_git(tf):
-    assert {"versions.tf", "variables.tf", "network.tf", "gke.tf", "storage.tf", "sql.tf", "iam.tf", "outputs.tf"} <= set(tf["files"])
+    assert {"versions.tf", "variables.tf", "network.tf", "gke.tf", "storage.tf", "sql.tf", "iam.tf", "outputs.tf",
+            "cicd.tf"} <= set(tf["files"])
     tracked = subprocess.run(["git", "ls-files", "infra"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert tracked and not [p for p in tracked if p.endswith((".tfstate", ".tfstate.backup", ".tfvars")) or "/.terraform/" in p]
     ignored = (ROOT / ".gitignore").read_text()
@@ -203,3 +205,18 @@ def test_the_outputs_fill_every_placeholder_of_a_copy_of_the_manifests(tmp_path)
     assert "europe-west4-docker.pkg.dev/acme-ml/maskrcnn/platform" in (tmp_path / "deployment/base/kustomization.yaml").read_text()
     with pytest.raises(ValueError, match="placeholder 'PROJECT'"):
         fill({"PROJECT": "a b; rm -rf /"}, tmp_path)
+
+
+def test_only_the_repositorys_production_environment_may_release(tf):
+    provider = tf["resource"]["google_iam_workload_identity_pool_provider"]["github"]
+    assert provider["oidc"][0]["issuer_uri"] == "https://token.actions.githubusercontent.com"
+    assert provider["attribute_condition"] == 'assertion.sub == \\"repo:${var.github_repository}:environment:production\\"'
+    release = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
+    assert release["jobs"]["ship"]["environment"] == "production"  # the sub claim's environment
+    roles = {r["role"] for kind in ("google_artifact_registry_repository_iam_member", "google_service_account_iam_member")
+             for name, r in tf["resource"][kind].items() if "release" in name}
+    assert roles == {"roles/artifactregistry.writer", "roles/iam.workloadIdentityUser", "roles/iam.serviceAccountOpenIdTokenCreator"}
+    outputs = tf["output"]["github_actions"]["value"]
+    assert set(outputs) == {"GCP_PROJECT", "GCP_REGION", "GCP_WORKLOAD_IDENTITY_PROVIDER", "GCP_RELEASE_SERVICE_ACCOUNT"}
+    for variable in outputs:  # each is a variable release.yml reads
+        assert f"vars.{variable}" in (ROOT / ".github" / "workflows" / "release.yml").read_text()

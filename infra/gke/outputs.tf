@@ -35,3 +35,13 @@ output "mlflow_db" {
     password_secret = google_secret_manager_secret.mlflow_db.secret_id
   }
 }
+
+output "github_actions" {
+  description = "The repository variables release.yml reads (GitHub: Settings > Secrets and variables > Actions > Variables)."
+  value = {
+    GCP_PROJECT                    = var.project_id
+    GCP_REGION                     = var.region
+    GCP_WORKLOAD_IDENTITY_PROVIDER = google_iam_workload_identity_pool_provider.github.name
+    GCP_RELEASE_SERVICE_ACCOUNT    = google_service_account.release.email
+  }
+}

@@ -74,3 +74,12 @@ variable "kms_key" {
   type        = string
   default     = ""
 }
+
+variable "github_repository" {
+  description = "owner/name of the GitHub repository whose version tags may release (Workload Identity Federation)."
+  type        = string
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", var.github_repository))
+    error_message = "github_repository must be owner/name."
+  }
+}
