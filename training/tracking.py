@@ -50,14 +50,23 @@ def resolve_tracking_uri(cfg: TrackingConfig | str = "", project_dir: Path | Non
     return f"sqlite:///{(project_dir or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+"""What the experiment is, as MLflow 3's UI reads it: without it the UI may open the experiment in its GenAI
+view ("Evaluation runs") instead of the runs table and the metric charts."""
+
+
 def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The experiment `name` (created when missing), tagged as model development (`EXPERIMENT_KIND_TAG`);
+    an experiment made before the tag existed gets it, one already tagged otherwise keeps its kind."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    if exp is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+    return exp.experiment_id
 
 
 def git_commit() -> str:
@@ -99,7 +108,20 @@ def open_run(cfg: Config, data: PreparedData, run_name: str, parent_run_id: str 
     client.log_dict(run_id, data.label_map.to_dict(), "label_map.json")
     client.log_dict(run_id, data.stats, "dataset_stats.json")
     log.info("MLflow: run %s in experiment %r at %s", run_id, cfg.tracking.experiment, tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        log.info("MLflow UI: %s", run_url(tracking_uri, exp, run_id))
     return run_id, tracking_uri
+
+
+def experiment_url(tracking_uri: str, exp_id: str) -> str:
+    """The experiment's runs and charts in MLflow's UI, in its model-training view. (MLflow 3.17's UI picks its
+    view from `?workflowType=`, else the browser's last choice, GenAI by default; older 3.x UIs read the
+    experiment's `mlflow.experimentKind` tag, which `experiment_id` sets.)"""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 @contextmanager
