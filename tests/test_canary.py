@@ -79,6 +79,7 @@ class Router:
     def __init__(self, split: dict[str, int] | None = None, limit: int = 3000, rate: float = 25):
         self.limit, self.interval, self.sent = limit, 4 / rate, defaultdict(list)
         self._slots: list[str] = []
+        self._per_url: dict[str, int] = {}
         self._n, self._lock, self._stop = 0, threading.Lock(), threading.Event()
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(4)]
         self.route(split or {})
@@ -99,7 +100,9 @@ class Router:
                 time.sleep(0.05)
                 continue
             url, began = slots[n % len(slots)], time.monotonic()
-            self.sent[url].append(predict(url, BODIES[n % len(BODIES)], timeout=30).status)
+            with self._lock:  # each predictor sees the same images in the same order: their statistics compare
+                k = self._per_url[url] = self._per_url.get(url, -1) + 1
+            self.sent[url].append(predict(url, BODIES[k % len(BODIES)], timeout=30).status)
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
 
     def __enter__(self) -> Router:
