@@ -20,6 +20,7 @@ from serving.limits import (MIB, ServingLimits, backlog_for_fds, connections_for
                             queue_for_memory, raise_fd_limit)
 from serving.predictor import (BACKENDS, DEFAULT_MODEL_DIR, MAX_DETECTIONS, MAX_PIXELS, SCORE_THRESHOLD,
                                MaskRCNNPredictor)
+from training.graph import DEVICES
 from training.logs import setup_logging
 from training.package import MODEL_NAME
 
@@ -60,6 +61,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="run the network in ONNX Runtime (the package's detector.onnx; auto: when the package has it) "
                         "or eager PyTorch")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the graph runs: auto (the GPU when one is visible and onnxruntime-gpu is installed, "
+                        "else the CPU, saying why), cpu, or cuda (refused at start when it cannot be had); the eager "
+                        "backend runs on the CPU")
     p.add_argument("--threads", type=int, default=None,
                    help="inference threads (default: the CPUs this process may use, capped by its container's CPU limit)")
     p.add_argument("--public-keys", default=os.environ.get(PUBLIC_KEYS_ENV, ""),
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.app import build_app
     from serving.server import make_server
 
+    from training.graph import GraphError
     from training.package import PackageError
     from training.signature import SignatureError
 
@@ -101,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,
                                   max_detections=args.max_detections, max_pixels=args.max_pixels, backend=args.backend,
                                   threads=args.threads, public_keys=args.public_keys or None,
-                                  forward_limit_s=limits.forward_limit_s)
+                                  forward_limit_s=limits.forward_limit_s, device=args.device)
         model.load()
-    except (PackageError, SignatureError) as exc:  # never ready: the pod restarts and KServe reports the failed load
+    except (PackageError, SignatureError, GraphError) as exc:  # never ready: the pod restarts and KServe reports the failed load
         log.error("not serving %s: %s", args.model_dir, exc)
         return 1
     app = build_app(model, limits)

@@ -51,7 +51,7 @@ from training.reference import MAX_DETECTIONS, SCORE_THRESHOLD
 from training.data.labels import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
 from training.inference import MASK_BUDGET_BYTES, detect
-from training.graph import GraphError, OnnxDetector
+from training.graph import DEVICES, GraphError, OnnxDetector
 from training.package import PackageError, open_package
 from training.signature import load_public_keys
 
@@ -75,7 +75,7 @@ class MaskRCNNPredictor(Model):
                  max_detections: int = MAX_DETECTIONS, max_pixels: int = MAX_PIXELS, max_images: int = 8,
                  mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: Backend = "auto", threads: int | None = None,
                  public_keys: str | Path | None = None, probe_timeout_s: float = PROBE_TIMEOUT_S,
-                 forward_limit_s: float = FORWARD_LIMIT_S):
+                 forward_limit_s: float = FORWARD_LIMIT_S, device: str = "auto"):
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
@@ -85,6 +85,9 @@ class MaskRCNNPredictor(Model):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
+        if device not in DEVICES:
+            raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+        self.device = device  # where the graph runs (training.graph.execution_providers); eager runs on the CPU
         if threads is not None and threads < 1:
             raise ValueError(f"threads: expected an integer >= 1, got {threads}")
         self.threads = threads  # None: the CPUs this process may use (`cpu_budget`)
@@ -117,7 +120,7 @@ class MaskRCNNPredictor(Model):
         if self.backend == "onnxruntime" and package.graph is None:
             raise PackageError(f"{self.model_dir}: backend onnxruntime needs the package's detector.onnx, and it has "
                                f"none (re-export it with `uv run -m training.export`, or serve with backend eager)")
-        graph = OnnxDetector(package.graph, cores) if self.backend != "eager" and package.graph is not None else None
+        graph = OnnxDetector(package.graph, cores, self.device) if self.backend != "eager" and package.graph is not None else None
         if graph is None:
             from training.onnx_detector import eager_runner  # the eager network (torch); the graph needs none
         try:

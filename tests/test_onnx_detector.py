@@ -197,3 +197,49 @@ def test_the_graph_is_not_a_pickle_and_reads_no_other_file(package):
     external = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external == [] and [i.name for i in proto.graph.input] == ["images", "image_size"]
     assert json.loads((package / "metadata.json").read_text())["epoch"] == 1
+
+
+@pytest.mark.parametrize("device, available, gpu, providers, why", [
+    ("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"], True, ["CPUExecutionProvider"], "--device cpu"),
+    ("auto", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], True,
+     ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "on the GPU"),
+    ("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], True, ["CUDAExecutionProvider", "CPUExecutionProvider"], "on the GPU"),
+    ("auto", ["CPUExecutionProvider"], True, ["CPUExecutionProvider"], "no CUDAExecutionProvider"),
+    ("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], False, ["CPUExecutionProvider"], "no NVIDIA GPU is visible"),
+    ("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], True, ["CUDAExecutionProvider", "CPUExecutionProvider"], "on the GPU"),
+])
+def test_the_execution_providers_follow_the_device_and_what_is_there(device, available, gpu, providers, why):
+    from training.graph import execution_providers
+
+    chosen, reason = execution_providers(device, available, gpu)
+    assert chosen == providers and why in reason, reason
+
+
+def test_a_gpu_asked_for_and_not_there_is_refused_not_replaced_by_the_cpu(tmp_path):
+    from training.graph import GraphError, execution_providers, gpu_visible
+
+    with pytest.raises(GraphError, match="--device cuda: no NVIDIA GPU is visible"):
+        execution_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], False)
+    with pytest.raises(GraphError, match="--device cuda: this onnxruntime has no CUDAExecutionProvider .*onnxruntime-gpu"):
+        execution_providers("cuda", ["CPUExecutionProvider"], True)
+    with pytest.raises(GraphError, match="device: expected one of auto, cpu, cuda"):
+        execution_providers("tpu", ["CPUExecutionProvider"], True)
+    assert not gpu_visible(tmp_path)
+    (tmp_path / "nvidiactl").touch()  # the control device alone is not a GPU
+    assert not gpu_visible(tmp_path)
+    (tmp_path / "nvidia0").touch()
+    assert gpu_visible(tmp_path)
+
+
+def test_the_predictor_on_this_machine_runs_the_graph_on_the_cpu_and_says_why(package, caplog):
+    """No GPU here: auto falls back to the CPU and logs why; cuda is refused at load, so the pod never becomes
+    ready on a node without the GPU it was meant to have."""
+    from serving.predictor import MaskRCNNPredictor
+    from training.graph import GraphError
+
+    caplog.set_level(logging.INFO, logger="training.graph")
+    model = MaskRCNNPredictor("maskrcnn", str(package), device="auto")
+    assert model.load() and model.graph.providers == ["CPUExecutionProvider"]
+    assert any("the graph runs on the CPU: no NVIDIA GPU is visible" in r.message for r in caplog.records)
+    with pytest.raises(GraphError, match="--device cuda"):
+        MaskRCNNPredictor("maskrcnn", str(package), device="cuda").load()

@@ -9,9 +9,12 @@ its package's probe without torch.
 from __future__ import annotations
 
 import io
+import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -32,8 +35,45 @@ MAX_OPSET = 22
 MAX_PROBE_INPUTS = 8
 
 
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
+CPU_EP, CUDA_EP, TENSORRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
 class GraphError(RuntimeError):
     """A graph that breaks the rules a package's graph must follow, or that ran past its time limit."""
+
+
+def gpu_visible(dev: Path = Path("/dev")) -> bool:
+    """Whether an NVIDIA GPU is visible to this process (its device files; no driver call, no torch)."""
+    return any(p.name[len("nvidia"):].isdigit() for p in dev.glob("nvidia[0-9]*"))
+
+
+def execution_providers(device: str, available: Sequence[str], gpu: bool) -> tuple[list[str], str]:
+    """ONNX Runtime's providers for `device`, and why (logged by the caller). `available`: what the installed
+    onnxruntime offers (`onnxruntime.get_available_providers()`; the CPU wheel has the CPU provider only,
+    `onnxruntime-gpu` adds CUDA and TensorRT); `gpu`: whether a GPU is visible.
+
+    - cpu: the CPU provider.
+    - cuda: TensorRT (when offered), CUDA, then CPU for the operators they lack; GraphError without a GPU
+      or without a CUDA-enabled onnxruntime: asked for a GPU, it does not quietly run on the CPU.
+    - auto: as cuda when both are there, else the CPU, saying which one was missing.
+    """
+    if device not in DEVICES:
+        raise GraphError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    gpu_chain = [p for p in (TENSORRT_EP, CUDA_EP) if p in available] + [CPU_EP]
+    missing = ("no NVIDIA GPU is visible (/dev/nvidia*)" if not gpu else
+               f"this onnxruntime has no {CUDA_EP} (offered: {', '.join(available)}; install onnxruntime-gpu)"
+               if CUDA_EP not in available else "")
+    if device == "cpu":
+        return [CPU_EP], "on the CPU (--device cpu)"
+    if not missing:
+        return gpu_chain, f"on the GPU: {', '.join(gpu_chain)}"
+    if device == "cuda":
+        raise GraphError(f"--device cuda: {missing}")
+    return [CPU_EP], f"on the CPU: {missing} (--device auto falls back)"
 
 
 def detection_mismatch(got: dict[str, Any], expected: dict[str, Any], atol: float = ATOL) -> str:
@@ -119,11 +159,15 @@ class Probe:
 
 
 class OnnxDetector:
-    """An ONNX Runtime session (CPU) for `detector.onnx` on `threads` intra-op threads. Loads from bytes,
-    so the graph that runs is the one whose checksum was verified."""
+    """An ONNX Runtime session for `detector.onnx` on `threads` intra-op threads, on the CPU or the GPU
+    (`device`, see `execution_providers`). Loads from bytes, so the graph that runs is the one whose
+    checksum was verified."""
 
-    def __init__(self, graph: bytes, threads: int):
+    def __init__(self, graph: bytes, threads: int, device: Device = "cpu"):
         import onnxruntime as ort
+
+        providers, why = execution_providers(device, ort.get_available_providers(), gpu_visible())
+        log.info("the graph runs %s", why)
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
@@ -131,7 +175,8 @@ class OnnxDetector:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
-        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(graph, options, providers=providers)
+        self.providers = self.session.get_providers()
         inputs = tuple(i.name for i in self.session.get_inputs())
         outputs = tuple(o.name for o in self.session.get_outputs())
         if inputs != INPUTS or outputs != OUTPUTS:
