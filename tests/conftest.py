@@ -26,6 +26,8 @@ from devstack.procs import free_port
 from training.config import CONFIG_DIR, Config, load_config
 
 TINY = CONFIG_DIR / "tiny.yaml"
+# `uvx`, as the uv that runs the tests (`uv run` sets $UV): CI may call uv as `python3 -m uv`, with no uvx on PATH
+UVX = [os.environ.get("UV") or "uv", "tool", "run"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

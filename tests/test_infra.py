@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import UVX
 from conftest import render_kustomization as render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def test_every_file_parses_and_state_stays_out_of_git(tf):
 
 def test_checkov_passes_with_only_the_listed_skips():
     env = {**os.environ, "CKV_SKIP_PACKAGE_UPDATE_CHECK": "1"}
-    done = subprocess.run(["uvx", "--from", CHECKOV, "checkov", "-d", str(INFRA), "--framework", "terraform",
+    done = subprocess.run([*UVX, "--from", CHECKOV, "checkov", "-d", str(INFRA), "--framework", "terraform",
                            "--skip-download", "--output", "json"],
                           capture_output=True, text=True, env=env, timeout=600)
     report = json.loads(done.stdout)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import UVX
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
@@ -21,7 +22,7 @@ TOOLS = {"check-jsonschema": "check-jsonschema==0.39.0", "actionlint": "actionli
 
 
 def uvx(tool: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["uvx", "--from", TOOLS[tool], tool, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*UVX, "--from", TOOLS[tool], tool, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_workflows_and_cloudbuild_pass_their_schemas_actionlint_and_zizmor():
@@ -43,7 +44,7 @@ def test_a_misspelt_workflow_is_caught(tmp_path):
     bad.write_text("on: push\npermissions: {}\njobs:\n  x:\n    runson: ubuntu-24.04\n    steps:\n"
                    "      - uses: actions/checkout@v4\n")
     assert uvx("check-jsonschema", "--builtin-schema", "vendor.github-workflows", str(bad)).returncode != 0
-    assert subprocess.run(["uvx", "--from", TOOLS["zizmor"], "zizmor", "--offline", "--no-progress", str(bad.parent)],
+    assert subprocess.run([*UVX, "--from", TOOLS["zizmor"], "zizmor", "--offline", "--no-progress", str(bad.parent)],
                           capture_output=True, text=True, timeout=600).returncode != 0
 
 
