@@ -186,12 +186,7 @@ def canary_plan_from(args: argparse.Namespace):
         raise ValueError("--canary-percent needs --prometheus-url: a canary is judged on live metrics")
     PrometheusApi(args.prometheus_url)  # validates the URL
     selector_for("0", args.prometheus_selector)  # validates the selector
-    token = ""
-    if args.prometheus_token_file:
-        try:
-            token = open(args.prometheus_token_file, encoding="utf-8").read(8192).strip()
-        except OSError as exc:
-            raise ValueError(f"--prometheus-token-file {args.prometheus_token_file}: {exc.strerror}") from exc
+    token = _token(args.prometheus_token_file, "--prometheus-token-file")
     bounds = CanaryBounds(**{f.name: getattr(args, f"canary_{f.name}") for f in dataclasses.fields(CanaryBounds)})
     return CanaryPlan(args.prometheus_url, bounds, args.prometheus_selector, token)
 
@@ -218,8 +213,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(items: list[str], flag: str) -> dict:
-    """KEY=VALUE flags; the value read as JSON when it is JSON, else as a string."""
+def _pairs(items: list[str], flag: str, as_json: bool = True) -> dict:
+    """KEY=VALUE flags; with `as_json`, the value read as JSON when it is JSON, else kept as the string."""
     import json
 
     out = {}
@@ -228,22 +223,31 @@ def _pairs(items: list[str], flag: str) -> dict:
         if not sep or not key:
             raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
         try:
-            out[key] = json.loads(value)
+            out[key] = json.loads(value) if as_json else value
         except json.JSONDecodeError:
             out[key] = value
     return out
 
 
-def cmd_retrain(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _token(path: str, flag: str) -> str:
+    """A bearer token from the file `path` (a mounted Secret; never a command-line value); "" without one."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(8192).strip()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror}") from exc
 
+
+def cmd_retrain(args: argparse.Namespace) -> int:
     from release.retrain import RetrainError, RetrainPlan, retrain
     from training.data.coco import DatasetError
     from training.data.sources import SourceError
     from training.tracking import resolve_tracking_uri
 
     try:
-        token = Path(args.kfp_token_file).read_text()[:8192].strip() if args.kfp_token_file else ""
+        token = _token(args.kfp_token_file, "--kfp-token-file")
         plan = RetrainPlan(data=args.data, val_data=args.val_data, config=args.config, claims=args.claims,
                            kfp_host=args.kfp_host, kfp_namespace=args.kfp_namespace,
                            tracking_uri=resolve_tracking_uri(args.tracking_uri), model_name=args.model_name,
@@ -269,10 +273,10 @@ def cmd_ship(args: argparse.Namespace) -> int:
     try:
         commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                                check=True).stdout.strip()
-        token = Path(args.kfp_token_file).read_text()[:8192].strip() if args.kfp_token_file else ""
+        token = _token(args.kfp_token_file, "--kfp-token-file")
         plan = ShipPlan(repository=args.repository, commit=commit, tag=args.tag, builder=args.builder,
                         context=Path(args.context), containerfile=Path(args.containerfile),
-                        build_args={k: str(v) for k, v in _pairs(args.build_arg, "--build-arg").items()}, tls_verify=not args.insecure_registry,
+                        build_args=_pairs(args.build_arg, "--build-arg", as_json=False), tls_verify=not args.insecure_registry,
                         kfp_host=args.kfp_host, kfp_namespace=args.kfp_namespace, pipeline_name=args.pipeline_name,
                         experiment=args.experiment, run=args.run, cron=args.cron,
                         params=_pairs(args.param, "--param"), output=Path(args.output), prebuilt=args.prebuilt)

@@ -276,17 +276,16 @@ def compare(canary: dict[str, float], stable: dict[str, float], bounds: CanaryBo
     return checks
 
 
-def judge_canary(prom: PrometheusApi, *, stable: str, canary: str, bounds: CanaryBounds, selector: str = "",
-                 clock=time.monotonic, sleep=time.sleep) -> CanaryAnalysis:
+def judge_canary(prom: PrometheusApi, *, stable: str, canary: str, bounds: CanaryBounds, selector: str = "") -> CanaryAnalysis:
     """Watch the canary against the stable model until the minimums are met (or `bounds.timeout_s`
     passes), then compare them (see the module's docstring). Raises CanaryError when Prometheus cannot
     be asked; never promotes without evidence."""
     if stable == canary:
         raise ValueError(f"canary analysis: the canary and the stable model are the same version ({canary})")
     selector_for(stable, selector), selector_for(canary, selector)  # validated before any wait
-    started = clock()
+    started = time.monotonic()
     while True:
-        waited = clock() - started
+        waited = time.monotonic() - started
         window = min(bounds.window_s, waited + bounds.interval_s)  # the canary's whole life so far, with a scrape's slack
         seen = {"canary": measure(prom, canary, window, selector), "stable": measure(prom, stable, window, selector)}
         counts = {who: seen[who]["requests"] for who in seen}
@@ -307,4 +306,4 @@ def judge_canary(prom: PrometheusApi, *, stable: str, canary: str, bounds: Canar
             reason = (f"canary not judged: too little traffic after {waited:.0f} s ({', '.join(short)} requests; "
                       f"{bounds.min_requests} needed each)")
             return CanaryAnalysis(ROLLBACK, reason, stable, canary, counts, window, waited, bounds, [])
-        sleep(min(bounds.interval_s, max(0.0, bounds.timeout_s - waited)))
+        time.sleep(min(bounds.interval_s, max(0.0, bounds.timeout_s - waited)))

@@ -35,7 +35,7 @@ from release.deploy import DeployError, update_storage_uri
 from release.gate import GateDecision
 from release.publish import publish_package
 from training.package import Package, open_package
-from training.registry import CHAMPION, register_package, set_alias
+from training.registry import CHAMPION, get_alias, register_package, set_alias
 from training.waiting import describe, retry_call
 
 if TYPE_CHECKING:
@@ -123,8 +123,6 @@ def promote(*, package_dir: str | Path | Package, model_uri: str, tracking_uri: 
 def _canary_preconditions(client: MlflowClient, model_name: str, percent: int, plan: CanaryPlan | None,
                           isvc_name: str) -> str:
     """The champion's version, which the canary is judged against; ValueError when a canary cannot run."""
-    from mlflow.exceptions import MlflowException
-
     if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 99:
         raise ValueError(f"canary_percent must be an integer in [1, 99], got {percent!r}")
     if plan is None:
@@ -132,12 +130,11 @@ def _canary_preconditions(client: MlflowClient, model_name: str, percent: int, p
                          "(--prometheus-url)")
     if not isvc_name:
         raise ValueError("a canary needs an InferenceService (--isvc-name)")
-    try:
-        return retry_call(client.get_model_version_by_alias, model_name, CHAMPION,
-                          what=f"reading {model_name}@{CHAMPION}").version
-    except MlflowException as exc:
+    champion = retry_call(get_alias, client, model_name, CHAMPION, what=f"reading {model_name}@{CHAMPION}")
+    if champion is None:
         raise ValueError(f"a canary is judged against the champion, and {model_name} has no {CHAMPION} yet: promote "
-                         f"the first version without --canary-percent") from exc
+                         f"the first version without --canary-percent")
+    return champion.version
 
 
 def record_canary(client: MlflowClient, model_name: str, version: str, run_id: str, analysis: CanaryAnalysis) -> None:

@@ -3,13 +3,13 @@
 1. **build** the image from the Dockerfile with podman, buildah or docker (the first found, or
    `--builder`), tagged `<repository>:<tag>` (the tag defaults to the commit);
 2. **push** it, and take the digest the registry stored (podman and buildah write it to a file;
-   docker prints it): what runs is then exactly what was built, whatever happens to the tag later;
+   docker prints it): what runs is then exactly what was built, whatever happens to the tag later
+   (`--prebuilt sha256:...`: an image already built and pushed, e.g. by Cloud Build's own steps: steps 1
+   and 2 are skipped);
 3. **compile** the pipeline with `<repository>@sha256:<digest>` as every step's image;
 4. **upload** it to Kubeflow (`kfp.Client`): the pipeline is created on its first upload, then a version
    named after the commit is added (the same commit again: the existing version is kept, nothing is
    uploaded twice);
-   (`--prebuilt sha256:...`: an image already built and pushed, e.g. by Cloud Build's own steps, so only
-   the steps below run)
 5. optionally **run** that version once, and/or make it the **recurring** run (cron), replacing the
    recurring run of the same name so that the schedule always runs the newest version.
 
