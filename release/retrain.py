@@ -92,7 +92,9 @@ def newest_version(client, pipeline_name: str) -> tuple[str, str]:
     pipeline_id = client.get_pipeline_id(pipeline_name)
     if pipeline_id is None:
         raise RetrainError(f"run: Kubeflow has no pipeline named {pipeline_name!r} (upload it: release ship)")
-    versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=100).pipeline_versions or []
+    # newest first, so that the first page holds it however many versions there are
+    versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=10,
+                                             sort_by="created_at desc").pipeline_versions or []
     if not versions:
         raise RetrainError(f"run: pipeline {pipeline_name!r} has no version")
     newest = max(versions, key=lambda v: v.created_at)

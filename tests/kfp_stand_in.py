@@ -114,6 +114,10 @@ class KfpStandIn:
             pipeline_id = path.split("/")[2]
             found = [{k: v for k, v in x.items() if k != "pipeline_spec"} for x in self.versions.values()
                      if x["pipeline_id"] == pipeline_id and _matches(x, flt)]
+            if query.get("sort_by"):  # "<field> [desc]", as the server's list options read it
+                key, _, order = query["sort_by"].partition(" ")
+                found.sort(key=lambda v: v.get(key, ""), reverse=order == "desc")
+            found = found[:int(query.get("page_size") or len(found) or 1)]
             return 200, {"pipeline_versions": found, "total_size": len(found)} if found else {}
         if path == "/experiments":
             found = [e for e in self.experiments.values() if _matches(e, flt)]
