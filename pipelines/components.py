@@ -11,22 +11,23 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 DEFAULT_IMAGE = "maskrcnn-platform:0.1.0"
 """The image the committed pipeline YAML names (compile with --image for the one you pushed)."""
 
 
-def prepare_data(config: str, overrides: list, data: str, val_data: str, dataset: Output[Dataset]) -> NamedTuple(
-        "PreparedOutputs", content_hash=str, train_images=int, val_images=int):
-    """Validate the COCO dataset (the same checks as training), split it, and write both splits with
-    their statistics and content hash. Empty `data`: the embedded synthetic dataset."""
+def prepare_data(config: str, overrides: list, data: str, val_data: str, data_format: str,
+                 dataset: Output[Dataset]) -> NamedTuple("PreparedOutputs", content_hash=str, train_images=int, val_images=int):
+    """Validate the dataset (the same checks as training), split it, and write both splits as COCO with
+    their statistics and content hash. Empty `data`: the embedded synthetic dataset. `data_format`: coco,
+    or an annotation tool's export (labelme, cvat-xml, cvat-coco, labelstudio, yolo, voc, masks)."""
     from collections import namedtuple
 
     from pipelines.steps import load_step_config
     from training.data.prepare import export_prepared, prepare_data as prepare
 
-    cfg = load_step_config(config, overrides, data=data, val_data=val_data)
+    cfg = load_step_config(config, overrides, data=data, val_data=val_data, data_format=data_format)
     prepared = prepare(cfg.data, validate=True)
     export_prepared(prepared, dataset.path)
     dataset.metadata.update({"content_hash": prepared.content_hash, "classes": prepared.label_map.names})
@@ -55,12 +56,15 @@ def train(config: str, overrides: list, dataset: Input[Dataset], ray_address: st
     return namedtuple("TrainOutputs", ["run_id", "model_uri"])(result.run_id, result.model_uri)
 
 
-def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, model_name: str,
-             metrics: Output[Metrics]) -> NamedTuple("EvalOutputs", segm_map=float, mask_iou=float, bbox_map=float,
-                                                     champion_version=str, champion_segm_map=float):
+def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, model_name: str, run_id: str,
+             metrics: Output[Metrics], report: Output[HTML]) -> NamedTuple("EvalOutputs", segm_map=float, mask_iou=float, bbox_map=float,
+                                                     champion_version=str, champion_segm_map=float, interval=dict):
     """COCO mAP (bbox, segm) and mask IoU of the candidate's serving package on the held-out split, and of
     the current `champion`'s package from the MLflow registry on the same split (champion_version is
-    empty when there is none)."""
+    empty when there is none), with the paired bootstrap interval of their segm mAP difference (`interval`:
+    training.bootstrap.Interval's fields; empty without a champion). The evaluation report (per-class AP/AR,
+    precision-recall curves, confusion matrix, threshold sweep, worst images, against the champion) is the
+    step's HTML output, shown in the KFP UI, and goes to the candidate's MLflow run as gate/report.html."""
     from collections import namedtuple
 
     from release.scoring import score_candidate_and_champion
@@ -68,36 +72,53 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, mo
     from training.package import open_package
     from training.tracking import resolve_tracking_uri
 
-    out = score_candidate_and_champion(open_package(model.path), load_prepared(dataset.path).val,
-                                       resolve_tracking_uri(tracking_uri), model_name)
+    import os
+    import shutil
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    out = score_candidate_and_champion(open_package(model.path), load_prepared(dataset.path).val, uri, model_name,
+                                       report=report.path)
+    with tempfile.TemporaryDirectory() as tmp:  # named .html, so that MLflow's UI shows it as a page
+        MlflowClient(uri).log_artifact(run_id, shutil.copy(report.path, os.path.join(tmp, "report.html")), "gate")
     for key, value in out.items():
         if isinstance(value, float):
             metrics.log_metric(key, value)
-    names = ["segm_map", "mask_iou", "bbox_map", "champion_version", "champion_segm_map"]
+    if out["interval"]:
+        for key, name in (("delta", "segm_map_delta"), ("low", "segm_map_delta_low"), ("high", "segm_map_delta_high")):
+            metrics.log_metric(name, out["interval"][key])
+    names = ["segm_map", "mask_iou", "bbox_map", "champion_version", "champion_segm_map", "interval"]
     return namedtuple("EvalOutputs", names)(*(out[n] for n in names))
 
 
-def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_map: float, min_segm_map: float,
-         min_mask_iou: float, margin: float, run_id: str, tracking_uri: str,
-         metrics: Output[Metrics]) -> NamedTuple("GateOutputs", decision=str, reason=str):
+def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_map: float, interval: dict,
+         min_segm_map: float, min_mask_iou: float, margin: float, require_lower_bound: bool, run_id: str,
+         tracking_uri: str, metrics: Output[Metrics]) -> NamedTuple("GateOutputs", decision=str, reason=str, evidence=dict):
     """Promote only if segm mAP and mask IoU pass their thresholds and segm mAP beats the champion's by
-    `margin`. The decision and its reason go to the Metrics and to the MLflow run (tags gate.*)."""
+    `margin` (with `require_lower_bound`, the lower bound of the bootstrap `interval` too). The decision,
+    its reason and the interval go to the Metrics and to the MLflow run (tags gate.*); `evidence` is the
+    interval as the registry's gate.* tags, for the promote step."""
     from collections import namedtuple
 
     from mlflow.tracking import MlflowClient
 
     from release.gate import decide, record_gate
+    from training.bootstrap import Interval
     from training.tracking import resolve_tracking_uri
 
     result = decide(segm_map, mask_iou, min_segm_map=min_segm_map, min_mask_iou=min_mask_iou, margin=margin,
-                    champion_segm_map=champion_segm_map if champion_version else None, champion_version=champion_version)
+                    champion_segm_map=champion_segm_map if champion_version else None, champion_version=champion_version,
+                    interval=Interval.from_dict(dict(interval)) if interval else None,
+                    require_lower_bound=require_lower_bound)
     record_gate(MlflowClient(resolve_tracking_uri(tracking_uri)), run_id, result)
     metrics.log_metric("promote", 1.0 if result.promote else 0.0)
     metrics.metadata["reason"] = result.reason
-    return namedtuple("GateOutputs", ["decision", "reason"])(result.decision, result.reason)
+    return namedtuple("GateOutputs", ["decision", "reason", "evidence"])(result.decision, result.reason, result.evidence)
 
 
-def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: str, reason: str,
+def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: str, reason: str, evidence: dict,
             storage_prefix: str, isvc_name: str, namespace: str, canary_percent: int, ready_timeout: float,
             kubeconfig: str, prometheus_url: str, prometheus_selector: str, canary_bounds: dict,
             metrics: Output[Metrics]) -> str:
@@ -119,7 +140,7 @@ def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: 
         plan = CanaryPlan(prometheus_url, CanaryBounds.from_dict(dict(canary_bounds), "canary_bounds"), prometheus_selector)
     try:
         result = run_promote(package_dir=model.path, model_uri=model_uri, tracking_uri=resolve_tracking_uri(tracking_uri),
-                             model_name=model_name, storage_prefix=storage_prefix, gate=GateDecision(True, reason),
+                             model_name=model_name, storage_prefix=storage_prefix, gate=GateDecision(True, reason, {k: str(v) for k, v in evidence.items()}),
                              isvc_name=isvc_name, namespace=namespace,
                              canary_percent=canary_percent if canary_percent > 0 else None, canary_plan=plan,
                              ready_timeout=ready_timeout, kubeconfig=kubeconfig, signing_key=signing_key_from_env())

@@ -61,11 +61,13 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
         overrides: list = [],  # noqa: B006  (KFP parameters are declared with their defaults)
         data: str = "",
         val_data: str = "",
+        data_format: str = "",
         ray_address: str = "",
         model_name: str = MODEL_NAME,
         min_segm_map: float = 0.5,
         min_mask_iou: float = 0.7,
         margin: float = 0.0,
+        require_lower_bound: bool = False,
         isvc_name: str = MODEL_NAME,
         namespace: str = "models",
         canary_percent: int = 0,
@@ -75,7 +77,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
         prometheus_selector: str = "",
         canary_bounds: dict = {},  # noqa: B006
     ):
-        prepared = _harden(steps.prepare_data(config=config, overrides=overrides, data=data, val_data=val_data),
+        prepared = _harden(steps.prepare_data(config=config, overrides=overrides, data=data, val_data=val_data,
+                                              data_format=data_format),
                            "prepare-data", storage=True)
         trained = _harden(steps.train(config=config, overrides=overrides, dataset=prepared.outputs["dataset"],
                                       ray_address=ray_address, tracking_uri=tracking_uri), "train", storage=True, shm=True)
@@ -84,17 +87,20 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
             trained.set_accelerator_type(accelerator).set_accelerator_limit(train_gpus)
         trained.set_caching_options(False)
         scored = _harden(steps.evaluate(dataset=prepared.outputs["dataset"], model=trained.outputs["model"],
-                                        tracking_uri=tracking_uri, model_name=model_name), "evaluate", shm=True)
+                                        tracking_uri=tracking_uri, model_name=model_name,
+                                        run_id=trained.outputs["run_id"]), "evaluate", shm=True)
         scored.set_caching_options(False)  # the champion may have changed since
         decided = steps.gate(segm_map=scored.outputs["segm_map"], mask_iou=scored.outputs["mask_iou"],
                              champion_version=scored.outputs["champion_version"],
-                             champion_segm_map=scored.outputs["champion_segm_map"], min_segm_map=min_segm_map,
-                             min_mask_iou=min_mask_iou, margin=margin, run_id=trained.outputs["run_id"],
+                             champion_segm_map=scored.outputs["champion_segm_map"],
+                             interval=scored.outputs["interval"], min_segm_map=min_segm_map, min_mask_iou=min_mask_iou,
+                             margin=margin, require_lower_bound=require_lower_bound, run_id=trained.outputs["run_id"],
                              tracking_uri=tracking_uri)
         _harden(decided, "gate").set_caching_options(False)
         with dsl.If(decided.outputs["decision"] == "promote", name="passed-the-gate"):
             promoted = steps.promote(model=trained.outputs["model"], model_uri=trained.outputs["model_uri"],
                                      tracking_uri=tracking_uri, model_name=model_name, reason=decided.outputs["reason"],
+                                     evidence=decided.outputs["evidence"],
                                      storage_prefix=storage_prefix, isvc_name=isvc_name, namespace=namespace,
                                      canary_percent=canary_percent, ready_timeout=ready_timeout, kubeconfig=kubeconfig,
                                      prometheus_url=prometheus_url, prometheus_selector=prometheus_selector,

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 from release.canary import CanaryBounds, CanaryError
 from release.deploy import DeployError
@@ -59,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-segm-map", type=float, default=0.5)
     up.add_argument("--min-mask-iou", type=float, default=0.7)
     up.add_argument("--margin", type=float, default=0.0, help="segm mAP the candidate must beat the champion by")
+    up.add_argument("--require-lower-bound", action="store_true",
+                    help="the lower bound of the 95%% paired-bootstrap interval of candidate - champion segm mAP must "
+                         "exceed --margin too (better beyond the validation split's noise)")
     up.add_argument("--canary-percent", type=int, default=0,
                     help="serve the new version to this share of the traffic first (1-99), judge it on live metrics "
                          "against the champion (needs --prometheus-url), then promote it to all the traffic or roll "
@@ -147,6 +151,7 @@ def cmd_promote(args: argparse.Namespace, tracking_uri: str) -> int:
     from release.gate import decide, record_gate
     from release.promote import promote
     from release.scoring import score_candidate_and_champion
+    from training.bootstrap import Interval
     from training.package import open_package
     from training.signature import load_private_key
     from training.tracking import download_model
@@ -157,12 +162,17 @@ def cmd_promote(args: argparse.Namespace, tracking_uri: str) -> int:
     model_uri = logged_model_of(client, args.run_id)
     with tempfile.TemporaryDirectory() as tmp:
         package = open_package(download_model(tracking_uri, model_uri, tmp))  # verified bytes, held in memory
-    scores = score_candidate_and_champion(package, validation_split(package, args.val_data), tracking_uri,
-                                          args.model_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.html"
+        scores = score_candidate_and_champion(package, validation_split(package, args.val_data), tracking_uri,
+                                              args.model_name, report=report)
+        client.log_artifact(args.run_id, str(report), "gate")  # the gate's view: against the champion
     decision = decide(scores["segm_map"], scores["mask_iou"], min_segm_map=args.min_segm_map,
                       min_mask_iou=args.min_mask_iou, margin=args.margin,
                       champion_segm_map=scores["champion_segm_map"] if scores["champion_version"] else None,
-                      champion_version=scores["champion_version"])
+                      champion_version=scores["champion_version"],
+                      interval=Interval.from_dict(scores["interval"]) if scores["interval"] else None,
+                      require_lower_bound=args.require_lower_bound)
     record_gate(client, args.run_id, decision)
     if not decision.promote:
         log.warning("%s", decision.reason)

@@ -1,13 +1,17 @@
-"""The promotion gate: thresholds on the candidate, and a margin over the current champion; its decision
-is recorded on the candidate's MLflow run (tags `gate.decision`, `gate.reason`; `gate.json` on rejection)."""
+"""The promotion gate: thresholds on the candidate, and a margin over the current champion, optionally
+required of the lower bound of the paired bootstrap's interval (`training.bootstrap`) rather than of the
+point estimate; its decision is recorded on the candidate's MLflow run (tags `gate.decision`, `gate.reason`,
+the interval as `gate.segm_map_delta*`; `gate.json` on rejection)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
+
+from training.bootstrap import Interval
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +20,8 @@ log = logging.getLogger(__name__)
 class GateDecision:
     promote: bool
     reason: str
+    evidence: dict[str, str] = field(default_factory=dict)
+    """More of what the decision rests on (the bootstrap interval), as `gate.*` tags."""
 
     @property
     def decision(self) -> str:
@@ -23,13 +29,16 @@ class GateDecision:
 
     def tags(self) -> dict[str, str]:
         """The decision as the registry's `gate.*` evidence."""
-        return {"decision": self.decision, "reason": self.reason}
+        return {"decision": self.decision, "reason": self.reason, **self.evidence}
 
 
 def decide(segm_map: float, mask_iou: float, *, min_segm_map: float, min_mask_iou: float, margin: float,
-           champion_segm_map: float | None = None, champion_version: str = "") -> GateDecision:
+           champion_segm_map: float | None = None, champion_version: str = "", interval: Interval | None = None,
+           require_lower_bound: bool = False) -> GateDecision:
     """Promote only if segm mAP and mask IoU reach their thresholds and segm mAP beats the champion's
-    (measured on the same split) by at least `margin`. With no champion, the thresholds decide."""
+    (measured on the same split) by at least `margin`. With `require_lower_bound`, the lower bound of
+    `interval` (the paired bootstrap of candidate - champion segm mAP) must also exceed `margin`: the
+    candidate is better beyond the validation split's noise. With no champion, the thresholds decide."""
     failures = []
     if segm_map < min_segm_map:
         failures.append(f"segm mAP {segm_map:.4f} < threshold {min_segm_map:.4f}")
@@ -38,19 +47,29 @@ def decide(segm_map: float, mask_iou: float, *, min_segm_map: float, min_mask_io
     if champion_segm_map is not None and segm_map < champion_segm_map + margin:
         failures.append(f"segm mAP {segm_map:.4f} does not beat champion v{champion_version} "
                         f"({champion_segm_map:.4f}) by the margin {margin:+.4f}")
+    if require_lower_bound and champion_segm_map is not None:
+        if interval is None:
+            failures.append("the gate requires a bootstrap interval against the champion, and none was computed")
+        elif interval.low <= margin:
+            failures.append(f"the {interval.level:.0%} interval's lower bound {interval.low:+.4f} does not exceed "
+                            f"the margin {margin:+.4f}: the difference is within the split's noise")
+    noise = f" [{interval.describe()}]" if interval is not None and champion_segm_map is not None else ""
+    evidence = interval.tags() if interval is not None and champion_segm_map is not None else {}
     if failures:
-        return GateDecision(False, "rejected: " + "; ".join(failures))
+        return GateDecision(False, "rejected: " + "; ".join(failures) + noise, evidence)
     versus = (f", beats champion v{champion_version} ({champion_segm_map:.4f}) by {segm_map - champion_segm_map:+.4f}"
               if champion_segm_map is not None else ", no champion yet")
     return GateDecision(True, f"promoted: segm mAP {segm_map:.4f} >= {min_segm_map:.4f}, "
-                              f"mask IoU {mask_iou:.4f} >= {min_mask_iou:.4f}{versus}")
+                              f"mask IoU {mask_iou:.4f} >= {min_mask_iou:.4f}{versus}{noise}", evidence)
 
 
 def record_gate(client: MlflowClient, run_id: str, decision: GateDecision) -> None:
     """Tag the candidate's run with the decision and its reason; a rejection also logs `gate.json`."""
     client.set_tag(run_id, "gate.decision", decision.decision)
     client.set_tag(run_id, "gate.reason", decision.reason)
+    for key, value in decision.evidence.items():
+        client.set_tag(run_id, f"gate.{key}", value)
     if not decision.promote:
         client.set_tag(run_id, "promoted", "false")
-        client.log_text(run_id, json.dumps({"promoted": False, "reason": decision.reason}, indent=2), "gate.json")
+        client.log_text(run_id, json.dumps({"promoted": False, "reason": decision.reason, **decision.evidence}, indent=2), "gate.json")
     log.info("gate: %s", decision.reason)

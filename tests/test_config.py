@@ -1,5 +1,6 @@
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
@@ -68,15 +69,25 @@ def test_cli_flags_and_pipeline_parameters_set_the_same_fields(tmp_path):
     from training.ray_main import config_from_args, get_args_parser
 
     args = get_args_parser().parse_args(["--config", "tiny", "--data", "s3://b/train", "--val-data", "s3://b/val",
-                                         "--address", "ray://head:10001", "--no-register"])
+                                         "--data-format", "cvat-xml", "--address", "ray://head:10001", "--no-register"])
     from_cli = config_from_args(args)
-    from_pipeline = load_step_config("tiny", [], data="s3://b/train", val_data="s3://b/val", ray_address="ray://head:10001")
+    from_pipeline = load_step_config("tiny", [], data="s3://b/train", val_data="s3://b/val", data_format="cvat-xml",
+                                     ray_address="ray://head:10001")
     for cfg in (from_cli, from_pipeline):
-        assert (cfg.data.train, cfg.data.val, cfg.ray.address, cfg.tracking.register) == \
-            ("s3://b/train", "s3://b/val", "ray://head:10001", False)
+        assert (cfg.data.train, cfg.data.val, cfg.data.format, cfg.ray.address, cfg.tracking.register) == \
+            ("s3://b/train", "s3://b/val", "cvat-xml", "ray://head:10001", False)
+    with pytest.raises(ConfigError, match="data.format"):
+        load_step_config("tiny", [], data="s3://b/train", data_format="pascal")
+    # the importers and the config name the same formats
+    from training.config import DataFormat
+    from training.data.convert import FORMATS
+
+    assert get_args(DataFormat) == ("coco", *FORMATS)
     assert option_overrides(epochs=5, skip_invalid=True, data="", address=None) == ["train.epochs=5", "data.skip_invalid=true"]
     with pytest.raises(ConfigError, match="unknown option 'epoch'"):
         option_overrides(epoch=5)
     # a prepared dataset folder names both splits
     prepared = load_step_config("tiny", ["train.epochs=1"], dataset=str(tmp_path))
     assert (prepared.data.train, prepared.data.val, prepared.train.epochs) == (str(tmp_path / "train"), str(tmp_path / "val"), 1)
+    # ...and is COCO, whatever the source's format was
+    assert load_step_config("tiny", ["data.format=yolo"], dataset=str(tmp_path)).data.format == "coco"

@@ -106,7 +106,7 @@ def test_a_run_on_two_nodes_survives_a_lost_worker(ray_nodes, mlflow_stack, cach
     assert run.data.metrics["final_segm_mAP"] == pytest.approx(result["metrics"]["segm_mAP"])
     assert set(open_package(tmp_path / "package").checksums) == {"model.pt", "config.yaml", "label_map.json",
                                                                   "metadata.json", "probe.npz", "detector.onnx",
-                                                                  "reference.json"}
+                                                                  "reference.json", "MODEL_CARD.md"}
     assert sum("checkpoint_" in key and key.endswith("checkpoint.pt") for key in _objects(storage)) >= 1
 
 

@@ -39,7 +39,8 @@ def test_yaml_has_the_steps_and_the_gate_condition():
     assert any(c.startswith("!(") for c in conditions)  # the Else branch
     assert tasks["evaluate"]["dependentTasks"] == ["prepare-data", "train"]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"min_segm_map", "min_mask_iou", "margin", "storage_prefix", "isvc_name", "canary_percent"} <= set(params)
+    assert {"min_segm_map", "min_mask_iou", "margin", "require_lower_bound", "storage_prefix", "isvc_name", "canary_percent",
+            "data_format"} <= set(params)
     assert spec["components"]["comp-train"]["outputDefinitions"]["artifacts"]["model"]["artifactType"]["schemaTitle"] == "system.Model"
     # docstrings: the pipeline's is in the YAML; each component carries its own (KFP's pipeline IR has
     # no per-task description field, so tasks also get display names)
@@ -136,7 +137,7 @@ def test_a_good_model_is_promoted_and_served_kserve_stand_in(runner, pipeline_en
     package = open_package(fetch_prefix(uri, tmp_path / "download"))
     served = package.checksums
     assert set(served) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "probe.npz", "detector.onnx",
-                           "reference.json"}
+                           "reference.json", "MODEL_CARD.md"}
     # One artifact: the Model artifact, the model logged in MLflow and the published package hold the
     # same weights, config and label map (only metadata.json gains the version number)
     from training.tracking import download_model
@@ -147,6 +148,13 @@ def test_a_good_model_is_promoted_and_served_kserve_stand_in(runner, pipeline_en
     for file in ("model.pt", "config.yaml", "label_map.json", "probe.npz", "detector.onnx"):
         assert served[file] == logged[file] == open_package(model_dir).checksums[file], file
     assert package.metadata["model_version"] == champion.version
+    # the evaluation report: the evaluate step's HTML output (the KFP UI shows it), on the run beside the
+    # training's own, and the model card in the package and as the version's description
+    (page,) = list(root.glob("*/evaluate/report"))
+    assert page.read_text().startswith("<!DOCTYPE html>") and 'id="confusion"' in page.read_text()
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "gate")} == {"gate/report.html"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == {"evaluation/report.html"}
+    assert package.card.startswith("# Model card: ") and champion.description.startswith("**Gate:** promoted:")
     # The dataset's identity is computed once: the prepare step's hash is the run's and the version's
     (dataset_dir,) = list(root.glob("*/prepare-data/dataset"))
     prepared_hash = json.loads((dataset_dir / "dataset.json").read_text())["content_hash"]
@@ -177,6 +185,9 @@ def test_a_good_model_is_promoted_and_served_kserve_stand_in(runner, pipeline_en
     assert scores["champion_version"] == champion.version
     assert scores["champion_segm_map"] == pytest.approx(scores["segm_map"], abs=1e-9)
     assert scores["champion_mask_iou"] == pytest.approx(scores["mask_iou"], abs=1e-9)
+    interval = scores["interval"]  # the paired bootstrap of the same model against itself
+    assert (interval["delta"], interval["low"], interval["high"], interval["images"]) == (0.0, 0.0, 0.0, len(
+        load_prepared(dataset_dir).val.coco["images"]))
 
 
 @pytest.mark.slow

@@ -58,10 +58,20 @@ def test_promote_reject_promote_rollback_kserve_stand_in(mlflow_stack, serving_p
         assert client.get_run(second).data.tags["gate.decision"] == "reject"
         assert "does not beat champion v1" in client.get_run(second).data.tags["gate.reason"]
         assert len(client.search_model_versions(f"name = '{name}'")) == 1 and uri() == f"{prefix}/{name}/v1"
+        # the same model: its paired bootstrap against the champion is exactly 0, recorded with the decision
+        tags = client.get_run(second).data.tags
+        assert [tags[f"gate.segm_map_delta{k}"] for k in ("", "_low", "_high")] == ["0.000000"] * 3
+        # a margin of 0 is met by the point estimate, but not by the interval's lower bound when it is required
+        assert main([*common, "promote", second, "--storage-prefix", prefix, "--min-segm-map", "0", "--min-mask-iou", "0",
+                     "--require-lower-bound"]) == REJECTED
+        assert "lower bound +0.0000 does not exceed the margin +0.0000" in client.get_run(second).data.tags["gate.reason"]
+        assert len(client.search_model_versions(f"name = '{name}'")) == 1
 
         assert main([*common, "promote", second, "--storage-prefix", prefix, "--min-segm-map", "0", "--min-mask-iou", "0",
-                     "--margin", "-1"]) == 0
-        assert client.get_model_version_by_alias(name, "champion").version == "2" and uri() == f"{prefix}/{name}/v2"
+                     "--margin", "-1", "--require-lower-bound"]) == 0
+        v2 = client.get_model_version_by_alias(name, "champion")
+        assert v2.version == "2" and uri() == f"{prefix}/{name}/v2"
+        assert v2.tags["gate.segm_map_delta_low"] == "0.000000" and "1000 resamples" in v2.tags["gate.bootstrap"]
 
         assert main([*common, "rollback", "1", "--reason", "incident 42"]) == 0
     assert client.get_model_version_by_alias(name, "champion").version == "1" and uri() == f"{prefix}/{name}/v1"

@@ -110,7 +110,7 @@ def test_artifacts_and_model_land_in_the_bucket(restarted_run, mlflow_stack):
     # ...and those files are the serving package: weights (and their ONNX graph), with its checksums
     assert {k.split("/artifacts/", 1)[1] for k in model_keys} == {"model.pt", "config.yaml", "label_map.json",
                                                                   "metadata.json", "probe.npz", "detector.onnx",
-                                                                  "reference.json", "SHA256SUMS"}
+                                                                  "reference.json", "MODEL_CARD.md", "SHA256SUMS"}
 
 
 def test_model_upload_with_the_object_store_down_fails_the_run_and_registers_nothing(

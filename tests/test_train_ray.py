@@ -89,7 +89,18 @@ def test_run_is_tracked_in_mlflow(three_epochs, tmp_path):
                             tmp_path / "model")
     package = open_package(folder)
     assert set(package.checksums) == {"model.pt", "config.yaml", "label_map.json", "metadata.json", "probe.npz",
-                                      "detector.onnx", "reference.json"}
+                                      "detector.onnx", "reference.json", "MODEL_CARD.md"}
+    # the model card: the run's own numbers, with the bootstrap interval the run logged, and the version's description
+    card = package.card
+    low, high = run.data.metrics["final_segm_mAP_low"], run.data.metrics["final_segm_mAP_high"]
+    assert low <= result.metrics["segm_mAP"] <= high
+    assert f"| segm mAP | {result.metrics['segm_mAP']:.3f} [{low:.3f}, {high:.3f}] |" in card
+    for name in package.label_map.names:
+        assert f"| `{name}` | {result.metrics[f'segm_AP_{name}']:.3f} |" in card
+    assert f"`{run.data.tags['dataset_hash']}`" in card and f"`{version.tags['git_commit']}`" in card
+    assert "embedded synthetic dataset" in card and "## Limitations" in card and "epochs: 3" in card
+    assert version.description.startswith("# Model card") and "## Training config" not in version.description
+    assert version.description.split("## Provenance")[0] == card.split("## Provenance")[0]
     # the reference: the validation split's statistics and the scored predictions', counted as the predictor does
     from training.data.prepare import prepare_data
 

@@ -93,6 +93,10 @@ class DataConfig:
     """Training split: a folder holding `annotations.json` and the images, or `s3://` / `gs://` prefix."""
     val: str = ""
     """Validation split, same forms as `train`. Empty with `train` set: `val_fraction` of train is held out."""
+    format: DataFormat = "coco"
+    """The splits' annotation format: `coco`, or an annotation tool's export read by `training.data.formats`
+    (labelme, cvat-xml, cvat-coco, labelstudio, yolo, voc, masks), converted once into the cache. With yolo
+    and `val` empty, data.yaml's `val` split is the validation split."""
     train_annotations: str = "annotations.json"
     """Annotation file name inside the split folder."""
     val_annotations: str = "annotations.json"
@@ -111,6 +115,9 @@ class DataConfig:
     """The embedded synthetic dataset, used when `train` is empty."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training-time augmentation."""
+
+    def __post_init__(self) -> None:
+        check_choices("data", self)
 
     def resolved_cache_dir(self) -> Path:
         base = self.cache_dir or os.environ.get("MASKRCNN_CACHE") or str(Path.home() / ".cache" / "maskrcnn-platform")
@@ -132,7 +139,7 @@ MODEL_RANGES: dict[str, tuple[float, float]] = {
 }
 EVAL_RANGES: dict[str, tuple[float, float]] = {
     "mask_threshold": (0.001, 0.999), "iou_match": (0.01, 1.0), "score_threshold": (0.0, 1.0),
-    "num_sample_images": (0, 100),
+    "num_sample_images": (0, 100), "bootstrap_resamples": (100, 100_000), "bootstrap_seed": (0, 2**32 - 1),
 }
 MAX_LIST_ITEMS = 8
 
@@ -149,6 +156,7 @@ def check_ranges(section: str, obj: Any, ranges: dict[str, tuple[float, float]])
                 raise ConfigError(f"{section}.{name}: expected {low:g} to {high:g}, got {item!r}")
 
 
+DataFormat = Literal["coco", "labelme", "cvat-xml", "cvat-coco", "labelstudio", "yolo", "voc", "masks"]
 Backbone = Literal["resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_large_fpn", "mobilenet_v3_small_fpn"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)  # each has one row in training.model.BACKBONE_TABLE
 Optimizer = Literal["sgd", "adamw"]
@@ -285,6 +293,11 @@ class EvalConfig:
     """Predictions below this score are ignored by the mask IoU metric (0-1; COCO mAP uses all)."""
     num_sample_images: int = 4
     """Validation images with predicted masks drawn, logged to MLflow (0-100)."""
+    bootstrap_resamples: int = 1000
+    """Resamples of the validation images in the paired bootstrap of candidate - champion segm mAP, whose 95%
+    interval is the gate's evidence (100-100000; `training.bootstrap`)."""
+    bootstrap_seed: int = 0
+    """Seed of that bootstrap's resampling, so that the interval is reproducible (0 to 2^32-1)."""
 
     def __post_init__(self) -> None:
         check_ranges("eval", self, EVAL_RANGES)
@@ -473,6 +486,7 @@ OPTION_FIELDS = {
     "data": "data.train",
     "val_data": "data.val",
     "skip_invalid": "data.skip_invalid",
+    "data_format": "data.format",
     "epochs": "train.epochs",
     "num_workers": "ray.num_workers",
     "address": "ray.address",

@@ -1,4 +1,10 @@
-"""Evaluate a serving package on a split: COCO mAP (bbox, segm), per-class AP, mask IoU, sample overlays.
+"""Evaluate a serving package on a split: COCO mAP (bbox, segm), per-class AP, mask IoU, sample overlays,
+and the evaluation report (`training.report`).
+
+    uv run -m training.evaluate --report report.html PACKAGE DATA [--champion PACKAGE]
+
+scores PACKAGE (a folder, `s3://` or `gs://` prefix) on the COCO split DATA (the same) and writes the
+report as one HTML page; with `--champion`, the page compares the two, with the paired bootstrap's interval.
 
 What is scored is what is served: training scores the package it logs, and the release layer scores
 the candidate's package and the registered champion's package with the same function on the same split,
@@ -7,8 +13,10 @@ each through the same `Package` and with the backend the predictor runs (the gra
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from training.bootstrap import Interval
 from training.config import EvalConfig
 from training.data.coco import CocoSplit
 from training.data.dataset import CocoDataset, collate
@@ -121,10 +130,10 @@ def metric_summary(metrics: dict[str, Any]) -> str:
 
 
 def evaluate_alias(tracking_uri: str, name: str, alias: str, split: CocoSplit,
-                   cfg: EvalConfig | None = None) -> tuple[str, dict[str, float]] | None:
+                   cfg: EvalConfig | None = None) -> tuple[str, dict[str, float], list[Prediction]] | None:
     """Evaluate the serving package of the registered version holding `alias` (e.g. the champion) on `split`.
 
-    Returns (version, metrics), or None when no version holds the alias, or when it was trained on other
+    Returns (version, metrics, predictions), or None when no version holds the alias, or when it was trained on other
     categories than `split` has (then its numbers are not comparable; logged).
     """
     from mlflow.tracking import MlflowClient
@@ -140,6 +149,72 @@ def evaluate_alias(tracking_uri: str, name: str, alias: str, split: CocoSplit,
     if package.label_map.category_ids != split.label_map.category_ids:
         log.warning("%s@%s (v%s) predicts other categories than this dataset; not compared", name, alias, holder.version)
         return None
-    metrics, _ = evaluate_package(package, split, cfg)
+    metrics, predictions = evaluate_package(package, split, cfg)
     log.info("%s@%s (v%s): %s", name, alias, holder.version, metric_summary(metrics))
-    return str(holder.version), metrics
+    return str(holder.version), metrics, predictions
+
+
+def write_report(path: str | Path, split: CocoSplit, predictions: list[Prediction], cfg: EvalConfig, title: str,
+                 champion: tuple[str, list[Prediction]] | None = None, interval: Interval | None = None) -> Path:
+    """The evaluation report of `predictions` on `split` (`training.report`), as one HTML page at `path`;
+    `champion`: (its version, its predictions on the same split), compared class by class and by the
+    paired bootstrap of the segm mAP difference (`interval`, computed with `cfg`'s resamples and seed when
+    not given)."""
+    from training.bootstrap import paired_bootstrap
+    from training.report import build_report, to_html
+
+    if champion is not None and interval is None:
+        interval = paired_bootstrap(split.coco, predictions, champion[1], split.label_map,
+                                    resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
+    report = build_report(split, predictions, cfg.score_threshold, cfg.iou_match, champion, interval)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_html(report, title), encoding="utf-8")
+    return path
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("package", help="the serving package: a folder, or an s3:// or gs:// prefix")
+    p.add_argument("data", help="the COCO split to score it on: a folder, or an s3:// or gs:// prefix")
+    p.add_argument("--report", required=True, metavar="OUT", help="write the evaluation report (one HTML page) here")
+    p.add_argument("--annotations", default="annotations.json", help="the split's annotation file, relative to DATA")
+    p.add_argument("--champion", default="", metavar="PACKAGE", help="compare with this package (e.g. the champion's)")
+    p.add_argument("--eager", action="store_true", help="score with eager PyTorch even when the package has a graph")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.data.coco import DatasetError, load_coco
+    from training.data.sources import fetch_prefix
+    from training.logs import setup_logging
+    from training.package import PackageError
+
+    setup_logging()
+    args = get_args_parser().parse_args(argv)
+    backend = "eager" if args.eager else "auto"
+    try:
+        package = open_package(args.package)
+        cache = package.config.data.resolved_cache_dir()
+        root = fetch_prefix(args.data, cache) if "://" in args.data else Path(args.data)
+        split = load_coco(root, args.annotations, max_pixels=package.config.data.max_image_pixels)
+        metrics, predictions = evaluate_package(package, split, backend=backend)
+        champion = None
+        if args.champion:
+            other = open_package(args.champion)
+            champion_metrics, champion_predictions = evaluate_package(other, split, package.config.eval, backend=backend)
+            log.info("champion %s: %s", args.champion, metric_summary(champion_metrics))
+            champion = (str(other.metadata.get("model_version") or args.champion), champion_predictions)
+        log.info("%s: %s", args.package, metric_summary(metrics))
+        title = f"{package.config.tracking.model_name} v{package.metadata.get('model_version', '?')} on {args.data}"
+        out = write_report(args.report, split, predictions, package.config.eval, title, champion)
+    except (PackageError, DatasetError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("wrote the evaluation report to %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ A package is a folder of regular files (format 1):
 | `probe.npz` | a few network inputs and the detections the weights give on them (`Probe`) | 256 MiB |
 | `detector.onnx` | optional: the network as a self-contained ONNX graph, run by ONNX Runtime | 2 GiB |
 | `reference.json` | optional: the inputs' and predictions' statistics on the validation split (`training.reference`) | 1 MiB |
+| `MODEL_CARD.md` | optional: the model card, UTF-8 Markdown (`training.model_card`) | 256 KiB |
 | `SHA256SUMS` | `sha256sum` lines over every file above (`sha256sum -c SHA256SUMS` checks by hand) | 64 KiB |
 | `SHA256SUMS.sig` | optional: an Ed25519 signature over `SHA256SUMS` (`training.signature`) | 4 KiB |
 
@@ -61,6 +62,8 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMATS = (1,)
 CHECKSUM_FILE = "SHA256SUMS"
 SIGNATURE_FILE = "SHA256SUMS.sig"
+CARD_FILE = "MODEL_CARD.md"  # training.model_card writes it
+MAX_CARD_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ FILES: dict[str, FileRule] = {  # the package's file contract: one table
     "probe.npz": FileRule(256 << 20, True),
     ONNX_FILE: FileRule(2 << 30, False),
     REFERENCE_FILE: FileRule(1 << 20, False),
+    CARD_FILE: FileRule(MAX_CARD_BYTES, False),
 }
 UNLISTED = {CHECKSUM_FILE: 64 << 10, SIGNATURE_FILE: 4 << 10}  # not in SHA256SUMS: it lists, or signs, the rest
 MAX_YAML_ALIASES = 0  # safe_dump writes none; every alias is another's bytes read again
@@ -154,6 +158,17 @@ class Package:
         files = _with_checksums({**self.files, REFERENCE_FILE: reference.to_json()})
         parsed = parse_reference(files[REFERENCE_FILE], REFERENCE_FILE, self.label_map.names)  # as a reader will see it
         return dataclasses.replace(self, files=files, reference=parsed, signer="")
+
+    @property
+    def card(self) -> str | None:
+        """The model card (`MODEL_CARD.md`), if the package has one."""
+        return self.files[CARD_FILE].decode() if CARD_FILE in self.files else None
+
+    def with_card(self, card: str) -> Package:
+        """The same package carrying `card` as MODEL_CARD.md; every other file byte-identical. Unsigned."""
+        files = _with_checksums({**self.files, CARD_FILE: card.encode()})
+        _card_text(files[CARD_FILE], CARD_FILE)
+        return dataclasses.replace(self, files=files, signer="")
 
     def signed(self, private_key: Ed25519PrivateKey) -> Package:
         """The same package with `SHA256SUMS.sig` by `private_key`."""
@@ -307,7 +322,19 @@ def _from_files(files: dict[str, bytes], source: str, public_keys: list[Ed25519P
             reference = parse_reference(files[REFERENCE_FILE], at(REFERENCE_FILE), label_map.names)
         except ReferenceError as exc:
             raise PackageError(str(exc)) from None
+    if CARD_FILE in files:
+        _card_text(files[CARD_FILE], at(CARD_FILE))
     return Package(dict(files), config, label_map, metadata, weights, probe, source, signer, reference)
+
+
+def _card_text(data: bytes, where: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PackageError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+    if "\x00" in text:
+        raise PackageError(f"{where}: contains a NUL character; a model card is Markdown text")
+    return text
 
 
 def _json(data: bytes, where: str) -> Any:

@@ -33,6 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="Ray Train workers (sets ray.num_workers)")
     p.add_argument("--address", help="a Ray cluster: http://HEAD:8265 submits a Ray job (Jobs API; data and storage in s3:// or gs://), auto joins the local one (sets ray.address)")
     p.add_argument("--storage-path", help="checkpoint storage: folder or s3:// (sets ray.storage_path)")
+    p.add_argument("--data-format", help="the splits' annotation format: coco (default), or an annotation tool's export: "
+                                         "labelme, cvat-xml, cvat-coco, labelstudio, yolo, voc, masks (sets data.format)")
     p.add_argument("--skip-invalid", action="store_true", help="drop invalid images/annotations instead of failing")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from a checkpoint folder, or (no value) the latest checkpoint of ray.name in storage")
@@ -42,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    named = option_overrides(data=args.data, val_data=args.val_data, epochs=args.epochs, num_workers=args.num_workers,
+    named = option_overrides(data=args.data, val_data=args.val_data, data_format=args.data_format, epochs=args.epochs,
+                             num_workers=args.num_workers,
                              address=args.address, storage_path=args.storage_path,
                              skip_invalid=True if args.skip_invalid else None,
                              register=False if args.no_register else None)

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from training.config import MODEL_NAME
 from training.logs import setup_logging
+from training.model_card import version_description
 
 if TYPE_CHECKING:
     from training.package import Package
@@ -60,7 +61,7 @@ def _missing(exc: MlflowException) -> bool:
 
 
 def register_model(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, Any],
-                   timeout: float = 300) -> str:  # the mechanism; callers use register_package
+                   timeout: float = 300, description: str | None = None) -> str:  # the mechanism; callers use register_package
     """Register `model_uri` (already fully uploaded) as a new version of `name`, tagged with `tags`.
 
     Call it only after the upload has returned: a version never points at files that are not there.
@@ -73,7 +74,8 @@ def register_model(client: MlflowClient, name: str, model_uri: str, run_id: str,
             raise
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = client.create_model_version(name, source=model_uri, run_id=run_id or None, model_id=model_id,
-                                          tags={k: str(v) for k, v in tags.items()}, await_creation_for=int(timeout))
+                                          tags={k: str(v) for k, v in tags.items()}, description=description,
+                                          await_creation_for=int(timeout))
     if version.status != "READY":
         raise MlflowException(f"model version {name}/{version.version} is {version.status}, not READY")
     log.info("registered %s version %s from run %s", name, version.version, run_id)
@@ -100,9 +102,12 @@ def evidence_tags(package: Package, gate: dict[str, str] | None = None) -> dict[
 def register_package(client: MlflowClient, name: str, model_uri: str, package: Package,
                      gate: dict[str, str] | None = None) -> str:
     """Register the logged model `model_uri` (whose files are `package`) as a new version of `name`, with
-    the evidence tags. Returns the version number."""
+    the evidence tags, and the package's model card (with the gate's reason) as its description. Returns
+    the version number."""
     tags = evidence_tags(package, gate)
-    return register_model(client, name, model_uri, tags.get("run_id", ""), tags)
+    card = package.card
+    description = version_description(card, (gate or {}).get("reason", "")) if card else None
+    return register_model(client, name, model_uri, tags.get("run_id", ""), tags, description=description)
 
 
 def get_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:

@@ -134,7 +134,9 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
              package_dir: str | Path | None = None) -> TrainResult:
     """Export the best checkpoint's serving package, score it on the validation split, log the checkpoint,
     sample images and the package (as the run's model), and register it when configured."""
-    from training.evaluate import evaluate_package, metric_summary, split_reference, write_samples
+    from training.bootstrap import metric_intervals
+    from training.evaluate import evaluate_package, metric_summary, split_reference, write_report, write_samples
+    from training.model_card import card_inputs, render_card
     from training.export import export_checkpoint
     from training.registry import register_package, set_alias
     from training.tracking import log_metrics, log_package
@@ -148,14 +150,22 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
                  len(data.val.coco["images"]))
         metrics, predictions = evaluate_package(package, data.val, cfg.eval)
         reference = split_reference(data.val, predictions, package.label_map.names)
+        intervals = metric_intervals(data.val.coco, predictions, package.label_map,
+                                     resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed)
         package = package.stamped({"metrics": metrics}).with_reference(reference)
+        package = package.with_card(render_card(card_inputs(package, data.val, data.stats, metrics, intervals,
+                                                            cfg.eval.bootstrap_resamples)))
         package_path = package.save(package_dir or Path(tmp) / "package")  # written once, as logged and registered
-        log.info("final: %s", metric_summary(metrics))
-        log_metrics(client, run_id, {f"final_{k}": v for k, v in metrics.items()}, step=epoch)
+        log.info("final: %s (segm mAP 95%% interval [%.4f, %.4f])", metric_summary(metrics), *intervals["segm_mAP"])
+        bounds = {f"final_{k}_{side}": v for k, pair in intervals.items() for side, v in zip(("low", "high"), pair)}
+        log_metrics(client, run_id, {**{f"final_{k}": v for k, v in metrics.items()}, **bounds}, step=epoch)
         client.log_artifacts(run_id, folder, "checkpoint")
         for path in write_samples(data.val, predictions, Path(tmp) / "samples", cfg.eval.num_sample_images,
                                   cfg.eval.score_threshold):
             client.log_artifact(run_id, str(path), "samples")
+        report = write_report(Path(tmp) / "report.html", data.val, predictions, cfg.eval,
+                              f"{cfg.tracking.model_name}: run {run_id}, epoch {epoch}, validation split")
+        client.log_artifact(run_id, str(report), "evaluation")
         model_uri, version = "", None
         if cfg.tracking.log_model:
             model_uri = log_package(client, run_id, package_path)

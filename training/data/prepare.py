@@ -63,21 +63,46 @@ def prepare_data(cfg: DataConfig, validate: bool = True) -> PreparedData:
             raise DatasetError(["data.val is set but data.train is empty: give both, or neither for the synthetic dataset"], "config")
         train_dir, val_dir = synthetic_dataset(cfg.synthetic, cache)
         train, val = load_coco(train_dir, **kwargs), load_coco(val_dir, **kwargs)
+    elif cfg.format != "coco":  # an annotation tool's export, converted once into the cache
+        train = load_coco(_converted(cfg, cfg.train, {"split": "train"} if cfg.format == "yolo" else {}), **kwargs)
+        order = {"categories": train.label_map.names}
+        if cfg.val:
+            val = load_coco(_converted(cfg, cfg.val, {"split": "val", **order} if cfg.format == "yolo" else order), **kwargs)
+        elif cfg.format == "yolo":  # data.yaml names its own validation split
+            val = load_coco(_converted(cfg, cfg.train, {"split": "val", **order}), **kwargs)
+        else:
+            train, val = _hold_out(cfg, train)
     else:
         train_dir = fetch_prefix(cfg.train, cache)
         train = load_coco(train_dir, cfg.train_annotations, **kwargs)
         if cfg.val:
             val = load_coco(fetch_prefix(cfg.val, cache), cfg.val_annotations, **kwargs)
         else:
-            if not 0.0 < cfg.val_fraction < 1.0:
-                raise DatasetError([f"data.val_fraction must be in (0, 1) when data.val is empty, got {cfg.val_fraction}"], "config")
-            ids = np.array(train.image_ids)
-            rng = np.random.default_rng(0)  # fixed: the held-out split must not move between runs
-            rng.shuffle(ids)
-            n_val = max(1, int(round(len(ids) * cfg.val_fraction)))
-            if n_val >= len(ids):
-                raise DatasetError([f"{cfg.train}: {len(ids)} image(s) are too few to hold out {cfg.val_fraction:.0%} for validation"], "config")
-            val, train = subset(train, ids[:n_val].tolist()), subset(train, ids[n_val:].tolist())
+            train, val = _hold_out(cfg, train)
+    return _checked(cfg, train, val, validate)
+
+
+def _converted(cfg: DataConfig, uri: str, options: dict[str, Any]) -> Path:
+    from training.data.convert import converted
+
+    cache = cfg.resolved_cache_dir()
+    return converted(cfg.format, fetch_prefix(uri, cache), cache, {**options, "max_pixels": cfg.max_image_pixels})
+
+
+def _hold_out(cfg: DataConfig, train: CocoSplit) -> tuple[CocoSplit, CocoSplit]:
+    """(train, val): `cfg.val_fraction` of the images held out, the same ones every run."""
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise DatasetError([f"data.val_fraction must be in (0, 1) when data.val is empty, got {cfg.val_fraction}"], "config")
+    ids = np.array(train.image_ids)
+    rng = np.random.default_rng(0)  # fixed: the held-out split must not move between runs
+    rng.shuffle(ids)
+    n_val = max(1, int(round(len(ids) * cfg.val_fraction)))
+    if n_val >= len(ids):
+        raise DatasetError([f"{cfg.train}: {len(ids)} image(s) are too few to hold out {cfg.val_fraction:.0%} for validation"], "config")
+    return subset(train, ids[n_val:].tolist()), subset(train, ids[:n_val].tolist())
+
+
+def _checked(cfg: DataConfig, train: CocoSplit, val: CocoSplit, validate: bool) -> PreparedData:
     for name, split in (("train", train), ("val", val)):
         if not any(a["iscrowd"] == 0 for a in split.coco["annotations"]):
             raise DatasetError([f"the {name} split has no annotations ({len(split.coco['images'])} image(s), none with "
