@@ -30,6 +30,7 @@ COPY training ./training
 COPY release ./release
 COPY pipelines ./pipelines
 COPY serving ./serving
+COPY batch ./batch
 RUN --mount=type=cache,id=maskrcnn-uv,target=/root/.cache/uv uv sync --locked --no-dev \
     && useradd --create-home --home-dir /home/app --uid 1000 --user-group app \
     && mkdir -p /work && chown 1000:1000 /work \

@@ -177,6 +177,32 @@ class Components:
     reject: dsl.base_component.BaseComponent
 
 
+def batch_predict(source: str, output: str, model: str, package: str, tracking_uri: str, shard_size: int,
+                  score_threshold: float, overlays: bool, masks: bool, concurrency: int, ray_address: str,
+                  summary: Output[Metrics]) -> int:
+    """Batch inference over every image under `source` (s3://, gs://) with a registered model (`model`,
+    models:/NAME@ALIAS, from `tracking_uri`) or a serving package (`package`), on Ray Data: COCO results
+    (RLE masks) per shard of `shard_size` images to `output`, with overlays and mask PNGs when asked; a run
+    again resumes. Empty `ray_address`: a local Ray in this step's pod; a Jobs API address: a Ray job on
+    that cluster. Returns the images predicted (0 when submitted: the counts are in the job's log)."""
+    from batch.job import Request, run_batch
+    from batch.shards import Settings
+    from training.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri) if model else ""
+    totals = run_batch(Request(source, output, package, model, uri, Settings(shard_size, score_threshold, 100, overlays, masks),
+                               concurrency, 0, ray_address))
+    for key in ("images", "detections", "shards", "skipped_shards", "seconds"):
+        if key in totals:
+            summary.log_metric(key, float(totals[key]))
+    return int(totals.get("images", 0))
+
+
+def make_batch_component(image: str = DEFAULT_IMAGE):
+    """The batch inference step as a KFP lightweight component on `image`."""
+    return dsl.component(batch_predict, base_image=image, install_kfp_package=False)
+
+
 def make_components(image: str = DEFAULT_IMAGE) -> Components:
     """Every step as a KFP lightweight component whose container runs `image`."""
     return Components(*(dsl.component(step, base_image=image, install_kfp_package=False)

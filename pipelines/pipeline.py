@@ -4,17 +4,20 @@ promote (register, publish, point KServe at it) or reject (recorded, and the run
 
 from kfp import dsl, kubernetes
 
-from pipelines.components import DEFAULT_IMAGE, make_components
+from pipelines.components import DEFAULT_IMAGE, make_batch_component, make_components
 from training.config import MODEL_NAME
 
 DESCRIPTION = __doc__
 
 PIPELINE_NAME = "maskrcnn-train-gate-serve"
+BATCH_PIPELINE_NAME = "maskrcnn-batch-inference"
+BATCH_DESCRIPTION = ("Batch inference on Ray Data: a registered model (default the champion) or a serving package over "
+                     "every image under an s3:// or gs:// prefix, COCO results per shard to an output prefix; resumable.")
 
 # Per step: (CPU request, memory request = limit). The train step trains in its own pod when
 # ray_address is empty (local Ray), and only submits and waits when it names a Ray cluster.
 RESOURCES = {"prepare-data": ("1", "4Gi"), "train": ("4", "16Gi"), "evaluate": ("2", "8Gi"), "gate": ("100m", "512Mi"),
-             "promote": ("1", "4Gi"), "reject": ("100m", "512Mi")}
+             "promote": ("1", "4Gi"), "reject": ("100m", "512Mi"), "batch-predict": ("4", "16Gi")}
 DEFAULT_ACCELERATOR = "nvidia.com/gpu"
 """The GPU resource name of the train step's pod when it has GPUs (`--accelerator`)."""
 SHM_SIZE = "2Gi"
@@ -113,3 +116,30 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
             _harden(rejected, "reject").set_caching_options(False)
 
     return maskrcnn_pipeline
+
+
+def build_batch_pipeline(image: str = DEFAULT_IMAGE):
+    """The batch inference pipeline (one step, `batch.job.run_batch`) on `image`, for the Kubeflow UI."""
+    step = make_batch_component(image)
+
+    @dsl.pipeline(name=BATCH_PIPELINE_NAME, description=BATCH_DESCRIPTION)
+    def maskrcnn_batch_inference(
+        source: str,
+        output: str,
+        tracking_uri: str = "",
+        model: str = f"models:/{MODEL_NAME}@champion",
+        package: str = "",
+        shard_size: int = 64,
+        score_threshold: float = 0.05,
+        overlays: bool = False,
+        masks: bool = False,
+        concurrency: int = 1,
+        ray_address: str = "",
+    ):
+        task = _harden(step(source=source, output=output, model=model, package=package, tracking_uri=tracking_uri,
+                            shard_size=shard_size, score_threshold=score_threshold, overlays=overlays, masks=masks,
+                            concurrency=concurrency, ray_address=ray_address), "batch-predict", storage=True, shm=True)
+        kubernetes.use_secret_as_env(task, RAY_SECRET, {"auth_token": "RAY_AUTH_TOKEN"}, optional=True)
+        task.set_caching_options(False)  # a run again resumes from the output, which caching would skip
+
+    return maskrcnn_batch_inference

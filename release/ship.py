@@ -218,7 +218,8 @@ def ship(plan: ShipPlan, token: str = "", build_timeout: float = 3600) -> Shippe
     shipped = Shipped(plan.image, digest, Path(plan.output))
     # the pipeline's own command, in a process of its own: release does not import pipelines (the layout)
     _run("compile", [sys.executable, "-m", "pipelines.compile", "--image", shipped.pinned, "--output",
-                     str(shipped.pipeline_yaml)], timeout=600)
+                     str(shipped.pipeline_yaml), "--batch-output", str(shipped.pipeline_yaml.with_name("batch_pipeline.yaml"))],
+         timeout=600)
     log.info("compile: %s, every step on %s", shipped.pipeline_yaml, shipped.pinned)
     if not plan.kfp_host:
         return shipped

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("training", "release", "pipelines", "serving", "devstack")
+PACKAGES = ("training", "release", "pipelines", "serving", "batch", "devstack")
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -98,8 +98,12 @@ def test_release_uses_training_only(graph):
     assert {d.split(".")[0] for d in _imports_of(graph, "release")} <= {"release", "training"}
 
 
-def test_pipelines_are_adapters_over_training_and_release(graph):
-    assert {d.split(".")[0] for d in _imports_of(graph, "pipelines")} <= {"pipelines", "training", "release"}
+def test_pipelines_are_adapters_over_training_release_and_batch(graph):
+    assert {d.split(".")[0] for d in _imports_of(graph, "pipelines")} <= {"pipelines", "training", "release", "batch"}
+
+
+def test_batch_uses_training_only(graph):
+    assert {d.split(".")[0] for d in _imports_of(graph, "batch")} == {"batch", "training"}
 
 
 # The architecture's rule (../shared/ARCHITECTURE.md): serving uses from training only the package reader,

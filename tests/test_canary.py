@@ -269,13 +269,16 @@ def test_promote_with_a_canary_serves_a_good_one_to_all_and_rolls_a_failing_one_
             # v2 through the pipeline's promote step (the function KFP runs), its analysis in the step's Metrics
             metrics = Metrics(uri=str(tmp_path / "metrics"))
             second = promote_step(model=Model(uri=str(tmp_path / "run2")), model_uri=model_uri(runs[1]), reason="gate",
-                                  canary_percent=25, kubeconfig=k8s.kubeconfig, prometheus_url=mon.prometheus_url,
+                                  evidence={"segm_map_delta_low": "0.010000"}, canary_percent=25, kubeconfig=k8s.kubeconfig, prometheus_url=mon.prometheus_url,
                                   prometheus_selector="", canary_bounds={**vars(BOUNDS), "min_requests": 12.0},
                                   metrics=metrics, **{k: v for k, v in common.items() if k != "kubeconfig"})
             assert metrics.metadata["canary_promoted"] == 1.0 and metrics.metadata["promoted"] == 1.0, metrics.metadata
             assert metrics.metadata["canary_requests"] >= 12 and "every check passed" in metrics.metadata["canary_reason"]
             assert {"canary_error_ratio", "stable_p95_latency_s", "canary_mean_score"} <= set(metrics.metadata)
             assert second == f"{prefix}/{name}/v2"
+            from mlflow.tracking import MlflowClient
+
+            assert MlflowClient(mlflow_stack.tracking_uri).get_model_version(name, "2").tags["gate.segm_map_delta_low"] == "0.010000"
             assert isvc()["model"]["storageUri"] == second and "canaryTrafficPercent" not in isvc()
             traffic = ctl.get()["status"]["components"]["predictor"]["traffic"]
             assert [(t["percent"], t["latestRevision"]) for t in traffic] == [(100, True)]

@@ -7,15 +7,18 @@ TokenRequest token, the project's Role); KServe's controller cannot run here, so
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from kserve_stand_in import IsvcController
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from pipelines.compile import DEFAULT_OUTPUT, compile_pipeline
+from pipelines.compile import BATCH_OUTPUT, DEFAULT_OUTPUT, compile_batch_pipeline, compile_pipeline
 
 ISVC, PREVIOUS = "maskrcnn", "s3://models/maskrcnn/previous"
 
@@ -24,6 +27,48 @@ def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch):
     monkeypatch.setenv("MASKRCNN_IMAGE", "elsewhere:1")  # the factory reads no environment: only the CLI's default does
     fresh = compile_pipeline(tmp_path / "pipeline.yaml")
     assert fresh.read_text() == DEFAULT_OUTPUT.read_text(), "stale: run `uv run -m pipelines.compile` and commit"
+    batch = compile_batch_pipeline(tmp_path / "batch.yaml")
+    assert batch.read_text() == BATCH_OUTPUT.read_text(), "stale: run `uv run -m pipelines.compile` and commit"
+
+
+def test_the_batch_pipeline_is_one_hardened_step_with_the_champion_by_default():
+    spec, platform = yaml.safe_load_all(BATCH_OUTPUT.read_text())
+    assert spec["pipelineInfo"]["name"] == "maskrcnn-batch-inference"
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"source", "output"} <= {k for k, v in params.items() if not v.get("isOptional")}
+    assert params["model"]["defaultValue"] == "models:/maskrcnn@champion"
+    (executor,) = spec["deploymentSpec"]["executors"].values()
+    assert executor["container"]["resources"]["memoryLimit"] == 17.179869184
+    (k8s,) = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+    assert k8s["securityContext"]["runAsNonRoot"] is True and int(k8s["securityContext"]["runAsUser"]) == 1000
+    assert {s["secretName"] for s in k8s["secretAsEnv"]} == {"maskrcnn-storage", "maskrcnn-ray-auth"}
+
+
+def test_the_batch_pipeline_runs_with_kfps_local_runner(serving_package, tmp_path):
+    """The compiled step as KFP's SubprocessRunner runs it, over a folder with a package folder."""
+    from kfp import local
+
+    from pipelines.pipeline import build_batch_pipeline
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        run = build_batch_pipeline()(source=str(images), output=str(tmp_path / "out"), package=str(serving_package),
+                                     model="", shard_size=2, score_threshold=0.0)
+    finally:
+        os.environ.pop("RAY_AUTH_MODE")
+    assert run is not None
+    assert sorted(p.name for p in (tmp_path / "out" / "results").iterdir()) == [
+        "shard-00000.images.json", "shard-00000.json", "shard-00001.images.json", "shard-00001.json"]
+    (executed,) = list((tmp_path / "root").rglob("batch-predict/executor_output.json"))
+    outputs = json.loads(executed.read_text())
+    assert outputs["parameterValues"]["Output"] == 3
+    assert outputs["artifacts"]["summary"]["artifacts"][0]["metadata"]["images"] == 3.0  # the step's Metrics
 
 
 def test_yaml_has_the_steps_and_the_gate_condition():

@@ -60,11 +60,18 @@ def find_latest_checkpoint(root: str, name: str) -> str:
 
 
 def init_ray(cfg: Config) -> None:
+    connect_ray(cfg.ray.address, cfg.ray.num_workers * cfg.ray.cpus_per_worker)
+
+
+def connect_ray(address: str, num_cpus: int = 0, modules: tuple[Any, ...] = ()) -> None:
+    """Join the Ray cluster at `address` (`auto`, `ray://...`), shipping `training` and `modules` (packages)
+    to it, or start a local Ray on at least `num_cpus` CPUs when `address` is empty. Training and batch
+    inference (`batch`) both start Ray here."""
     import ray
 
     if ray.is_initialized():
         return
-    if not cfg.ray.address and "RAY_ENABLE_UV_RUN_RUNTIME_ENV" not in os.environ:
+    if not address and "RAY_ENABLE_UV_RUN_RUNTIME_ENV" not in os.environ:
         # Under `uv run`, Ray's uv hook packs the working folder and builds a second virtualenv for the
         # workers (~35 s of a 1-minute start here). A local Ray's workers run this very interpreter, so the
         # copy buys nothing. Ray reads the switch into this constant at import and consults it in ray.init;
@@ -72,22 +79,23 @@ def init_ray(cfg: Config) -> None:
         from ray._private import ray_constants
 
         ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
-    if cfg.ray.address:
+    if address:
         import training
 
         from training.remote import is_jobs_api
 
-        if is_jobs_api(cfg.ray.address):
-            raise ConfigError(f"ray.address={cfg.ray.address} is a Jobs API address: submit with train(), "
-                              "or run `python -m training.ray_main --tune` as a Ray job on that cluster")
+        if is_jobs_api(address):
+            raise ConfigError(f"ray.address={address} is a Jobs API address: submit a Ray job to it "
+                              "(train() and `python -m batch` do), or run this as a Ray job on that cluster")
 
-        # Ship this package to a remote cluster that does not have it installed (e.g. a bare KubeRay image).
-        ray.init(address=cfg.ray.address, runtime_env={"py_modules": [str(Path(training.__file__).parent)]})
+        # Ship the code to a remote cluster that does not have it installed (e.g. a bare KubeRay image).
+        packages = [training, *modules]
+        ray.init(address=address, runtime_env={"py_modules": [str(Path(m.__file__).parent) for m in packages]})
     else:
         # Token authentication stays on (Ray's default since 2.59; it generates ~/.ray/auth_token): Ray 2.60
         # has no setting to bind GCS and the raylet to 127.0.0.1, so the token is what keeps other hosts out.
         # RAY_AUTH_MODE=disabled opts out. The dashboard (the State API Ray Train cleans up with) is loopback only.
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers * cfg.ray.cpus_per_worker),
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_cpus),
                  include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=True, logging_level=logging.WARNING)
 
 

@@ -1,0 +1,170 @@
+"""Batch inference (`uv run -m batch`) on Ray Data: the same detections as evaluation and the predictor,
+COCO results per shard, resumed by skipping finished shards, refused when the output holds another run;
+from a folder and from the real S3 gateway, with a registry alias, and as a Ray job on the two-node cluster
+in containers through the Jobs API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data.images import decode_image, to_tensor
+
+ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Ten synthetic images, two in a sub-folder, and a file that is not an image."""
+    from training.config import SyntheticConfig
+    from training.data.synthetic import synthetic_dataset
+
+    _, val = synthetic_dataset(SyntheticConfig(num_train=2, num_val=10, image_size=96, seed=5), tmp_path_factory.mktemp("c"))
+    folder = tmp_path_factory.mktemp("images")
+    for i, path in enumerate(sorted(val.glob("*.png"))):
+        target = folder / ("sub" if i >= 8 else "") / path.name
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _batch(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batch", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **ENV, **(env or {})})
+
+
+def _results(out: Path) -> tuple[list[dict], list[dict]]:
+    images, results = [], []
+    for path in sorted((out / "results").glob("shard-*.images.json")):
+        images += json.loads(path.read_text())
+        results += json.loads(path.with_name(path.name.replace(".images", "")).read_text())
+    return images, results
+
+
+def test_a_folder_gives_the_detections_of_the_package_shard_by_shard_and_resumes(images, serving_package, tmp_path):
+    out = tmp_path / "out"
+    done = _batch(str(images), str(out), "--package", str(serving_package), "--shard-size", "4", "--score-threshold",
+                  "0", "--overlays", "--masks")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "10 images in 3 shards of 4: 0 done already, 3 to run" in done.stderr
+    got_images, results = _results(out)
+    names = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    assert [i["file_name"] for i in got_images] == names and [i["id"] for i in got_images] == list(range(1, 11))
+    assert len(list((out / "overlays").rglob("*.png"))) == 10 and len(list((out / "masks").rglob("*.png"))) == 10
+    # the same detections as evaluation and the predictor compute: the package's graph, the one post-processing
+    from training.graph import OnnxDetector
+    from training.inference import detect
+    from training.metrics import to_coco_results
+    from training.package import open_package
+
+    package = open_package(serving_package)
+    graph = OnnxDetector(package.graph, 2)
+    expected = []
+    for info in got_images:
+        (pred,) = detect(package.build_model(), [to_tensor(decode_image(images / info["file_name"]))],
+                         package.config.eval.mask_threshold, 0.0, 100, graph=graph)
+        expected += to_coco_results([{**pred, "image_id": info["id"]}], package.label_map)
+    assert len(results) == len(expected) > 0
+    for got, want in zip(results, expected):
+        assert (got["image_id"], got["category_id"]) == (want["image_id"], want["category_id"])
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert np.allclose(got["bbox"], want["bbox"], atol=1e-3)
+        counts = want["segmentation"]["counts"]
+        assert got["segmentation"]["counts"] == (counts.decode() if isinstance(counts, bytes) else counts)
+    # COCO tools read the results with the images listed beside them
+    from faster_coco_eval import COCO
+
+    coco = COCO({"images": got_images, "annotations": [], "categories": [{"id": c, "name": n} for c, n in
+                                                                         zip(package.label_map.category_ids, package.label_map.names)]})
+    assert len(coco.loadRes(results).anns) == len(results)
+
+    # resumed: a finished shard is skipped; a lost one is run again, with the same bytes
+    lost = out / "results" / "shard-00001.json"
+    before = lost.read_bytes()
+    kept = (out / "results" / "shard-00000.json").stat().st_mtime_ns
+    lost.unlink()
+    again = _batch(str(images), str(out), "--package", str(serving_package), "--shard-size", "4", "--score-threshold",
+                   "0", "--overlays", "--masks")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 done already, 1 to run" in again.stderr
+    assert lost.read_bytes() == before and (out / "results" / "shard-00000.json").stat().st_mtime_ns == kept
+    # another setting is another run: refused, nothing touched
+    other = _batch(str(images), str(out), "--package", str(serving_package), "--shard-size", "4")
+    assert other.returncode == 2 and "holds another run's results (settings differ)" in other.stderr
+    assert lost.read_bytes() == before
+
+
+def test_bad_input_is_refused_by_name(images, serving_package, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([str(empty), str(tmp_path / "o1"), "--package", str(serving_package)], "no JPG, PNG or TIFF image found"),
+        ([str(images), str(tmp_path / "o2"), "--package", str(tmp_path / "none")], "no such package folder"),
+        ([str(images), str(tmp_path / "o3"), "--model", "maskrcnn@champion", "--tracking-uri", "http://x"],
+         "expected models:/NAME@ALIAS"),
+        ([str(images), str(tmp_path / "o4"), "--package", str(serving_package), "--shard-size", "0"], "--shard-size: expected 1"),
+        ([str(images), "s3://b/out", "--package", str(serving_package), "--address", "http://127.0.0.1:1"],
+         "SRC, --package: a Ray job on a cluster reads and writes object storage"),
+    ]
+    for args, message in cases:
+        done = _batch(*args, env={"MLFLOW_TRACKING_URI": ""})
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-2000:])
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o4").exists()
+
+
+def test_from_and_to_s3_with_a_registry_alias(images, serving_package, mlflow_stack, tmp_path):
+    """The real S3 gateway in and out, and the model named by its alias in the real MLflow registry."""
+    from mlflow.tracking import MlflowClient
+
+    from training.data.sources import list_objects, upload_object
+    from training.registry import register_package, set_alias
+    from training.package import open_package
+    from training.tracking import log_package
+
+    env = {**mlflow_stack.env(), "MLFLOW_TRACKING_URI": mlflow_stack.tracking_uri}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    client = MlflowClient(mlflow_stack.tracking_uri)
+    name = f"batch-{time.time_ns()}"
+    run_id = client.create_run(client.create_experiment(name)).info.run_id
+    model_uri = log_package(client, run_id, serving_package)
+    version = register_package(client, name, model_uri, open_package(serving_package))
+    set_alias(client, name, "champion", version, reason="test")
+    prefix = f"s3://{mlflow_stack.state.models_bucket}/{name}"
+    for path in sorted(images.rglob("*.png")):
+        upload_object(f"{prefix}/in/{path.relative_to(images).as_posix()}", path)
+    done = _batch(f"{prefix}/in", f"{prefix}/out", "--model", f"models:/{name}@champion", "--shard-size", "5",
+                  "--concurrency", "2", "--threads", "1", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    keys = sorted(o.key.removeprefix(f"{name}/out/") for o in list_objects(f"{prefix}/out"))
+    assert keys == ["manifest.json", "results/shard-00000.images.json", "results/shard-00000.json",
+                    "results/shard-00001.images.json", "results/shard-00001.json"]
+    assert "10 images in 2 shards of 5" in done.stderr and '"images": 10' in done.stderr
+
+
+@pytest.mark.slow
+def test_as_a_ray_job_on_the_two_node_cluster(ray_nodes, images, serving_package, mlflow_stack):
+    """Submitted through the Jobs API with the token, as training is; the job's driver runs on the head and
+    its actors on the cluster's nodes, reading and writing S3."""
+    from training.data.sources import list_objects, upload_object
+
+    env = {**mlflow_stack.env(), **ray_nodes.client_env()}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    prefix = f"s3://{mlflow_stack.state.models_bucket}/batch-job-{time.time_ns()}"
+    for path in sorted(images.rglob("*.png")):
+        upload_object(f"{prefix}/in/{path.relative_to(images).as_posix()}", path)
+    for path in serving_package.iterdir():
+        upload_object(f"{prefix}/package/{path.name}", path)
+    done = _batch(f"{prefix}/in", f"{prefix}/out", "--package", f"{prefix}/package", "--shard-size", "5",
+                  "--concurrency", "2", "--threads", "1", "--address", ray_nodes.jobs_url, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "submitted Ray job maskrcnn-batch-" in done.stderr and "done: " in done.stderr
+    keys = {o.key.rsplit("/", 1)[-1] for o in list_objects(f"{prefix}/out")}
+    assert {"manifest.json", "shard-00000.json", "shard-00001.json"} <= keys
