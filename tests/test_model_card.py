@@ -59,6 +59,42 @@ def test_limitations_follow_from_the_numbers():
     assert "Masks are coarse: AP75 0.300 is under half of AP50 0.850" in text
 
 
+def test_the_reports_confusions_and_threshold_sweep_become_limitations():
+    inputs = _inputs(confusions=[("circle", "square", 30, 200), ("square", "missed", 100, 250), ("circle", "missed", 5, 200)],
+                     best_f1=(0.25, 0.81), score_threshold=0.5)
+    text = "\n".join(limitations(inputs))
+    assert "`circle` is taken for `square`: 30 of its 200 validation instances." in text
+    assert "`square`: 100 of its 250 validation instances are missed at score 0.5." in text
+    assert "5 of its 200" not in text  # under a tenth: not named
+    assert "The best F1 (0.810) is at score threshold 0.25, not 0.5" in text
+    assert "best F1" not in "\n".join(limitations(_inputs(best_f1=(0.45, 0.8))))
+
+
+def test_card_inputs_read_the_report(split_and_report):
+    inputs = split_and_report
+    assert inputs.best_f1 is not None and all(c[3] > 0 for c in inputs.confusions)
+
+
+@pytest.fixture
+def split_and_report(serving_package, tmp_path):
+    """The card's inputs from a real evaluation report (the untrained package on a synthetic split)."""
+    from training.config import EvalConfig, SyntheticConfig
+    from training.data.coco import load_coco
+    from training.data.synthetic import synthetic_dataset
+    from training.evaluate import evaluate_package, write_report
+    from training.model_card import card_inputs
+
+    _, val = synthetic_dataset(SyntheticConfig(num_train=2, num_val=6, image_size=96, seed=2), tmp_path)
+    split = load_coco(val)
+    package = open_package(serving_package)
+    metrics, predictions = evaluate_package(package, split, EvalConfig(score_threshold=0.0))
+    report = write_report(tmp_path / "r.html", split, predictions, EvalConfig(score_threshold=0.0), "t")
+    inputs = card_inputs(package, split, {}, metrics, {}, 100, report)
+    k = len(split.label_map.names)
+    assert sum(c[2] for c in inputs.confusions) == int(report.confusion[:k].sum() - report.confusion[:k, :k].trace())
+    return inputs
+
+
 def test_the_version_description_puts_the_gate_first_drops_the_config_and_fits_mlflow():
     card = render_card(_inputs())
     description = version_description(card, "promoted: segm mAP 0.62 >= 0.5")

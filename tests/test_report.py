@@ -160,7 +160,8 @@ def test_the_page_opens_in_chromium_self_contained(split, tmp_path):
 
     predictions, champion = _noisy(split, 0.85, 2), _noisy(split, 0.6, 3)
     cfg = EvalConfig(bootstrap_resamples=200)
-    path = write_report(tmp_path / "report.html", split, predictions, cfg, "maskrcnn v2", ("1", champion))
+    path = tmp_path / "report.html"
+    write_report(path, split, predictions, cfg, "maskrcnn v2", ("1", champion))
     metrics = evaluate_predictions(split.coco, predictions, split.label_map)
     requests, errors = [], []
     with sync_playwright() as p:

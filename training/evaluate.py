@@ -155,11 +155,11 @@ def evaluate_alias(tracking_uri: str, name: str, alias: str, split: CocoSplit,
 
 
 def write_report(path: str | Path, split: CocoSplit, predictions: list[Prediction], cfg: EvalConfig, title: str,
-                 champion: tuple[str, list[Prediction]] | None = None, interval: Interval | None = None) -> Path:
+                 champion: tuple[str, list[Prediction]] | None = None, interval: Interval | None = None):
     """The evaluation report of `predictions` on `split` (`training.report`), as one HTML page at `path`;
     `champion`: (its version, its predictions on the same split), compared class by class and by the
     paired bootstrap of the segm mAP difference (`interval`, computed with `cfg`'s resamples and seed when
-    not given)."""
+    not given). Returns the `training.report.Report` (its numbers, e.g. for the model card)."""
     from training.bootstrap import paired_bootstrap
     from training.report import build_report, to_html
 
@@ -170,7 +170,7 @@ def write_report(path: str | Path, split: CocoSplit, predictions: list[Predictio
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(to_html(report, title), encoding="utf-8")
-    return path
+    return report
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -208,11 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             champion = (str(other.metadata.get("model_version") or args.champion), champion_predictions)
         log.info("%s: %s", args.package, metric_summary(metrics))
         title = f"{package.config.tracking.model_name} v{package.metadata.get('model_version', '?')} on {args.data}"
-        out = write_report(args.report, split, predictions, package.config.eval, title, champion)
+        write_report(args.report, split, predictions, package.config.eval, title, champion)
     except (PackageError, DatasetError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    log.info("wrote the evaluation report to %s", out)
+    log.info("wrote the evaluation report to %s", args.report)
     return 0
 
 

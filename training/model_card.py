@@ -10,7 +10,7 @@ the intended use, and the limitations those numbers show.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -22,6 +22,7 @@ MAX_DESCRIPTION = 5000  # MLflow's model version description column (String(5000
 WEAK_CLASS = 0.5  # a class whose AP is below this share of the mean is named as a limitation
 FEW_EXAMPLES = 20  # training instances under which a class is named as thinly covered
 WIDE_INTERVAL = 0.1  # a segm mAP interval wider than this is named as a limitation
+CONFUSED = 0.1  # a share of a class's instances taken for another class (or missed) that is named
 CONFIG_MARK = "## Training config"
 
 
@@ -42,17 +43,37 @@ class CardInputs:
     image_sizes: tuple[int, int, int, int]
     resamples: int
     has_graph: bool
+    confusions: list[tuple[str, str, int, int]] = field(default_factory=list)
+    """From the evaluation report: (true class, predicted class or "missed", count, the true class's instances)."""
+    best_f1: tuple[float, float] | None = None
+    """From the report's threshold sweep: (the score threshold of the best F1, that F1)."""
+    score_threshold: float = 0.5
 
 
 def card_inputs(package: Package, split: CocoSplit, stats: dict[str, Any], metrics: dict[str, float],
-                intervals: dict[str, tuple[float, float]], resamples: int) -> CardInputs:
-    """The inputs of `package`'s card, evaluated on the validation `split` (see `CardInputs`)."""
+                intervals: dict[str, tuple[float, float]], resamples: int, report: Any = None) -> CardInputs:
+    """The inputs of `package`'s card, evaluated on the validation `split` (see `CardInputs`); `report`, the
+    evaluation report's numbers (`training.report.Report`), adds its confusions and threshold sweep."""
     widths = [int(img["width"]) for img in split.coco["images"]] or [0]
     heights = [int(img["height"]) for img in split.coco["images"]] or [0]
+    confusions, best = [], None
+    if report is not None:
+        names, matrix = report.class_names, report.confusion
+        k = len(names)
+        for i, true in enumerate(names):
+            total = int(matrix[i].sum())
+            for j in range(k + 1):
+                if j != i and matrix[i, j]:
+                    confusions.append((true, names[j] if j < k else "missed", int(matrix[i, j]), total))
+        confusions.sort(key=lambda c: -c[2] / max(c[3], 1))
+        if report.sweep:
+            top = max(report.sweep, key=lambda r: r["f1"])
+            best = (top["threshold"], top["f1"])
     return CardInputs(name=package.config.tracking.model_name, class_names=list(package.label_map.names),
                       metadata=package.metadata, config=package.config.to_dict(), metrics=metrics, intervals=intervals,
                       stats=stats, image_sizes=(min(widths), min(heights), max(widths), max(heights)),
-                      resamples=resamples, has_graph=package.graph is not None)
+                      resamples=resamples, has_graph=package.graph is not None, confusions=confusions, best_f1=best,
+                      score_threshold=package.config.eval.score_threshold)
 
 
 def _num(value: float) -> str:
@@ -92,6 +113,14 @@ def limitations(inputs: CardInputs) -> list[str]:
                        "confusions on it.")
         if train_count is not None and train_count < FEW_EXAMPLES:
             out.append(f"`{name}` has only {train_count} training instances.")
+    for true, predicted, count, total in inputs.confusions:
+        if count >= max(2, CONFUSED * total):
+            out.append(f"`{true}`: {count} of its {total} validation instances are missed at score "
+                       f"{inputs.score_threshold:g}." if predicted == "missed" else
+                       f"`{true}` is taken for `{predicted}`: {count} of its {total} validation instances.")
+    if inputs.best_f1 is not None and abs(inputs.best_f1[0] - inputs.score_threshold) >= 0.2:
+        out.append(f"The best F1 ({inputs.best_f1[1]:.3f}) is at score threshold {inputs.best_f1[0]:.2f}, not "
+                   f"{inputs.score_threshold:g}: clients should choose their threshold (the evaluation report's sweep).")
     if inputs.metrics.get("segm_AP75", 0.0) < 0.5 * inputs.metrics.get("segm_AP50", 0.0):
         out.append(f"Masks are coarse: AP75 {_num(inputs.metrics.get('segm_AP75', 0.0))} is under half of AP50 "
                    f"{_num(inputs.metrics.get('segm_AP50', 0.0))}; boundaries are less precise than the detections.")

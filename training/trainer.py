@@ -160,9 +160,12 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
         reference = split_reference(data.val, predictions, package.label_map.names)
         intervals = metric_intervals(data.val.coco, predictions, package.label_map,
                                      resamples=cfg.eval.bootstrap_resamples, seed=cfg.eval.bootstrap_seed)
+        page = Path(tmp) / "report.html"
+        report = write_report(page, data.val, predictions, cfg.eval,
+                              f"{cfg.tracking.model_name}: run {run_id}, epoch {epoch}, validation split")
         package = package.stamped({"metrics": metrics}).with_reference(reference)
         package = package.with_card(render_card(card_inputs(package, data.val, data.stats, metrics, intervals,
-                                                            cfg.eval.bootstrap_resamples)))
+                                                            cfg.eval.bootstrap_resamples, report)))
         package_path = package.save(package_dir or Path(tmp) / "package")  # written once, as logged and registered
         log.info("final: %s (segm mAP 95%% interval [%.4f, %.4f])", metric_summary(metrics), *intervals["segm_mAP"])
         bounds = {f"final_{k}_{side}": v for k, pair in intervals.items() for side, v in zip(("low", "high"), pair)}
@@ -171,9 +174,7 @@ def finalize(cfg: Config, data: PreparedData, run_id: str, tracking_uri: str, ch
         for path in write_samples(data.val, predictions, Path(tmp) / "samples", cfg.eval.num_sample_images,
                                   cfg.eval.score_threshold):
             client.log_artifact(run_id, str(path), "samples")
-        report = write_report(Path(tmp) / "report.html", data.val, predictions, cfg.eval,
-                              f"{cfg.tracking.model_name}: run {run_id}, epoch {epoch}, validation split")
-        client.log_artifact(run_id, str(report), "evaluation")
+        client.log_artifact(run_id, str(page), "evaluation")
         model_uri, version = "", None
         if cfg.tracking.log_model:
             model_uri = log_package(client, run_id, package_path)
