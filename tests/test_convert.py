@@ -194,3 +194,27 @@ def test_training_reads_a_tools_export_directly(exports, tmp_path):
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 2
     done = subprocess.run([sys.executable, "-m", "training.ray_main", "--help"], capture_output=True, text=True)
     assert "--data-format" in done.stdout
+
+
+def test_labelme_reads_an_embedded_image_and_label_studio_a_rotated_box(tmp_path):
+    # LabelMe: the image file is gone, its bytes are embedded in imageData
+    src = tmp_path / "lm"
+    src.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(buf, format="PNG")
+    (src / "a.json").write_text(json.dumps({"shapes": [{"label": "cat", "points": [[2, 2], [12, 2], [12, 12]],
+                                                        "shape_type": "polygon"}], "imagePath": "gone.png",
+                                            "imageData": base64.b64encode(buf.getvalue()).decode()}))
+    split = convert("labelme", src, tmp_path / "out1")
+    assert split.coco["images"][0]["width"] == 40 and (tmp_path / "out1" / "images" / "a.png").is_file()
+    # Label Studio: a 20x10 % box rotated by 90 degrees about its top-left corner (x=50%, y=20% of 100x100)
+    ls = tmp_path / "ls"
+    (ls / "images").mkdir(parents=True)
+    Image.new("RGB", (100, 100)).save(ls / "images" / "b.png")
+    (ls / "export.json").write_text(json.dumps([{"id": 1, "data": {"image": "s3://bucket/b.png"}, "annotations": [
+        {"result": [{"type": "rectanglelabels", "original_width": 100, "original_height": 100, "value": {
+            "x": 50, "y": 20, "width": 20, "height": 10, "rotation": 90, "rectanglelabels": ["dog"]}}]}]}]))
+    split = convert("labelstudio", ls, tmp_path / "out2")
+    (ann,) = split.coco["annotations"]
+    x, y, w, h = ann["bbox"]  # rotated clockwise in image coordinates: 10 wide to the left, 20 down
+    assert (round(x), round(y), round(w), round(h)) == (40, 20, 10, 20)
