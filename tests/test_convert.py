@@ -32,7 +32,7 @@ def exports(tmp_path_factory) -> Path:
     """The tools' exports and their own readings (tests/tool_exports.py), made once per session."""
     out = tmp_path_factory.mktemp("exports")
     uv = UVX[0]
-    done = subprocess.run([uv, "run", "--no-project", "--python", "3.11", *TOOLS, "python", str(HERE / "tool_exports.py"),
+    done = subprocess.run([uv, "run", "--no-project", "--python", sys.executable, *TOOLS, "python", str(HERE / "tool_exports.py"),
                            str(out)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out

@@ -1,8 +1,9 @@
 """Exports written by the annotation tools' own libraries, and those libraries' own reading of them.
 
-Run in an environment of its own, never the project's (tests/test_convert.py does it):
+Run in an environment of its own, never the project's (tests/test_convert.py does it, PYTHON being the
+tests' interpreter, whose base Python uv reuses: no interpreter is downloaded):
 
-    uv run --no-project --python 3.11 --with datumaro==1.13.12 --with label-studio-converter==0.0.59 \
+    uv run --no-project --python PYTHON --with datumaro==1.13.12 --with label-studio-converter==0.0.59 \
         --with labelme==6.3.1 python tests/tool_exports.py OUT
 
 It draws a few images with objects (polygons, boxes, masks with holes), then writes, under OUT:
