@@ -130,7 +130,8 @@ def run(plan: Plan, package_files: dict[str, bytes], concurrency: int, threads: 
     shards = plan.shards()
     log.info("%d images in %d shards of %d: %d done already, %d to run on %d actor(s) of %d thread(s)",
              len(plan.names), len(shards), plan.settings.shard_size, len(shards) - len(todo), len(todo), concurrency, threads)
-    totals = {"images": 0, "detections": 0, "shards": 0, "skipped_shards": len(shards) - len(todo), "seconds": 0.0}
+    totals = {"images": 0, "detections": 0, "shards": 0, "skipped_shards": len(shards) - len(todo), "seconds": 0.0,
+              "shard_seconds": 0.0}
     if not todo:
         return totals
     ref = ray.put(package_files)
@@ -142,6 +143,7 @@ def run(plan: Plan, package_files: dict[str, bytes], concurrency: int, threads: 
         totals["images"] += int(row["images"])
         totals["detections"] += int(row["detections"])
         totals["shards"] += 1
+        totals["shard_seconds"] += float(row["seconds"])  # the actors' time on shards (their start left out)
         elapsed = time.perf_counter() - started
         log.info("shard %d done (%d/%d): %d images, %d detections, %.1f s; %.2f images/s overall", int(row["index"]),
                  totals["shards"], len(todo), int(row["images"]), int(row["detections"]), float(row["seconds"]),
