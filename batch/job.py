@@ -10,7 +10,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from batch.runner import check, default_threads, run
@@ -83,8 +82,6 @@ def run_batch(request: Request) -> dict[str, Any]:
 
 def submit(request: Request) -> dict[str, Any]:
     """Run `request` as a Ray job on the cluster at its Jobs API address, relaying the job's log."""
-    import batch
-    import training
     from training.remote import job_client, wait
 
     local = [name for name, value in (("SRC", request.source), ("OUT", request.output), ("--package", request.package))
@@ -94,9 +91,11 @@ def submit(request: Request) -> dict[str, Any]:
                          "not this machine's folders")
     submission_id = f"maskrcnn-batch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     client = job_client(request.address)
+    # The job's driver runs the cluster's image (the platform image, as for training's job); it ships
+    # `training` and `batch` to the workers itself (connect_ray), so the job sets no py_modules of its own:
+    # Ray refuses a driver's runtime_env that repeats a field of the job's.
     client.submit_job(entrypoint=shlex.join(["python", "-m", "batch", *request.argv(), "--address", "auto"]),
-                      submission_id=submission_id,
-                      runtime_env={"py_modules": [str(Path(m.__file__).parent) for m in (training, batch)]})
+                      submission_id=submission_id)
     log.info("submitted Ray job %s to %s", submission_id, request.address)
     status = wait(client, submission_id)
     if status != "SUCCEEDED":

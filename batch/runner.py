@@ -5,7 +5,8 @@ Memory is bounded by construction: a row is a shard's image names (never pixels)
 image at a time and writes its shard's outputs itself, so only a small summary comes back; the pool has
 `concurrency` actors of `threads` CPUs each. Each shard writes `results/shard-NNNNN.images.json` (COCO
 `images`), optional `overlays/` and `masks/` PNGs, and last `results/shard-NNNNN.json` (COCO results, RLE
-masks): a shard with that file is done, and a resumed run skips it.
+masks): a shard with that file is done, and a resumed run skips it. An image that cannot be read or
+decoded does not stop the run: it is listed in its shard's images with its `error`, logged and counted.
 """
 
 from __future__ import annotations
@@ -66,11 +67,20 @@ class ShardRunner:
         from training.inference import detect
         from training.metrics import to_coco_results
 
+        from training.data.images import ImageError
+        from training.data.sources import SourceError
+
         started = time.perf_counter()
-        images, results = [], []
+        images, results, failed = [], [], 0
         for offset, name in enumerate(shard.names):
             image_id = shard.first_id + offset
-            pixels = decode_image(store.read_bytes(self.source, name, MAX_IMAGE_BYTES), name=store.join(self.source, name))
+            try:
+                pixels = decode_image(store.read_bytes(self.source, name, MAX_IMAGE_BYTES), name=store.join(self.source, name))
+            except (ImageError, SourceError, OSError) as exc:  # one bad file does not stop a bucket's run
+                log.warning("%s", exc)
+                images.append({"id": image_id, "file_name": name, "error": str(exc)})
+                failed += 1
+                continue
             (pred,) = detect(self.model, [to_tensor(pixels)], self.mask_threshold, self.settings.score_threshold,
                              self.settings.max_detections, graph=self.graph)
             pred["image_id"] = image_id
@@ -84,7 +94,7 @@ class ShardRunner:
                 self._pictures(name, pixels, pred)
         store.write(self.output, f"{RESULTS}/{shard.stem}.images.json", json.dumps(images).encode())
         store.write(self.output, f"{RESULTS}/{shard.stem}.json", json.dumps(results).encode())  # last: the shard is done
-        return {"index": shard.index, "images": len(shard.names), "detections": len(results),
+        return {"index": shard.index, "images": len(shard.names), "detections": len(results), "failed": failed,
                 "seconds": time.perf_counter() - started}
 
     def _pictures(self, name: str, pixels: np.ndarray, pred: dict[str, Any]) -> None:
@@ -130,8 +140,8 @@ def run(plan: Plan, package_files: dict[str, bytes], concurrency: int, threads: 
     shards = plan.shards()
     log.info("%d images in %d shards of %d: %d done already, %d to run on %d actor(s) of %d thread(s)",
              len(plan.names), len(shards), plan.settings.shard_size, len(shards) - len(todo), len(todo), concurrency, threads)
-    totals = {"images": 0, "detections": 0, "shards": 0, "skipped_shards": len(shards) - len(todo), "seconds": 0.0,
-              "shard_seconds": 0.0}
+    totals = {"images": 0, "detections": 0, "failed_images": 0, "shards": 0, "skipped_shards": len(shards) - len(todo),
+              "seconds": 0.0, "shard_seconds": 0.0}
     if not todo:
         return totals
     ref = ray.put(package_files)
@@ -142,6 +152,7 @@ def run(plan: Plan, package_files: dict[str, bytes], concurrency: int, threads: 
     for row in dataset.iter_rows():
         totals["images"] += int(row["images"])
         totals["detections"] += int(row["detections"])
+        totals["failed_images"] += int(row["failed"])
         totals["shards"] += 1
         totals["shard_seconds"] += float(row["seconds"])  # the actors' time on shards (their start left out)
         elapsed = time.perf_counter() - started

@@ -67,7 +67,7 @@ class Plan:
 
     def manifest(self) -> dict[str, Any]:
         digest = hashlib.sha256("\n".join(self.names).encode()).hexdigest()
-        return {"source": self.source, "package_sha256sums": self.package, "images": len(self.names),
+        return {"source": self.source.rstrip("/"), "package_sha256sums": self.package, "images": len(self.names),
                 "images_sha256": digest, "settings": asdict(self.settings)}
 
 

@@ -96,6 +96,17 @@ def test_a_folder_gives_the_detections_of_the_package_shard_by_shard_and_resumes
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 done already, 1 to run" in again.stderr
     assert lost.read_bytes() == before and (out / "results" / "shard-00000.json").stat().st_mtime_ns == kept
+    # a file that is no image stops nothing: listed with its error, counted, the other images predicted
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes((images / "sub").iterdir().__next__().read_bytes())
+    (broken / "b.png").write_bytes(b"not a png")
+    bad = _batch(str(broken), str(tmp_path / "out2"), "--package", str(serving_package), "--score-threshold", "0")
+    assert bad.returncode == 0, bad.stderr[-3000:]
+    assert "b.png: not a decodable image" in bad.stderr and '"failed_images": 1' in bad.stderr
+    listed, _ = _results(tmp_path / "out2")
+    assert [i["file_name"] for i in listed] == ["a.png", "b.png"]
+    assert "width" in listed[0] and "not a decodable image" in listed[1]["error"]
     # another setting is another run: refused, nothing touched
     other = _batch(str(images), str(out), "--package", str(serving_package), "--shard-size", "4")
     assert other.returncode == 2 and "holds another run's results (settings differ)" in other.stderr
