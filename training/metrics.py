@@ -13,6 +13,7 @@ import contextlib
 import copy
 import io
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -71,45 +72,95 @@ def coco_map(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, l
     return out
 
 
+CROWD = -2  # a prediction on a crowd region
+
+
+@dataclass
+class Matching:
+    """Every prediction of a split, matched once, in the order of the split's images and, within an image,
+    of descending score: its score, class, the class of the instance it found (0: none; CROWD: a crowd
+    region) and their mask IoU, its image and its index in that image's prediction; and, per image, the
+    non-crowd instances (indexes into `instances_of`) that nothing found."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    found: np.ndarray
+    iou: np.ndarray
+    images: np.ndarray
+    index: np.ndarray
+    missed: dict[int, list[int]]
+    instances_of: dict[int, list[dict[str, Any]]]
+
+    @property
+    def instances(self) -> int:
+        return sum(len(v) for v in self.instances_of.values())
+
+def match(gt: dict[str, Any], predictions: list[Prediction], label_map: LabelMap, iou_match: float,
+          class_aware: bool) -> Matching:
+    """The greedy matching of the mask IoU metric and the evaluation report: by descending score, each
+    prediction takes the unmatched non-crowd instance (of its class, when `class_aware`) of highest mask IoU
+    if that IoU reaches `iou_match`; one that takes none but covers a crowd region by `iou_match` is marked
+    CROWD (neither right nor wrong)."""
+    anns_of: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in gt["images"]}
+    for ann in gt["annotations"]:
+        anns_of[ann["image_id"]].append(ann)
+    by_image = {int(p["image_id"]): p for p in predictions}
+    rows: list[tuple[float, int, int, float, int, int]] = []
+    missed: dict[int, list[int]] = {}
+    instances_of: dict[int, list[dict[str, Any]]] = {}
+    for img in gt["images"]:
+        image_id, h, w = img["id"], img["height"], img["width"]
+        real = [a for a in anns_of[image_id] if not a.get("iscrowd", 0)]
+        crowd = [a for a in anns_of[image_id] if a.get("iscrowd", 0)]
+        instances_of[image_id] = real
+        gt_labels = np.asarray([label_map.label_of(a["category_id"]) for a in real], int)
+        pred = by_image.get(image_id)
+        order = np.argsort(-np.asarray(pred["scores"], float), kind="stable") if pred is not None else np.zeros(0, int)
+        taken = np.zeros(len(real), bool)
+        d = [segmentation_to_rle(pred["masks"][i], h, w) for i in order]
+        ious = (np.asarray(mask_util.iou(d, [segmentation_to_rle(a["segmentation"], h, w) for a in real], [0] * len(real)))
+                .reshape(len(d), len(real)) if d and real else np.zeros((len(d), 0)))
+        on_crowd = (np.asarray(mask_util.iou(d, [segmentation_to_rle(a["segmentation"], h, w) for a in crowd], [1] * len(crowd)))
+                    .reshape(len(d), len(crowd)).max(axis=1) >= iou_match if d and crowd else np.zeros(len(d), bool))
+        for row, i in enumerate(order):
+            label, hit, iou = int(pred["labels"][i]), 0, 0.0
+            if real:
+                cand = np.where(taken | ((gt_labels != label) if class_aware else False), -1.0, ious[row])
+                j = int(cand.argmax())
+                if cand[j] >= iou_match:
+                    taken[j] = True
+                    hit, iou = int(gt_labels[j]), float(cand[j])
+            if not hit and on_crowd[row]:
+                hit = CROWD
+            rows.append((float(pred["scores"][i]), label, hit, iou, image_id, int(i)))
+        missed[image_id] = [int(j) for j in np.flatnonzero(~taken)]
+    cols = list(zip(*rows)) if rows else [[]] * 6
+    return Matching(np.asarray(cols[0], float), np.asarray(cols[1], int), np.asarray(cols[2], int),
+                    np.asarray(cols[3], float), np.asarray(cols[4], int), np.asarray(cols[5], int), missed, instances_of)
+
+
+def above_threshold(predictions: list[Prediction], threshold: float) -> list[Prediction]:
+    """The predictions scoring at least `threshold`, image by image."""
+    out = []
+    for p in predictions:
+        keep = [i for i, s in enumerate(p["scores"]) if s >= threshold]
+        out.append({**p, "boxes": np.asarray(p["boxes"]).reshape(-1, 4)[keep], "scores": np.asarray(p["scores"])[keep],
+                    "labels": np.asarray(p["labels"])[keep], "masks": [p["masks"][i] for i in keep]})
+    return out
+
+
 def mask_iou(gt: dict[str, Any], predictions: list[Prediction], label_map: LabelMap,
              score_threshold: float = 0.5, iou_match: float = 0.5) -> dict[str, float]:
     """Mean mask IoU of matched instances, and the share of ground-truth instances matched.
 
-    Per image and class, predictions at or above `score_threshold` are matched greedily by descending
-    score to the unmatched non-crowd ground-truth instance of highest IoU, if that IoU >= `iou_match`.
-    `mask_iou` is the mean IoU over matched pairs (0.0 when nothing matches); `mask_recall` is
-    matched / ground-truth instances.
+    Predictions at or above `score_threshold` are matched by `match` (class-aware, greedy by descending
+    score, IoU >= `iou_match`). `mask_iou` is the mean IoU over matched pairs (0.0 when nothing matches);
+    `mask_recall` is matched / non-crowd ground-truth instances.
     """
-    sizes = {img["id"]: (img["height"], img["width"]) for img in gt["images"]}
-    gt_by_image: dict[int, list[dict[str, Any]]] = {}
-    for ann in gt["annotations"]:
-        if not ann.get("iscrowd", 0):
-            gt_by_image.setdefault(ann["image_id"], []).append(ann)
-    by_image = {int(p["image_id"]): p for p in predictions}
-    ious: list[float] = []
-    total = sum(len(v) for v in gt_by_image.values())
-    for image_id, anns in gt_by_image.items():
-        pred = by_image.get(image_id)
-        if pred is None or len(pred["scores"]) == 0:
-            continue
-        h, w = sizes[image_id]
-        for cat_id in {a["category_id"] for a in anns}:
-            g = [segmentation_to_rle(a["segmentation"], h, w) for a in anns if a["category_id"] == cat_id]
-            label = label_map.label_of(cat_id)
-            idx = [i for i in np.argsort(-np.asarray(pred["scores"]), kind="stable")
-                   if pred["labels"][i] == label and pred["scores"][i] >= score_threshold]
-            if not idx:
-                continue
-            d = [segmentation_to_rle(pred["masks"][i], h, w) for i in idx]
-            table = np.asarray(mask_util.iou(d, g, [0] * len(g))).reshape(len(d), len(g))
-            taken = np.zeros(len(g), bool)
-            for row in table:
-                cand = np.where(taken, -1.0, row)
-                j = int(cand.argmax())
-                if cand[j] >= iou_match:
-                    taken[j] = True
-                    ious.append(float(cand[j]))
-    return {"mask_iou": float(np.mean(ious)) if ious else 0.0, "mask_recall": len(ious) / total if total else 0.0}
+    m = match(gt, above_threshold(predictions, score_threshold), label_map, iou_match, class_aware=True)
+    ious = m.iou[m.found > 0]
+    total = m.instances
+    return {"mask_iou": float(ious.mean()) if ious.size else 0.0, "mask_recall": ious.size / total if total else 0.0}
 
 
 def evaluate_predictions(gt: dict[str, Any], predictions: list[Prediction], label_map: LabelMap,

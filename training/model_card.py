@@ -11,12 +11,15 @@ the intended use, and the limitations those numbers show.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from training.data.coco import CocoSplit
 from training.package import CARD_FILE, Package
+
+if TYPE_CHECKING:
+    from training.report import Report
 
 MAX_DESCRIPTION = 5000  # MLflow's model version description column (String(5000))
 WEAK_CLASS = 0.5  # a class whose AP is below this share of the mean is named as a limitation
@@ -51,7 +54,7 @@ class CardInputs:
 
 
 def card_inputs(package: Package, split: CocoSplit, stats: dict[str, Any], metrics: dict[str, float],
-                intervals: dict[str, tuple[float, float]], resamples: int, report: Any = None) -> CardInputs:
+                intervals: dict[str, tuple[float, float]], resamples: int, report: Report | None = None) -> CardInputs:
     """The inputs of `package`'s card, evaluated on the validation `split` (see `CardInputs`); `report`, the
     evaluation report's numbers (`training.report.Report`), adds its confusions and threshold sweep."""
     widths = [int(img["width"]) for img in split.coco["images"]] or [0]

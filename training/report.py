@@ -6,11 +6,9 @@ curves per class at IoU 0.5 and 0.75, AP by object size, a confusion matrix with
 the score threshold (precision, recall, F1), the images with the most errors with their false positives
 and misses drawn, and the candidate against the champion per class with the paired bootstrap's interval.
 
-Matching outside COCOeval (the confusion matrix, the sweep, the error counts) is the greedy one
-`training.metrics.mask_iou` uses: by descending score, each prediction takes the unmatched non-crowd
-instance of highest mask IoU if it reaches `iou_match`; a prediction on a crowd region is neither right nor
-wrong. Greedy by score means a prediction's fate depends only on higher-scored ones, so one matching serves
-every score threshold. The page has no script and loads nothing: charts are inline SVG, images data URIs.
+Matching outside COCOeval (the confusion matrix, the sweep, the error counts) is `training.metrics.match`,
+the one the mask IoU metric is computed with. Greedy by score means a prediction's fate depends only on
+higher-scored ones, so one matching serves every score threshold. The page has no script and loads nothing: charts are inline SVG, images data URIs.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from training.data.coco import CocoSplit
 from training.data.images import decode_image
 from training.data.labels import LabelMap
 from training.data.masks import Prediction, segmentation_to_rle
-from training.metrics import to_coco_results
+from training.metrics import CROWD, Matching, above_threshold, match, to_coco_results
 from training.visualize import draw_predictions
 
 log = logging.getLogger(__name__)
@@ -43,27 +41,7 @@ SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 WORST_IMAGES = 6
 THUMB_SIDE = 480
 SIZES = ("small", "medium", "large")  # COCO's area ranges: < 32^2, 32^2-96^2, > 96^2 pixels
-CROWD = -2  # a prediction on a crowd region
 
-
-@dataclass
-class Matching:
-    """Every prediction of a split, matched once, in the order of the split's images and, within an image,
-    of descending score: its score, class, the class of the instance it found (0: none; CROWD: a crowd
-    region), its image and its index in that image's prediction; and, per image, the non-crowd instances
-    (indexes into `instances_of`) that nothing found."""
-
-    scores: np.ndarray
-    labels: np.ndarray
-    found: np.ndarray
-    images: np.ndarray
-    index: np.ndarray
-    missed: dict[int, list[int]]
-    instances_of: dict[int, list[dict[str, Any]]]
-
-    @property
-    def instances(self) -> int:
-        return sum(len(v) for v in self.instances_of.values())
 
 @dataclass
 class Report:
@@ -127,46 +105,6 @@ def coco_analysis(gt: dict[str, Any], predictions: list[Prediction],
     return summary, per_class, curves
 
 
-def match(gt: dict[str, Any], predictions: list[Prediction], label_map: LabelMap, iou_match: float,
-          class_aware: bool) -> Matching:
-    """Greedy matching of every prediction (see the module); `class_aware`: only to instances of its class."""
-    anns_of: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in gt["images"]}
-    for ann in gt["annotations"]:
-        anns_of[ann["image_id"]].append(ann)
-    by_image = {int(p["image_id"]): p for p in predictions}
-    rows: list[tuple[float, int, int, int, int]] = []
-    missed: dict[int, list[int]] = {}
-    instances_of: dict[int, list[dict[str, Any]]] = {}
-    for img in gt["images"]:
-        image_id, h, w = img["id"], img["height"], img["width"]
-        real = [a for a in anns_of[image_id] if not a.get("iscrowd", 0)]
-        crowd = [a for a in anns_of[image_id] if a.get("iscrowd", 0)]
-        instances_of[image_id] = real
-        gt_labels = np.asarray([label_map.label_of(a["category_id"]) for a in real], int)
-        pred = by_image.get(image_id)
-        order = np.argsort(-np.asarray(pred["scores"], float), kind="stable") if pred is not None else np.zeros(0, int)
-        taken = np.zeros(len(real), bool)
-        d = [segmentation_to_rle(pred["masks"][i], h, w) for i in order]
-        ious = (np.asarray(mask_util.iou(d, [segmentation_to_rle(a["segmentation"], h, w) for a in real], [0] * len(real)))
-                .reshape(len(d), len(real)) if d and real else np.zeros((len(d), 0)))
-        on_crowd = (np.asarray(mask_util.iou(d, [segmentation_to_rle(a["segmentation"], h, w) for a in crowd], [1] * len(crowd)))
-                    .reshape(len(d), len(crowd)).max(axis=1) >= iou_match if d and crowd else np.zeros(len(d), bool))
-        for row, i in enumerate(order):
-            label, hit = int(pred["labels"][i]), 0
-            if real:
-                cand = np.where(taken | ((gt_labels != label) if class_aware else False), -1.0, ious[row])
-                j = int(cand.argmax())
-                if cand[j] >= iou_match:
-                    taken[j] = True
-                    hit = int(gt_labels[j])
-            if not hit and on_crowd[row]:
-                hit = CROWD
-            rows.append((float(pred["scores"][i]), label, hit, image_id, int(i)))
-        missed[image_id] = [int(j) for j in np.flatnonzero(~taken)]
-    cols = list(zip(*rows)) if rows else [[], [], [], [], []]
-    return Matching(np.asarray(cols[0], float), *(np.asarray(c, int) for c in cols[1:]), missed, instances_of)
-
-
 def confusion_matrix(gt: dict[str, Any], predictions: list[Prediction], label_map: LabelMap, score_threshold: float,
                      iou_match: float) -> np.ndarray:
     """(K+1) x (K+1) counts at `score_threshold`: [true class, predicted class] for predictions that found an
@@ -174,22 +112,13 @@ def confusion_matrix(gt: dict[str, Any], predictions: list[Prediction], label_ma
     instances nothing found. Predictions on crowd regions are not counted."""
     k = len(label_map.category_ids)
     out = np.zeros((k + 1, k + 1), np.int64)
-    m = match(gt, _above(predictions, score_threshold), label_map, iou_match, class_aware=False)
+    m = match(gt, above_threshold(predictions, score_threshold), label_map, iou_match, class_aware=False)
     for label, hit in zip(m.labels, m.found):
         if hit != CROWD:
             out[(hit - 1) if hit else k, label - 1] += 1
     for image_id, indexes in m.missed.items():
         for j in indexes:
             out[label_map.label_of(m.instances_of[image_id][j]["category_id"]) - 1, k] += 1
-    return out
-
-
-def _above(predictions: list[Prediction], threshold: float) -> list[Prediction]:
-    out = []
-    for p in predictions:
-        keep = [i for i, s in enumerate(p["scores"]) if s >= threshold]
-        out.append({**p, "boxes": np.asarray(p["boxes"]).reshape(-1, 4)[keep], "scores": np.asarray(p["scores"])[keep],
-                    "labels": np.asarray(p["labels"])[keep], "masks": [p["masks"][i] for i in keep]})
     return out
 
 
@@ -214,7 +143,7 @@ def build_report(split: CocoSplit, predictions: list[Prediction], score_threshol
     """The report of `predictions` on `split`; `champion`: (its version, its predictions on the same split)."""
     gt, label_map = split.coco, split.label_map
     summary, per_class, curves = coco_analysis(gt, predictions, label_map)
-    kept = _above(predictions, score_threshold)
+    kept = above_threshold(predictions, score_threshold)
     aware = match(gt, kept, label_map, iou_match, class_aware=True)
     errors = []
     for image_id, misses in aware.missed.items():

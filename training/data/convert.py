@@ -11,6 +11,7 @@ these formats directly with `data.format` (`--data-format` on the command line).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,7 +60,7 @@ def convert(fmt: str, src: str | Path, out: str | Path, options: dict[str, Any] 
         staged.rename(out)
     log.info("%s (%s) -> %s: %d images, %d instances, categories %s", src, fmt, out, len(split.coco["images"]),
              len(split.coco["annotations"]), split.label_map.names)
-    return load_coco(out, max_pixels=options["max_pixels"], check_images=False)
+    return dataclasses.replace(split, root=out, annotation_file=out / split.annotation_file.relative_to(staged))
 
 
 def source_key(fmt: str, src: Path, options: dict[str, Any]) -> str:

@@ -60,7 +60,6 @@ class Sample:
     width: int
     height: int
     instances: list[Instance] = field(default_factory=list)
-    where: str = ""
 
 
 @dataclass
@@ -138,7 +137,7 @@ def sized_sample(image: Path, file_name: str, where: str, imported: Imported, de
     if declared is not None and declared != (None, None) and tuple(declared) != (w, h):
         imported.problems.append(f"{where}: the annotation says {declared[0]}x{declared[1]}, the image file is {w}x{h}")
         return None
-    return Sample(image, file_name, w, h, where=where)
+    return Sample(image, file_name, w, h)
 
 
 def check_polygon(points: Any, where: str, scale: tuple[float, float] = (1.0, 1.0)) -> tuple[list[float] | None, str | None]:
