@@ -43,11 +43,23 @@ def write_private(path: Path, text: str) -> Path:
     return path
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port that is free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port that is free on 127.0.0.1 right now and not handed out before by this process.
+
+    The kernel may give the same ephemeral port to two binds in a row when nothing holds the first: two
+    components started with those ports then collide (Ray refused a node whose node manager and agent
+    drew the same one, in CI). So each port is handed out once per process."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise StackError("no free port on 127.0.0.1 that was not handed out already (1000 tries)")
 
 
 def require_binary(name: str, hint: str, search: list[Path] | None = None) -> str:

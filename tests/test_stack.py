@@ -166,6 +166,14 @@ def test_stack_data_survives_down_and_up(mlflow_stack, tmp_path):
     assert Path(local).read_text() == "kept"
 
 
+def test_free_port_never_hands_out_a_port_twice():
+    """Nothing holds a drawn port until its server binds it, so the kernel may draw it again: 300 draws
+    over the ~28000 ephemeral ports repeat one with probability ~0.8 (CI: a Ray node manager and agent
+    drew the same port and Ray refused the node)."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == 300 and all(port_is_free(p) for p in ports[:20])
+
+
 def test_up_refuses_a_taken_port(tmp_path):
     import socket
 
