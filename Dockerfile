@@ -1,19 +1,24 @@
-# The image every pipeline step, every Ray node and the KServe predictor runs: the locked environment
-# and this project, as uid 1000.
-#   podman build -t REGION-docker.pkg.dev/PROJECT/maskrcnn/platform:TAG .      (or docker build)
-# Its Python (first on PATH) has kfp, so it is the base image of the KFP components
-# (`uv run -m pipelines.compile --image ...`), Ray's image for a KubeRay cluster (ray/) and the
-# ServingRuntime's image (deployment/). `uv run -m devstack image` builds it offline from a Debian base.
+# Two images from one Dockerfile, both as uid 1000:
+#
+# - `platform` (the default, last stage): the locked environment and this project. Every pipeline step
+#   and every Ray node runs it. Its Python, first on PATH, has kfp, so it is the base image of the KFP
+#   components (`uv run -m pipelines.compile --image ...`) and Ray's image for a KubeRay cluster (ray/).
+#     podman build --target platform -t REGION-docker.pkg.dev/PROJECT/maskrcnn/platform:TAG .
+# - `serving`: the KServe predictor and nothing else. It has ONNX Runtime and no torch or CUDA libraries,
+#   and serves packages that have a graph (`detector.onnx`). It refuses a package without one and names
+#   the platform image, which serves it eagerly. This is the ServingRuntime's image (deployment/).
+#     podman build --target serving -t REGION-docker.pkg.dev/PROJECT/maskrcnn/serving:TAG .
+#
+# `uv run -m devstack image` builds both offline from a Debian base.
 #
 # Build arguments:
 #   BASE        any image with Python 3.11 or 3.12 as `python3` and a CA bundle (default: the public slim image)
 #   UV_VERSION  uv, installed from PyPI
 #   GIT_COMMIT  recorded on every MLflow run and package made in the image (there is no .git inside)
 ARG BASE=python:3.11.11-slim-bookworm
-FROM ${BASE}
-ARG UV_VERSION=0.13.9
-ARG GIT_COMMIT=""
 
+FROM ${BASE} AS tools
+ARG UV_VERSION=0.13.9
 # The system CA bundle for pip and uv (behind a TLS-inspecting proxy, mount the host's at build time).
 RUN python3 -m venv /opt/uv \
     && /opt/uv/bin/pip install --quiet --no-cache-dir --cert /etc/ssl/certs/ca-certificates.crt "uv==${UV_VERSION}" \
@@ -21,6 +26,35 @@ RUN python3 -m venv /opt/uv \
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/opt/venv UV_PYTHON_DOWNLOADS=never \
     UV_SYSTEM_CERTS=1 PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
 
+# The serving environment: serving/requirements.in at the versions uv.lock pins (the lock exported as
+# constraints), so that both images run the same onnxruntime, kserve and numpy.
+FROM tools AS serving-env
+WORKDIR /build
+COPY pyproject.toml uv.lock serving/requirements.in ./
+RUN --mount=type=cache,id=maskrcnn-uv,target=/root/.cache/uv \
+    uv export --locked --no-dev --no-hashes --no-emit-project --format requirements-txt --output-file locked.txt --quiet \
+    && uv venv --quiet /opt/venv \
+    && uv pip install --quiet --python /opt/venv/bin/python --requirements requirements.in --constraints locked.txt \
+    && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch reached the serving image" >&2; exit 1; fi
+
+FROM ${BASE} AS serving
+ARG GIT_COMMIT=""
+COPY --from=serving-env /opt/venv /opt/venv
+# Only what the predictor imports: serving/ and the package reader, pre- and post-processing from training/.
+COPY training /app/training
+COPY serving /app/serving
+RUN useradd --create-home --home-dir /home/app --uid 1000 --user-group app && mkdir -p /work && chown 1000:1000 /work
+USER 1000:1000
+WORKDIR /work
+# The platform image named in the refusal of a package without a graph.
+ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONUNBUFFERED=1 HOME=/home/app \
+    MASKRCNN_CACHE=/tmp/maskrcnn-serving MASKRCNN_GIT_COMMIT=${GIT_COMMIT} \
+    MASKRCNN_EAGER_IMAGE="the platform image (REGION-docker.pkg.dev/PROJECT/maskrcnn/platform, the Dockerfile's platform target)"
+CMD ["python", "-m", "serving"]
+
+# The platform image: the whole locked environment and the project.
+FROM tools AS platform
+ARG GIT_COMMIT=""
 WORKDIR /app
 # Dependencies first (cached while only the code changes), then the project itself (not devstack/:
 # development infrastructure has no place in the production image). uv's cache stays out of the layers.

@@ -44,18 +44,22 @@ class ShardRunner:
             folder = Path(tmp)
             for name, data in files.items():
                 (folder / name).write_bytes(data)
-            package = open_package(folder)
+            package = open_package(folder, weights=None)  # the weights (torch) only when there is no graph
         self.source, self.output, self.settings = source, output, Settings(**settings)
         self.label_map, self.mask_threshold = package.label_map, package.config.eval.mask_threshold
-        self.model = package.build_model()
-        self.graph = OnnxDetector(package.graph, threads) if package.graph is not None else None
-        import torch
-
-        torch.set_num_threads(1 if self.graph is not None else threads)
-        if self.graph is not None:
-            problem = package.probe.mismatch(self.graph.run, 600.0)
+        self.sizes = package.config.model.min_size, package.config.model.max_size
+        if package.graph is not None:
+            self.network = OnnxDetector(package.graph, threads).run
+            problem = package.probe.mismatch(self.network, 600.0)
             if problem:
                 raise PackageError(f"the network does not answer the package's probe as its weights did: {problem}")
+        else:
+            import torch
+
+            from training.onnx_detector import eager_runner
+
+            torch.set_num_threads(threads)
+            self.network = eager_runner(package.build_model())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.run(Shard(int(i), list(names), int(first)))
@@ -63,8 +67,8 @@ class ShardRunner:
         return {key: np.asarray([r[key] for r in rows]) for key in rows[0]}
 
     def run(self, shard: Shard) -> dict[str, Any]:
-        from training.data.images import decode_image, to_tensor
-        from training.inference import detect
+        from training.data.images import decode_image
+        from training.transform import detect
         from training.metrics import to_coco_results
 
         from training.data.images import ImageError
@@ -81,8 +85,8 @@ class ShardRunner:
                 images.append({"id": image_id, "file_name": name, "error": str(exc)})
                 failed += 1
                 continue
-            (pred,) = detect(self.model, [to_tensor(pixels)], self.mask_threshold, self.settings.score_threshold,
-                             self.settings.max_detections, graph=self.graph)
+            pred = detect(self.network, pixels, *self.sizes, self.mask_threshold, self.settings.score_threshold,
+                          self.settings.max_detections)
             pred["image_id"] = image_id
             images.append({"id": image_id, "file_name": name, "width": int(pixels.shape[1]), "height": int(pixels.shape[0])})
             records = to_coco_results([pred], self.label_map)

@@ -2,7 +2,7 @@
 predictor, over the same images, on the same threads, in one run.
 
 - plain loop: one process, the package's graph in ONNX Runtime (THREADS threads) with the pre- and
-  post-processing of `training.inference.detect`, image after image: the compute a batch job cannot beat;
+  post-processing of `training.transform.detect`, image after image: the compute a batch job cannot beat;
 - batch: `python -m batch` (a local Ray, one actor of THREADS threads, shards of 16): images/s of its
   actor on the shards (reading, inference, writing the results; the steady state of a long run), over its
   run (the actor's start, package check and probe included), and over its wall time with Ray's start-up;
@@ -40,20 +40,17 @@ log = logging.getLogger("benchmarks.batch")
 
 def plain_loop(package_dir: Path, files: list[Path], threads: int) -> float:
     """Images/s of the package's graph over `files`, one after another, in this process."""
-    import torch
-
-    from training.data.images import decode_image, to_tensor
+    from training.data.images import decode_image
     from training.graph import OnnxDetector
-    from training.inference import detect
     from training.package import open_package
+    from training.transform import detect
 
-    package = open_package(package_dir)
-    model, graph = package.build_model(), OnnxDetector(package.graph, threads)
-    torch.set_num_threads(1)
-    detect(model, [to_tensor(decode_image(files[0]))], 0.5, 0.05, 100, graph=graph)  # warm-up
+    package = open_package(package_dir, weights=False)
+    run, sizes = OnnxDetector(package.graph, threads).run, (package.config.model.min_size, package.config.model.max_size)
+    detect(run, decode_image(files[0]), *sizes, 0.5, 0.05, 100)  # warm-up
     began = time.perf_counter()
     for path in files:
-        detect(model, [to_tensor(decode_image(path))], package.config.eval.mask_threshold, 0.05, 100, graph=graph)
+        detect(run, decode_image(path), *sizes, package.config.eval.mask_threshold, 0.05, 100)
     return len(files) / (time.perf_counter() - began)
 
 

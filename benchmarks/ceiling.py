@@ -97,7 +97,11 @@ def onnx_inference_seconds(model, image, threads: int, repeats: int) -> float:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return timed(lambda: graph(model.transform([image])[0]), repeats)
+        from training.model import input_sizes
+        from training.transform import preprocess
+
+        pixels = image.permute(1, 2, 0).cpu().numpy()
+        return timed(lambda: graph.run(*preprocess(pixels, *input_sizes(model))), repeats)
     finally:
         torch.set_num_threads(before)
 

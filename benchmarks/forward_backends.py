@@ -1,7 +1,7 @@
 """The predictor's forward pass on CPU: eager PyTorch against in-process alternatives, speed and mAP.
 
-For one trained serving package, each backend is timed on the same threads with `training.inference.detect`
-(the predictor's own inference and post-processing, at the package's score threshold) on validation images
+For one trained serving package, each backend is timed on the same threads with `training.transform.detect`
+(the predictor's own pre-processing, network and post-processing, at the package's score threshold) on validation images
 resized to each `--sizes` square, and scored (segm/bbox mAP) on the validation split at its native size.
 A backend is a candidate only if its segm mAP is within 0.005 of eager.
 
@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from training.data.prepare import prepare_data
-from training.inference import detect
+from training.model import input_sizes
+from training.onnx_detector import eager_runner
+from training.transform import detect
 from training.evaluate import evaluate_model
 from training.package import open_package
 from training.logs import setup_logging
@@ -79,12 +81,9 @@ class OpenVinoDetector:
         self.precision = self.model.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.request = self.model.create_infer_request()
 
-    def __call__(self, batch):
-        out = []
-        for i, size in enumerate(batch.image_sizes):
-            result = self.request.infer({"images": batch.tensors[i:i + 1].numpy(), "image_size": np.asarray(size, dtype=np.int64)})
-            out.append({n: torch.from_numpy(np.array(result[self.model.output(n)])) for n in OUTPUTS})
-        return out
+    def run(self, images: np.ndarray, image_size: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, ...]:
+        result = self.request.infer({"images": images, "image_size": np.asarray(image_size, dtype=np.int64)})
+        return tuple(np.array(result[self.model.output(n)]) for n in OUTPUTS)
 
 
 def graph_backends(package: str, threads: int) -> dict[str, Callable[[], object]]:
@@ -114,15 +113,24 @@ def empty_image_errors(model, graph, count: int = 30) -> str:
             (expected,), _ = model.roi_heads(features, model.rpn(batch, features)[0], batch.image_sizes)
         if len(expected["scores"]) == 0:
             empty += 1
-            errors += len(graph(batch)[0]["scores"])
+            errors += len(_graph_run(graph, batch)[2])
     return f"{errors}/{empty}"
+
+
+def _graph_run(graph, batch) -> tuple[np.ndarray, ...]:
+    return graph.run(batch.tensors[:1].numpy(), np.asarray(batch.image_sizes[0], np.int64))
+
+
+def _detect(model, graph, image: torch.Tensor, mask_threshold: float, threshold: float):
+    network = graph.run if graph is not None else eager_runner(model)
+    return detect(network, image.permute(1, 2, 0).numpy(), *input_sizes(model), mask_threshold, threshold)
 
 
 @torch.inference_mode()
 def network(model, graph, image: torch.Tensor) -> None:
     batch, _ = model.transform([image])
     if graph is not None:
-        graph(batch)
+        _graph_run(graph, batch)
         return
     features = model.backbone(batch.tensors)
     proposals, _ = model.rpn(batch, features)
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, make in BACKENDS.items():
         started = time.perf_counter()
         model = make(copy.deepcopy(base))
-        detect(model, images[args.sizes[0]][:1], mask_threshold, threshold)  # compiles, for torch.compile
+        _detect(model, None, images[args.sizes[0]][0], mask_threshold, threshold)  # compiles, for torch.compile
         backends.append((name, model, None, args.threads, time.perf_counter() - started))
     for name, make_graph in graph_backends(args.package, args.threads).items():
         started = time.perf_counter()
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             for size, batch in images.items():
                 timings.setdefault((name, "network", size), []).append(median_ms(lambda i: network(model, graph, i), batch))
                 timings.setdefault((name, "detect", size), []).append(
-                    median_ms(lambda i: detect(model, [i], mask_threshold, threshold, graph=graph), batch))
+                    median_ms(lambda i: _detect(model, graph, i, mask_threshold, threshold), batch))
     rows = []
     for name, model, graph, threads, setup_s in backends:
         torch.set_num_threads(threads)

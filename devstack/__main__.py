@@ -20,7 +20,7 @@ log = logging.getLogger("devstack")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "status", "env", "image", "rehearse", "monitoring"])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "image", "serving-image", "rehearse", "monitoring"])
     parser.add_argument("--dir", type=Path, default=None, help="stack folder (default $MASKRCNN_STACK_DIR or ./.stack)")
     defaults = Ports()
     parser.add_argument("--postgres-port", type=int, help=f"first `up` only (default {defaults.postgres})")
@@ -47,12 +47,13 @@ def main(argv: list[str] | None = None) -> int:
                                 ("mlflow", args.mlflow_port)) if v is not None}
     stack = LocalStack(args.dir, Ports(**given) if given else None)
     try:
-        if args.command == "image":
+        if args.command in ("image", "serving-image"):
             from devstack.podman import Podman
             from training.tracking import git_commit
 
             podman = Podman(args.work.resolve() / "podman")
-            tag, seconds = podman.build(git_commit=git_commit())
+            build = podman.build if args.command == "image" else podman.build_serving
+            tag, seconds = build(git_commit=git_commit())
             log.info("%s: %s, %.2f GB", tag, f"built in {seconds:.0f} s" if seconds else "up to date", podman.size(tag) / 1e9)
             print(tag)
         elif args.command == "rehearse":

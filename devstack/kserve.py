@@ -27,13 +27,13 @@ def initialize_storage(podman: Podman, initializer: str, uri: str, volume: Path,
 
 
 def start_predictor(podman: Podman, image: str, volume: Path, port: int, timeout: float = 180,
-                    cpus: float | None = None, public_keys: Path | None = None) -> str:
+                    cpus: float | None = None, public_keys: Path | None = None, interval: float = 0.5) -> str:
     """Start the predictor container on `volume` (read-only at /mnt/models) and wait until it is ready;
     returns its name. `cpus`: a CPU limit, as a pod's `resources.limits.cpu`; `public_keys`: a folder of
     trusted signing keys, mounted as the ServingRuntime mounts its ConfigMap. Raises StackError, with its
     log, if it exits or is not ready in time."""
     name = f"maskrcnn-predictor-{port}"
-    # /tmp: the pod's memory emptyDir (torchvision's import needs a temporary folder)
+    # /tmp: the pod's memory emptyDir (the package cache; the platform image's torchvision needs one too)
     limit = ("--cpus", str(cpus)) if cpus else ()
     keys = (("--volume", f"{public_keys}:{PUBLIC_KEYS_MOUNT}:ro"), ("--public-keys", PUBLIC_KEYS_MOUNT)) if public_keys \
         else ((), ())
@@ -50,7 +50,7 @@ def start_predictor(podman: Podman, image: str, volume: Path, port: int, timeout
             return None
 
     try:
-        return poll_until(ready, timeout=timeout, interval=0.5, what=f"the predictor {name}")
+        return poll_until(ready, timeout=timeout, interval=interval, what=f"the predictor {name}")
     except (StackError, WaitTimeout) as exc:
         logs = podman.logs(name)
         podman("rm", "-f", "-t", "0", name, check=False)

@@ -26,7 +26,10 @@ log = logging.getLogger("devstack")
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "localhost/debian-python:bookworm"
 IMAGE_REPO = "localhost/maskrcnn-platform"
-CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "training", "release", "pipelines", "serving")
+CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "training", "release", "pipelines", "serving", "batch")
+SERVING_REPO = "localhost/maskrcnn-serving"
+SERVING_CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "training", "serving")
+"""What the Dockerfile's `serving` target reads: its tag changes only when these do."""
 INITIALIZER_DIR = Path(__file__).resolve().parent / "storage_initializer"
 INITIALIZER_REPO = "localhost/kserve-storage-initializer"
 CA_BUNDLE = Path("/etc/ssl/certs")
@@ -93,20 +96,27 @@ class Podman:
         return tag
 
     def build(self, base: str | None = None, tag: str | None = None, git_commit: str = "") -> tuple[str, float]:
-        """Build the project's Dockerfile (reused when the context is unchanged). Returns (tag, seconds spent)."""
+        """Build the project's platform image (the Dockerfile's `platform` target; reused when the context is
+        unchanged). Returns (tag, seconds spent)."""
         tag = tag or f"{IMAGE_REPO}:ctx-{context_hash(ROOT, CONTEXT)}"
-        return tag, self._build(ROOT, tag, base, {"GIT_COMMIT": git_commit})
+        return tag, self._build(ROOT, tag, base, {"GIT_COMMIT": git_commit}, target="platform")
+
+    def build_serving(self, base: str | None = None, git_commit: str = "") -> tuple[str, float]:
+        """Build the lean serving image (the Dockerfile's `serving` target: ONNX Runtime, no torch).
+        Returns (tag, seconds spent)."""
+        tag = f"{SERVING_REPO}:ctx-{context_hash(ROOT, SERVING_CONTEXT)}"
+        return tag, self._build(ROOT, tag, base, {"GIT_COMMIT": git_commit}, target="serving")
 
     def build_storage_initializer(self, base: str | None = None) -> tuple[str, float]:
         """KServe's storage initializer (kserve-storage from PyPI) as an image of its own, like KServe ships it."""
         tag = f"{INITIALIZER_REPO}:ctx-{context_hash(INITIALIZER_DIR, ('Dockerfile', 'entrypoint.py'))}"
         return tag, self._build(INITIALIZER_DIR, tag, base, {})
 
-    def _build(self, context: Path, tag: str, base: str | None, build_args: dict[str, str]) -> float:
+    def _build(self, context: Path, tag: str, base: str | None, build_args: dict[str, str], target: str = "") -> float:
         if self.image_exists(tag):
             return 0.0
         base = base or self.base()
-        args = ["build", "--build-arg", f"BASE={base}", "--tag", tag]
+        args = ["build", "--build-arg", f"BASE={base}", "--tag", tag, *(("--target", target) if target else ())]
         for key, value in build_args.items():
             args += ["--build-arg", f"{key}={value}"]
         if CA_BUNDLE.is_dir():  # the host's bundle (a TLS-inspecting proxy's CA included) for pip and uv

@@ -50,8 +50,9 @@ def rehearse(stack: LocalStack, work: Path, port: int = 0, model_name: str = "ma
     from training.tracking import git_commit
 
     image, timings["build image"] = podman.build(git_commit=git_commit())
+    serving, timings["build serving image"] = podman.build_serving(git_commit=git_commit())
     initializer, timings["build initializer"] = podman.build_storage_initializer()
-    log.info("image %s (%.2f GB)", image, podman.size(image) / 1e9)
+    log.info("images %s (%.2f GB), %s (%.2f GB)", image, podman.size(image) / 1e9, serving, podman.size(serving) / 1e9)
 
     start = time.monotonic()
     nodes = RayNodes(podman, image, env={k: v for k, v in env.items() if k.startswith("AWS_")}).start(workers=1)
@@ -92,7 +93,7 @@ def rehearse(stack: LocalStack, work: Path, port: int = 0, model_name: str = "ma
     if done.returncode != 0:
         raise StackError(f"the storage initializer failed on {uri}:\n{done.stderr[-3000:]}")
     port = port or free_port()
-    container = start_predictor(podman, image, volume, port, public_keys=keys / "public")  # verifies the signature
+    container = start_predictor(podman, serving, volume, port, public_keys=keys / "public")  # verifies the signature
     timings["serve"] = time.monotonic() - start
     log.info("champion v%s (%s, signed by key %s) is served at http://127.0.0.1:%d/ui (stop: podman rm -f %s)",
              champion.version, uri, signer, port, container)

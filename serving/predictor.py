@@ -9,11 +9,12 @@ Requests (images as base64; JPG, PNG or TIFF):
 Each image's result: `{"width", "height", "model_version", "detections": [{"label", "category_id",
 "score", "box": [x0, y0, x1, y1], "mask": COCO RLE}]}`, plus `overlay_png` (base64 PNG) when asked.
 V2 returns the same JSON, one string per image, in the BYTES output `detections`.
-Decoding, pre-processing (`training.data.images`) and post-processing (`training.inference.postprocess`,
-with the mask threshold from the package's config) are training's own, not copies.
+Decoding (`training.data.images`), pre- and post-processing (`training.transform`, with the mask threshold
+from the package's config) are evaluation's own, not copies.
 
 The network runs in ONNX Runtime when the package has `detector.onnx` (backend `auto`, the default, or
-`onnxruntime`, which refuses a package without it), else in eager PyTorch (`eager`). The package is read
+`onnxruntime`, which refuses a package without it), else in eager PyTorch (`eager`). With the graph, torch
+is never imported: the lean serving image (the Dockerfile's `serving` target) has none. The package is read
 through `training.package.open_package` and is served only when the network answers its probe as the
 weights did when it was exported (and, with public keys configured, only when it is signed by one).
 A label outside the package's label map is a model failure (500), never some class.
@@ -38,7 +39,6 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, get_args
 
 import numpy as np
-import torch
 from kserve import Model
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
@@ -49,8 +49,8 @@ from serving.limits import ServingLimits
 from serving.observe import ModelMetrics
 from training.reference import MAX_DETECTIONS, SCORE_THRESHOLD
 from training.data.labels import LabelError
-from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_tensor
-from training.inference import MASK_BUDGET_BYTES, detect
+from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from training.transform import MASK_BUDGET_BYTES, Network, detect
 from training.graph import DEVICES, GraphError, OnnxDetector
 from training.package import PackageError, open_package
 from training.signature import load_public_keys
@@ -96,9 +96,9 @@ class MaskRCNNPredictor(Model):
         self.probe_timeout_s = probe_timeout_s
         self.forward_limit_s = forward_limit_s  # the watchdog's: see `forward_seconds` and serving.app's Health
         self._forward_started: float | None = None  # monotonic time the running forward pass began
-        self.model: torch.nn.Module | None = None
+        self.network: Network | None = None  # the graph's or the eager model's run (training.transform.Network)
         self.graph: OnnxDetector | None = None
-        self.torch_threads = 1
+        self.torch_threads: int | None = None
         self.version = ""
         self.signer = ""
         self._lock = threading.Lock()  # one forward pass at a time: they use every core already
@@ -111,31 +111,34 @@ class MaskRCNNPredictor(Model):
         """Read and verify the package (checksums, limits, signature when keys are configured), build the
         network, and run it on the package's probe: ready only when it answers as the weights did at export."""
         cache = Path(os.environ.get("MASKRCNN_CACHE", "/tmp/maskrcnn-serving"))
-        package = open_package(self.model_dir, public_keys=self.public_keys, cache_dir=cache)  # raises PackageError
+        # the weights (torch) only for the eager network: with a graph, torch is never imported
+        package = open_package(self.model_dir, public_keys=self.public_keys, cache_dir=cache,
+                               weights=True if self.backend == "eager" else None)  # raises PackageError
         self.config, self.label_map = package.config, package.label_map
         self.mask_threshold = self.config.eval.mask_threshold  # the threshold the model was evaluated with
         self.version, self.signer = package.version, package.signer
-        model = package.build_model()
         cores = self.threads or cpu_budget()
         if self.backend == "onnxruntime" and package.graph is None:
             raise PackageError(f"{self.model_dir}: backend onnxruntime needs the package's detector.onnx, and it has "
                                f"none (re-export it with `uv run -m training.export`, or serve with backend eager)")
         graph = OnnxDetector(package.graph, cores, self.device) if self.backend != "eager" and package.graph is not None else None
-        if graph is None:
+        if graph is not None:
+            network: Network = graph.run
+        else:
             from training.onnx_detector import eager_runner  # the eager network (torch); the graph needs none
+
+            network = eager_runner(package.build_model())
         try:
-            with _torch_threads(1 if graph is not None else cores):
-                problem = package.probe.mismatch(graph.run if graph is not None else eager_runner(model), self.probe_timeout_s)
+            with _torch_threads(None if graph is not None else cores):
+                problem = package.probe.mismatch(network, self.probe_timeout_s)
         except GraphError as exc:
             problem = str(exc)
         if problem:
             raise PackageError(f"{self.model_dir}: the network does not answer the package's probe as its weights "
                                f"did at export, so it is not served: {problem}")
         self.metrics = ModelMetrics(self.version, self.label_map.names, package.reference)  # before the model: infer needs both
-        self.model, self.graph = model, graph
-        # With the graph, PyTorch only resizes and pastes masks: one thread, so that its idle OpenMP
-        # workers do not spin against ONNX Runtime's on the same cores (set per forward pass, in `infer`).
-        self.torch_threads = 1 if self.graph is not None else cores
+        self.network, self.graph = network, graph
+        self.torch_threads = None if self.graph is not None else cores  # set per forward pass, in `infer`
         self.ready = True
         log.info("model %s ready: version %s, classes %s, network on %s, probe matched, %s", self.name,
                  self.version or "?", self.label_map.names,
@@ -284,7 +287,7 @@ class MaskRCNNPredictor(Model):
 
     def infer(self, images: list[np.ndarray], threshold: float, max_det: int, overlay: bool) -> list[dict[str, Any]]:
         """Detections for decoded RGB images (the same code path for both protocols and the web page)."""
-        if self.model is None or self.metrics is None:
+        if self.network is None or self.metrics is None:
             raise InferenceError("model is not loaded")
         results = []
         for img in images:
@@ -294,8 +297,8 @@ class MaskRCNNPredictor(Model):
                     start = time.perf_counter()
                     self._forward_started = time.monotonic()
                     try:
-                        (pred,) = detect(self.model, [to_tensor(img)], self.mask_threshold, threshold, max_det,
-                                         self.mask_budget_bytes, self.graph)
+                        pred = detect(self.network, img, self.config.model.min_size, self.config.model.max_size,
+                                      self.mask_threshold, threshold, max_det, self.mask_budget_bytes)
                     finally:
                         self._forward_started = None
                     self.last_forward_seconds = time.perf_counter() - start
@@ -397,8 +400,13 @@ def _cgroup_cpu_quota(cgroup: Path) -> float | None:
 
 
 @contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """PyTorch's intra-op threads for this block, restored after it."""
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """PyTorch's intra-op threads for this block, restored after it (None: torch is not used)."""
+    if count is None:
+        yield
+        return
+    import torch
+
     before = torch.get_num_threads()
     if count != before:
         torch.set_num_threads(count)

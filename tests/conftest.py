@@ -366,6 +366,20 @@ def platform_image(podman) -> str:
 
 
 @pytest.fixture(scope="session")
+def serving_image(podman) -> str:
+    """The lean serving image (the Dockerfile's `serving` target: ONNX Runtime, no torch), built as
+    `platform_image` is; its build time and size go to the test log."""
+    import logging
+
+    from training.tracking import git_commit
+
+    tag, seconds = podman.build_serving(git_commit=git_commit())
+    logging.getLogger("tests").warning("image %s: built in %.0f s (0: reused), %.2f GB", tag, seconds,
+                                       podman.size(tag) / 1e9)
+    return tag
+
+
+@pytest.fixture(scope="session")
 def initializer_image(podman) -> str:
     """KServe's storage initializer (kserve-storage from PyPI) as its own image."""
     return podman.build_storage_initializer()[0]

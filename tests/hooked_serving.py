@@ -29,17 +29,17 @@ _detect = predictor.detect
 FAULT = os.environ.get("HOOK_FAULT", "")
 
 
-def hooked_detect(model, images, *args, **kwargs):
+def hooked_detect(network, image, *args, **kwargs):
     if FAULT == "error":
         raise RuntimeError("HOOK_FAULT=error: the forward pass failed")
     if FAULT.startswith("slow:"):
         time.sleep(float(FAULT.split(":", 1)[1]))
-    width = images[0].shape[-1]
+    width = image.shape[1]  # HxWx3
     if width == STUCK_WIDTH:
         threading.Event().wait()  # never returns
     if width == SLOW_WIDTH:
         time.sleep(HOOK_SLOW_S)
-    return _detect(model, images, *args, **kwargs)
+    return _detect(network, image, *args, **kwargs)
 
 
 predictor.detect = hooked_detect

@@ -117,7 +117,7 @@ class IsvcController:
                 "metadata": {"name": self.predictor, "namespace": self.namespace},
                 "spec": {"replicas": 1, "selector": {"matchLabels": {"app": self.predictor}},
                          "template": {"metadata": {"labels": {"app": self.predictor}, "annotations": {SOURCE_URI: uri}},
-                                      "spec": {"containers": [{"name": "kserve-container", "image": "maskrcnn-platform:0.1.0"}]}}}}
+                                      "spec": {"containers": [{"name": "kserve-container", "image": "maskrcnn-serving:0.1.0"}]}}}}
 
     def _deployment_status(self, generation: int, ready: bool, failed: bool = False, observed: int | None = None) -> None:
         """What Kubernetes' Deployment controller reports (written through the status subresource)."""

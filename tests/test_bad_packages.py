@@ -264,7 +264,7 @@ def test_a_hostile_package_is_refused_and_never_served(copy, case, plant, rule):
     predictor = MaskRCNNPredictor("maskrcnn", str(copy))
     with pytest.raises(PackageError, match=rule):
         predictor.load()
-    assert not predictor.ready and predictor.model is None and predictor.graph is None
+    assert not predictor.ready and predictor.network is None and predictor.graph is None
 
 
 def test_a_graph_that_never_returns_is_stopped_and_refused(copy):
@@ -324,7 +324,7 @@ def test_a_label_outside_the_label_map_is_a_model_failure(serving_predictor, mon
         boxes, labels_, scores, masks = run(images, size, timeout_s)
         return boxes, np.zeros_like(labels_), scores, masks
 
-    monkeypatch.setattr(serving_predictor.graph, "run", relabelled)
+    monkeypatch.setattr(serving_predictor, "network", relabelled)
     with pytest.raises(InferenceError, match=r"label 0 is outside the label map \(1 to 3\)"):
         serving_predictor.infer([picture()], 0.0, 5, False)
     with pytest.raises(LabelError, match=r"label 4 is outside the label map \(1 to 3\)"):
@@ -377,3 +377,21 @@ print("ok", "torch" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["ok", "False"]
+
+
+@pytest.mark.parametrize("protocol, opcode", [(2, r"GLOBAL posix system"), (4, "STACK_GLOBAL")])
+def test_weights_are_checked_without_torch_and_without_unpickling(serving_package, protocol, opcode):
+    """The serving image (no torch) checks model.pt by reading its pickle's opcodes: torch.save's own
+    tensors pass, a pickle naming any other callable is refused, and nothing is ever unpickled."""
+    import os
+    import pickle
+    import zipfile
+
+    from training.package import check_weights_pickle
+
+    check_weights_pickle((serving_package / "model.pt").read_bytes(), "model.pt")  # real weights pass
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(os.system, protocol=protocol))
+    with pytest.raises(PackageError, match=rf"model\.pt: not a weights-only state_dict \(its pickle uses {opcode}"):
+        check_weights_pickle(buf.getvalue(), "model.pt")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data.images import decode_image, to_tensor
+from training.data.images import decode_image
 
 ENV = {"RAY_AUTH_MODE": "disabled"}
 
@@ -61,16 +61,16 @@ def test_a_folder_gives_the_detections_of_the_package_shard_by_shard_and_resumes
     assert len(list((out / "overlays").rglob("*.png"))) == 10 and len(list((out / "masks").rglob("*.png"))) == 10
     # the same detections as evaluation and the predictor compute: the package's graph, the one post-processing
     from training.graph import OnnxDetector
-    from training.inference import detect
     from training.metrics import to_coco_results
     from training.package import open_package
+    from training.transform import detect
 
     package = open_package(serving_package)
     graph = OnnxDetector(package.graph, 2)
     expected = []
     for info in got_images:
-        (pred,) = detect(package.build_model(), [to_tensor(decode_image(images / info["file_name"]))],
-                         package.config.eval.mask_threshold, 0.0, 100, graph=graph)
+        pred = detect(graph.run, decode_image(images / info["file_name"]), package.config.model.min_size,
+                      package.config.model.max_size, package.config.eval.mask_threshold, 0.0, 100)
         expected += to_coco_results([{**pred, "image_id": info["id"]}], package.label_map)
     assert len(results) == len(expected) > 0
     for got, want in zip(results, expected):

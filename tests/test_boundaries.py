@@ -110,7 +110,7 @@ def test_batch_uses_training_only(graph):
 # inference, image decoding, masks, labels, visualisation and logging.
 SERVING_MAY_USE = {
     "training.package", "training.signature", "training.graph", "training.onnx_detector",  # the package reader
-    "training.inference",  # inference: the forward pass and post-processing
+    "training.transform",  # pre- and post-processing (NumPy), with the network's run
     "training.data.images",  # image decoding
     "training.data.masks",  # masks
     "training.data.labels",  # labels

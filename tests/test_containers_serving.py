@@ -1,6 +1,6 @@
 """Serving as KServe runs it, in real containers of the real images: KServe's storage initializer
 (kserve-storage, its own image) downloads the published storageUri from the S3 server into a volume;
-the predictor container runs as uid 1000 with a read-only root filesystem, no capabilities, no new
+the predictor container (the lean serving image: ONNX Runtime, no torch) runs as uid 1000 with a read-only root filesystem, no capabilities, no new
 privileges, and the volume mounted read-only at /mnt/models. Host networking: everything on 127.0.0.1."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 from conftest import encode_image
 
 from devstack.kserve import initialize_storage, start_predictor
+from devstack.podman import HARDENED as HARDENED_ARGS
 from devstack.procs import free_port
 
 pytestmark = pytest.mark.slow
@@ -70,10 +71,10 @@ def test_storage_initializer_fails_on_a_missing_uri(podman, initializer_image, m
 
 
 @pytest.fixture(scope="module")
-def predictor_url(podman, platform_image, model_volume):
+def predictor_url(podman, serving_image, model_volume):
     _, volume = model_volume
     port = free_port()
-    name = start_predictor(podman, platform_image, volume, port, cpus=1)  # a pod's CPU limit
+    name = start_predictor(podman, serving_image, volume, port, cpus=1)  # a pod's CPU limit
     try:
         yield f"http://127.0.0.1:{port}", name
     finally:
@@ -114,7 +115,7 @@ def test_the_predictor_runs_hardened_and_answers_readiness_v1_v2_and_the_page(pr
     assert status in (400, 413)
 
 
-def test_with_public_keys_the_predictor_container_serves_signed_packages_only(podman, platform_image, model_volume,
+def test_with_public_keys_the_predictor_container_serves_signed_packages_only(podman, serving_image, model_volume,
                                                                               serving_package, tmp_path):
     """The public keys mounted read-only as the ServingRuntime mounts its ConfigMap: the package KServe's
     storage initializer downloaded (unsigned) never becomes ready and the container says why; the same
@@ -135,16 +136,40 @@ def test_with_public_keys_the_predictor_container_serves_signed_packages_only(po
     keys.chmod(0o755)
     _, volume = model_volume
     with pytest.raises(StackError, match=r"exited:[\s\S]*not serving /mnt/models: /mnt/models/SHA256SUMS\.sig: missing"):
-        start_predictor(podman, platform_image, volume, free_port(), public_keys=keys)
+        start_predictor(podman, serving_image, volume, free_port(), public_keys=keys)
     signed = open_package(volume).signed(key).save(tmp_path / "signed")
     for path in (signed, *signed.iterdir()):
         path.chmod(0o755 if path.is_dir() else 0o644)  # as the storage initializer leaves them: readable by uid 1000
-    name = start_predictor(podman, platform_image, signed, free_port(), public_keys=keys)
+    name = start_predictor(podman, serving_image, signed, free_port(), public_keys=keys)
     try:
         assert "probe matched, signed by key" in podman.logs(name)
     finally:
         podman("rm", "-f", "-t", "0", name, check=False)
     shutil.rmtree(signed)
+
+
+def test_the_serving_image_is_lean_and_refuses_a_package_without_a_graph(podman, serving_image, serving_package,
+                                                                        tmp_path):
+    """The serving image holds no torch, torchvision, CUDA libraries or Triton and weighs under 1 GB (the
+    platform image: 7.5 GB). A package without a graph (served eagerly by the platform image) is refused
+    at start, and the container says which image serves it."""
+    from devstack.procs import StackError
+    from training.package import open_package, write_package
+
+    assert podman.size(serving_image) < 1e9, podman.size(serving_image)
+    found = podman("run", "--rm", *HARDENED_ARGS, serving_image, "python", "-c",
+                   "import importlib.util as u; print([m for m in ('torch', 'torchvision', 'triton', 'nvidia', "
+                   "'cv2', 'ray', 'mlflow') if u.find_spec(m)])")
+    assert found == "[]"
+    package = open_package(serving_package)
+    eager = write_package(package.build_model(), package.config, package.label_map, package.metadata, onnx=False)
+    folder = eager.save(tmp_path / "eager")
+    for path in (folder, *folder.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    with pytest.raises(StackError, match=r"exited:[\s\S]*/mnt/models/model\.pt: this image has no PyTorch, so it "
+                                         r"serves only packages with a graph \(detector\.onnx\); serve this one with "
+                                         r"the platform image \(REGION-docker\.pkg\.dev/PROJECT/maskrcnn/platform"):
+        start_predictor(podman, serving_image, folder, free_port(), timeout=60)
 
 
 def test_every_dashboard_panel_has_data_from_a_real_prometheus_scraping_the_container(predictor_url, tmp_path):

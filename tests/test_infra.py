@@ -148,7 +148,7 @@ def test_every_placeholder_in_the_manifests_is_an_output(tf):
     assert registry["repository_id"] == "${var.name}" and default(tf, "name") == "maskrcnn"
     for kustomization in ("deployment/base", "ray", "mlflow/k8s/base", "deployment/retrain"):
         text = (ROOT / kustomization / "kustomization.yaml").read_text()
-        assert re.search(r"newName: REGION-docker\.pkg\.dev/PROJECT/maskrcnn/(platform|mlflow)", text), kustomization
+        assert re.search(r"newName: REGION-docker\.pkg\.dev/PROJECT/maskrcnn/(platform|serving|mlflow)", text), kustomization
 
 
 def test_buckets_are_private_uniform_and_models_versioned(tf):
@@ -203,7 +203,8 @@ def test_the_outputs_fill_every_placeholder_of_a_copy_of_the_manifests(tmp_path)
     text = (tmp_path / "deployment/base/inferenceservice.yaml").read_text()
     assert "storageUri: gs://acme-ml-maskrcnn-models/models/maskrcnn/v1" in text
     assert "maskrcnn-predictor@acme-ml.iam.gserviceaccount.com" in (tmp_path / "deployment/base/serviceaccount.yaml").read_text()
-    assert "europe-west4-docker.pkg.dev/acme-ml/maskrcnn/platform" in (tmp_path / "deployment/base/kustomization.yaml").read_text()
+    assert "europe-west4-docker.pkg.dev/acme-ml/maskrcnn/serving" in (tmp_path / "deployment/base/kustomization.yaml").read_text()
+    assert "europe-west4-docker.pkg.dev/acme-ml/maskrcnn/platform" in (tmp_path / "deployment/retrain/kustomization.yaml").read_text()
     with pytest.raises(ValueError, match="placeholder 'PROJECT'"):
         fill({"PROJECT": "a b; rm -rf /"}, tmp_path)
 

@@ -54,13 +54,21 @@ def test_load_refuses_a_package_that_does_not_match_its_checksums(serving_packag
         MaskRCNNPredictor("m", str(copy)).load()
 
 
-def test_infer_matches_the_model_run_directly(predictor):
+@pytest.fixture(scope="module")
+def eager(serving_package):
+    """torchvision's own model with the package's weights (the predictor itself never builds it)."""
+    from training.package import open_package
+
+    return open_package(serving_package).build_model()
+
+
+def test_infer_matches_the_model_run_directly(predictor, eager):
     """The served detections (the package's graph in ONNX Runtime) are the eager model's."""
     assert predictor.graph is not None
     img = picture()
     (result,) = predictor.infer([img], threshold=0.0, max_det=100, overlay=False)
     with torch.inference_mode():
-        (direct,) = predictor.model([to_tensor(img)])
+        (direct,) = eager([to_tensor(img)])
     assert len(result["detections"]) == len(direct["scores"]) > 0
     for det, box, score in zip(result["detections"], direct["boxes"], direct["scores"]):
         assert det["box"] == pytest.approx(box.tolist(), abs=0.01) and det["score"] == pytest.approx(float(score), abs=1e-4)
@@ -69,7 +77,7 @@ def test_infer_matches_the_model_run_directly(predictor):
     assert result["width"] == result["height"] == 64 and result["model_version"] == "7"
 
 
-def test_predictor_and_evaluation_share_post_processing(predictor, serving_package, tmp_path):
+def test_predictor_and_evaluation_share_post_processing(predictor, eager, serving_package, tmp_path):
     """Serving's masks are evaluation's masks (one post-processing function), at the mask threshold of
     the package's config: a package evaluated at 0.8 is served at 0.8."""
     from training.inference import predict
@@ -77,7 +85,7 @@ def test_predictor_and_evaluation_share_post_processing(predictor, serving_packa
 
     img = picture()
     image_tensor = to_tensor(img)
-    (evaluated,) = predict(predictor.model, [([image_tensor], [{"image_id": torch.tensor(1)}])], torch.device("cpu"),
+    (evaluated,) = predict(eager, [([image_tensor], [{"image_id": torch.tensor(1)}])], torch.device("cpu"),
                            predictor.config.eval.mask_threshold, predictor.graph)
     (served,) = predictor.infer([img], threshold=0.0, max_det=100, overlay=False)
     assert [d["mask"] for d in served["detections"]] == evaluated["masks"]
@@ -282,19 +290,21 @@ def test_liveness_answers_within_a_second_during_a_long_request(client, monkeypa
     assert answer["resp"].status_code == 200
 
 
-def test_masks_are_pasted_within_the_memory_budget_and_match_torchvision(predictor, monkeypatch):
+def test_masks_are_pasted_within_the_memory_budget_and_match_torchvision(predictor, eager, monkeypatch):
     """`detect` pastes a few masks at a time (the budget bounds memory) and gives exactly torchvision's masks."""
-    import training.inference as engine
-    from training.inference import detect
+    import training.transform as transform
+    from training.transform import detect
+    from training.inference import network_of
+    from training.model import input_sizes
 
-    img = to_tensor(np.random.default_rng(3).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    pixels = np.random.default_rng(3).integers(0, 255, (300, 400, 3), dtype=np.uint8)
     with torch.inference_mode():
-        (reference,) = predictor.model([img])  # torchvision: every mask pasted at full resolution at once
+        (reference,) = eager([to_tensor(pixels)])  # torchvision: every mask pasted at full resolution at once
     chunks = []
-    real = engine.paste_masks_in_image
-    monkeypatch.setattr(engine, "paste_masks_in_image", lambda m, b, s: chunks.append(len(m)) or real(m, b, s))
-    budget = 2 * 4 * 300 * 400 * 3  # room for three float masks (pasted twice over) at 400x300
-    (pred,) = detect(predictor.model, [img], 0.5, mask_budget_bytes=budget)
+    real = transform.encode_masks
+    monkeypatch.setattr(transform, "encode_masks", lambda m: chunks.append(len(m)) or real(m))
+    budget = 300 * 400 * 3  # room for three binary masks at 400x300
+    pred = detect(network_of(eager), pixels, *input_sizes(eager), 0.5, mask_budget_bytes=budget)
     n = len(reference["scores"])
     assert n > 3 and sum(chunks) == n and max(chunks) == 3
     expected = mask_util.encode(np.asfortranarray((reference["masks"][:, 0] > 0.5).numpy().astype(np.uint8).transpose(1, 2, 0)))
@@ -340,7 +350,7 @@ def test_threads_follow_the_containers_cpu_limit(tmp_path, serving_package):
     assert cpu_budget(tmp_path / "v1") == cores
     assert cpu_budget(tmp_path / "nothing") == cores
     one = MaskRCNNPredictor("m", str(serving_package), threads=1)
-    assert one.load() and one.graph.threads == 1 and one.torch_threads == 1
+    assert one.load() and one.graph.threads == 1 and one.torch_threads is None  # torch is not used
     eager = MaskRCNNPredictor("m", str(serving_package), threads=1, backend="eager")
     assert eager.load() and eager.graph is None and eager.torch_threads == 1
     with pytest.raises(ValueError, match="threads: expected an integer >= 1, got 0"):

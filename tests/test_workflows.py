@@ -90,7 +90,9 @@ def test_the_ship_command_each_runs_is_one_the_cli_accepts():
 
     build = yaml.safe_load(CLOUDBUILD.read_text())
     ids = [s["id"] for s in build["steps"]]
-    assert ids == ["build", "push", "digest", "ship"]
+    assert ids == ["build", "push", "digest", "build-serving", "push-serving", "ship"]
+    serving = build["steps"][3]["args"]  # the ServingRuntime's image: the Dockerfile's serving target
+    assert serving[:3] == ["build", "--target", "serving"] and "${_SERVING_IMAGE}:${SHORT_SHA}" in serving
     ship_step = build["steps"][-1]
     cb_env = {"_IMAGE": "us-central1-docker.pkg.dev/acme/maskrcnn/platform", "COMMIT_SHA": "c" * 40, "_KFP_HOST": "https://kfp",
               "_RETRAIN_CRON": "0 0 3 * * 1", "_MLFLOW_TRACKING_URI": "http://mlflow", "_STORAGE_PREFIX": "gs://b/models"}

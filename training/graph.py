@@ -14,13 +14,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
-    from torchvision.models.detection.image_list import ImageList
 
 ONNX_FILE = "detector.onnx"
 INPUTS = ("images", "image_size")
@@ -204,20 +200,15 @@ class OnnxDetector:
         finally:
             timer.cancel()
 
-    def __call__(self, batch: ImageList) -> list[dict[str, torch.Tensor]]:
-        """`model.roi_heads`'s detections for each image of a transformed batch, one graph run per image
-        (`training.inference.detect`'s call; torch is imported here only)."""
-        import torch
 
-        return [dict(zip(OUTPUTS, (torch.from_numpy(o) for o in self.run(batch.tensors[i:i + 1].detach().cpu().numpy(), size))))
-                for i, size in enumerate(batch.image_sizes)]
-
-
-def check_graph(graph: bytes, where: str) -> None:
+def check_graph(graph: bytes, where: str, names: Sequence[str] = ()) -> dict[str, tuple[int, ...]]:
     """Refuse a graph that could reach outside its bytes or run without bound, before ONNX Runtime sees
     it: external data (a tensor whose bytes live in a file, resolved from the working folder), operators
     outside the standard ONNX domain, loops (`Loop`, `Scan`: the exporter never writes them), more than
-    `MAX_GRAPH_NODES` nodes, or an opset newer than `MAX_OPSET`. Raises GraphError naming the rule."""
+    `MAX_GRAPH_NODES` nodes, or an opset newer than `MAX_OPSET`. Raises GraphError naming the rule.
+
+    Returns the shapes of the main graph's initializers named in `names` that it has (the exporter keeps
+    the weights' names: the package checks its head's size against the label map there)."""
     import onnx
 
     try:
@@ -254,3 +245,4 @@ def check_graph(graph: bytes, where: str) -> None:
                 raise GraphError(f"{where}: tensor {tensor.name!r} keeps its data in an external file "
                                       f"({[e.value for e in tensor.external_data if e.key == 'location'][:1]}); a "
                                       f"package's graph must be self-contained")
+    return {t.name: tuple(t.dims) for t in model.graph.initializer if t.name in names}

@@ -165,3 +165,10 @@ def backbone_row(name: str) -> Backbone:
         return BACKBONE_TABLE[name]
     except KeyError:
         raise ValueError(f"model.backbone: unknown backbone {name!r}, expected one of {', '.join(BACKBONE_TABLE)}") from None
+
+
+def input_sizes(model: nn.Module) -> tuple[int, int]:
+    """(min_size, max_size) of the model's resize at inference (`training.transform.preprocess`'s;
+    torchvision keeps its last `min_size`). Accepts a DDP-wrapped model."""
+    transform = getattr(model, "module", model).transform
+    return int(transform.min_size[-1]), int(transform.max_size)

@@ -2,8 +2,8 @@
 
 The graph holds everything from the normalized, padded image tensor to the per-detection 28x28 mask
 probabilities: backbone, FPN, RPN (anchors, top-n, NMS), RoIAlign, the box head and its per-class NMS,
-and the mask head. Pre-processing (`model.transform`) and post-processing (mask pasting, thresholds, RLE:
-`training.inference.postprocess`) stay the same PyTorch code as eager inference. On 2 CPU threads ONNX
+and the mask head. Pre-processing (resize, normalise, pad) and post-processing (mask pasting, thresholds,
+RLE) are `training.transform`'s NumPy code, the same for the graph and for eager PyTorch. On 2 CPU threads ONNX
 Runtime runs the graph 1.6-1.9x faster than eager PyTorch, in float32 with the same numbers
 (`benchmarks/forward_backends.py`; `benchmarks/RESULTS.md`, which also says why not OpenVINO).
 
@@ -114,30 +114,36 @@ def _rows_merge_levels() -> Iterator[None]:
 def make_probe(model: nn.Module) -> Probe:
     """The probe of an eval-mode model: seeded inputs of three shapes (a square image at the model's size, a
     narrower one padded to a multiple of 32, so size before padding != tensor size, and a blank one),
-    already normalised and padded by `model.transform`, with the detections eager PyTorch gives on them."""
+    already resized, normalised and padded by `training.transform.preprocess`, with the detections eager
+    PyTorch gives on them."""
+    from training.model import input_sizes
+    from training.transform import preprocess
+
     generator = torch.Generator().manual_seed(0)
-    side = int(model.transform.max_size)
-    graph = DetectorGraph(model.eval()).eval()
+    min_size, max_size = input_sizes(model)
+    run = eager_runner(model)
     inputs, expected = [], []
-    for h, w, blank in ((side, side, False), (side, max(8, side * 2 // 3), False), (side, side, True)):
-        image = torch.zeros(3, h, w) if blank else torch.rand(3, h, w, generator=generator)
-        with torch.inference_mode():
-            batch, _ = model.transform([image])
-            size = torch.tensor(batch.image_sizes[0], dtype=torch.int64)
-            outputs = graph(batch.tensors, size)
-        inputs.append({"images": batch.tensors.numpy().astype(np.float32), "image_size": size.numpy()})
-        expected.append({name: out.numpy() for name, out in zip(OUTPUTS, outputs)})
+    for h, w, blank in ((max_size, max_size, False), (max_size, max(8, max_size * 2 // 3), False), (max_size, max_size, True)):
+        image = np.zeros((h, w, 3), np.float32) if blank else torch.rand(3, h, w, generator=generator).permute(1, 2, 0).numpy()
+        images, size = preprocess(image, min_size, max_size)
+        inputs.append({"images": images, "image_size": size})
+        expected.append(dict(zip(OUTPUTS, run(images, size))))
     return Probe(inputs, expected)
 
 
 def eager_runner(model: nn.Module):
-    """`run(images, image_size) -> OUTPUTS` of eager PyTorch, with numpy in and out (as `OnnxDetector.run`)."""
-    graph = DetectorGraph(model.eval()).eval()
+    """`run(images, image_size) -> OUTPUTS` of eager PyTorch on the model's device, with numpy in and out
+    (as `OnnxDetector.run`): torchvision's own backbone, RPN and RoI heads, as `model(images)` runs them."""
+    model = model.eval()
+    device = next(model.parameters()).device
 
     def run(images: np.ndarray, image_size: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, ...]:
         with torch.inference_mode():
-            return tuple(o.numpy() for o in graph(torch.from_numpy(images), torch.from_numpy(image_size)))
+            tensors = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+            batch = ImageList(tensors, [(int(image_size[0]), int(image_size[1]))])
+            features = model.backbone(tensors)
+            proposals, _ = model.rpn(batch, features)
+            (detections,), _ = model.roi_heads(features, proposals, batch.image_sizes)
+            return tuple(detections[name].cpu().numpy() for name in OUTPUTS)
 
     return run
-
-

@@ -85,6 +85,8 @@ FILES: dict[str, FileRule] = {  # the package's file contract: one table
 UNLISTED = {CHECKSUM_FILE: 64 << 10, SIGNATURE_FILE: 4 << 10}  # not in SHA256SUMS: it lists, or signs, the rest
 MAX_YAML_ALIASES = 0  # safe_dump writes none; every alias is another's bytes read again
 CHECKSUM_LINE = re.compile(r"([0-9a-f]{64})  ([A-Za-z0-9._-]{1,128})")
+EAGER_IMAGE = os.environ.get("MASKRCNN_EAGER_IMAGE", "the platform image (the Dockerfile's `platform` target)")
+"""What serves a package without a graph, named by the lean serving image's refusal (its ENV sets it)."""
 HEAD_WEIGHTS = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.mask_predictor.mask_fcn_logits.weight")
 
 
@@ -102,7 +104,8 @@ class Package:
     config: Config
     label_map: LabelMap
     metadata: dict[str, Any]
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] | None
+    """The state_dict; None when opened without it (`open_package(weights=...)`): `build_model` loads it then."""
     probe: Probe
     source: str = ""
     """Where it was read from (for messages)."""
@@ -129,11 +132,16 @@ class Package:
     def build_model(self) -> torch.nn.Module:
         """The architecture rebuilt from the config with the weights loaded, in eval mode on the CPU. Initial
         weights named in the config are never fetched (a training-only step)."""
+        weights = self.weights if self.weights is not None else _weights(self.files["model.pt"], f"{self.where}/model.pt")
         from training.model import build_model
 
         model = build_model(self.config.model, self.label_map.num_classes)
-        model.load_state_dict(self.weights)
+        model.load_state_dict(weights)
         return model.eval()
+
+    @property
+    def where(self) -> str:
+        return self.source.rstrip("/") or "."
 
     def save(self, folder: str | Path) -> Path:
         """Write the files into `folder` (created; files of another package there are replaced)."""
@@ -179,9 +187,13 @@ class Package:
 
 
 def open_package(src: str | Path, public_keys: list[Ed25519PublicKey] | None = None,
-                 cache_dir: str | Path | None = None) -> Package:
+                 cache_dir: str | Path | None = None, weights: bool | None = True) -> Package:
     """Read and verify the package at `src` (a folder, `s3://` or `gs://` prefix). With `public_keys`, the
-    package must be signed by one of them. Raises PackageError naming the file and the rule."""
+    package must be signed by one of them. Raises PackageError naming the file and the rule.
+
+    `weights`: whether to load `model.pt` (with torch, as weights only) now; None: only when the package has
+    no graph, so that a predictor running the graph never imports torch (the head's size is then checked
+    on the graph's own tensors, and `build_model` loads the weights if they are ever needed)."""
     from training.data.sources import SourceError, fetch_prefix, is_remote
 
     where = str(src)
@@ -193,7 +205,7 @@ def open_package(src: str | Path, public_keys: list[Ed25519PublicKey] | None = N
             raise PackageError(str(exc)) from None
     else:
         folder = Path(src)
-    return _from_files(_read_folder(folder), where, public_keys)
+    return _from_files(_read_folder(folder), where, public_keys, weights)
 
 
 def _read_folder(folder: Path) -> dict[str, bytes]:
@@ -264,9 +276,10 @@ def parse_checksums(data: bytes, where: str) -> dict[str, str]:
     return sums
 
 
-def _from_files(files: dict[str, bytes], source: str, public_keys: list[Ed25519PublicKey] | None = None) -> Package:
+def _from_files(files: dict[str, bytes], source: str, public_keys: list[Ed25519PublicKey] | None = None,
+                load_weights: bool | None = True) -> Package:
     """Verify `files` (name -> bytes) and parse them into a Package. With `public_keys`, the signature is
-    checked first: nothing of an unsigned package is parsed."""
+    checked first: nothing of an unsigned package is parsed. `load_weights`: as `open_package`'s `weights`."""
     where = source.rstrip("/") or "."
 
     def at(name: str) -> str:
@@ -303,19 +316,27 @@ def _from_files(files: dict[str, bytes], source: str, public_keys: list[Ed25519P
                            f"format(s) {', '.join(map(str, SUPPORTED_FORMATS))}{hint}")
     config = parse_config(files["config.yaml"], at("config.yaml"))
     label_map = parse_label_map(files["label_map.json"], at("label_map.json"))
-    weights = _weights(files["model.pt"], at("model.pt"))
-    for key in HEAD_WEIGHTS:
-        rows = weights[key].shape[0] if key in weights and weights[key].dim() > 0 else None
-        if rows != label_map.num_classes:
-            raise PackageError(f"{at('label_map.json')}: {len(label_map.category_ids)} categories need a head of "
-                               f"{label_map.num_classes} outputs (background included), but model.pt's {key} has "
-                               f"{rows if rows is not None else 'no such tensor'}")
-    probe = _probe(files["probe.npz"], at("probe.npz"))
+    graph_tensors: dict[str, tuple[int, ...]] = {}
     if ONNX_FILE in files:
         try:
-            check_graph(files[ONNX_FILE], at(ONNX_FILE))
+            graph_tensors = check_graph(files[ONNX_FILE], at(ONNX_FILE), HEAD_WEIGHTS)
         except GraphError as exc:
             raise PackageError(str(exc)) from None
+    weights = None
+    if load_weights or (load_weights is None and ONNX_FILE not in files):
+        weights = _weights(files["model.pt"], at("model.pt"))
+        heads = {key: tuple(weights[key].shape) for key in HEAD_WEIGHTS if key in weights}
+        holder = "model.pt"
+    else:  # the graph keeps the weights' names (a graph without them answers to the probe and the label map)
+        check_weights_pickle(files["model.pt"], at("model.pt"))
+        heads, holder = graph_tensors, ONNX_FILE
+    for key in HEAD_WEIGHTS if holder == "model.pt" or heads else ():
+        rows = heads[key][0] if heads.get(key) else None
+        if rows != label_map.num_classes:
+            raise PackageError(f"{at('label_map.json')}: {len(label_map.category_ids)} categories need a head of "
+                               f"{label_map.num_classes} outputs (background included), but {holder}'s {key} has "
+                               f"{rows if rows is not None else 'no such tensor'}")
+    probe = _probe(files["probe.npz"], at("probe.npz"))
     reference = None
     if REFERENCE_FILE in files:
         try:
@@ -386,10 +407,45 @@ def check_zip(data: bytes, where: str, max_total: int) -> None:
         raise PackageError(f"{where}: holds {total} bytes uncompressed; at most {max_total} are allowed")
 
 
+# What torch.save writes for a state_dict: the only callables its pickle may name.
+WEIGHTS_GLOBALS = frozenset({"collections OrderedDict", "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_parameter",
+                             *(f"torch {kind}Storage" for kind in ("Float", "Double", "Half", "BFloat16", "Long", "Int",
+                                                                   "Short", "Char", "Byte", "Bool"))})
+WEIGHTS_OPCODES_REFUSED = frozenset({"STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "PERSID"})
+
+
+def check_weights_pickle(data: bytes, where: str) -> None:
+    """`model.pt` checked as a weights-only state_dict without torch and without unpickling anything: a
+    zip of stored records whose `data.pkl` names no callable but torch.save's own for tensors and storages
+    (`WEIGHTS_GLOBALS`, by protocol 2's GLOBAL opcode) and uses no other way to reach one. PackageError
+    otherwise. (With torch, `torch.load(weights_only=True)` is the check.)"""
+    import pickletools
+
+    check_zip(data, where, FILES["model.pt"].max_bytes)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+        if len(pickles) != 1:
+            raise PackageError(f"{where}: not a weights-only state_dict (expected one data.pkl record, found {len(pickles)})")
+        payload = archive.read(pickles[0])
+    try:
+        for op, arg, _ in pickletools.genops(payload):
+            if op.name in WEIGHTS_OPCODES_REFUSED or (op.name == "GLOBAL" and arg not in WEIGHTS_GLOBALS):
+                named = f" {arg}" if op.name == "GLOBAL" else ""
+                raise PackageError(f"{where}: not a weights-only state_dict (its pickle uses {op.name}{named}; only "
+                                   f"torch.save's tensors and storages are allowed)")
+    except ValueError as exc:  # a truncated or malformed pickle
+        raise PackageError(f"{where}: not a weights-only state_dict (malformed pickle: {exc})") from None
+
+
 def _weights(data: bytes, where: str) -> dict[str, torch.Tensor]:
     import pickle
 
-    import torch
+    try:
+        import torch
+    except ImportError:  # the lean serving image: ONNX Runtime only
+        raise PackageError(f"{where}: this image has no PyTorch, so it serves only packages with a graph "
+                           f"({ONNX_FILE}); serve this one with {EAGER_IMAGE}, or export its graph with "
+                           f"`uv run -m training.export`") from None
 
     check_zip(data, where, FILES["model.pt"].max_bytes)
     try:

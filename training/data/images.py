@@ -7,11 +7,14 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tifffile
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -140,11 +143,10 @@ def decode_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXEL
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> 3xHxW float in [0, 1], the input torchvision detection models expect.
+    """HxWx3 uint8 -> 3xHxW float in [0, 1], the input torchvision detection models expect in training
+    (at inference, `training.transform.preprocess` takes the decoded image as it is)."""
+    import torch
 
-    Normalisation (mean/std) and resizing happen inside the model (GeneralizedRCNNTransform), so
-    training and serving share them by construction.
-    """
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 
