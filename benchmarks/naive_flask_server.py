@@ -2,7 +2,7 @@
 
 Same model and weights as the predictor (loaded from the same serving package), one JSON image per
 request, every output as dense nested lists (`masks.tolist()`), Flask's threaded server.
-`python benchmarks/naive_flask_server.py PACKAGE_DIR PORT`
+`python benchmarks/naive_flask_server.py PACKAGE_DIR PORT [DEVICE]` (DEVICE: cpu, the default, or cuda)
 """
 
 import base64
@@ -18,7 +18,8 @@ from torchvision.transforms.functional import to_tensor
 from training.package import open_package
 
 app = Flask(__name__)
-model = open_package(sys.argv[1]).build_model()
+device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
+model = open_package(sys.argv[1]).build_model().to(device)
 
 
 @app.route("/ready")
@@ -42,7 +43,7 @@ def predict():
     image = Image.open(io.BytesIO(base64.b64decode(request.json["image"]))).convert("RGB")
     start = time.perf_counter()
     with torch.no_grad():
-        out = model([to_tensor(image)])[0]
+        out = {k: v.cpu() for k, v in model([to_tensor(image).to(device)])[0].items()}
     forward_ms = (time.perf_counter() - start) * 1000
     response = jsonify({"boxes": out["boxes"].tolist(), "labels": out["labels"].tolist(),
                         "scores": out["scores"].tolist(), "masks": out["masks"].tolist()})

@@ -8,10 +8,13 @@ unchanged). Each run starts a predictor container the way the tests and KServe r
 reading and verifying the package, the ONNX Runtime session and the probe. Rows alternate between the
 images, `--runs` times each; the table gives medians and the spread.
 
+`--before REF` adds the image as it was at REF (default 74259b3, before issue 24: one image, whose
+predictor imported torch to pre- and post-process around the graph), built from a git worktree.
+
 The package: a seeded, untrained model of `--config` (default: the main job's `default.yaml`) with its
 graph, written by `write_package`.
 
-    uv run python benchmarks/serving_image.py [--runs 5] [--config default]
+    uv run python benchmarks/serving_image.py [--runs 5] [--config default] [--before REF]
 """
 
 from __future__ import annotations
@@ -50,6 +53,22 @@ def make_package(config: str, folder: Path) -> Path:
     return folder
 
 
+def _before(podman: Podman, ref: str, worktree: Path) -> str:
+    """The image at commit `ref`, built from a git worktree (its Dockerfile's default target)."""
+    import subprocess
+
+    from devstack.podman import ROOT
+
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), ref], check=True,
+                   capture_output=True)
+    try:
+        tag = f"localhost/maskrcnn-before:{ref}"
+        podman._build(worktree, tag, None, {"GIT_COMMIT": ref})
+        return tag
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
+
+
 def start_to_ready(podman: Podman, image: str, package: Path) -> float:
     started = time.perf_counter()
     name = start_predictor(podman, image, package, free_port(), cpus=2, interval=0.02)
@@ -62,14 +81,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--config", default="default")
+    parser.add_argument("--before", default="74259b3", help="a commit to build and time too ('' for none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from training.tracking import git_commit
 
     with tempfile.TemporaryDirectory(prefix="serving-image-") as tmp:
         podman = Podman(Path(tmp) / "podman")
-        images = {"platform": podman.build(git_commit=git_commit())[0],
-                  "serving": podman.build_serving(git_commit=git_commit())[0]}
+        images = {}
+        if args.before:
+            images[f"before ({args.before})"] = _before(podman, args.before, Path(tmp) / "before")
+        images["platform"] = podman.build(git_commit=git_commit())[0]
+        images["serving"] = podman.build_serving(git_commit=git_commit())[0]
         package = make_package(args.config, Path(tmp) / "package")
         for image in images.values():  # the first start reads the image's layers from disk: not counted
             start_to_ready(podman, image, package)
@@ -80,7 +103,7 @@ def main() -> None:
         print(f"\npackage: {args.config}.yaml, {sum(p.stat().st_size for p in package.iterdir()) / 1e6:.0f} MB; "
               f"{args.runs} runs each, alternating\n")
         print("| image | size | start to ready, median | min-max |\n|---|---|---|---|")
-        base = statistics.median(times["platform"])
+        base = statistics.median(times[next(iter(images))])
         for name, image in images.items():
             median = statistics.median(times[name])
             print(f"| {name} (`{image}`) | {podman.size(image) / 1e9:.2f} GB | {median:.2f} s (x{base / median:.2f}) | "

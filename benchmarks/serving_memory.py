@@ -3,7 +3,7 @@
 `before`: what the predictor did until issue 11, torchvision's own post-processing: all images of the
 request decoded, one batched forward pass, and every detection's mask pasted at full resolution as
 float32 at once (twice over: a list, then a stacked copy), then thresholded. `after`: the predictor now,
-one image at a time through `training.inference.detect`, masks pasted a few at a time within
+one image at a time through `training.transform.detect`, masks pasted a few at a time within
 `MASK_BUDGET_BYTES` and encoded as they go, with the network in ONNX Runtime (the package's
 `detector.onnx`, the predictor's default); `eager`: the same with `--backend eager`.
 

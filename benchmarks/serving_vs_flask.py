@@ -12,6 +12,12 @@ model's forward pass (each server reports its own forward time in `x-forward-ms`
 which leaves out the client, which shares these cores, and the loopback transfer.
 
     uv run python benchmarks/serving_vs_flask.py [--package DIR] [--requests 120] [--concurrency 4] [--image-size 256]
+
+On a machine with an NVIDIA GPU (issue 24, item 4; goal <= 10 ms/img at 800 px): every server on the GPU
+(the predictor's graph through ONNX Runtime's CUDA provider, TensorRT first when it offers it; the baseline
+and the eager predictor's model moved to cuda), the `gpu` config's architecture at 800 px:
+
+    uv run --with onnxruntime-gpu python benchmarks/serving_vs_flask.py --device cuda --config gpu --image-size 800 --requests 200
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from training.logs import setup_logging  # noqa: E402
 log = logging.getLogger("benchmarks.serving")
 
 
-def make_package(folder: Path, image_size: int) -> Path:
+def make_package(folder: Path, image_size: int, config: str = "default") -> Path:
     import torch
 
     from training.config import CONFIG_DIR, load_config
@@ -47,7 +53,7 @@ def make_package(folder: Path, image_size: int) -> Path:
     from training.model import build_model
     from training.package import write_package
 
-    cfg = load_config(CONFIG_DIR / "default.yaml", [f"model.min_size={image_size}", f"model.max_size={image_size}"])
+    cfg = load_config(CONFIG_DIR / f"{config}.yaml", [f"model.min_size={image_size}", f"model.max_size={image_size}"])
     torch.manual_seed(0)
     labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
     write_package(build_model(cfg.model, labels.num_classes), cfg, labels, {"model_version": "bench"}, folder / "package")
@@ -113,9 +119,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--package", help="a trained serving package (default: seeded weights at --image-size)")
+    parser.add_argument("--config", default="default", help="the seeded package's architecture (training/configs/NAME.yaml)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every server runs its model")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    package = Path(args.package) if args.package else make_package(tmp, args.image_size)
+    package = Path(args.package) if args.package else make_package(tmp, args.image_size, args.config)
     threshold = "0.5" if args.package else "0.05"
     pictures = images(8, args.image_size)
     root = Path(__file__).resolve().parents[1]
@@ -123,12 +131,13 @@ def main() -> int:
     for name in ("naive Flask", "KServe predictor, eager", "KServe predictor"):
         port = free_port()
         if name == "naive Flask":
-            argv = [sys.executable, str(root / "benchmarks" / "naive_flask_server.py"), str(package), str(port)]
+            argv = [sys.executable, str(root / "benchmarks" / "naive_flask_server.py"), str(package), str(port), args.device]
             ready, url = f"http://127.0.0.1:{port}/ready", f"http://127.0.0.1:{port}/predict"
             bodies = [json.dumps({"image": pictures[i % 8]}).encode() for i in range(args.requests)]
         else:
             argv = [sys.executable, "-m", "serving", "--model-dir", str(package), "--host", "127.0.0.1", "--http-port",
-                    str(port), "--score-threshold", threshold, "--backend", "eager" if "eager" in name else "auto"]
+                    str(port), "--score-threshold", threshold, "--backend", "eager" if "eager" in name else "auto",
+                    "--device", args.device]
             ready, url = f"http://127.0.0.1:{port}/v1/models/maskrcnn", f"http://127.0.0.1:{port}/v1/models/maskrcnn:predict"
             bodies = [json.dumps({"instances": [{"image": {"b64": pictures[i % 8]}}]}).encode() for i in range(args.requests)]
         proc, cold = start(argv, ready, tmp / f"{port}.log")
@@ -142,7 +151,7 @@ def main() -> int:
         rows[name] = {"cold": cold, "single": single, "loaded": loaded}
         log.info("%s done", name)
     base, ours = rows["naive Flask"], rows["KServe predictor"]
-    print(f"\n{args.requests} requests, {args.concurrency} concurrent clients, {args.image_size}px PNG, same package "
+    print(f"\n{args.requests} requests, {args.concurrency} concurrent clients, {args.image_size}px PNG, on {args.device}, same package "
           f"({package}), predictor score threshold {threshold}\n")
     print(f"| server | cold start s | img/s (1 client) | forward ms (1 client) | img/s ({args.concurrency} clients) | p50 ms "
           f"| p99 ms | forward share of p50 | overhead, 1 client | in-server overhead, 1 client | response KB |")

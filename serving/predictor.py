@@ -87,7 +87,7 @@ class MaskRCNNPredictor(Model):
         self.backend = backend
         if device not in DEVICES:
             raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
-        self.device = device  # where the graph runs (training.graph.execution_providers); eager runs on the CPU
+        self.device = device  # where the network runs: the graph by training.graph.execution_providers, eager by _on_device
         if threads is not None and threads < 1:
             raise ValueError(f"threads: expected an integer >= 1, got {threads}")
         self.threads = threads  # None: the CPUs this process may use (`cpu_budget`)
@@ -127,7 +127,7 @@ class MaskRCNNPredictor(Model):
         else:
             from training.onnx_detector import eager_runner  # the eager network (torch); the graph needs none
 
-            network = eager_runner(package.build_model())
+            network = eager_runner(_on_device(package.build_model(), self.device))
         try:
             with _torch_threads(None if graph is not None else cores):
                 problem = package.probe.mismatch(network, self.probe_timeout_s)
@@ -397,6 +397,18 @@ def _cgroup_cpu_quota(cgroup: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def _on_device(model: Any, device: str) -> Any:
+    """The eager model on the GPU for `--device cuda` (refused without one) or `auto` when PyTorch sees one."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        log.info("the eager network runs on the GPU (%s)", torch.cuda.get_device_name(0))
+        return model.to("cuda")
+    if device == "cuda":
+        raise GraphError("--device cuda: PyTorch sees no CUDA device")
+    return model
 
 
 @contextlib.contextmanager

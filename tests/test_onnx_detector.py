@@ -249,3 +249,8 @@ def test_the_predictor_on_this_machine_runs_the_graph_on_the_cpu_and_says_why(pa
     assert any("the graph runs on the CPU: no NVIDIA GPU is visible" in r.message for r in caplog.records)
     with pytest.raises(GraphError, match="--device cuda"):
         MaskRCNNPredictor("maskrcnn", str(package), device="cuda").load()
+    # the eager network follows --device too: on the GPU when PyTorch sees one, refused without it
+    with pytest.raises(GraphError, match="--device cuda: PyTorch sees no CUDA device"):
+        MaskRCNNPredictor("maskrcnn", str(package), backend="eager", device="cuda").load()
+    eager = MaskRCNNPredictor("maskrcnn", str(package), backend="eager", device="auto")
+    assert eager.load() and eager.graph is None
