@@ -395,3 +395,19 @@ def test_weights_are_checked_without_torch_and_without_unpickling(serving_packag
         archive.writestr("archive/data.pkl", pickle.dumps(os.system, protocol=protocol))
     with pytest.raises(PackageError, match=rf"model\.pt: not a weights-only state_dict \(its pickle uses {opcode}"):
         check_weights_pickle(buf.getvalue(), "model.pt")
+
+
+def test_weights_loaded_after_opening_are_checked_as_at_opening(copy):
+    """Opened for its graph (no weights), a package whose model.pt disagrees with the label map is refused
+    when the weights are loaded after all (`build_model`), with the message opening them would give."""
+    import torch
+
+    state = torch.load(copy / "model.pt", weights_only=True)
+    state["roi_heads.box_predictor.cls_score.weight"] = state["roi_heads.box_predictor.cls_score.weight"][:3]
+    torch.save(state, copy / "model.pt")
+    resum(copy)
+    package = open_package(copy, weights=None)  # the graph's head matches the label map
+    assert package.weights is None
+    with pytest.raises(PackageError, match=r"pkg/label_map\.json: 3 categories need a head of 4 outputs \(background "
+                                           r"included\), but model\.pt's roi_heads\.box_predictor\.cls_score\.weight has 3"):
+        package.build_model()

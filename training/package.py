@@ -132,7 +132,10 @@ class Package:
     def build_model(self) -> torch.nn.Module:
         """The architecture rebuilt from the config with the weights loaded, in eval mode on the CPU. Initial
         weights named in the config are never fetched (a training-only step)."""
-        weights = self.weights if self.weights is not None else _weights(self.files["model.pt"], f"{self.where}/model.pt")
+        weights = self.weights
+        if weights is None:  # opened without them: loaded and checked as `open_package` would have
+            weights = _weights(self.files["model.pt"], f"{self.where}/model.pt")
+            _check_head(weights, "model.pt", self.label_map, f"{self.where}/label_map.json")
         from training.model import build_model
 
         model = build_model(self.config.model, self.label_map.num_classes)
@@ -325,17 +328,11 @@ def _from_files(files: dict[str, bytes], source: str, public_keys: list[Ed25519P
     weights = None
     if load_weights or (load_weights is None and ONNX_FILE not in files):
         weights = _weights(files["model.pt"], at("model.pt"))
-        heads = {key: tuple(weights[key].shape) for key in HEAD_WEIGHTS if key in weights}
-        holder = "model.pt"
+        _check_head(weights, "model.pt", label_map, at("label_map.json"))
     else:  # the graph keeps the weights' names (a graph without them answers to the probe and the label map)
         check_weights_pickle(files["model.pt"], at("model.pt"))
-        heads, holder = graph_tensors, ONNX_FILE
-    for key in HEAD_WEIGHTS if holder == "model.pt" or heads else ():
-        rows = heads[key][0] if heads.get(key) else None
-        if rows != label_map.num_classes:
-            raise PackageError(f"{at('label_map.json')}: {len(label_map.category_ids)} categories need a head of "
-                               f"{label_map.num_classes} outputs (background included), but {holder}'s {key} has "
-                               f"{rows if rows is not None else 'no such tensor'}")
+        if graph_tensors:
+            _check_head(graph_tensors, ONNX_FILE, label_map, at("label_map.json"))
     probe = _probe(files["probe.npz"], at("probe.npz"))
     reference = None
     if REFERENCE_FILE in files:
@@ -346,6 +343,18 @@ def _from_files(files: dict[str, bytes], source: str, public_keys: list[Ed25519P
     if CARD_FILE in files:
         _card_text(files[CARD_FILE], at(CARD_FILE))
     return Package(dict(files), config, label_map, metadata, weights, probe, source, signer, reference)
+
+
+def _check_head(tensors: Mapping[str, Any], holder: str, label_map: LabelMap, where: str) -> None:
+    """The head's outputs (`HEAD_WEIGHTS`' first dimension in `tensors`: a state_dict, or the graph's
+    initializer shapes) must be the label map's classes, background included."""
+    for key in HEAD_WEIGHTS:
+        shape = tuple(tensors[key].shape if hasattr(tensors[key], "shape") else tensors[key]) if key in tensors else ()
+        rows = shape[0] if shape else None
+        if rows != label_map.num_classes:
+            raise PackageError(f"{where}: {len(label_map.category_ids)} categories need a head of "
+                               f"{label_map.num_classes} outputs (background included), but {holder}'s {key} has "
+                               f"{rows if rows is not None else 'no such tensor'}")
 
 
 def _card_text(data: bytes, where: str) -> str:
