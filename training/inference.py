@@ -29,7 +29,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, mask_thres
             graph: OnnxDetector | None = None) -> list[Prediction]:
     """Predictions for every image in `loader` (boxes, scores, labels, RLE masks), in image coordinates
     (the network in ONNX Runtime when `graph` is given). `device`: where the eager network runs."""
-    unwrap(model).eval().to(device)
+    model = unwrap(model).eval().to(device)
     network, (min_size, max_size) = network_of(model, graph), input_sizes(model)
     out: list[Prediction] = []
     for images, targets in loader:

@@ -169,6 +169,6 @@ def backbone_row(name: str) -> Backbone:
 
 def input_sizes(model: nn.Module) -> tuple[int, int]:
     """(min_size, max_size) of the model's resize at inference (`training.transform.preprocess`'s;
-    torchvision keeps its last `min_size`). Accepts a DDP-wrapped model."""
-    transform = getattr(model, "module", model).transform
+    torchvision keeps its last `min_size`). A bare model: `training.checkpoint.unwrap` a DDP one first."""
+    transform = model.transform
     return int(transform.min_size[-1]), int(transform.max_size)
