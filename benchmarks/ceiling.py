@@ -10,7 +10,8 @@ Prints, on the same threads (or the one GPU):
   - the measured images/s of each, the FLOP/s they achieve, and that as a share of the ceiling;
   - inference again with the network as the serving package's ONNX graph in ONNX Runtime (what the
     predictor runs), at PyTorch's FLOP count for the same work; PyTorch keeps one thread, as in the predictor
-    (CPU only).
+    (CPU only): one image at a time on all threads, and as the predictor runs it by default, one image per
+    thread at once on a single-thread session (images/s over all of them).
 
 On `--device cuda` the training step runs under autocast with a GradScaler when the config has
 `train.amp` (the `gpu` config does), as the training loop does, and a second ceiling is measured: the
@@ -83,25 +84,35 @@ def timed(fn, repeats: int, device: str = "cpu") -> float:
     return statistics.median(times)
 
 
-def onnx_inference_seconds(model, image, threads: int, repeats: int) -> float:
-    """Seconds per image for the transform plus the network as an ONNX graph in ONNX Runtime."""
+def onnx_inference_seconds(model, image, threads: int, repeats: int) -> tuple[float, float]:
+    """Seconds per image for the transform plus the network as an ONNX graph in ONNX Runtime: one image at a
+    time on `threads` intra-op threads, and `threads` images at once on one single-thread session (the
+    predictor's default, `--inference-workers`), over `threads` x 4 images."""
     import tempfile
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
     from training.graph import OnnxDetector
+    from training.model import input_sizes
     from training.onnx_detector import export_onnx
+    from training.transform import preprocess
 
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
-        graph = OnnxDetector(export_onnx(model, Path(tmp) / "detector.onnx").read_bytes(), threads)
+        graph_bytes = export_onnx(model, Path(tmp) / "detector.onnx").read_bytes()
+    one_at_a_time, per_thread = OnnxDetector(graph_bytes, threads), OnnxDetector(graph_bytes, 1)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        from training.model import input_sizes
-        from training.transform import preprocess
-
         pixels = image.permute(1, 2, 0).cpu().numpy()
-        return timed(lambda: graph.run(*preprocess(pixels, *input_sizes(model))), repeats)
+        sizes = input_sizes(model)
+        single = timed(lambda: one_at_a_time.run(*preprocess(pixels, *sizes)), repeats)
+        count = threads * 4
+        with ThreadPoolExecutor(threads) as pool:
+            def side_by_side() -> None:
+                list(pool.map(lambda _: per_thread.run(*preprocess(pixels, *sizes)), range(count)))
+            concurrent = timed(side_by_side, repeats) / count
+        return single, concurrent
     finally:
         torch.set_num_threads(before)
 
@@ -159,7 +170,9 @@ def main() -> None:
     train_s = timed(train_step, args.repeats, device) / batch
     rows = [("inference (1 image)", infer_flops, infer_s)]
     if device == "cpu":
-        rows.append(("inference, ONNX Runtime", infer_flops, onnx_inference_seconds(model, images[0], args.threads, args.repeats)))
+        single, concurrent = onnx_inference_seconds(model, images[0], args.threads, args.repeats)
+        rows.append(("inference, ONNX Runtime", infer_flops, single))
+        rows.append((f"  {args.threads} at once, 1 thread", infer_flops, concurrent))
     rows.append((f"training step (/{batch})", train_flops, train_s))
 
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"threads {args.threads}"

@@ -2,15 +2,18 @@
 graph against the predictor's own session, speed and accuracy side by side in one run.
 
 Variants (all on the CPU provider, `--threads` intra-op threads unless said):
-- `predictor`: the predictor's session (`training.graph.OnnxDetector`: ORT_ENABLE_ALL, sequential,
-  one inter-op thread): the baseline of the ratios;
+- `one image, all threads`: the predictor's session (`training.graph.OnnxDetector`: ORT_ENABLE_ALL,
+  sequential, one inter-op thread) running one image at a time, as the predictor did until it ran
+  several inference workers: the baseline of the ratios;
 - `offline-optimised`: the graph optimised once and saved (`optimized_model_filepath`), then loaded with
   optimisation off (what a package could ship): its load time, and whether running it differs;
 - `no spinning`: `session.intra_op.allow_spinning = 0` (idle threads sleep instead of spinning);
 - `parallel`: ORT_PARALLEL with two inter-op threads;
 - `2 sessions x 1 thread`: two sessions of one intra-op thread each, two images at a time on two Python
-  threads (what two inference threads, or two predictor processes of one CPU each, would do): throughput
-  only, its ms/img is the wall time per image of the pair;
+  threads (what two predictor processes of one CPU each would do): throughput only, its ms/img is the
+  wall time per image of the pair;
+- `1 session x 1 thread, 2 images at once`: one single-thread session that two Python threads run at
+  once (the predictor now: `--inference-workers 2`, one model in memory), timed the same way.
 - `int8 QDQ`: static int8 quantisation (QDQ format, per-channel int8 weights, the Conv, MatMul and Gemm
   nodes only), calibrated on `--calibration` training images pre-processed as the predictor does.
 
@@ -120,7 +123,7 @@ def main() -> None:
         fp32 = Path(tmp) / "detector.onnx"
         fp32.write_bytes(package.graph)
         variants = {
-            "predictor": lambda: Session(package.graph, args.threads),
+            BASE: lambda: Session(package.graph, args.threads),
             "offline-optimised": lambda: Session(str(_saved(package.graph, Path(tmp) / "optimised.onnx", args.threads)),
                                                  args.threads, optimise=False),
             "no spinning": lambda: Session(package.graph, args.threads, spinning=False),
@@ -137,23 +140,26 @@ def main() -> None:
                 print(f"{name}: not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
                 continue
             rows.append((name, time.perf_counter() - started, session))
-        pair = [Session(package.graph, 1), Session(package.graph, 1)]
-        rows.append(("2 sessions x 1 thread", 0.0, pair[0]))
+        shared = Session(package.graph, 1)
+        pairs = {"2 sessions x 1 thread": [Session(package.graph, 1), Session(package.graph, 1)],
+                 SHARED: [shared, shared]}
+        rows += [(name, 0.0, pair[0]) for name, pair in pairs.items()]
         timings: dict[str, list[float]] = {name: [] for name, _, _ in rows}
         for _ in range(args.passes):  # passes alternate between the variants
-            timings["2 sessions x 1 thread"].append(_pair_ms(pair, val_inputs))
+            for name, pair in pairs.items():
+                timings[name].append(_pair_ms(pair, val_inputs))
             for name, _, session in rows:
-                if name == "2 sessions x 1 thread":
+                if name in pairs:
                     continue
                 session.run(*val_inputs[0])
                 began = time.perf_counter()
                 for images, size in val_inputs:
                     session.run(images, size)
                 timings[name].append((time.perf_counter() - began) / len(val_inputs) * 1000)
-        base = statistics.median(timings["predictor"])
+        base = statistics.median(timings[BASE])
         print(f"\n{len(val_inputs)} validation images at {sizes[1]} px, {args.threads} threads, {args.passes} passes; "
               f"eager PyTorch: segm mAP {eager['segm']:.4f}, bbox {eager['bbox']:.4f}\n")
-        print("| variant | setup s | network ms/img (wall / images; median of passes) | img/s | x predictor | segm mAP | bbox mAP | candidate |")
+        print("| variant | setup s | network ms/img (wall / images; median of passes) | img/s | x one image | segm mAP | bbox mAP | candidate |")
         print("|---|---|---|---|---|---|---|---|")
         for name, setup_s, session in rows:
             ms = statistics.median(timings[name])
@@ -161,6 +167,9 @@ def main() -> None:
             ok = abs(metrics["segm"] - eager["segm"]) <= 0.005
             print(f"| {name} | {setup_s:.2f} | {ms:.2f} ({min(timings[name]):.2f}-{max(timings[name]):.2f}) | "
                   f"{1000 / ms:.1f} | x{base / ms:.2f} | {metrics['segm']:.4f} | {metrics['bbox']:.4f} | {'yes' if ok else 'no'} |")
+
+
+BASE, SHARED = "one image, all threads", "1 session x 1 thread, 2 images at once (the predictor)"
 
 
 def _pair_ms(pair: list[Session], inputs: list[tuple[np.ndarray, np.ndarray]]) -> float:

@@ -43,7 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="prediction requests admitted at once (running and waiting); beyond: 503 with Retry-After. "
                         "Default: what the memory budget affords at --max-body-mb (serving.limits)")
     p.add_argument("--memory-budget-mb", type=float, default=None,
-                   help="the memory the queue may assume (default: the container's memory limit, else 6144)")
+                   help="the memory the queue and the images in flight may assume (default: the container's memory "
+                        "limit, else 6144)")
     p.add_argument("--request-timeout-s", type=float, default=limits.request_timeout_s,
                    help="deadline from admission to answer; a request still queued then is dropped with 504")
     p.add_argument("--forward-limit-s", type=float, default=limits.forward_limit_s,
@@ -64,9 +65,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="where the graph runs: auto (the GPU when one is visible and onnxruntime-gpu is installed, "
                         "else the CPU, saying why), cpu, or cuda (refused at start when it cannot be had); the eager "
-                        "backend runs on the CPU")
+                        "network likewise, on the GPU PyTorch sees")
     p.add_argument("--threads", type=int, default=None,
-                   help="inference threads (default: the CPUs this process may use, capped by its container's CPU limit)")
+                   help="inference threads in all (default: the CPUs this process may use, capped by its container's "
+                        "CPU limit)")
+    p.add_argument("--inference-workers", type=int, default=None,
+                   help="images inferred at once, each on threads/N intra-op threads (default: with the graph on the "
+                        "CPU, one per thread, at most 8; on the GPU or in eager PyTorch, 1, the most eager allows)")
     p.add_argument("--public-keys", default=os.environ.get(PUBLIC_KEYS_ENV, ""),
                    help=f"trusted Ed25519 public keys: a PEM file (one or more keys) or a folder of *.pem files, e.g. "
                         f"a mounted ConfigMap; with any, unsigned or wrongly signed packages are refused. Default "
@@ -74,24 +79,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def limits_from(args: argparse.Namespace, fd_limit: int) -> ServingLimits:
+def limits_from(args: argparse.Namespace, fd_limit: int, workers: int | None = None) -> ServingLimits:
+    """The limits the flags ask for; the queue, when not given, from the memory budget beside `workers`
+    images in flight (default: `--inference-workers`, else one)."""
     max_body = int(args.max_body_mb * MIB)
-    budget = int(args.memory_budget_mb * MIB) if args.memory_budget_mb else memory_budget()
+    budget = memory_budget_of(args)
     connections = args.max_connections if args.max_connections is not None else connections_for_fds(fd_limit)
+    workers = workers or args.inference_workers or 1
     return ServingLimits(
-        max_queue=args.max_queue if args.max_queue is not None else queue_for_memory(budget, max_body),
+        max_queue=args.max_queue if args.max_queue is not None else
+        queue_for_memory(budget, max_body, workers, args.max_pixels),
         max_body_bytes=max_body, request_timeout_s=args.request_timeout_s, forward_limit_s=args.forward_limit_s,
         header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
         max_connections=connections, backlog=backlog_for_fds(fd_limit, connections),
         grace_period_s=args.grace_period_s, drain_delay_s=args.drain_delay_s)
 
 
+def memory_budget_of(args: argparse.Namespace) -> int:
+    return int(args.memory_budget_mb * MIB) if args.memory_budget_mb else memory_budget()
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     setup_logging()
     args, _ = get_args_parser().parse_known_args(argv)  # kserve parses its own flags at import
+    fd_limit = raise_fd_limit()
     try:
-        limits = limits_from(args, raise_fd_limit())
+        limits = limits_from(args, fd_limit)  # every flag checked before the package is read
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -107,16 +121,25 @@ def main(argv: list[str] | None = None) -> int:
         model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,
                                   max_detections=args.max_detections, max_pixels=args.max_pixels, backend=args.backend,
                                   threads=args.threads, public_keys=args.public_keys or None,
-                                  forward_limit_s=limits.forward_limit_s, device=args.device)
+                                  forward_limit_s=limits.forward_limit_s, device=args.device,
+                                  workers=args.inference_workers, memory_budget_bytes=memory_budget_of(args))
+    except ValueError as exc:  # a flag out of its range
+        log.error("%s", exc)
+        return 2
+    except SignatureError as exc:  # unreadable public keys
+        log.error("not serving %s: %s", args.model_dir, exc)
+        return 1
+    try:
         model.load()
     except (PackageError, SignatureError, GraphError) as exc:  # never ready: the pod restarts and KServe reports the failed load
         log.error("not serving %s: %s", args.model_dir, exc)
         return 1
+    limits = limits_from(args, fd_limit, model.workers)  # the queue beside the images in flight
     app = build_app(model, limits)
     log.info("loaded in %.1f s; serving on http://%s:%d (web page: /ui); %s", time.perf_counter() - started, args.host,
              args.http_port, limits)
     make_server(app, app.state.admission, limits, args.host, args.http_port).run()
-    if model.forward_seconds() > 0:  # the inference thread cannot be joined: leave without waiting for it
+    if model.forward_seconds() > 0:  # an inference thread cannot be joined: leave without waiting for it
         log.error("exiting with a forward pass still running after %.0f s", model.forward_seconds())
         logging.shutdown()
         os._exit(1)

@@ -1,10 +1,10 @@
-"""Admission of prediction requests: a bounded queue in front of the inference thread, a deadline per
+"""Admission of prediction requests: a bounded queue in front of the inference threads, a deadline per
 request, work dropped for clients that left, and refusal while draining.
 
 As Knative's queue-proxy does for `containerConcurrency`, at most `max_queue` prediction requests are
 admitted at once; one more is answered 503 with `Retry-After` at once, before its body is read or
 decoded (the body is drained unread, so that a plain client sees the 503, not a reset). An admitted
-request carries a `Ticket`: its deadline, and whether its client is still connected. The inference
+request carries a `Ticket`: its deadline, and whether its client is still connected. Its inference
 thread checks the ticket before each forward pass, so work for a client that left, or past its
 deadline, is dropped rather than computed, and counted in `maskrcnn_requests_dropped_total`.
 """
@@ -64,7 +64,7 @@ class Ticket:
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.stopped = asyncio.Event()  # the client left, or the server gave up on this request
-        self.stop_reason: str | None = None  # read by the inference thread (an Event is for the event loop)
+        self.stop_reason: str | None = None  # read by an inference thread (an Event is for the event loop)
         self.dropped: str | None = None
 
     def remaining(self) -> float:

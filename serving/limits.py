@@ -4,12 +4,15 @@ and stuck forward passes, and how it drains on SIGTERM.
 The queue depth is derived from the memory budget, as the pod's memory limit sets it: a queued request
 holds its body, and a body of B bytes costs about `REQUEST_MEMORY_FACTOR` x B while it is parsed
 (the raw bytes, the JSON string, the base64-decoded image, the decoded pixels; measured: 98 MB for a
-26 MB body, see `benchmarks/serving_load.py`). So
+26 MB body, see `benchmarks/serving_load.py`), and each image being inferred beyond the first holds
+about `IMAGE_BYTES_PER_PIXEL` x max pixels (its pixels, the network's input, its masks). So
 
-    max_queue = (memory budget - RESIDENT_RESERVE) // (REQUEST_MEMORY_FACTOR x max body), in [1, 64]
+    max_queue = (memory budget - RESIDENT_RESERVE - (workers - 1) x image working set)
+                // (REQUEST_MEMORY_FACTOR x max body), in [1, 64]
 
-which for the InferenceService's 6 GiB limit and the default 32 MiB body is 32: the
-`containerConcurrency` in `deployment/base/inferenceservice.yaml` (a test checks that they agree).
+which for the InferenceService's 6 GiB limit, its 2 inference workers, the default 32 MiB body and
+16 MP images is 27: the `containerConcurrency` in `deployment/base/inferenceservice.yaml` (a test checks
+that they agree). The default number of workers is itself bounded by memory (`workers_for_memory`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 REQUEST_MEMORY_FACTOR = 4  # bytes of memory per byte of request body while a request is held
-RESIDENT_RESERVE = 2048 * MIB  # the process without requests: the interpreter, torch, the model, ONNX Runtime
+RESIDENT_RESERVE = 2048 * MIB  # the process and one image in flight: the interpreter, torch, the model, ONNX Runtime
+IMAGE_BYTES_PER_PIXEL = 40  # one image in flight (measured 446 MB at 12 MP, 37 B/px: benchmarks/serving_memory.py)
 DEFAULT_MEMORY_BUDGET = 6144 * MIB  # the InferenceService's memory limit, when no cgroup limit is readable
 MAX_QUEUE_CAP = 64
 DEFAULT_MAX_BODY = 32 * MIB
@@ -33,9 +37,21 @@ MAX_CONNECTIONS_CAP = 2048
 MAX_BACKLOG = 2048  # uvicorn's default listen backlog
 
 
-def queue_for_memory(memory_budget: int, max_body_bytes: int) -> int:
-    """The queue depth a memory budget affords at this body limit (see the module's docstring)."""
-    free = memory_budget - RESIDENT_RESERVE
+def image_working_set(max_pixels: int) -> int:
+    """Bytes one image holds while it is inferred, at the largest size admitted."""
+    return IMAGE_BYTES_PER_PIXEL * max_pixels
+
+
+def workers_for_memory(memory_budget: int, max_pixels: int) -> int:
+    """The most images in flight whose working sets take at most half the memory beyond the reserve (the
+    other half is the queue's), at least one."""
+    return max(1, 1 + (memory_budget - RESIDENT_RESERVE) // 2 // image_working_set(max_pixels))
+
+
+def queue_for_memory(memory_budget: int, max_body_bytes: int, workers: int = 1, max_pixels: int = 16_000_000) -> int:
+    """The queue depth a memory budget affords at this body limit, beside `workers` images in flight of at
+    most `max_pixels` each (see the module's docstring)."""
+    free = memory_budget - RESIDENT_RESERVE - (workers - 1) * image_working_set(max_pixels)
     return max(1, min(MAX_QUEUE_CAP, free // (REQUEST_MEMORY_FACTOR * max_body_bytes)))
 
 

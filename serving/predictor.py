@@ -45,13 +45,13 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
 
 from serving.admission import TICKET, Ticket
-from serving.limits import ServingLimits
+from serving.limits import ServingLimits, memory_budget, workers_for_memory
 from serving.observe import ModelMetrics
 from training.reference import MAX_DETECTIONS, SCORE_THRESHOLD
 from training.data.labels import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from training.transform import MASK_BUDGET_BYTES, Network, detect
-from training.graph import DEVICES, GraphError, OnnxDetector
+from training.graph import CPU_EP, DEVICES, GraphError, OnnxDetector, providers_here
 from training.package import PackageError, open_package
 from training.signature import load_public_keys
 
@@ -61,7 +61,8 @@ Backend = Literal["auto", "onnxruntime", "eager"]  # where the network runs (see
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 PROBE_TIMEOUT_S = 60.0  # one probe input through the graph at load; a graph that runs longer is refused
-FORWARD_LIMIT_S = ServingLimits.forward_limit_s  # one forward pass longer: the inference thread is stuck
+FORWARD_LIMIT_S = ServingLimits.forward_limit_s  # one forward pass longer: an inference thread is stuck
+MAX_INFERENCE_WORKERS = 8  # images in flight at most by default (each holds its pixels and masks: see serving.limits)
 MAX_PIXELS = 16_000_000  # default of the predictor and its CLI (the score threshold and detections: the reference's)
 IMAGE_INPUT = {"name": "image", "datatype": "BYTES", "shape": [-1]}  # base64 JPG/PNG/TIFF, one per element
 DETECTIONS_OUTPUT = {"name": "detections", "datatype": "BYTES", "shape": [-1]}  # one JSON result per image
@@ -75,7 +76,8 @@ class MaskRCNNPredictor(Model):
                  max_detections: int = MAX_DETECTIONS, max_pixels: int = MAX_PIXELS, max_images: int = 8,
                  mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: Backend = "auto", threads: int | None = None,
                  public_keys: str | Path | None = None, probe_timeout_s: float = PROBE_TIMEOUT_S,
-                 forward_limit_s: float = FORWARD_LIMIT_S, device: str = "auto"):
+                 forward_limit_s: float = FORWARD_LIMIT_S, device: str = "auto", workers: int | None = None,
+                 memory_budget_bytes: int | None = None):
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
@@ -91,20 +93,26 @@ class MaskRCNNPredictor(Model):
         if threads is not None and threads < 1:
             raise ValueError(f"threads: expected an integer >= 1, got {threads}")
         self.threads = threads  # None: the CPUs this process may use (`cpu_budget`)
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"inference workers: expected an integer >= 1, got {workers!r}")
+        self.workers_asked = workers  # None: one image per core with a graph on the CPU, else one (see `load`)
+        self.memory_budget_bytes = memory_budget_bytes  # None: the container's limit (`serving.limits.memory_budget`)
+        self.workers = 1
         # Trusted signing keys (a PEM file or a folder of them): with any, only packages they signed are served.
         self.public_keys = load_public_keys(public_keys) if public_keys else None
         self.probe_timeout_s = probe_timeout_s
         self.forward_limit_s = forward_limit_s  # the watchdog's: see `forward_seconds` and serving.app's Health
-        self._forward_started: float | None = None  # monotonic time the running forward pass began
+        self._running: dict[int, float] = {}  # inference thread -> monotonic time its running forward pass began
         self.network: Network | None = None  # the graph's or the eager model's run (training.transform.Network)
         self.graph: OnnxDetector | None = None
         self.torch_threads: int | None = None
         self.version = ""
         self.signer = ""
-        self._lock = threading.Lock()  # one forward pass at a time: they use every core already
-        # One inference thread: requests queue holding their compressed bodies only, not decoded images.
+        # `workers` forward passes at once (set by `load`); requests queue holding their compressed bodies
+        # only, not decoded images
+        self._slots = threading.BoundedSemaphore(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self.last_forward_seconds = 0.0
+        self._timing = threading.local()  # each inference thread's last forward pass, in seconds
         self.metrics: ModelMetrics | None = None  # the served version's series, made by `load` (none before)
 
     def load(self) -> bool:
@@ -121,7 +129,10 @@ class MaskRCNNPredictor(Model):
         if self.backend == "onnxruntime" and package.graph is None:
             raise PackageError(f"{self.model_dir}: backend onnxruntime needs the package's detector.onnx, and it has "
                                f"none (re-export it with `uv run -m training.export`, or serve with backend eager)")
-        graph = OnnxDetector(package.graph, cores, self.device) if self.backend != "eager" and package.graph is not None else None
+        graph_wanted = self.backend != "eager" and package.graph is not None
+        self.workers = self._workers_for(cores, graph_wanted, graph_wanted and providers_here(self.device)[0] == [CPU_EP])
+        per_image = max(1, cores // self.workers)  # each image's intra-op threads
+        graph = OnnxDetector(package.graph, per_image, self.device) if graph_wanted else None
         if graph is not None:
             network: Network = graph.run
         else:
@@ -139,18 +150,40 @@ class MaskRCNNPredictor(Model):
         self.metrics = ModelMetrics(self.version, self.label_map.names, package.reference)  # before the model: infer needs both
         self.network, self.graph = network, graph
         self.torch_threads = None if self.graph is not None else cores  # set per forward pass, in `infer`
+        self._slots = threading.BoundedSemaphore(self.workers)
+        self._executor.shutdown(wait=False)
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
         self.ready = True
         log.info("model %s ready: version %s, classes %s, network on %s, probe matched, %s", self.name,
                  self.version or "?", self.label_map.names,
-                 f"ONNX Runtime ({cores} threads)" if self.graph else f"eager PyTorch ({cores} threads)",
+                 f"ONNX Runtime (inference workers {self.workers}, threads per image {per_image})" if self.graph
+                 else f"eager PyTorch (inference workers 1, threads per image {cores})",
                  f"signed by key {self.signer}" if self.signer else "signature not checked (no public key configured)")
         return self.ready
 
+    def _workers_for(self, cores: int, graph: bool, graph_on_cpu: bool) -> int:
+        """How many images are inferred at once. Default: with the graph on the CPU, one image per core, each
+        on one intra-op thread (this model's per-image work is partly serial, so two single-thread images
+        on two cores give 1.4x the images per second of one image on two threads: benchmarks/RESULTS.md),
+        at most `MAX_INFERENCE_WORKERS` and as many as the memory budget holds at `max_pixels` each
+        (`serving.limits.workers_for_memory`); on the GPU, or in eager PyTorch, one."""
+        if self.workers_asked is None:
+            if not graph_on_cpu:
+                return 1
+            budget = self.memory_budget_bytes or memory_budget()
+            return min(cores, MAX_INFERENCE_WORKERS, workers_for_memory(budget, self.max_pixels))
+        if self.workers_asked > 1 and not graph:
+            raise PackageError(f"{self.model_dir}: --inference-workers {self.workers_asked} needs the package's graph "
+                               f"in ONNX Runtime; eager PyTorch (backend {self.backend}"
+                               f"{'' if self.backend == 'eager' else ', the package has no detector.onnx'}) runs "
+                               f"one image at a time on all its threads: use --inference-workers 1")
+        return self.workers_asked
+
     # -- health and metadata -------------------------------------------------------------------
     def forward_seconds(self) -> float:
-        """How long the forward pass running now has run (0 when none runs): the watchdog's reading."""
-        started = self._forward_started
-        return 0.0 if started is None else time.monotonic() - started
+        """How long the longest forward pass running now has run (0 when none runs): the watchdog's reading."""
+        started = tuple(self._running.values())  # copied at once: inference threads add and remove theirs
+        return 0.0 if not started else time.monotonic() - min(started)
 
     def stuck_problem(self, ready: bool) -> str | None:
         """The watchdog: what is wrong when the running forward pass has run past the limit (liveness), or
@@ -159,7 +192,7 @@ class MaskRCNNPredictor(Model):
         if ready and running > limit / 2:
             return f"a forward pass has run {running:.0f} s, past half the limit of {limit:g} s"
         if running > limit:
-            return f"a forward pass has run {running:.0f} s, past the limit of {limit:g} s: the inference thread is stuck"
+            return f"a forward pass has run {running:.0f} s, past the limit of {limit:g} s: an inference thread is stuck"
         return None
 
     async def healthy(self) -> bool:
@@ -282,7 +315,7 @@ class MaskRCNNPredictor(Model):
             if ticket is not None:
                 ticket.check()
             results += self.infer([self._decode(blob, i)], threshold, max_det, overlay)
-            forward_s += self.last_forward_seconds  # this thread's: the executor runs one request at a time
+            forward_s += self._timing.seconds  # this inference thread's last forward pass
         return results, forward_s
 
     def infer(self, images: list[np.ndarray], threshold: float, max_det: int, overlay: bool) -> list[dict[str, Any]]:
@@ -293,15 +326,15 @@ class MaskRCNNPredictor(Model):
         for img in images:
             self.metrics.image(img)
             try:
-                with self._lock, _torch_threads(self.torch_threads), self.metrics.forward():
-                    start = time.perf_counter()
-                    self._forward_started = time.monotonic()
+                with self._slots, _torch_threads(self.torch_threads), self.metrics.forward():
+                    start, me = time.perf_counter(), threading.get_ident()
+                    self._running[me] = time.monotonic()
                     try:
                         pred = detect(self.network, img, self.config.model.min_size, self.config.model.max_size,
                                       self.mask_threshold, threshold, max_det, self.mask_budget_bytes)
                     finally:
-                        self._forward_started = None
-                    self.last_forward_seconds = time.perf_counter() - start
+                        del self._running[me]
+                    self._timing.seconds = time.perf_counter() - start
             except Exception as exc:
                 log.exception("forward pass failed")
                 raise InferenceError(f"model failure: {type(exc).__name__}: {exc}") from exc
@@ -340,7 +373,7 @@ class MaskRCNNPredictor(Model):
 
     async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> dict | InferResponse:
-        # Decoding and the forward pass are CPU-bound: they run on the inference thread, so the event loop
+        # Decoding and the forward pass are CPU-bound: they run on the inference threads, so the event loop
         # keeps answering liveness and readiness probes (and other requests' I/O) meanwhile.
         if isinstance(payload, InferRequest):
             blobs, params = self._images_v2(payload)
@@ -358,7 +391,7 @@ class MaskRCNNPredictor(Model):
         return {"predictions": results}
 
     async def _queued(self, blobs: list[bytes], params: Any) -> tuple[list[dict[str, Any]], float]:
-        """Run `_run` on the inference thread; with an admission ticket (requests through the app), give up
+        """Run `_run` on an inference thread; with an admission ticket (requests through the app), give up
         as soon as the client leaves or the deadline passes, dropping work not yet started."""
         ticket = TICKET.get()
         work = asyncio.get_running_loop().run_in_executor(self._executor, self._run, blobs, *self._options(params), ticket)

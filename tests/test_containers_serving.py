@@ -96,9 +96,11 @@ def test_the_predictor_runs_hardened_and_answers_readiness_v1_v2_and_the_page(pr
     with urllib.request.urlopen(f"{url}/v2/models/maskrcnn/ready", timeout=10) as resp:
         assert resp.status == 200
     # the package's ONNX graph runs in ONNX Runtime, under the read-only root filesystem, on as many
-    # threads as the container's CPU limit allows (1 here), not the host's cores
+    # threads as the container's CPU limit allows (1 here: one inference worker of one thread), not the
+    # host's cores
     logs = subprocess.run(["podman", "logs", name], env=podman.env, capture_output=True, text=True)
-    assert "network on ONNX Runtime (1 threads)" in logs.stdout + logs.stderr, (logs.stdout + logs.stderr)[-2000:]
+    assert "network on ONNX Runtime (inference workers 1, threads per image 1)" in logs.stdout + logs.stderr, \
+        (logs.stdout + logs.stderr)[-2000:]
     image = np.zeros((96, 128, 3), np.uint8)
     image[20:60, 30:80] = 255
     b64 = base64.b64encode(encode_image(image)).decode()

@@ -95,7 +95,10 @@ def test_the_predictors_limits_and_the_manifests_agree():
     memory = quantity_bytes(predictor["model"]["resources"]["limits"]["memory"])
     args.memory_budget_mb = memory / (1 << 20)
     limits = limits_from(args, fd_limit=1 << 16)
-    assert predictor["containerConcurrency"] == limits.max_queue == queue_for_memory(memory, limits.max_body_bytes) == 32
+    # the images in flight are pinned to the CPU request, so that the queue beside them is known here
+    assert args.inference_workers == args.threads == 2
+    assert predictor["containerConcurrency"] == limits.max_queue == \
+        queue_for_memory(memory, limits.max_body_bytes, 2, args.max_pixels) == 27
     assert predictor["timeout"] == limits.request_timeout_s
     assert predictor["terminationGracePeriodSeconds"] >= limits.grace_period_s + 5
     readiness, liveness = predictor["model"]["readinessProbe"], predictor["model"]["livenessProbe"]

@@ -13,7 +13,8 @@ from conftest import SERVING_MAX_BODY, encode_image
 from faster_coco_eval.core import mask as mask_util
 
 from training.package import CHECKSUM_FILE, PackageError
-from serving.predictor import MaskRCNNPredictor
+from serving.limits import RESIDENT_RESERVE, image_working_set, queue_for_memory, workers_for_memory
+from serving.predictor import MAX_INFERENCE_WORKERS, MAX_PIXELS, MaskRCNNPredictor
 from training.data.images import decode_image, to_tensor
 
 MAX_BODY = SERVING_MAX_BODY
@@ -351,10 +352,37 @@ def test_threads_follow_the_containers_cpu_limit(tmp_path, serving_package):
     assert cpu_budget(tmp_path / "nothing") == cores
     one = MaskRCNNPredictor("m", str(serving_package), threads=1)
     assert one.load() and one.graph.threads == 1 and one.torch_threads is None  # torch is not used
+    assert one.workers == 1 and one._executor._max_workers == 1
     eager = MaskRCNNPredictor("m", str(serving_package), threads=1, backend="eager")
     assert eager.load() and eager.graph is None and eager.torch_threads == 1
     with pytest.raises(ValueError, match="threads: expected an integer >= 1, got 0"):
         MaskRCNNPredictor("m", str(serving_package), threads=0)
+
+
+def test_inference_workers_one_image_per_core_with_the_graph_on_the_cpu(serving_package):
+    """With the graph on the CPU, each core infers its own image on one intra-op thread (the default, at
+    most 8 at once); `--inference-workers` sets it, each image then getting threads/N; eager PyTorch
+    infers one image at a time, and asking it for more is refused naming the flag."""
+    four = MaskRCNNPredictor("m", str(serving_package), threads=4, device="cpu")
+    assert four.load() and four.workers == 4 and four.graph.threads == 1 and four._executor._max_workers == 4
+    many = MaskRCNNPredictor("m", str(serving_package), threads=12, device="cpu", memory_budget_bytes=64 << 30)
+    assert many.load() and many.workers == MAX_INFERENCE_WORKERS == 8 and many.graph.threads == 1
+    two = MaskRCNNPredictor("m", str(serving_package), threads=4, workers=2, device="cpu")
+    assert two.load() and two.workers == 2 and two.graph.threads == 2
+    # the memory budget bounds them too: beyond the reserve, half of it for images of max_pixels each
+    budget = RESIDENT_RESERVE + 2 * image_working_set(MAX_PIXELS)
+    assert workers_for_memory(budget, MAX_PIXELS) == 2 and workers_for_memory(RESIDENT_RESERVE, MAX_PIXELS) == 1
+    tight = MaskRCNNPredictor("m", str(serving_package), threads=4, device="cpu", memory_budget_bytes=budget)
+    assert tight.load() and tight.workers == 2 and tight.graph.threads == 2
+    # and each image in flight beyond the first is taken from the queue's share
+    assert queue_for_memory(6 << 30, 32 << 20) == 32 and queue_for_memory(6 << 30, 32 << 20, 2, MAX_PIXELS) == 27
+    eager = MaskRCNNPredictor("m", str(serving_package), threads=4, backend="eager")
+    assert eager.load() and eager.workers == 1 and eager.torch_threads == 4
+    with pytest.raises(PackageError, match="--inference-workers 2 needs the package's graph in ONNX Runtime; eager "
+                                           "PyTorch \\(backend eager\\) runs one image at a time"):
+        MaskRCNNPredictor("m", str(serving_package), workers=2, backend="eager").load()
+    with pytest.raises(ValueError, match="inference workers: expected an integer >= 1, got 0"):
+        MaskRCNNPredictor("m", str(serving_package), workers=0)
 
 
 SERVED_ROUTES = {
@@ -388,14 +416,15 @@ def test_health_follows_the_forward_pass_watchdog_and_the_drain(serving_predicto
     import time
 
     monkeypatch.setattr(serving_predictor, "forward_limit_s", 10.0)
-    monkeypatch.setattr(serving_predictor, "_forward_started", time.monotonic() - 6)
+    now = time.monotonic()
+    monkeypatch.setattr(serving_predictor, "_running", {1: now - 1, 2: now - 6})  # the longest-running counts
     assert client.get("/v2/health/ready").status_code == 503
     assert client.get("/v1/models/maskrcnn").status_code == 503
     assert client.get("/v2/health/live").status_code == 200
-    monkeypatch.setattr(serving_predictor, "_forward_started", time.monotonic() - 11)
+    monkeypatch.setattr(serving_predictor, "_running", {1: now - 2, 2: now - 11})
     answer = client.get("/")
-    assert answer.status_code == 503 and "the inference thread is stuck" in answer.json()["error"]
-    monkeypatch.setattr(serving_predictor, "_forward_started", None)
+    assert answer.status_code == 503 and "an inference thread is stuck" in answer.json()["error"]
+    monkeypatch.setattr(serving_predictor, "_running", {})
     admission = client.app.state.admission
     admission.draining = True
     try:

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 HOOKED = [sys.executable, str(Path(__file__).with_name("hooked_serving.py"))]
 FD_LIMIT = 256  # the server's hard open-file limit in these tests (soft: 64, raised at start): 128 client connections
+WORKERS = 2  # images inferred at once (--inference-workers): the default on a 2-core machine, pinned for any machine
 
 
 def body(width: int = 32, height: int = 32, seed: int = 0) -> bytes:
@@ -38,12 +39,13 @@ SLOW, STUCK = body(17), body(13)
 
 @pytest.fixture(scope="module")
 def server(serving_package, tmp_path_factory):
-    """Queue of 4, 3 s deadline, 5 s header and 1 s body time-outs, open-file limits 64 (soft) and 256
-    (hard). The header time-out is long enough for the slow-client test to open its 300 connections and
+    """Queue of 4, two inference workers, 3 s deadline, 5 s header and 1 s body time-outs, open-file limits
+    64 (soft) and 256 (hard). The header time-out is long enough for the slow-client test to open its 300 connections and
     make a prediction before the first of them is timed out (on a loaded 2-core machine, 1 s was not)."""
     with predictor(serving_package, tmp_path_factory.mktemp("faults") / "serving.log", "--max-queue", "4",
                    "--request-timeout-s", "3", "--header-timeout-s", "5", "--body-timeout-s", "1",
-                   "--score-threshold", "0.0", "--max-detections", "5", launcher=HOOKED, fd_limit=(64, FD_LIMIT)) as srv:
+                   "--score-threshold", "0.0", "--max-detections", "5", "--inference-workers", str(WORKERS),
+                   launcher=HOOKED, fd_limit=(64, FD_LIMIT)) as srv:
         yield srv
 
 
@@ -100,23 +102,24 @@ def test_saturation_is_refused_before_the_body_is_read_and_memory_stays_bounded(
 
 
 def test_a_request_past_its_deadline_is_dropped_before_its_forward_pass(server):
-    """Two requests of eight heavy images each (0.5 s an image) against a 3 s deadline: both answered 504 at
-    the deadline, and counted dropped (deadline); images not started by then are never computed (the
-    second request, queued behind the first, computes at most one)."""
+    """Three requests of eight heavy images each (0.5 s an image) against a 3 s deadline, on two inference
+    workers: all answered 504 at the deadline, and counted dropped (deadline); images not started by then
+    are never computed (the two running requests compute 5 to 7 images each, the third, queued behind
+    them, at most one)."""
     slow = json.loads(SLOW)["instances"][0]
     eight = json.dumps({"instances": [slow] * 8}).encode()
     before = metrics(server.url)
-    with ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda _: predict(server.url, eight), range(2)))
-    assert [a.status for a in answers] == [504, 504], answers
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: predict(server.url, eight), range(3)))
+    assert [a.status for a in answers] == [504, 504, 504], answers
     for a in answers:
         assert "deadline of 3 s passed before its forward pass" in a.json()["error"]
     time.sleep(0.6)  # the image running at the deadline finishes; nothing after it starts
     after = metrics(server.url)
     assert metric(after, "maskrcnn_requests_dropped_total", reason="deadline") - \
-        metric(before, "maskrcnn_requests_dropped_total", reason="deadline") == 2
+        metric(before, "maskrcnn_requests_dropped_total", reason="deadline") == 3
     forwards = metric(after, "maskrcnn_detections_per_image_count") - metric(before, "maskrcnn_detections_per_image_count")
-    assert 5 <= forwards <= 8, f"{forwards:.0f} of the 16 images computed; expected those started within 3 s"
+    assert 10 <= forwards <= 15, f"{forwards:.0f} of the 24 images computed; expected those started within 3 s"
     assert predict(server.url, body()).status == 200
 
 
@@ -141,8 +144,8 @@ def test_work_for_clients_that_left_is_dropped_and_counted(server):
     full = metric(after, "maskrcnn_requests_rejected_total", reason="queue_full") - \
         metric(before, "maskrcnn_requests_rejected_total", reason="queue_full")
     assert left == 12 and answered_499 == 12, {"client_left": left, "499": answered_499, "queue_full": full}
-    # at most one forward pass per round had started before its client was seen to leave
-    assert forwards <= 3, f"{forwards:.0f} forward passes computed for 12 clients that left"
+    # at most one forward pass per worker and round had started before its client was seen to leave
+    assert forwards <= 3 * WORKERS, f"{forwards:.0f} forward passes computed for 12 clients that left"
 
 
 def test_slow_clients_up_to_the_descriptor_limit(server):
@@ -192,15 +195,20 @@ def test_slow_clients_up_to_the_descriptor_limit(server):
 
 
 def test_a_stuck_forward_pass_fails_readiness_then_liveness_and_sigterm_still_ends_it(serving_package, tmp_path):
-    """A forward pass that never returns: readiness fails past half the limit (traffic moves away), then
-    liveness past the limit (Kubernetes restarts the pod); SIGTERM ends the process within the grace period."""
+    """A forward pass that never returns: the other inference worker still answers; readiness fails past half
+    the limit (traffic moves away), then liveness past the limit (Kubernetes restarts the pod); SIGTERM ends
+    the process within the grace period."""
     with predictor(serving_package, tmp_path / "serving.log", "--forward-limit-s", "2", "--grace-period-s", "2",
-                   "--drain-delay-s", "0", launcher=HOOKED) as srv:
+                   "--drain-delay-s", "0", "--inference-workers", str(WORKERS), launcher=HOOKED) as srv:
         for path in ("/", "/v2/health/live", "/v2/health/ready", "/v1/models/maskrcnn", "/v2/models/maskrcnn/ready"):
             assert request(srv.url, "GET", path).status == 200, path
         with ThreadPoolExecutor(1) as pool:
             stuck = pool.submit(predict, srv.url, STUCK, 30)
-            time.sleep(1.3)
+            began = time.monotonic()
+            time.sleep(0.2)  # the stuck request reaches its worker first
+            answer = predict(srv.url, body(), 5)  # on the other worker, while the first is stuck
+            assert answer.status == 200 and time.monotonic() - began < 0.9, answer
+            time.sleep(1.3 - (time.monotonic() - began))
             for path in ("/v2/health/ready", "/v1/models/maskrcnn", "/v2/models/maskrcnn/ready"):
                 answer = request(srv.url, "GET", path)
                 assert answer.status == 503 and "past half the limit of 2 s" in answer.body.decode(), (path, answer)
@@ -208,7 +216,7 @@ def test_a_stuck_forward_pass_fails_readiness_then_liveness_and_sigterm_still_en
             time.sleep(1.2)
             for path in ("/", "/v2/health/live"):
                 answer = request(srv.url, "GET", path)
-                assert answer.status == 503 and "the inference thread is stuck" in answer.body.decode(), (path, answer)
+                assert answer.status == 503 and "an inference thread is stuck" in answer.body.decode(), (path, answer)
             srv.proc.send_signal(signal.SIGTERM)
             assert srv.proc.wait(10) == 1  # it does not wait for the stuck thread
             answer = stuck.result()  # answered when the grace period ended, not left hanging

@@ -72,6 +72,13 @@ def execution_providers(device: str, available: Sequence[str], gpu: bool) -> tup
     return [CPU_EP], f"on the CPU: {missing} (--device auto falls back)"
 
 
+def providers_here(device: str) -> tuple[list[str], str]:
+    """`execution_providers` for this machine: the installed onnxruntime's providers and its visible GPUs."""
+    import onnxruntime as ort
+
+    return execution_providers(device, ort.get_available_providers(), gpu_visible())
+
+
 def detection_mismatch(got: dict[str, Any], expected: dict[str, Any], atol: float = ATOL) -> str:
     """Why two sets of detections (`OUTPUTS` keys; numpy arrays or tensors) differ beyond `atol`, or "" when
     they agree. Order is free among detections whose scores tie within `atol` (float rounding may swap
@@ -162,7 +169,7 @@ class OnnxDetector:
     def __init__(self, graph: bytes, threads: int, device: Device = "cpu"):
         import onnxruntime as ort
 
-        providers, why = execution_providers(device, ort.get_available_providers(), gpu_visible())
+        providers, why = providers_here(device)
         log.info("the graph runs %s", why)
 
         options = ort.SessionOptions()
