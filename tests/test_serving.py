@@ -365,6 +365,7 @@ def test_inference_workers_one_image_per_core_with_the_graph_on_the_cpu(serving_
     infers one image at a time, and asking it for more is refused naming the flag."""
     four = MaskRCNNPredictor("m", str(serving_package), threads=4, device="cpu")
     assert four.load() and four.workers == 4 and four.graph.threads == 1 and four._executor._max_workers == 4
+    assert four._workers_for(4, graph=True, graph_on_cpu=False) == 1  # the graph on the GPU: one image at a time
     many = MaskRCNNPredictor("m", str(serving_package), threads=12, device="cpu", memory_budget_bytes=64 << 30)
     assert many.load() and many.workers == MAX_INFERENCE_WORKERS == 8 and many.graph.threads == 1
     two = MaskRCNNPredictor("m", str(serving_package), threads=4, workers=2, device="cpu")
