@@ -164,8 +164,8 @@ class MaskRCNNPredictor(Model):
     def _workers_for(self, cores: int, graph: bool, graph_on_cpu: bool) -> int:
         """How many images are inferred at once. Default: with the graph on the CPU, one image per core, each
         on one intra-op thread (this model's per-image work is partly serial, so two single-thread images
-        on two cores give 1.4x the images per second of one image on two threads: benchmarks/RESULTS.md),
-        at most `MAX_INFERENCE_WORKERS` and as many as the memory budget holds at `max_pixels` each
+        on two cores give 1.3x the network's images per second of one image on two threads:
+        benchmarks/RESULTS.md), at most `MAX_INFERENCE_WORKERS` and as many as the memory budget holds at `max_pixels` each
         (`serving.limits.workers_for_memory`); on the GPU, or in eager PyTorch, one."""
         if self.workers_asked is None:
             if not graph_on_cpu:
