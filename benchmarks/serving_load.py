@@ -3,8 +3,9 @@
 `python -m serving` on 127.0.0.1 with a package of the default config's architecture (seeded weights,
 images resized to `--image-size`), driven by the bounded clients of `devstack.load`:
 
-1. load: concurrency 1, 4, 16 and 64 at the default limits (queue 32 from the 6 GiB budget); p50/p99
-   latency of the 200s, 503s, errors (any other answer, or no answer);
+1. load: concurrency 1, 4, 16 and 64 at the default limits (the queue from the 6 GiB budget beside the
+   images in flight); p50/p99 latency of the 200s, 503s, errors (any other answer, or no answer); with
+   the default inference workers (one per core) and with one (each image on every core: the baseline);
 2. saturation: 16 concurrent 26 MB bodies, with a queue of 4 against a queue of 64 (the baseline, as
    good as no limit): peak RSS growth, and the memory each admitted request costs (the factor behind
    `serving.limits.REQUEST_MEMORY_FACTOR`);
@@ -70,13 +71,18 @@ def main() -> None:
     small, heavy = image_body(64), image_body(args.image_size, count=8)  # heavy: 8 images, the most one request holds
     report = []
 
-    log.info("1. load at concurrency 1, 4, 16, 64 (default limits)")
-    with load.predictor(package, work / "load.log") as srv:
-        load.run_load(srv.url, [small] * 4, 2)  # warm-up
-        rows = [load.summary(load.run_load(srv.url, [image_body(128, seed=i) for i in range(max(16, 2 * c))], c))
-                for c in (1, 4, 16, 64)]
-    report.append("Load (128 px images, default limits: queue 32):\n\n" +
-                  table(rows, ["concurrency", "requests", "ok", "503", "errors", "p50_ms", "p99_ms"]))
+    log.info("1. load at concurrency 1, 4, 16, 64 (default limits), one inference worker and the default")
+    rows = []
+    for workers in ("1", "default"):
+        flags = ("--inference-workers", workers) if workers != "default" else ()
+        with load.predictor(package, work / f"load-{workers}.log", *flags) as srv:
+            load.run_load(srv.url, [small] * 4, 2)  # warm-up
+            queue = int(load.metric(load.metrics(srv.url), "maskrcnn_queue_limit"))
+            for c in (1, 4, 16, 64):
+                row = load.summary(load.run_load(srv.url, [image_body(128, seed=i) for i in range(max(16, 2 * c))], c))
+                rows.append({"workers": workers, "queue": queue, **row})
+    report.append("Load (128 px images, default limits):\n\n" +
+                  table(rows, ["workers", "queue", "concurrency", "requests", "ok", "503", "errors", "p50_ms", "p99_ms"]))
 
     log.info("2. saturation: 16 concurrent 26 MB bodies, queue 4 against queue 64")
     big = json.dumps({"instances": [{"image": {"b64": "A" * (26 << 20)}}]}).encode()

@@ -105,6 +105,10 @@ class MaskRCNNPredictor(Model):
         self._running: dict[int, float] = {}  # inference thread -> monotonic time its running forward pass began
         self.network: Network | None = None  # the graph's or the eager model's run (training.transform.Network)
         self.graph: OnnxDetector | None = None
+        # With several workers: the graph on all threads, for an image that starts while no other runs (so
+        # light traffic keeps one image's latency on every core); None with one worker (`graph` is that)
+        self.wide_graph: OnnxDetector | None = None
+        self._running_lock = threading.Lock()
         self.torch_threads: int | None = None
         self.version = ""
         self.signer = ""
@@ -133,6 +137,7 @@ class MaskRCNNPredictor(Model):
         self.workers = self._workers_for(cores, graph_wanted, graph_wanted and providers_here(self.device)[0] == [CPU_EP])
         per_image = max(1, cores // self.workers)  # each image's intra-op threads
         graph = OnnxDetector(package.graph, per_image, self.device) if graph_wanted else None
+        wide = OnnxDetector(package.graph, cores, self.device) if graph is not None and per_image < cores else None
         if graph is not None:
             network: Network = graph.run
         else:
@@ -142,13 +147,15 @@ class MaskRCNNPredictor(Model):
         try:
             with _torch_threads(None if graph is not None else cores):
                 problem = package.probe.mismatch(network, self.probe_timeout_s)
+                if not problem and wide is not None:  # the same graph on more threads: checked all the same
+                    problem = package.probe.mismatch(wide.run, self.probe_timeout_s)
         except GraphError as exc:
             problem = str(exc)
         if problem:
             raise PackageError(f"{self.model_dir}: the network does not answer the package's probe as its weights "
                                f"did at export, so it is not served: {problem}")
         self.metrics = ModelMetrics(self.version, self.label_map.names, package.reference)  # before the model: infer needs both
-        self.network, self.graph = network, graph
+        self.network, self.graph, self.wide_graph = network, graph, wide
         self.torch_threads = None if self.graph is not None else cores  # set per forward pass, in `infer`
         self._slots = threading.BoundedSemaphore(self.workers)
         self._executor.shutdown(wait=False)
@@ -156,7 +163,8 @@ class MaskRCNNPredictor(Model):
         self.ready = True
         log.info("model %s ready: version %s, classes %s, network on %s, probe matched, %s", self.name,
                  self.version or "?", self.label_map.names,
-                 f"ONNX Runtime (inference workers {self.workers}, threads per image {per_image})" if self.graph
+                 f"ONNX Runtime (inference workers {self.workers}, threads per image {per_image}"
+                 f"{f', {cores} for an image that starts alone' if wide else ''})" if self.graph
                  else f"eager PyTorch (inference workers 1, threads per image {cores})",
                  f"signed by key {self.signer}" if self.signer else "signature not checked (no public key configured)")
         return self.ready
@@ -328,12 +336,15 @@ class MaskRCNNPredictor(Model):
             try:
                 with self._slots, _torch_threads(self.torch_threads), self.metrics.forward():
                     start, me = time.perf_counter(), threading.get_ident()
-                    self._running[me] = time.monotonic()
+                    with self._running_lock:  # alone: every thread for this image; else one worker's share
+                        network = self.wide_graph.run if self.wide_graph and not self._running else self.network
+                        self._running[me] = time.monotonic()
                     try:
-                        pred = detect(self.network, img, self.config.model.min_size, self.config.model.max_size,
+                        pred = detect(network, img, self.config.model.min_size, self.config.model.max_size,
                                       self.mask_threshold, threshold, max_det, self.mask_budget_bytes)
                     finally:
-                        del self._running[me]
+                        with self._running_lock:
+                            del self._running[me]
                     self._timing.seconds = time.perf_counter() - start
             except Exception as exc:
                 log.exception("forward pass failed")

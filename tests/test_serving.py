@@ -352,7 +352,7 @@ def test_threads_follow_the_containers_cpu_limit(tmp_path, serving_package):
     assert cpu_budget(tmp_path / "nothing") == cores
     one = MaskRCNNPredictor("m", str(serving_package), threads=1)
     assert one.load() and one.graph.threads == 1 and one.torch_threads is None  # torch is not used
-    assert one.workers == 1 and one._executor._max_workers == 1
+    assert one.workers == 1 and one._executor._max_workers == 1 and one.wide_graph is None  # one session
     eager = MaskRCNNPredictor("m", str(serving_package), threads=1, backend="eager")
     assert eager.load() and eager.graph is None and eager.torch_threads == 1
     with pytest.raises(ValueError, match="threads: expected an integer >= 1, got 0"):
@@ -366,6 +366,7 @@ def test_inference_workers_one_image_per_core_with_the_graph_on_the_cpu(serving_
     four = MaskRCNNPredictor("m", str(serving_package), threads=4, device="cpu")
     assert four.load() and four.workers == 4 and four.graph.threads == 1 and four._executor._max_workers == 4
     assert four._workers_for(4, graph=True, graph_on_cpu=False) == 1  # the graph on the GPU: one image at a time
+    assert four.wide_graph.threads == 4  # an image that starts alone: every thread
     many = MaskRCNNPredictor("m", str(serving_package), threads=12, device="cpu", memory_budget_bytes=64 << 30)
     assert many.load() and many.workers == MAX_INFERENCE_WORKERS == 8 and many.graph.threads == 1
     two = MaskRCNNPredictor("m", str(serving_package), threads=4, workers=2, device="cpu")
@@ -384,6 +385,42 @@ def test_inference_workers_one_image_per_core_with_the_graph_on_the_cpu(serving_
         MaskRCNNPredictor("m", str(serving_package), workers=2, backend="eager").load()
     with pytest.raises(ValueError, match="inference workers: expected an integer >= 1, got 0"):
         MaskRCNNPredictor("m", str(serving_package), workers=0)
+
+
+def test_an_image_that_starts_alone_runs_on_every_thread_and_one_beside_another_on_its_share(serving_package):
+    """Light traffic keeps one image's latency on all cores (the wide session); an image that starts while
+    another runs takes one worker's share (the single-thread session), so two run side by side."""
+    import threading
+    import time
+
+    predictor = MaskRCNNPredictor("m", str(serving_package), threads=2, workers=2, device="cpu")
+    assert predictor.load() and predictor.graph.threads == 1 and predictor.wide_graph.threads == 2
+    ran, beside = [], threading.Event()
+    wide_run, narrow_run = predictor.wide_graph.run, predictor.network
+
+    def wide(*args, **kwargs):
+        ran.append("wide")
+        if len(ran) == 3:  # the third image waits, running, until the fourth has started beside it
+            assert beside.wait(10), "the image started beside it never ran"
+        return wide_run(*args, **kwargs)
+
+    def narrow(*args, **kwargs):
+        ran.append("narrow")
+        beside.set()
+        return narrow_run(*args, **kwargs)
+
+    predictor.wide_graph.run, predictor.network = wide, narrow
+    image = np.zeros((64, 64, 3), np.uint8)
+    for _ in range(2):  # one after the other: each alone
+        predictor.infer([image], 0.5, 10, False)
+    assert ran == ["wide", "wide"]
+    first = threading.Thread(target=predictor.infer, args=([image], 0.5, 10, False))
+    first.start()
+    while len(ran) < 3:
+        time.sleep(0.01)
+    predictor.infer([image], 0.5, 10, False)  # starts while the third runs
+    first.join(10)
+    assert ran == ["wide", "wide", "wide", "narrow"]
 
 
 SERVED_ROUTES = {
