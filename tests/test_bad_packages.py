@@ -264,7 +264,7 @@ def test_a_hostile_package_is_refused_and_never_served(copy, case, plant, rule):
     predictor = MaskRCNNPredictor("maskrcnn", str(copy))
     with pytest.raises(PackageError, match=rule):
         predictor.load()
-    assert not predictor.ready and predictor.network is None and predictor.graph is None
+    assert not predictor.ready and predictor.network is None and predictor.graph is None and predictor.wide_graph is None
 
 
 def test_a_graph_that_never_returns_is_stopped_and_refused(copy):
@@ -325,6 +325,8 @@ def test_a_label_outside_the_label_map_is_a_model_failure(serving_predictor, mon
         return boxes, np.zeros_like(labels_), scores, masks
 
     monkeypatch.setattr(serving_predictor, "network", relabelled)
+    if serving_predictor.wide_graph is not None:  # several workers: a lone image runs on the wide session
+        monkeypatch.setattr(serving_predictor.wide_graph, "run", relabelled)
     with pytest.raises(InferenceError, match=r"label 0 is outside the label map \(1 to 3\)"):
         serving_predictor.infer([picture()], 0.0, 5, False)
     with pytest.raises(LabelError, match=r"label 4 is outside the label map \(1 to 3\)"):
