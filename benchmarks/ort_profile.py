@@ -42,7 +42,7 @@ def main() -> None:
     import onnxruntime as ort
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ceiling import matmul_flops_per_s
+    from benchmarks.ceiling import matmul_flops_per_s
     from training.data.dataset import CocoDataset
     from training.data.prepare import prepare_data
     from training.graph import OnnxDetector
@@ -117,5 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

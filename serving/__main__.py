@@ -16,10 +16,9 @@ import os
 import sys
 import time
 
-from serving.limits import (MIB, ServingLimits, backlog_for_fds, connections_for_fds, memory_budget,
+from serving.limits import (MAX_PIXELS, MIB, ServingLimits, backlog_for_fds, connections_for_fds, memory_budget,
                             queue_for_memory, raise_fd_limit)
-from serving.predictor import (BACKENDS, DEFAULT_MODEL_DIR, MAX_DETECTIONS, MAX_PIXELS, SCORE_THRESHOLD,
-                               MaskRCNNPredictor)
+from serving.predictor import BACKENDS, DEFAULT_MODEL_DIR, MAX_DETECTIONS, SCORE_THRESHOLD, MaskRCNNPredictor
 from training.graph import DEVICES
 from training.logs import setup_logging
 from training.package import MODEL_NAME

@@ -31,6 +31,7 @@ RESIDENT_RESERVE = 2048 * MIB  # the process and one image in flight: the interp
 IMAGE_BYTES_PER_PIXEL = 40  # one image in flight (measured 446 MB at 12 MP, 37 B/px: benchmarks/serving_memory.py)
 DEFAULT_MEMORY_BUDGET = 6144 * MIB  # the InferenceService's memory limit, when no cgroup limit is readable
 MAX_QUEUE_CAP = 64
+MAX_PIXELS = 16_000_000  # the largest image admitted by default (the predictor's and its CLI's --max-pixels)
 DEFAULT_MAX_BODY = 32 * MIB
 FD_RESERVE = 128  # descriptors kept for everything that is not a client connection (files, S3, logs)
 MAX_CONNECTIONS_CAP = 2048
@@ -48,7 +49,7 @@ def workers_for_memory(memory_budget: int, max_pixels: int) -> int:
     return max(1, 1 + (memory_budget - RESIDENT_RESERVE) // 2 // image_working_set(max_pixels))
 
 
-def queue_for_memory(memory_budget: int, max_body_bytes: int, workers: int = 1, max_pixels: int = 16_000_000) -> int:
+def queue_for_memory(memory_budget: int, max_body_bytes: int, workers: int = 1, max_pixels: int = MAX_PIXELS) -> int:
     """The queue depth a memory budget affords at this body limit, beside `workers` images in flight of at
     most `max_pixels` each (see the module's docstring)."""
     free = memory_budget - RESIDENT_RESERVE - (workers - 1) * image_working_set(max_pixels)

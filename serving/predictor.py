@@ -45,7 +45,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from PIL import Image
 
 from serving.admission import TICKET, Ticket
-from serving.limits import ServingLimits, memory_budget, workers_for_memory
+from serving.limits import MAX_PIXELS, ServingLimits, memory_budget, workers_for_memory
 from serving.observe import ModelMetrics
 from training.reference import MAX_DETECTIONS, SCORE_THRESHOLD
 from training.data.labels import LabelError
@@ -63,7 +63,6 @@ DEFAULT_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts sto
 PROBE_TIMEOUT_S = 60.0  # one probe input through the graph at load; a graph that runs longer is refused
 FORWARD_LIMIT_S = ServingLimits.forward_limit_s  # one forward pass longer: an inference thread is stuck
 MAX_INFERENCE_WORKERS = 8  # images in flight at most by default (each holds its pixels and masks: see serving.limits)
-MAX_PIXELS = 16_000_000  # default of the predictor and its CLI (the score threshold and detections: the reference's)
 IMAGE_INPUT = {"name": "image", "datatype": "BYTES", "shape": [-1]}  # base64 JPG/PNG/TIFF, one per element
 DETECTIONS_OUTPUT = {"name": "detections", "datatype": "BYTES", "shape": [-1]}  # one JSON result per image
 
@@ -134,10 +133,12 @@ class MaskRCNNPredictor(Model):
             raise PackageError(f"{self.model_dir}: backend onnxruntime needs the package's detector.onnx, and it has "
                                f"none (re-export it with `uv run -m training.export`, or serve with backend eager)")
         graph_wanted = self.backend != "eager" and package.graph is not None
-        self.workers = self._workers_for(cores, graph_wanted, graph_wanted and providers_here(self.device)[0] == [CPU_EP])
+        on_cpu = graph_wanted and providers_here(self.device)[0] == [CPU_EP]
+        self.workers = self._workers_for(cores, graph_wanted, on_cpu)
         per_image = max(1, cores // self.workers)  # each image's intra-op threads
         graph = OnnxDetector(package.graph, per_image, self.device) if graph_wanted else None
-        wide = OnnxDetector(package.graph, cores, self.device) if graph is not None and per_image < cores else None
+        # threads matter on the CPU only: on the GPU a second session would only take its memory
+        wide = OnnxDetector(package.graph, cores, self.device) if on_cpu and per_image < cores else None
         if graph is not None:
             network: Network = graph.run
         else:
