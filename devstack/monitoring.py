@@ -75,10 +75,12 @@ class Monitoring:
             raise StackError(f"query {expr!r} failed: {doc}")
         return [(r["metric"], float(r["value"][1])) for r in doc["data"]["result"]]
 
-    def set_targets(self, targets: list[str]) -> None:
-        """Scrape `targets` (host:port) from now on: the configuration rewritten and reloaded (`/-/reload`)."""
+    def set_targets(self, targets: list[str], labels: dict[str, str] | None = None) -> None:
+        """Scrape `targets` (host:port) from now on: the configuration rewritten and reloaded (`/-/reload`).
+        `labels`: target labels put on every series scraped from them, as a cluster's PodMonitoring or
+        PodMonitor puts `namespace` (and `pod`, `container`)."""
         config = yaml.safe_load((self.root / "prometheus.yml").read_text())
-        config["scrape_configs"][0]["static_configs"] = [{"targets": targets}]
+        config["scrape_configs"][0]["static_configs"] = [{"targets": targets, **({"labels": labels} if labels else {})}]
         (self.root / "prometheus.yml").write_text(yaml.safe_dump(config))
         request = urllib.request.Request(f"{self.prometheus_url}/-/reload", method="POST")
         with urllib.request.urlopen(request, timeout=10) as answer:

@@ -18,10 +18,13 @@ DEFAULT_IMAGE = "maskrcnn-platform:0.1.0"
 
 
 def prepare_data(config: str, overrides: list, data: str, val_data: str, data_format: str,
-                 dataset: Output[Dataset]) -> NamedTuple("PreparedOutputs", content_hash=str, train_images=int, val_images=int):
+                 dataset: Output[Dataset], data_hash: str = "") -> NamedTuple("PreparedOutputs", content_hash=str,
+                                                                               train_images=int, val_images=int):
     """Validate the dataset (the same checks as training), split it, and write both splits as COCO with
     their statistics and content hash. Empty `data`: the embedded synthetic dataset. `data_format`: coco,
-    or an annotation tool's export (labelme, cvat-xml, cvat-coco, labelstudio, yolo, voc, masks)."""
+    or an annotation tool's export (labelme, cvat-xml, cvat-coco, labelstudio, yolo, voc, masks).
+    `data_hash`: the content hash the data must have (the retrain trigger's, for the copy it staged); a
+    dataset that differs is refused, so a run never trains on data other than what started it."""
     from collections import namedtuple
 
     from pipelines.steps import load_step_config
@@ -29,6 +32,11 @@ def prepare_data(config: str, overrides: list, data: str, val_data: str, data_fo
 
     cfg = load_step_config(config, overrides, data=data, val_data=val_data, data_format=data_format)
     prepared = prepare(cfg.data, validate=True)
+    if data_hash and prepared.content_hash != data_hash:
+        from training.data.coco import DatasetError
+
+        raise DatasetError([f"content hash {prepared.content_hash} differs from the data_hash {data_hash} this run was "
+                            f"started for: the data changed since it was hashed; nothing was trained"], data or "data")
     export_prepared(prepared, dataset.path)
     dataset.metadata.update({"content_hash": prepared.content_hash, "classes": prepared.label_map.names})
     out = namedtuple("PreparedOutputs", ["content_hash", "train_images", "val_images"])
@@ -58,13 +66,15 @@ def train(config: str, overrides: list, dataset: Input[Dataset], ray_address: st
 
 def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, model_name: str, run_id: str,
              metrics: Output[Metrics], report: Output[HTML]) -> NamedTuple("EvalOutputs", segm_map=float, mask_iou=float, bbox_map=float,
-                                                     champion_version=str, champion_segm_map=float, interval=dict):
+                                                     champion_version=str, champion_segm_map=float, interval=dict,
+                                                     package_digest=str):
     """COCO mAP (bbox, segm) and mask IoU of the candidate's serving package on the held-out split, and of
     the current `champion`'s package from the MLflow registry on the same split (champion_version is
     empty when there is none), with the paired bootstrap interval of their segm mAP difference (`interval`:
     training.bootstrap.Interval's fields; empty without a champion). The evaluation report (per-class AP/AR,
     precision-recall curves, confusion matrix, threshold sweep, worst images, against the champion) is the
-    step's HTML output, shown in the KFP UI, and goes to the candidate's MLflow run as gate/report.html."""
+    step's HTML output, shown in the KFP UI, and goes to the candidate's MLflow run as gate/report.html.
+    `package_digest`: the digest of the package scored (its SHA256SUMS); promote refuses any other."""
     from collections import namedtuple
 
     from release.scoring import score_candidate_and_champion
@@ -79,8 +89,9 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, mo
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
-    out = score_candidate_and_champion(open_package(model.path), load_prepared(dataset.path).val, uri, model_name,
-                                       report=report.path)
+    package = open_package(model.path)
+    out = score_candidate_and_champion(package, load_prepared(dataset.path).val, uri, model_name, report=report.path)
+    out["package_digest"] = package.digest
     with tempfile.TemporaryDirectory() as tmp:  # named .html, so that MLflow's UI shows it as a page
         MlflowClient(uri).log_artifact(run_id, shutil.copy(report.path, os.path.join(tmp, "report.html")), "gate")
     for key, value in out.items():
@@ -89,7 +100,7 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, mo
     if out["interval"]:
         for key, name in (("delta", "segm_map_delta"), ("low", "segm_map_delta_low"), ("high", "segm_map_delta_high")):
             metrics.log_metric(name, out["interval"][key])
-    names = ["segm_map", "mask_iou", "bbox_map", "champion_version", "champion_segm_map", "interval"]
+    names = ["segm_map", "mask_iou", "bbox_map", "champion_version", "champion_segm_map", "interval", "package_digest"]
     return namedtuple("EvalOutputs", names)(*(out[n] for n in names))
 
 
@@ -121,7 +132,7 @@ def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_
 def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: str, reason: str, evidence: dict,
             storage_prefix: str, isvc_name: str, namespace: str, canary_percent: int, ready_timeout: float,
             kubeconfig: str, prometheus_url: str, prometheus_selector: str, canary_bounds: dict,
-            metrics: Output[Metrics]) -> str:
+            metrics: Output[Metrics], scored_digest: str = "") -> str:
     """Register the version in MLflow with its evidence (metrics, dataset hash, git commit, config, run,
     the gate's decision), upload its serving package to `storage_prefix` and verify it, patch the
     InferenceService's storageUri, wait for Ready or roll back, then move the `champion` alias. Returns
@@ -129,21 +140,27 @@ def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: 
     against the champion (Prometheus at `prometheus_url`; `canary_bounds`: release.canary.CanaryBounds'
     fields), then takes all the traffic or is rolled back (the step fails); the analysis goes to the
     Metrics, the MLflow run and the version. The package is signed with the key in the file named by
-    $MASKRCNN_SIGNING_KEY_FILE (the pipeline mounts the maskrcnn-signing-key Secret there) when it exists."""
+    $MASKRCNN_SIGNING_KEY_FILE (the pipeline mounts the maskrcnn-signing-key Secret there) when it exists.
+    `scored_digest`: the evaluate step's `package_digest`; a model artifact with another digest is refused
+    before anything is registered (what is promoted is what was scored)."""
     from release.canary import CanaryBounds
     from release.gate import GateDecision
+    from release.interrupt import unwind_on_signals
     from release.promote import CanaryPlan, CanaryRejected, promote as run_promote, signing_key_from_env
     from training.tracking import resolve_tracking_uri
 
     plan = None
     if canary_percent > 0:
         plan = CanaryPlan(prometheus_url, CanaryBounds.from_dict(dict(canary_bounds), "canary_bounds"), prometheus_selector)
-    try:
-        result = run_promote(package_dir=model.path, model_uri=model_uri, tracking_uri=resolve_tracking_uri(tracking_uri),
-                             model_name=model_name, storage_prefix=storage_prefix, gate=GateDecision(True, reason, {k: str(v) for k, v in evidence.items()}),
-                             isvc_name=isvc_name, namespace=namespace,
-                             canary_percent=canary_percent if canary_percent > 0 else None, canary_plan=plan,
-                             ready_timeout=ready_timeout, kubeconfig=kubeconfig, signing_key=signing_key_from_env())
+    try:  # a cancelled run, a drain or an eviction (SIGTERM) unwinds the release instead of leaving it half-way
+        with unwind_on_signals():
+            result = run_promote(package_dir=model.path, model_uri=model_uri, tracking_uri=resolve_tracking_uri(tracking_uri),
+                                 model_name=model_name, storage_prefix=storage_prefix,
+                                 gate=GateDecision(True, reason, {k: str(v) for k, v in evidence.items()}),
+                                 isvc_name=isvc_name, namespace=namespace,
+                                 canary_percent=canary_percent if canary_percent > 0 else None, canary_plan=plan,
+                                 ready_timeout=ready_timeout, kubeconfig=kubeconfig, signing_key=signing_key_from_env(),
+                                 scored_digest=scored_digest)
     except CanaryRejected as exc:
         for key, value in exc.analysis.metrics().items():
             metrics.log_metric(key, value)

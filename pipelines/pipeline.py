@@ -79,9 +79,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
         prometheus_url: str = "",
         prometheus_selector: str = "",
         canary_bounds: dict = {},  # noqa: B006
+        data_hash: str = "",
     ):
         prepared = _harden(steps.prepare_data(config=config, overrides=overrides, data=data, val_data=val_data,
-                                              data_format=data_format),
+                                              data_format=data_format, data_hash=data_hash),
                            "prepare-data", storage=True)
         trained = _harden(steps.train(config=config, overrides=overrides, dataset=prepared.outputs["dataset"],
                                       ray_address=ray_address, tracking_uri=tracking_uri), "train", storage=True, shm=True)
@@ -107,7 +108,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
                                      storage_prefix=storage_prefix, isvc_name=isvc_name, namespace=namespace,
                                      canary_percent=canary_percent, ready_timeout=ready_timeout, kubeconfig=kubeconfig,
                                      prometheus_url=prometheus_url, prometheus_selector=prometheus_selector,
-                                     canary_bounds=canary_bounds)
+                                     canary_bounds=canary_bounds, scored_digest=scored.outputs["package_digest"])
             _harden(promoted, "promote", storage=True).set_caching_options(False)
             kubernetes.use_secret_as_volume(promoted, SIGNING_SECRET, mount_path=SIGNING_MOUNT, optional=True)
             promoted.set_env_variable("MASKRCNN_SIGNING_KEY_FILE", f"{SIGNING_MOUNT}/private.pem")

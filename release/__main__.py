@@ -5,6 +5,7 @@ from the usual variables and kubeconfig, as for the pipeline.
 
   uv run -m release promote RUN_ID --storage-prefix s3://models [--isvc-name maskrcnn --namespace models]
   uv run -m release rollback 3 --isvc-name maskrcnn --namespace models --reason "incident 42"
+  uv run -m release recover --isvc-name maskrcnn --namespace models
   uv run -m release keygen signing.key signing.pub
   uv run -m release retrain --data gs://RAY_BUCKET/data/coco --claims gs://RAY_BUCKET/retrain-claims --kfp-host URL
   terraform -chdir=infra/gke output -json placeholders | uv run -m release placeholders
@@ -15,7 +16,13 @@ same validation split (`--val-data`, default: the split the model was trained wi
 and promotes it when it passes. With `--canary-percent P` the new version first serves P% of the traffic
 and is judged on live metrics against the champion (`--prometheus-url`, see release.canary). Exit status:
 0 promoted (or rolled back), 3 rejected by the gate, 4 the canary judged and rolled back, 1 publish or
-deploy failure (rolled back where it got that far), 2 bad arguments.
+deploy failure (rolled back where it got that far), 2 bad arguments, 5 another release of the
+InferenceService is in flight or an interrupted one must be recovered first (nothing was changed),
+128+N stopped by signal N (SIGTERM: 143) after unwinding.
+
+A release holds the InferenceService's Lease and writes its intent there before it patches anything
+(release.lease). `recover` finishes or undoes a release that was killed outright (SIGKILL, a lost node):
+the next promote or rollback refuses to start until it has run.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 
 from release.canary import CanaryBounds, CanaryError
 from release.deploy import DeployError
+from release.lease import DEFAULT_DURATION_S
 from release.promote import SIGNING_KEY_ENV
 from release.ship import KFP_TOKEN_ENV
 from release.publish import PublishError
@@ -40,6 +48,7 @@ log = logging.getLogger("release")
 
 REJECTED = 3
 CANARY_ROLLED_BACK = 4
+IN_FLIGHT = 5
 PROMETHEUS_TOKEN_ENV = "MASKRCNN_PROMETHEUS_TOKEN_FILE"
 
 
@@ -52,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="models")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for Ready before rolling back")
     p.add_argument("--kubeconfig", default="", help="default: in-cluster config, else ~/.kube/config")
+    p.add_argument("--lease-seconds", type=int, default=DEFAULT_DURATION_S,
+                   help="how long the InferenceService's release Lease outlives a killed release (renewed every "
+                        "third of it while the release runs)")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("promote", help="score, gate, register, publish, deploy, move champion")
     up.add_argument("run_id", help="MLflow run whose logged model is the candidate")
@@ -120,6 +132,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     back = sub.add_parser("rollback", help="serve an earlier published version again and move champion to it")
     back.add_argument("version")
     back.add_argument("--reason", default="rolled back by hand")
+    sub.add_parser("recover", help="finish or undo a release of --isvc-name that was killed before it ended (from "
+                                   "the intent on its Lease)")
     keys = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing packages (see the README)")
     keys.add_argument("private_key", help="file for the private key (created owner-only; never overwritten)")
     keys.add_argument("public_key", help="file for the public key (PEM), for the predictor's ConfigMap")
@@ -180,7 +194,8 @@ def cmd_promote(args: argparse.Namespace, tracking_uri: str) -> int:
     result = promote(package_dir=package, model_uri=model_uri, tracking_uri=tracking_uri, model_name=args.model_name,
                      storage_prefix=args.storage_prefix, gate=decision, isvc_name=args.isvc_name,
                      namespace=args.namespace, canary_percent=args.canary_percent or None, canary_plan=canary_plan,
-                     ready_timeout=args.ready_timeout, kubeconfig=args.kubeconfig, signing_key=signing_key)
+                     ready_timeout=args.ready_timeout, kubeconfig=args.kubeconfig, signing_key=signing_key,
+                     lease_s=args.lease_seconds, scored_digest=package.digest)
     log.info("%s v%s is the champion, served from %s", args.model_name, result.version, result.storage_uri)
     return 0
 
@@ -206,8 +221,19 @@ def cmd_rollback(args: argparse.Namespace, tracking_uri: str) -> int:
 
     result = rollback(tracking_uri=tracking_uri, model_name=args.model_name, version=args.version, reason=args.reason,
                       isvc_name=args.isvc_name, namespace=args.namespace, ready_timeout=args.ready_timeout,
-                      kubeconfig=args.kubeconfig)
+                      kubeconfig=args.kubeconfig, lease_s=args.lease_seconds)
     log.info("%s v%s is the champion again, served from %s", args.model_name, result.version, result.storage_uri)
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace, tracking_uri: str) -> int:
+    from release.promote import recover
+
+    if not args.isvc_name:
+        raise ValueError("recover: --isvc-name is required (the InferenceService whose release was interrupted)")
+    outcome = recover(tracking_uri=tracking_uri, isvc_name=args.isvc_name, namespace=args.namespace,
+                      ready_timeout=args.ready_timeout, kubeconfig=args.kubeconfig)
+    log.info("%s", outcome)
     return 0
 
 
@@ -322,19 +348,29 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.coco import DatasetError
     from training.package import PackageError
     from training.signature import SignatureError
+    from release.interrupt import Interrupted, unwind_on_signals
+    from release.lease import LeaseError, ReleaseInFlight
     from release.promote import CanaryRejected
     from training.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    command = {"promote": cmd_promote, "rollback": cmd_rollback, "recover": cmd_recover}[args.command]
     try:
-        return cmd_promote(args, tracking_uri) if args.command == "promote" else cmd_rollback(args, tracking_uri)
+        with unwind_on_signals():
+            return command(args, tracking_uri)
+    except Interrupted as exc:
+        log.error("%s: %s stopped after unwinding (see the version's promotion.failed tag)", exc, args.command)
+        return exc.exit_code
+    except ReleaseInFlight as exc:
+        log.error("%s", exc)
+        return IN_FLIGHT
     except (FileNotFoundError, ConfigError, DatasetError, MlflowException, PackageError, SignatureError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     except CanaryRejected as exc:
         log.error("%s", exc)
         return CANARY_ROLLED_BACK
-    except (PublishError, DeployError, CanaryError) as exc:
+    except (PublishError, DeployError, CanaryError, LeaseError) as exc:
         log.error("%s", exc)
         return 1
 

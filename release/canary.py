@@ -5,15 +5,22 @@ Once KServe routes the canary's share of the traffic, `judge_canary` queries Pro
 every metric, see serving.observe), until each has served `min_requests` requests and `min_duration_s`
 has passed, then compares them over that time (at most `window_s`):
 
-- error ratio: the canary's share of 5xx answers is at most the stable model's plus `max_error_ratio_increase`;
+- error ratio: the canary's share of answers that were not 2xx (5xx, but also 4xx refusals and 499 for
+  clients that gave up: everything the client saw fail) is at most the stable model's plus
+  `max_error_ratio_increase`;
+- restarts: the canary's request counter never reset in the window (a predictor that crashed or was
+  OOM-killed loses the requests it had counted, and never counts those it dropped: a crash-looping
+  canary must not be judged on the requests it survived);
 - p95 latency of answered (2xx) requests: at most `max_latency_ratio` times the stable model's (differences
   under `latency_slack_s` never fail: 12 ms against 8 ms is noise);
 - mean detection score: at least (1 - `max_score_drop`) times the stable model's; a canary that returns
   no detection at all where the stable model returns some has collapsed;
 - detections per image: within `max_detections_change` (relative) of the stable model's, or 0.5 of it.
 
-Either both models reach their minimum of requests within `timeout_s` and every check passes ("promote"),
-or it is "rollback" with the reasons; too little traffic is a rollback too (nothing was shown). The
+A check that fails on `min_requests` answers of any kind rolls back at once. To be promoted, both models
+must have answered `min_requests` requests *successfully* (2xx) within `timeout_s` and every check must
+pass; too little (successful) traffic, and a statistic that cannot be computed (NaN: nothing to compare
+with), are rollbacks too: nothing was shown. The
 result (`CanaryAnalysis`) is plain data: its JSON goes to the MLflow run and its numbers to the
 pipeline's Metrics.
 
@@ -44,6 +51,7 @@ ANALYSIS_FILE = "canary.json"
 # label matchers: name="value" or name=~"regex", comma-separated (no braces); values without quotes inside
 SELECTOR = re.compile(r'^\s*([a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"[^"\\{}]*"\s*)(,\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"[^"\\{}]*"\s*)*$')
 VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,256}$")
 
 
 class CanaryError(RuntimeError):
@@ -116,7 +124,7 @@ class CanaryAnalysis:
     reason: str
     stable_version: str
     canary_version: str
-    requests: dict[str, float]  # per model ("canary", "stable"), in the compared window
+    requests: dict[str, float]  # per model, in the compared window: all ("canary", "stable") and 2xx ("canary_2xx", ...)
     window_s: float
     waited_s: float
     bounds: CanaryBounds
@@ -215,12 +223,14 @@ def selector_for(version: str, selector: str = "", extra: str = "") -> str:
 
 def _queries(sel: str, window: str) -> dict[str, str]:
     ok = sel[:-1] + ',status=~"2.."}'
-    errors = sel[:-1] + ',status=~"5.."}'
+    errors = sel[:-1] + ',status!~"2.."}'
 
     def ratio(metric: str) -> str:
         return f"sum(increase({metric}_sum{sel}[{window}])) / sum(increase({metric}_count{sel}[{window}]))"
 
     return {"requests": f"sum(increase(maskrcnn_requests_total{sel}[{window}]))",
+            "ok_requests": f"sum(increase(maskrcnn_requests_total{ok}[{window}]))",
+            "restarts": f"sum(resets(maskrcnn_requests_total{sel}[{window}]))",
             # one expression, so that both counts are read at the same instant
             "error_ratio": f"(sum(increase(maskrcnn_requests_total{errors}[{window}])) or vector(0)) / "
                            f"sum(increase(maskrcnn_requests_total{sel}[{window}]))",
@@ -230,13 +240,15 @@ def _queries(sel: str, window: str) -> dict[str, str]:
 
 
 def measure(prom: PrometheusApi, version: str, window_s: float, selector: str = "") -> dict[str, float]:
-    """One model's numbers over the last `window_s` seconds: requests, error ratio, p95 latency, mean score,
-    detections per image (NaN where it has no data)."""
+    """One model's numbers over the last `window_s` seconds: requests (all, and 2xx), counter resets, the
+    non-2xx ratio, p95 latency, mean score, detections per image (NaN where it has no data)."""
     window = f"{max(1, math.ceil(window_s))}s"
     values = {name: prom.scalar(expr) for name, expr in _queries(selector_for(version, selector), window).items()}
     requests = 0.0 if math.isnan(values["requests"]) else values["requests"]
+    ok = 0.0 if math.isnan(values["ok_requests"]) else values["ok_requests"]
     ratio = values["error_ratio"]  # increase() extrapolates each series to the window's edges: keep it in [0, 1]
-    return {"requests": requests, "error_ratio": min(1.0, max(0.0, ratio)) if requests and math.isfinite(ratio) else math.nan,
+    return {"requests": requests, "ok_requests": ok, "restarts": 0.0 if math.isnan(values["restarts"]) else values["restarts"],
+            "error_ratio": min(1.0, max(0.0, ratio)) if requests and math.isfinite(ratio) else math.nan,
             "p95_latency_s": values["p95_latency_s"], "mean_score": values["mean_score"],
             "detections_per_image": values["detections_per_image"]}
 
@@ -248,6 +260,10 @@ def compare(canary: dict[str, float], stable: dict[str, float], bounds: CanaryBo
     limit = (0.0 if math.isnan(s) else s) + bounds.max_error_ratio_increase
     checks.append(Check("error_ratio", c, s, f"<= {limit:.4g}", not math.isnan(c) and c <= limit,
                         "" if not math.isnan(c) else "the canary answered nothing"))
+    restarts = canary.get("restarts", 0.0)
+    checks.append(Check("restarts", restarts, stable.get("restarts", 0.0), "== 0", restarts == 0,
+                        "" if restarts == 0 else "the canary's predictor restarted (crashed or was killed): the "
+                                                 "requests it dropped were never counted"))
     c, s = canary["p95_latency_s"], stable["p95_latency_s"]
     if math.isnan(c):
         checks.append(Check("p95_latency_s", c, s, "", False, "the canary answered no request successfully"))
@@ -259,7 +275,8 @@ def compare(canary: dict[str, float], stable: dict[str, float], bounds: CanaryBo
         checks.append(Check("p95_latency_s", c, s, f"<= {limit:.4g}", c <= limit))
     c, s = canary["mean_score"], stable["mean_score"]
     if math.isnan(s):
-        checks.append(Check("mean_score", c, s, "", True, "the stable model returned no detection: not compared"))
+        checks.append(Check("mean_score", c, s, "", False, "the stable model returned no detection: nothing to "
+                                                           "compare with, so nothing shows the canary is as good"))
     else:
         limit = s * (1 - bounds.max_score_drop)
         collapsed = math.isnan(c)
@@ -276,12 +293,25 @@ def compare(canary: dict[str, float], stable: dict[str, float], bounds: CanaryBo
     return checks
 
 
-def judge_canary(prom: PrometheusApi, *, stable: str, canary: str, bounds: CanaryBounds, selector: str = "") -> CanaryAnalysis:
+def model_selector(model_name: str, selector: str = "") -> str:
+    """`model_name="<name>"` joined to the label matchers `selector`: the predictors label every series with
+    the registered model's name (serving.observe.MODEL), so that another model serving the same version
+    number is never counted in."""
+    if not MODEL_NAME.match(model_name):
+        raise ValueError(f"model name {model_name!r}: expected 1-256 of [A-Za-z0-9._-] to select its series")
+    return ",".join(p for p in (f'model_name="{model_name}"', selector.strip()) if p)
+
+
+def judge_canary(prom: PrometheusApi, *, stable: str, canary: str, bounds: CanaryBounds, selector: str = "",
+                 model_name: str = "") -> CanaryAnalysis:
     """Watch the canary against the stable model until the minimums are met (or `bounds.timeout_s`
-    passes), then compare them (see the module's docstring). Raises CanaryError when Prometheus cannot
-    be asked; never promotes without evidence."""
+    passes), then compare them (see the module's docstring). `model_name` (the registered model) and
+    `selector` (label matchers, e.g. the namespace) scope the series. Raises CanaryError when Prometheus
+    cannot be asked; never promotes without evidence."""
     if stable == canary:
         raise ValueError(f"canary analysis: the canary and the stable model are the same version ({canary})")
+    if model_name:
+        selector = model_selector(model_name, selector)
     selector_for(stable, selector), selector_for(canary, selector)  # validated before any wait
     started = time.monotonic()
     while True:
@@ -289,21 +319,27 @@ def judge_canary(prom: PrometheusApi, *, stable: str, canary: str, bounds: Canar
         window = min(bounds.window_s, waited + bounds.interval_s)  # the canary's whole life so far, with a scrape's slack
         seen = {"canary": measure(prom, canary, window, selector), "stable": measure(prom, stable, window, selector)}
         counts = {who: seen[who]["requests"] for who in seen}
-        enough = all(n >= bounds.min_requests for n in counts.values())
-        log.info("canary v%s: %.0f requests, stable v%s: %.0f, after %.0f s (judged at %d each and %.0f s)", canary,
-                 counts["canary"], stable, counts["stable"], waited, bounds.min_requests, bounds.min_duration_s)
-        if enough and waited >= bounds.min_duration_s:
+        ok = {who: seen[who]["ok_requests"] for who in seen}
+        requests = {**counts, **{f"{who}_2xx": n for who, n in ok.items()}}
+        log.info("canary v%s: %.0f requests (%.0f 2xx), stable v%s: %.0f (%.0f 2xx), after %.0f s (judged at %d each "
+                 "and %.0f s)", canary, counts["canary"], ok["canary"], stable, counts["stable"], ok["stable"], waited,
+                 bounds.min_requests, bounds.min_duration_s)
+        if all(n >= bounds.min_requests for n in counts.values()) and waited >= bounds.min_duration_s:
             checks = compare(seen["canary"], seen["stable"], bounds)
             failed = [c for c in checks if not c.passed]
-            reason = ("; ".join(f"{c.name} {_fmt(c.canary)} against stable {_fmt(c.stable)} (limit {c.limit or 'n/a'}"
-                                f"{': ' + c.detail if c.detail else ''})" for c in failed)
-                      if failed else f"every check passed over {window:.0f} s and {counts['canary']:.0f} canary requests")
-            return CanaryAnalysis(ROLLBACK if failed else PROMOTE, ("canary failed: " + reason) if failed else reason,
-                                  stable, canary, counts, window, waited, bounds, checks)
+            if failed:  # enough answers of any kind show it failing: no need to wait for successes
+                reason = "; ".join(f"{c.name} {_fmt(c.canary)} against stable {_fmt(c.stable)} (limit "
+                                   f"{c.limit or 'n/a'}{': ' + c.detail if c.detail else ''})" for c in failed)
+                return CanaryAnalysis(ROLLBACK, "canary failed: " + reason, stable, canary, requests, window, waited,
+                                      bounds, checks)
+            if all(n >= bounds.min_requests for n in ok.values()):
+                return CanaryAnalysis(PROMOTE, f"every check passed over {window:.0f} s and {ok['canary']:.0f} canary "
+                                               f"requests answered 2xx", stable, canary, requests, window, waited,
+                                      bounds, checks)
         if waited >= bounds.timeout_s:
-            short = [f"{who} v{canary if who == 'canary' else stable} {n:.0f}" for who, n in counts.items()
-                     if n < bounds.min_requests]
-            reason = (f"canary not judged: too little traffic after {waited:.0f} s ({', '.join(short)} requests; "
-                      f"{bounds.min_requests} needed each)")
-            return CanaryAnalysis(ROLLBACK, reason, stable, canary, counts, window, waited, bounds, [])
+            short = [f"{who} v{canary if who == 'canary' else stable} {ok[who]:.0f} of {counts[who]:.0f}"
+                     for who in counts if ok[who] < bounds.min_requests]
+            reason = (f"canary not judged: too little successful traffic after {waited:.0f} s ({', '.join(short)} "
+                      f"requests answered 2xx; {bounds.min_requests} needed each)")
+            return CanaryAnalysis(ROLLBACK, reason, stable, canary, requests, window, waited, bounds, [])
         time.sleep(min(bounds.interval_s, max(0.0, bounds.timeout_s - waited)))

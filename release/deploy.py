@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from training.package import DIGEST_ANNOTATION, VERSION_ANNOTATION
 from training.waiting import WaitTimeout, connection_error, describe, poll_until, retry_call
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,109 @@ def standard_progress(obj: dict[str, Any], deployment: dict[str, Any] | None, ur
     return "serving", f"{want} replica(s) of the new template available"
 
 
-def _patch(api: Any, name: str, namespace: str, uri: str | None, canary: int | None, set_canary: bool) -> dict[str, Any]:
+RELEASE_ANNOTATIONS = (VERSION_ANNOTATION, DIGEST_ANNOTATION)
+
+
+def release_annotations_of(obj: dict[str, Any]) -> dict[str, str | None]:
+    """The release's annotations (the version and package digest the predictor must serve); None: absent."""
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    return {key: annotations.get(key) for key in RELEASE_ANNOTATIONS}
+
+
+def read_service(name: str, namespace: str, *, api: Any = None,
+                 kubeconfig: str = "") -> tuple[str | None, int | None, dict[str, str | None]]:
+    """The InferenceService's storageUri, canaryTrafficPercent and release annotations now (DeployError
+    when it cannot be read)."""
+    from kubernetes.client.exceptions import ApiException
+
+    api = api or custom_objects_api(kubeconfig)
+    try:
+        obj = _call(api.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        raise DeployError(f"InferenceService {namespace}/{name}: cannot read it ({exc.status} {exc.reason})") from exc
+    return storage_uri_of(obj), canary_of(obj), release_annotations_of(obj)
+
+
+def canary_of(obj: dict[str, Any]) -> int | None:
+    return _predictor(obj).get("canaryTrafficPercent")
+
+
+def _patch(api: Any, name: str, namespace: str, uri: str | None, canary: int | None, set_canary: bool,
+           resource_version: str = "", annotations: dict[str, str | None] | None = None) -> dict[str, Any]:
     predictor: dict[str, Any] = {"model": {"storageUri": uri}}
     if set_canary:
         predictor["canaryTrafficPercent"] = canary  # None removes it (merge patch)
-    return api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": {"predictor": predictor}})
+    body: dict[str, Any] = {"spec": {"predictor": predictor}}
+    metadata: dict[str, Any] = {}
+    if resource_version:  # a precondition: the API server answers 409 Conflict if the object changed since
+        metadata["resourceVersion"] = resource_version
+    if annotations:  # the release's promise to the predictor, in the same write as the URI (None removes one)
+        metadata["annotations"] = annotations
+    if metadata:
+        body["metadata"] = metadata
+    return api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body)
+
+
+def conditional_patch(api: Any, name: str, namespace: str, *, expect_uri: str | None, uri: str | None,
+                      canary: int | None, set_canary: bool, obj: dict[str, Any] | None = None,
+                      expect_canary: Any = ..., annotations: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Patch the storageUri (and canary) only while the spec still holds `expect_uri` (and `expect_canary`,
+    when given): each patch carries the resourceVersion it was read at, so a concurrent writer makes it
+    fail with 409 instead of being overwritten. A conflict caused by a status write (KServe's controller)
+    is read again and retried while the spec is unchanged; _ChangedElsewhere when someone else changed it."""
+    from kubernetes.client.exceptions import ApiException
+
+    for _ in range(5):
+        if obj is None:
+            obj = _call(api.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+        if storage_uri_of(obj) != expect_uri or (expect_canary is not ... and canary_of(obj) != expect_canary):
+            raise _ChangedElsewhere(f"InferenceService {namespace}/{name}: storageUri is {storage_uri_of(obj)} "
+                                    f"(canary {canary_of(obj)}), not {expect_uri} as expected: someone else changed it; "
+                                    f"theirs stands")
+        try:
+            return _call(_patch, api, name, namespace, uri, canary, set_canary, obj["metadata"]["resourceVersion"],
+                         annotations)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            log.info("InferenceService %s/%s changed between read and patch (409); reading it again", namespace, name)
+            obj = None
+    raise DeployError(f"InferenceService {namespace}/{name}: it kept changing between read and patch (5 conflicts); "
+                      f"nothing was patched")
+
+
+def restore_storage_uri(name: str, namespace: str, *, expect_uri: str, uri: str | None, canary: int | None,
+                        annotations: dict[str, str | None] | None = None, wait: bool = True, timeout: float = 600,
+                        poll: float = 2.0, api: Any = None, kubeconfig: str = "") -> str:
+    """Undo a change this release made: put back `uri` (and `canary`, None: all the traffic) if the service
+    still points at `expect_uri`; leave it alone if it points elsewhere (someone else's change stands).
+    With `wait`, wait until KServe serves it again (a failure to is reported, never rolled forward).
+    Returns what was done, for the version's `promotion.failed` tag."""
+    from kubernetes.client.exceptions import ApiException
+
+    api = api or custom_objects_api(kubeconfig)
+    obj = _call(api.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+    if storage_uri_of(obj) == uri and canary_of(obj) == canary and (annotations is None
+                                                                  or release_annotations_of(obj) == annotations):
+        return f"storageUri back on {uri} (already restored)"
+    mode = deployment_mode(obj)
+    revision = _created_revision(obj) if storage_uri_of(obj) != uri else None
+    try:
+        conditional_patch(api, name, namespace, expect_uri=expect_uri, uri=uri, canary=canary,
+                          set_canary=canary is not None or canary_of(obj) is not None, obj=obj, annotations=annotations)
+    except _ChangedElsewhere as exc:
+        return f"storageUri not rolled back: {exc}"
+    except ApiException as exc:
+        raise DeployError(f"InferenceService {namespace}/{name}: restoring {uri} refused ({exc.status} {exc.reason})") from exc
+    done = f"storageUri rolled back to {uri}"
+    if not wait:
+        return done + " (not awaited)"
+    apps = _apps_api(api) if mode == "Standard" else None
+    try:
+        _wait_serving(api, apps, name, namespace, mode, uri, revision, canary, timeout, poll)
+    except Exception as exc:  # noqa: BLE001 - the spec is restored; say what KServe did not confirm
+        return done + f", but KServe did not report it serving: {describe(exc)}"
+    return done
 
 
 def _apps_api(custom_api: Any) -> Any:
@@ -164,7 +263,7 @@ def _read_deployment(apps: Any, name: str, namespace: str) -> dict[str, Any] | N
 
 def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: int | None = None,
                        clear_canary: bool = False, timeout: float = 600, poll: float = 2.0, api: Any = None,
-                       kubeconfig: str = "") -> DeployResult:
+                       kubeconfig: str = "", annotations: dict[str, str | None] | None = None) -> DeployResult:
     """Patch `spec.predictor.model.storageUri` (and `canaryTrafficPercent` when given; `clear_canary`
     removes it, so that the latest revision gets all the traffic), wait until KServe serves the new model
     (see the module's docstring), and restore the previous URI (and canary setting) if it does not within
@@ -173,7 +272,9 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
 
     Transient API errors (connection failures, 429, 5xx) are retried (`training.waiting`); any other error
     while waiting rolls back and raises DeployError. When the URI is already set, nothing is patched, but it
-    still waits until KServe serves it (and raises DeployError, with nothing to roll back, if it does not)."""
+    still waits until KServe serves it (and raises DeployError, with nothing to roll back, if it does not).
+    `annotations`: the release's annotations (RELEASE_ANNOTATIONS), written in the same patch and restored
+    with the URI on a rollback."""
     from kubernetes.client.exceptions import ApiException
 
     api = api or custom_objects_api(kubeconfig)
@@ -190,10 +291,12 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
                           f"KServe's Knative (Serverless) mode; nothing was changed")
     previous_uri = storage_uri_of(before)
     previous_canary = _predictor(before).get("canaryTrafficPercent")
+    previous_annotations = release_annotations_of(before)
+    annotations = {**previous_annotations, **annotations} if annotations else None
     set_canary = canary_percent is not None or (clear_canary and previous_canary is not None)
     canary = canary_percent if set_canary else previous_canary  # what the InferenceService asks for once patched
     apps = _apps_api(api) if mode == "Standard" else None
-    if previous_uri == uri and previous_canary == canary:
+    if previous_uri == uri and previous_canary == canary and annotations in (None, previous_annotations):
         log.info("InferenceService %s/%s already points at %s; waiting until KServe serves it", namespace, name, uri)
         try:
             why = _wait_serving(api, apps, name, namespace, mode, uri, None, canary, timeout, poll)
@@ -205,7 +308,10 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
     # a new URI makes a new revision; a new traffic split alone moves the traffic of the latest one
     revision_before = _created_revision(before) if previous_uri != uri else None
     try:
-        _call(_patch, api, name, namespace, uri, canary, set_canary)
+        patched = conditional_patch(api, name, namespace, expect_uri=previous_uri, expect_canary=previous_canary,
+                                    uri=uri, canary=canary, set_canary=set_canary, obj=before, annotations=annotations)
+    except _ChangedElsewhere as exc:
+        raise DeployError(f"{exc}; nothing was patched") from None
     except ApiException as exc:
         raise DeployError(f"InferenceService {namespace}/{name}: patch refused ({exc.status} {exc.reason})") from exc
     log.info("InferenceService %s/%s (%s mode): storageUri %s -> %s%s; waiting up to %.0f s for it to serve", namespace,
@@ -215,13 +321,22 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
     except _ChangedElsewhere as exc:
         raise DeployError(str(exc)) from None
     except BaseException as exc:  # whatever ends the wait: restore what was served, then say why
-        try:
-            _call(_patch, api, name, namespace, previous_uri, previous_canary, set_canary)
+        try:  # only what this step set: a storageUri someone else wrote meanwhile stands
+            conditional_patch(api, name, namespace, expect_uri=uri, uri=previous_uri, canary=previous_canary,
+                              set_canary=set_canary, obj=patched if isinstance(patched, dict) else None,
+                              annotations=previous_annotations if annotations else None)
         except Exception as undo:
+            if not isinstance(exc, Exception):  # a signal: the caller's unwind tries again from the intent
+                log.error("InferenceService %s/%s: rolling back to %s after %s failed: %s", namespace, name,
+                          previous_uri, type(exc).__name__, describe(undo))
+                raise exc from None
+            if isinstance(undo, _ChangedElsewhere):
+                raise DeployError(f"InferenceService {namespace}/{name}: {_reason(exc, uri, timeout)}; not rolled "
+                                  f"back: {undo}") from exc
             raise DeployError(f"InferenceService {namespace}/{name}: {_reason(exc, uri, timeout)}; rolling back to "
                               f"{previous_uri} FAILED too ({describe(undo)}): restore it by hand") from exc
         if not isinstance(exc, Exception):
-            raise  # KeyboardInterrupt and the like: rolled back, and still stopping
+            raise  # a signal (release.interrupt) and the like: rolled back, and still stopping
         raise DeployError(f"InferenceService {namespace}/{name} {_reason(exc, uri, timeout)}; rolled back to "
                           f"{previous_uri}") from exc
     log.info("InferenceService %s/%s serves %s: %s", namespace, name, uri, why)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 
 from mlflow.tracking import MlflowClient
@@ -39,7 +40,13 @@ def decide(segm_map: float, mask_iou: float, *, min_segm_map: float, min_mask_io
     (measured on the same split) by at least `margin`. With `require_lower_bound`, the lower bound of
     `interval` (the paired bootstrap of candidate - champion segm mAP) must also exceed `margin`: the
     candidate is better beyond the validation split's noise. With no champion, the thresholds decide."""
-    failures = []
+    failures = _non_finite({"min_segm_map": min_segm_map, "min_mask_iou": min_mask_iou, "margin": margin,
+                            "segm mAP": segm_map, "mask IoU": mask_iou, "the champion's segm mAP": champion_segm_map,
+                            "the interval's lower bound": interval.low if interval is not None else None,
+                            "the interval's upper bound": interval.high if interval is not None else None,
+                            "the interval's estimate": interval.delta if interval is not None else None})
+    if failures:  # NaN passes no comparison and fails none: never let one decide
+        return GateDecision(False, "rejected: " + "; ".join(failures), {})
     if segm_map < min_segm_map:
         failures.append(f"segm mAP {segm_map:.4f} < threshold {min_segm_map:.4f}")
     if mask_iou < min_mask_iou:
@@ -61,6 +68,17 @@ def decide(segm_map: float, mask_iou: float, *, min_segm_map: float, min_mask_io
               if champion_segm_map is not None else ", no champion yet")
     return GateDecision(True, f"promoted: segm mAP {segm_map:.4f} >= {min_segm_map:.4f}, "
                               f"mask IoU {mask_iou:.4f} >= {min_mask_iou:.4f}{versus}{noise}", evidence)
+
+
+def _non_finite(values: dict[str, float | None]) -> list[str]:
+    """A failure for each value that is not a finite number (None: not given, fine)."""
+    out = []
+    for what, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            out.append(f"{what} is {value!r}, not a finite number: the evaluation is broken, nothing can be decided")
+    return out
 
 
 def record_gate(client: MlflowClient, run_id: str, decision: GateDecision) -> None:

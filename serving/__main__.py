@@ -21,10 +21,11 @@ from serving.limits import (MAX_PIXELS, MIB, ServingLimits, backlog_for_fds, con
 from serving.predictor import BACKENDS, DEFAULT_MODEL_DIR, MAX_DETECTIONS, SCORE_THRESHOLD, MaskRCNNPredictor
 from training.graph import DEVICES
 from training.logs import setup_logging
-from training.package import MODEL_NAME
+from training.package import DIGEST_ANNOTATION, MODEL_NAME, VERSION_ANNOTATION
 
 log = logging.getLogger("serving")
 PUBLIC_KEYS_ENV = "MASKRCNN_PUBLIC_KEYS"
+EXPECT_VERSION_ENV, EXPECT_DIGEST_ENV = "MASKRCNN_EXPECT_VERSION", "MASKRCNN_EXPECT_DIGEST"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -71,11 +72,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-workers", type=int, default=None,
                    help="images inferred at once, each on threads/N intra-op threads (default: with the graph on the "
                         "CPU, one per thread, at most 8; on the GPU or in eager PyTorch, 1, the most eager allows)")
-    p.add_argument("--public-keys", default=os.environ.get(PUBLIC_KEYS_ENV, ""),
+    p.add_argument("--public-keys", action="append", default=None,
                    help=f"trusted Ed25519 public keys: a PEM file (one or more keys) or a folder of *.pem files, e.g. "
-                        f"a mounted ConfigMap; with any, unsigned or wrongly signed packages are refused. Default "
-                        f"${PUBLIC_KEYS_ENV}; empty: signatures are not checked")
+                        f"a mounted ConfigMap; with any, unsigned or wrongly signed packages are refused. Repeatable "
+                        f"(every key given is trusted); an empty value is refused, since KServe appends an "
+                        f"InferenceService's args to the runtime's and an empty one would turn the check off. Default "
+                        f"${PUBLIC_KEYS_ENV}; none: signatures are not checked")
+    p.add_argument("--expect-version", default=os.environ.get(EXPECT_VERSION_ENV, ""),
+                   help=f"serve only a package stamped with this model version (default ${EXPECT_VERSION_ENV}, which the "
+                        f"ServingRuntime reads from the InferenceService's {VERSION_ANNOTATION} annotation that "
+                        f"`release promote` sets; empty: not checked)")
+    p.add_argument("--expect-digest", default=os.environ.get(EXPECT_DIGEST_ENV, ""),
+                   help=f"serve only the package whose SHA256SUMS has this digest, sha256:<hex> (default "
+                        f"${EXPECT_DIGEST_ENV}, from the {DIGEST_ANNOTATION} annotation; empty: not checked)")
     return p
+
+
+def public_key_sources(given: list[str] | None) -> list[str]:
+    """The key files or folders to trust: the flags given, else $MASKRCNN_PUBLIC_KEYS; ValueError on an empty
+    one (fail closed: a runtime that names keys is never turned off by an appended empty flag)."""
+    if given is None:
+        env = os.environ.get(PUBLIC_KEYS_ENV, "")
+        return [env] if env else []
+    if any(not value.strip() for value in given):
+        raise ValueError(f"--public-keys {given}: an empty value would turn signature checks off; refused (drop the "
+                         f"flag to serve unsigned packages where no key is configured)")
+    return given
 
 
 def limits_from(args: argparse.Namespace, fd_limit: int, workers: int | None = None) -> ServingLimits:
@@ -105,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     fd_limit = raise_fd_limit()
     try:
         limits = limits_from(args, fd_limit)  # every flag checked before the package is read
+        keys = public_key_sources(args.public_keys)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -119,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,
                                   max_detections=args.max_detections, max_pixels=args.max_pixels, backend=args.backend,
-                                  threads=args.threads, public_keys=args.public_keys or None,
+                                  threads=args.threads, public_keys=keys or None, expect_version=args.expect_version,
+                                  expect_digest=args.expect_digest,
                                   forward_limit_s=limits.forward_limit_s, device=args.device,
                                   workers=args.inference_workers, memory_budget_bytes=memory_budget_of(args))
     except ValueError as exc:  # a flag out of its range

@@ -20,11 +20,13 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from serving.observe import MODEL
+
 log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = Gauge("maskrcnn_queue_depth", "Prediction requests admitted and not yet answered (running or waiting)",
-                    ["model_version"])
-QUEUE_LIMIT = Gauge("maskrcnn_queue_limit", "The most prediction requests admitted at once (max_queue)", ["model_version"])
+                    MODEL)
+QUEUE_LIMIT = Gauge("maskrcnn_queue_limit", "The most prediction requests admitted at once (max_queue)", MODEL)
 REJECTED = Counter("maskrcnn_requests_rejected_total", "Prediction requests refused with 503 before their body was read",
                    ["reason"])
 DROPPED = Counter("maskrcnn_requests_dropped_total", "Admitted prediction requests whose work was dropped, not answered",
@@ -117,10 +119,10 @@ class Admission:
     """The bounded queue, the drain flag and the tickets (the app's `AdmissionMiddleware` consults it)."""
 
     def __init__(self, max_queue: int, request_timeout_s: float, retry_after_s: int = 1, drain_bytes: int = 64 << 20,
-                 model_version: str = "unknown"):
+                 model: tuple[str, str] = ("unknown", "unknown")):
         self.max_queue = max_queue
-        self.depth = QUEUE_DEPTH.labels(model_version)
-        QUEUE_LIMIT.labels(model_version).set(max_queue)
+        self.depth = QUEUE_DEPTH.labels(*model)
+        QUEUE_LIMIT.labels(*model).set(max_queue)
         self.request_timeout_s, self.retry_after_s = request_timeout_s, retry_after_s
         self.drain_bytes = drain_bytes
         self.admitted = 0

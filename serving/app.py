@@ -33,19 +33,19 @@ from starlette.requests import ClientDisconnect
 from serving.admission import (CLIENT_LEFT, TICKET, Admission, AdmissionMiddleware, BodyLimit, RequestDropped, drain_budget,
                                prediction_protocol)
 from serving.limits import ServingLimits
-from serving.observe import REQUEST_SECONDS, version_label
+from serving.observe import MODEL, REQUEST_SECONDS
 
 from serving.predictor import MaskRCNNPredictor
 
 log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("static") / "index.html"
-REQUESTS = Counter("maskrcnn_requests_total", "Prediction requests by protocol, HTTP status and model version",
-                   ["protocol", "status", "model_version"])
+REQUESTS = Counter("maskrcnn_requests_total", "Prediction requests by protocol, HTTP status and model",
+                   ["protocol", "status", *MODEL])
 
 
 READY = Gauge("maskrcnn_ready", "1 while the predictor is ready (model loaded, not draining, no stuck forward pass)",
-              ["model_version"])
+              MODEL)
 
 
 class RequestMetrics:
@@ -73,9 +73,9 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, record)
         finally:
-            version = version_label(self.model.version)
-            REQUESTS.labels(protocol, str(status["code"]), version).inc()
-            REQUEST_SECONDS.labels(protocol, str(status["code"]), version).observe(time.perf_counter() - began)
+            model = self.model.metric_labels
+            REQUESTS.labels(protocol, str(status["code"]), *model).inc()
+            REQUEST_SECONDS.labels(protocol, str(status["code"]), *model).observe(time.perf_counter() - began)
 
 
 def _script_json(value) -> str:
@@ -127,9 +127,9 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
     v1, v2 = V1Endpoints(dataplane), V2Endpoints(dataplane)
     app = FastAPI(title="maskrcnn predictor", docs_url=None, redoc_url=None, openapi_url=None)
     admission = Admission(limits.max_queue, limits.request_timeout_s, limits.retry_after_s,
-                          drain_bytes=drain_budget(limits.max_body_bytes), model_version=version_label(model.version))
+                          drain_bytes=drain_budget(limits.max_body_bytes), model=model.metric_labels)
     health = Health(model, admission)
-    READY.labels(version_label(model.version)).set_function(lambda: float(health.ready_problem() is None))
+    READY.labels(*model.metric_labels).set_function(lambda: float(health.ready_problem() is None))
     app.state.admission = admission
 
     def named(model_name: str) -> None:

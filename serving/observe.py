@@ -1,4 +1,5 @@
-"""What the predictor's traffic says about the model, on /metrics, every series labelled `model_version`.
+"""What the predictor's traffic says about the model, on /metrics, every series labelled `model_name` and
+`model_version` (the registered model and its version, from the package's metadata).
 
 - `maskrcnn_request_seconds{protocol,status,model_version}`: a prediction request's time in the server,
   from its arrival to its response (histogram; the app's `RequestMetrics` observes it).
@@ -37,71 +38,75 @@ from training.reference import BUCKETS, Reference
 MAX_CLASS_LABELS = 100
 OTHER = "other"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MODEL = ["model_name", "model_version"]
+"""The labels every series carries first: two models (or a model in two namespaces) serving the same
+version number never add up, and a canary's analysis selects its own model by name and version."""
 
 REQUEST_SECONDS = Histogram("maskrcnn_request_seconds", "Prediction requests' time in the server, arrival to response",
-                            ["protocol", "status", "model_version"], buckets=LATENCY_BUCKETS)
+                            ["protocol", "status", *MODEL], buckets=LATENCY_BUCKETS)
 FORWARD_SECONDS = Histogram("maskrcnn_forward_seconds", "One image's forward pass and mask post-processing",
-                            ["model_version"], buckets=LATENCY_BUCKETS)
-IN_FLIGHT = Gauge("maskrcnn_inflight_requests", "Images in a forward pass now", ["model_version"])
+                            MODEL, buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("maskrcnn_inflight_requests", "Images in a forward pass now", MODEL)
 CLASSES = Counter("maskrcnn_detections_total", "Returned detections by class (at most MAX_CLASS_LABELS classes, then 'other')",
-                  ["model_version", "label"])
+                  [*MODEL, "label"])
 # The live distributions, with the reference's buckets (training.reference.BUCKETS), by statistic
 LIVE = {
-    "detections_per_image": Histogram("maskrcnn_detections_per_image", "Detections returned per image", ["model_version"],
+    "detections_per_image": Histogram("maskrcnn_detections_per_image", "Detections returned per image", MODEL,
                                       buckets=BUCKETS["detections_per_image"]),
-    "score": Histogram("maskrcnn_detection_score", "Score of each returned detection", ["model_version"],
+    "score": Histogram("maskrcnn_detection_score", "Score of each returned detection", MODEL,
                        buckets=BUCKETS["score"]),
     "megapixels": Histogram("maskrcnn_input_megapixels", "Decoded input images' size (width x height / 1e6)",
-                            ["model_version"], buckets=BUCKETS["megapixels"]),
-    "brightness": Histogram("maskrcnn_input_brightness", "Decoded input images' mean luminance (0-1)", ["model_version"],
+                            MODEL, buckets=BUCKETS["megapixels"]),
+    "brightness": Histogram("maskrcnn_input_brightness", "Decoded input images' mean luminance (0-1)", MODEL,
                             buckets=BUCKETS["brightness"]),
     "contrast": Histogram("maskrcnn_input_contrast", "Decoded input images' luminance standard deviation (0-0.5)",
-                          ["model_version"], buckets=BUCKETS["contrast"]),
+                          MODEL, buckets=BUCKETS["contrast"]),
 }
 REFERENCE_IMAGES = Gauge("maskrcnn_reference_images", "Validation images the package's reference was computed on",
-                         ["model_version"])
+                         MODEL)
 REFERENCE_MEAN = Gauge("maskrcnn_reference_mean", "The reference's mean of a statistic (the live histogram's sum/count)",
-                       ["model_version", "statistic"])
+                       [*MODEL, "statistic"])
 REFERENCE_BUCKET = Gauge("maskrcnn_reference_bucket", "The reference's share of observations <= le (the live histogram's "
-                         "bucket/count)", ["model_version", "statistic", "le"])
+                         "bucket/count)", [*MODEL, "statistic", "le"])
 REFERENCE_CLASS = Gauge("maskrcnn_reference_class_share", "The reference's share of detections of a class",
-                        ["model_version", "label"])
+                        [*MODEL, "label"])
 
 
-def version_label(version: str | None) -> str:
-    return version or "unknown"
+def model_labels(name: str | None, version: str | None) -> tuple[str, str]:
+    """The values of MODEL for a served model ("unknown" where the package does not say)."""
+    return name or "unknown", version or "unknown"
 
 
 class ModelMetrics:
-    """The series of one served model version (children bound once: observing is a lock and an add)."""
+    """The series of one served model version (children bound once: observing is a lock and an add).
+    `model`: its `model_labels`."""
 
-    def __init__(self, version: str | None, class_names: Sequence[str], reference: Reference | None = None):
-        self.version = version_label(version)
-        v = self.version
-        self.forward_seconds, self.in_flight = FORWARD_SECONDS.labels(v), IN_FLIGHT.labels(v)
-        self.per_image, self.scores = LIVE["detections_per_image"].labels(v), LIVE["score"].labels(v)
-        self.megapixels, self.brightness = LIVE["megapixels"].labels(v), LIVE["brightness"].labels(v)
-        self.contrast = LIVE["contrast"].labels(v)
+    def __init__(self, model: tuple[str, str], class_names: Sequence[str], reference: Reference | None = None):
+        self.model = v = model
+        self.forward_seconds, self.in_flight = FORWARD_SECONDS.labels(*v), IN_FLIGHT.labels(*v)
+        self.per_image, self.scores = LIVE["detections_per_image"].labels(*v), LIVE["score"].labels(*v)
+        self.megapixels, self.brightness = LIVE["megapixels"].labels(*v), LIVE["brightness"].labels(*v)
+        self.contrast = LIVE["contrast"].labels(*v)
         labels = list(class_names)[:MAX_CLASS_LABELS]
-        self._classes = {name: CLASSES.labels(v, name) for name in labels}
-        self._other = CLASSES.labels(v, OTHER)
+        self._classes = {name: CLASSES.labels(*v, name) for name in labels}
+        self._other = CLASSES.labels(*v, OTHER)
         self.in_flight.set(0)
         if reference is not None:
             self._publish(reference, labels)
 
     def _publish(self, reference: Reference, labels: list[str]) -> None:
         """The package's reference as gauges, with the live histograms' `le` labels (so rules can join them)."""
-        v = self.version
-        REFERENCE_IMAGES.labels(v).set(reference.images)
+        v = self.model
+        REFERENCE_IMAGES.labels(*v).set(reference.images)
         for statistic, dist in reference.stats.items():
-            REFERENCE_MEAN.labels(v, statistic).set(dist.mean)
+            REFERENCE_MEAN.labels(*v, statistic).set(dist.mean)
             for bound, share in zip(BUCKETS[statistic], dist.fractions):
-                REFERENCE_BUCKET.labels(v, statistic, floatToGoString(bound)).set(share)
-            REFERENCE_BUCKET.labels(v, statistic, "+Inf").set(1.0)
+                REFERENCE_BUCKET.labels(*v, statistic, floatToGoString(bound)).set(share)
+            REFERENCE_BUCKET.labels(*v, statistic, "+Inf").set(1.0)
         shown = set(labels)
         for name in labels:
-            REFERENCE_CLASS.labels(v, name).set(reference.classes.get(name, 0.0))
-        REFERENCE_CLASS.labels(v, OTHER).set(sum(share for name, share in reference.classes.items() if name not in shown))
+            REFERENCE_CLASS.labels(*v, name).set(reference.classes.get(name, 0.0))
+        REFERENCE_CLASS.labels(*v, OTHER).set(sum(share for name, share in reference.classes.items() if name not in shown))
 
     def image(self, image: np.ndarray) -> None:
         stats = image_statistics(image)

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import uuid
@@ -46,7 +47,7 @@ from PIL import Image
 
 from serving.admission import TICKET, Ticket
 from serving.limits import MAX_PIXELS, ServingLimits, memory_budget, workers_for_memory
-from serving.observe import ModelMetrics
+from serving.observe import ModelMetrics, model_labels
 from training.reference import MAX_DETECTIONS, SCORE_THRESHOLD
 from training.data.labels import LabelError
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
@@ -74,9 +75,9 @@ class MaskRCNNPredictor(Model):
     def __init__(self, name: str, model_dir: str = DEFAULT_MODEL_DIR, *, score_threshold: float = SCORE_THRESHOLD,
                  max_detections: int = MAX_DETECTIONS, max_pixels: int = MAX_PIXELS, max_images: int = 8,
                  mask_budget_bytes: int = MASK_BUDGET_BYTES, backend: Backend = "auto", threads: int | None = None,
-                 public_keys: str | Path | None = None, probe_timeout_s: float = PROBE_TIMEOUT_S,
+                 public_keys: str | Path | list[str | Path] | None = None, probe_timeout_s: float = PROBE_TIMEOUT_S,
                  forward_limit_s: float = FORWARD_LIMIT_S, device: str = "auto", workers: int | None = None,
-                 memory_budget_bytes: int | None = None):
+                 memory_budget_bytes: int | None = None, expect_version: str = "", expect_digest: str = ""):
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.score_threshold, self.max_detections = score_threshold, max_detections
@@ -97,8 +98,14 @@ class MaskRCNNPredictor(Model):
         self.workers_asked = workers  # None: one image per core with a graph on the CPU, else one (see `load`)
         self.memory_budget_bytes = memory_budget_bytes  # None: the container's limit (`serving.limits.memory_budget`)
         self.workers = 1
-        # Trusted signing keys (a PEM file or a folder of them): with any, only packages they signed are served.
-        self.public_keys = load_public_keys(public_keys) if public_keys else None
+        # Trusted signing keys (PEM files or folders of them): with any, only packages they signed are served.
+        sources = [public_keys] if isinstance(public_keys, (str, Path)) else list(public_keys or [])
+        self.public_keys = [key for source in sources for key in load_public_keys(source)] or None
+        # What the release that pointed the InferenceService here promised (its annotations): the version and
+        # the digest of SHA256SUMS, so that a signed package copied under another version's prefix is refused
+        if expect_digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", expect_digest):
+            raise ValueError(f"expected digest: sha256:<64 hex digits>, got {expect_digest[:80]!r}")
+        self.expect_version, self.expect_digest = expect_version, expect_digest
         self.probe_timeout_s = probe_timeout_s
         self.forward_limit_s = forward_limit_s  # the watchdog's: see `forward_seconds` and serving.app's Health
         self._running: dict[int, float] = {}  # inference thread -> monotonic time its running forward pass began
@@ -118,6 +125,11 @@ class MaskRCNNPredictor(Model):
         self._timing = threading.local()  # each inference thread's last forward pass, in seconds
         self.metrics: ModelMetrics | None = None  # the served version's series, made by `load` (none before)
 
+    @property
+    def metric_labels(self) -> tuple[str, str]:
+        """`model_name` and `model_version` of this predictor's series (serving.observe.MODEL)."""
+        return self.metrics.model if self.metrics is not None else model_labels(self.name, self.version)
+
     def load(self) -> bool:
         """Read and verify the package (checksums, limits, signature when keys are configured), build the
         network, and run it on the package's probe: ready only when it answers as the weights did at export."""
@@ -125,6 +137,13 @@ class MaskRCNNPredictor(Model):
         # the weights (torch) only for the eager network: with a graph, torch is never imported
         package = open_package(self.model_dir, public_keys=self.public_keys, cache_dir=cache,
                                weights=True if self.backend == "eager" else None)  # raises PackageError
+        if self.expect_version and package.version != self.expect_version:
+            raise PackageError(f"{self.model_dir}: the package is model version {package.version or '?'}, and this "
+                               f"predictor was told to serve version {self.expect_version} (the release's annotation): "
+                               f"another version's package under this prefix is never served")
+        if self.expect_digest and package.digest != self.expect_digest:
+            raise PackageError(f"{self.model_dir}: SHA256SUMS digest {package.digest} differs from the {self.expect_digest} "
+                               f"the release published: not the package that was scored and signed")
         self.config, self.label_map = package.config, package.label_map
         self.mask_threshold = self.config.eval.mask_threshold  # the threshold the model was evaluated with
         self.version, self.signer = package.version, package.signer
@@ -155,7 +174,8 @@ class MaskRCNNPredictor(Model):
         if problem:
             raise PackageError(f"{self.model_dir}: the network does not answer the package's probe as its weights "
                                f"did at export, so it is not served: {problem}")
-        self.metrics = ModelMetrics(self.version, self.label_map.names, package.reference)  # before the model: infer needs both
+        self.metrics = ModelMetrics(model_labels(package.metadata.get("model_name") or self.name, self.version),
+                                    self.label_map.names, package.reference)  # before the model: infer needs both
         self.network, self.graph, self.wide_graph = network, graph, wide
         self.torch_threads = None if self.graph is not None else cores  # set per forward pass, in `infer`
         self._slots = threading.BoundedSemaphore(self.workers)

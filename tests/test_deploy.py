@@ -195,14 +195,61 @@ def test_a_get_that_fails_once_is_retried_kserve_stand_in(k8s, caplog):
     assert "ApiException" in caplog.text and "retrying" in caplog.text
 
 
-def test_a_get_that_always_fails_rolls_back_at_the_deadline_kserve_stand_in(k8s):
+def test_a_get_that_fails_until_the_deadline_rolls_back_at_the_deadline_kserve_stand_in(k8s):
+    """Every GET answers 503 for 3 s: the wait gives up at its 2 s deadline, and the rollback (conditional on
+    the resourceVersion: KServe wrote status since the patch, so it reads again, retrying) puts v1 back."""
+    import time
+
     ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
     ctl.create("s3://models/maskrcnn/v1")
-    api = FlakyApi(k8s.kubeconfig, lambda n: _unavailable())
+    until = time.monotonic() + 3
+    api = FlakyApi(k8s.kubeconfig, lambda n: _unavailable() if time.monotonic() < until else None)
     with ctl, pytest.raises(DeployError, match=r"was not serving within 2 s on s3://models/maskrcnn/v2 \(last error: "
                                                 r"ApiException: \(503\) Reason: Service Unavailable\); rolled back to s3://models/maskrcnn/v1"):
         update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=2, poll=0.1, api=api)
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
+
+
+def test_a_rollback_never_writes_blind_kserve_stand_in(k8s):
+    """Every GET fails for good after the patch, and KServe has written status since: the rollback cannot
+    confirm the spec is still its own, so it writes nothing and says so (the release keeps its intent
+    for `release recover`)."""
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
+    ctl.create("s3://models/maskrcnn/v1")
+    api = FlakyApi(k8s.kubeconfig, lambda n: _unavailable())
+    with ctl, pytest.raises(DeployError, match=r"rolling back to s3://models/maskrcnn/v1 FAILED too \(ApiException: "
+                                                r"\(503\) Reason: Service Unavailable\)"):
+        update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=2, poll=0.1, api=api)
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v2"
+
+
+def test_patches_are_conditional_on_what_was_read_kserve_stand_in(k8s):
+    """A patch carries the resourceVersion it read: a status write since (KServe) is read again and the patch
+    goes through; a spec change since (someone else) refuses it, and theirs stands."""
+    from release.deploy import GROUP, PLURAL, VERSION, _ChangedElsewhere, conditional_patch, custom_objects_api
+
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
+    ctl.create("s3://models/maskrcnn/v1")
+    api = custom_objects_api(k8s.kubeconfig)
+    read = api.get_namespaced_custom_object(GROUP, VERSION, k8s.namespace, PLURAL, "maskrcnn")
+    ctl._status({"conditions": ctl._ready("True", "Reconciled")})  # KServe writes status: a new resourceVersion
+    patched = conditional_patch(api, "maskrcnn", k8s.namespace, expect_uri="s3://models/maskrcnn/v1",
+                                uri="s3://models/maskrcnn/v2", canary=None, set_canary=False, obj=read)
+    assert patched["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v2"
+    ctl.api.patch_namespaced_custom_object(GROUP, VERSION, k8s.namespace, PLURAL, "maskrcnn",
+                                           {"spec": {"predictor": {"model": {"storageUri": "s3://models/hotfix"}}}})
+    with pytest.raises(_ChangedElsewhere, match="storageUri is s3://models/hotfix .* someone else changed it"):
+        conditional_patch(api, "maskrcnn", k8s.namespace, expect_uri="s3://models/maskrcnn/v2",
+                          uri="s3://models/maskrcnn/v1", canary=None, set_canary=False, obj=patched)
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/hotfix"
+    # and a blind write of the stale resourceVersion is what the API server refuses (409), not us alone
+    from kubernetes.client.exceptions import ApiException
+
+    with pytest.raises(ApiException) as conflict:
+        api.patch_namespaced_custom_object(GROUP, VERSION, k8s.namespace, PLURAL, "maskrcnn", {
+            "metadata": {"resourceVersion": patched["metadata"]["resourceVersion"]},
+            "spec": {"predictor": {"model": {"storageUri": "s3://models/maskrcnn/v1"}}}})
+    assert conflict.value.status == 409
 
 
 def test_a_get_that_fails_for_good_rolls_back_at_once_kserve_stand_in(k8s):

@@ -1,6 +1,11 @@
 """The promotion gate's arithmetic."""
 
+import math
+
+import pytest
+
 from release.gate import decide
+from training.bootstrap import Interval
 
 
 def test_thresholds_and_no_champion_promote():
@@ -21,3 +26,26 @@ def test_candidate_must_beat_the_champion_by_the_margin():
     assert d.promote and "beats champion v3 (0.6000) by +0.0200" in d.reason
     # a negative margin tolerates a small regression (e.g. to ship a faster model)
     assert decide(0.59, 0.8, min_segm_map=0.5, min_mask_iou=0.7, margin=-0.02, champion_segm_map=0.6).promote
+
+
+@pytest.mark.parametrize("field", ["segm_map", "mask_iou", "champion_segm_map", "interval_low", "interval_high",
+                                   "min_segm_map", "margin"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_number_never_promotes_and_is_named(field, bad):
+    """NaN compares false with everything: without the check, a broken evaluation passed every threshold."""
+    values = dict(segm_map=0.9, mask_iou=0.9, min_segm_map=0.5, min_mask_iou=0.7, margin=0.0, champion_segm_map=0.1,
+                  champion_version="3")
+    low, high = 0.2, 0.4
+    if field.startswith("interval_"):
+        low, high = (bad, high) if field == "interval_low" else (low, bad)
+    else:
+        values[field] = bad
+    interval = Interval(delta=0.3, low=low, high=high, level=0.95, resamples=100, seed=0, images=10)
+    d = decide(values.pop("segm_map"), values.pop("mask_iou"), interval=interval, require_lower_bound=True, **values)
+    assert not d.promote and "not a finite number" in d.reason, d.reason
+    named = {"segm_map": "segm mAP", "champion_segm_map": "the champion's segm mAP", "interval_low": "lower bound",
+             "interval_high": "upper bound", "min_segm_map": "min_segm_map", "margin": "margin"}
+    assert f"{named.get(field, 'mask IoU')}" in d.reason and repr(bad) in d.reason
+    # the same numbers, finite, promote: the refusal is the non-finite value's
+    assert decide(0.9, 0.9, min_segm_map=0.5, min_mask_iou=0.7, margin=0.0, champion_segm_map=0.1, champion_version="3",
+                  interval=Interval(0.3, 0.2, 0.4, 0.95, 100, 0, 10), require_lower_bound=True).promote

@@ -139,6 +139,8 @@ def _as_service_account(kube_api, tmp_path, overlay: str, account: str, namespac
 
 
 def _may_promote_and_nothing_more(custom, apps, core) -> None:
+    from kubernetes import client
+
     isvc = custom.get_namespaced_custom_object(GROUP, VERSION, "models", PLURAL, "maskrcnn")
     uri = isvc["spec"]["predictor"]["model"]["storageUri"]
     patched = custom.patch_namespaced_custom_object(GROUP, VERSION, "models", PLURAL, "maskrcnn",
@@ -153,6 +155,14 @@ def _may_promote_and_nothing_more(custom, apps, core) -> None:
                {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     _forbidden(core.list_namespaced_secret, "models")
     _forbidden(apps.patch_namespaced_deployment, "maskrcnn-predictor", "models", {"spec": {"replicas": 0}})
+    # the release Lease: taken, renewed and released by the step itself (release.lease), never deleted
+    from release.lease import Intent, ReleaseLease
+
+    lease = ReleaseLease("maskrcnn", "models", api=client.CoordinationV1Api(custom.api_client), duration_s=30)
+    lease.acquire(Intent("promote", "maskrcnn", "maskrcnn", "models", lease.holder))
+    lease.release()
+    assert lease.read().intent is None and lease.read().holder is None
+    _forbidden(client.CoordinationV1Api(custom.api_client).delete_namespaced_lease, lease.name, "models")
     _forbidden(custom.get_namespaced_custom_object, GROUP, VERSION, "elsewhere", PLURAL, "maskrcnn")
     _forbidden(custom.patch_namespaced_custom_object, GROUP, VERSION, "elsewhere", PLURAL, "maskrcnn",
                {"spec": {"predictor": {"model": {"storageUri": "gs://x/y"}}}})

@@ -142,7 +142,9 @@ def test_promote_role_is_least_privilege():
     objects = render("deployment/overlays/production")
     role = by_kind(objects, "Role")
     assert role["rules"] == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]},
-                             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]}]
+                             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
+                             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                              "verbs": ["get", "create", "update"]}]  # the release Lease (release.lease)
     binding = by_kind(objects, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["metadata"]["namespace"] == role["metadata"]["namespace"]
 

@@ -99,9 +99,10 @@ def test_the_predictor_exposes_the_reference_beside_the_live_histograms(serving_
     predictor.infer([np.full((32, 32, 3), 200, np.uint8)], 0.0, 5, False)
     samples = parse_metrics(generate_latest().decode())
     mine = {k: v for k, v in samples.items() if ("model_version", "ref-1") in k[1]}
-    assert mine[("maskrcnn_reference_images", (("model_version", "ref-1"),))] == 2
-    assert mine[("maskrcnn_reference_mean", (("model_version", "ref-1"), ("statistic", "brightness")))] == pytest.approx(0.5)
-    assert mine[("maskrcnn_reference_class_share", (("label", "circle"), ("model_version", "ref-1")))] == 0.5
+    name = ("model_name", "maskrcnn")
+    assert mine[("maskrcnn_reference_images", (name, ("model_version", "ref-1")))] == 2
+    assert mine[("maskrcnn_reference_mean", (name, ("model_version", "ref-1"), ("statistic", "brightness")))] == pytest.approx(0.5)
+    assert mine[("maskrcnn_reference_class_share", (("label", "circle"), name, ("model_version", "ref-1")))] == 0.5
     live = {(n, dict(ls)["le"]) for n, ls in mine if n.endswith("_bucket") and n != "maskrcnn_reference_bucket"}
     for statistic, histogram in (("brightness", "maskrcnn_input_brightness_bucket"), ("score", "maskrcnn_detection_score_bucket"),
                                  ("detections_per_image", "maskrcnn_detections_per_image_bucket")):

@@ -194,9 +194,10 @@ def test_metrics_count_requests_by_status_and_version(client):
     client.post("/v1/models/maskrcnn:predict", json={"instances": []})
     client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture())))
     text = client.get("/metrics").text
-    assert 'maskrcnn_requests_total{model_version="7",protocol="v1",status="400"}' in text
-    assert 'maskrcnn_requests_total{model_version="7",protocol="v1",status="200"}' in text
-    assert 'maskrcnn_detections_per_image_count{model_version="7"}' in text
+    # the registered name (the package's metadata; this one has none: the served name) and the version on every series
+    assert 'maskrcnn_requests_total{model_name="maskrcnn",model_version="7",protocol="v1",status="400"}' in text
+    assert 'maskrcnn_requests_total{model_name="maskrcnn",model_version="7",protocol="v1",status="200"}' in text
+    assert 'maskrcnn_detections_per_image_count{model_name="maskrcnn",model_version="7"}' in text
     assert 'request_predict_seconds_count{model_name="maskrcnn"}' in text  # kserve's own metrics too
 
 
@@ -229,11 +230,11 @@ def test_metrics_describe_the_model_by_version(client, predictor):
     for name in {d["label"] for d in detections}:
         assert grew("maskrcnn_detections_total", label=name) >= sum(d["label"] == name for d in detections)
     assert metric(after, "maskrcnn_inflight_requests", model_version="7") == 0
-    assert ("maskrcnn_queue_depth", (("model_version", "7"),)) in after
+    assert ("maskrcnn_queue_depth", (("model_name", "maskrcnn"), ("model_version", "7"))) in after
     assert metric(after, "maskrcnn_ready", model_version="7") == 1  # read from the health check at scrape time
     assert metric(after, "maskrcnn_queue_limit", model_version="7") == client.app.state.admission.max_queue
     # a label map larger than the cap: its classes beyond it are counted as "other", not as new series
-    many = ModelMetrics("cap-test", [f"c{i}" for i in range(MAX_CLASS_LABELS + 50)])
+    many = ModelMetrics(("maskrcnn", "cap-test"), [f"c{i}" for i in range(MAX_CLASS_LABELS + 50)])
     many.detections([{"label": f"c{i}", "score": 0.9} for i in range(MAX_CLASS_LABELS + 50)])
     capped = parse_metrics(client.get("/metrics").text)
     assert metric(capped, "maskrcnn_detections_total", model_version="cap-test", label="other") == 50

@@ -125,3 +125,50 @@ def test_with_keys_nothing_of_an_unsigned_package_is_parsed(serving_package, key
         monkeypatch.setattr(package_module, parser, never)
     with pytest.raises(PackageError, match=r"SHA256SUMS\.sig: missing"):
         open_package(serving_package, public_keys=load_public_keys(keys / "current.pem"))
+
+
+def test_a_signed_package_replayed_under_another_version_is_refused(serving_package, keys, tmp_path):
+    """v7, validly signed, copied to where v9 should be (someone with write access to the bucket, no key):
+    the predictor told by the release which version and digest to serve (the InferenceService's annotations,
+    passed in by the ServingRuntime) refuses it; the real v9 is served."""
+    from release.promote import promised
+    from training.package import DIGEST_ANNOTATION, VERSION_ANNOTATION
+
+    key = load_private_key(keys / "current.key")
+    v7 = open_package(serving_package).stamped({"model_version": "7"}).signed(key)
+    v9 = open_package(serving_package).stamped({"model_version": "9"}).signed(key)
+    v7.save(tmp_path / "v9")  # the replay: a signed v7 where v9 belongs
+    promise = promised("9", v9.digest)
+    assert promise == {VERSION_ANNOTATION: "9", DIGEST_ANNOTATION: v9.digest} and v7.digest != v9.digest
+    for version, digest, refused in (("9", v9.digest, "is model version 7"), ("", v9.digest, "digest"),
+                                     ("9", "", "is model version 7")):
+        replayed = MaskRCNNPredictor("maskrcnn", str(tmp_path / "v9"), public_keys=keys / "current.pem",
+                                     expect_version=version, expect_digest=digest)
+        with pytest.raises(PackageError, match=refused):
+            replayed.load()
+        assert not replayed.ready
+    real = MaskRCNNPredictor("maskrcnn", str(v9.save(tmp_path / "real-v9")), public_keys=keys / "current.pem",
+                             expect_version="9", expect_digest=v9.digest)
+    assert real.load() and real.version == "9"
+    with pytest.raises(ValueError, match="expected digest: sha256:<64 hex digits>"):
+        MaskRCNNPredictor("maskrcnn", str(tmp_path / "v9"), expect_digest="md5:abc")
+
+
+def test_an_empty_public_keys_flag_appended_to_the_runtimes_fails_closed(serving_package, keys, tmp_path, caplog):
+    """KServe appends an InferenceService's args to its ServingRuntime's: `--public-keys ""` added there
+    used to win (argparse's last value) and turn verification off. An empty value is refused, and every
+    key source given is trusted at once (a key in either verifies; an unsigned package is still refused)."""
+    from serving.__main__ import main, public_key_sources
+
+    runtime = ["--model-dir", str(serving_package), "--host", "127.0.0.1", "--http-port", "1",
+               "--public-keys", str(keys / "current.pem")]
+    assert main([*runtime, "--public-keys", ""]) == 2
+    assert "an empty value would turn signature checks off" in caplog.text
+    assert public_key_sources([str(keys / "current.pem"), str(keys / "other.pem")]) == [str(keys / "current.pem"),
+                                                                                        str(keys / "other.pem")]
+    caplog.clear()
+    assert main([*runtime, "--public-keys", str(keys / "other.pem")]) == 1  # unsigned: still refused
+    assert "SHA256SUMS.sig: missing" in caplog.text
+    by_other = _signed(serving_package, tmp_path / "by-other", keys / "other.key")
+    both = MaskRCNNPredictor("maskrcnn", str(by_other), public_keys=[keys / "current.pem", keys / "other.pem"])
+    assert both.load() and both.signer == key_id(load_public_keys(keys / "other.pem")[0])

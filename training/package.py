@@ -61,6 +61,11 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SUPPORTED_FORMATS = (1,)
 CHECKSUM_FILE = "SHA256SUMS"
+# What a release promises the predictor, as annotations on the InferenceService (KServe propagates them to
+# the predictor's pods; the ServingRuntime passes them in through the downward API): the version and the
+# package's digest. `release.promote` writes them with the storageUri; `serving` refuses any other package.
+VERSION_ANNOTATION = "release.maskrcnn.io/model-version"
+DIGEST_ANNOTATION = "release.maskrcnn.io/package-digest"
 SIGNATURE_FILE = "SHA256SUMS.sig"
 CARD_FILE = "MODEL_CARD.md"  # training.model_card writes it
 MAX_CARD_BYTES = 256 << 10
@@ -118,6 +123,12 @@ class Package:
     def checksums(self) -> dict[str, str]:
         """File name -> SHA-256, as `SHA256SUMS` lists them."""
         return parse_checksums(self.files[CHECKSUM_FILE], CHECKSUM_FILE)
+
+    @property
+    def digest(self) -> str:
+        """`sha256:<hex>` of `SHA256SUMS`: one value that names every file's bytes (what the gate scored,
+        what is published, what the predictor is told to expect)."""
+        return "sha256:" + hashlib.sha256(self.files[CHECKSUM_FILE]).hexdigest()
 
     @property
     def graph(self) -> bytes | None:

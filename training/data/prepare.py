@@ -20,7 +20,7 @@ import numpy as np
 from training.config import DataConfig
 from training.data.coco import CocoSplit, DatasetError, load_coco, subset
 from training.data.labels import LabelMap
-from training.data.sources import content_hash, fetch_prefix
+from training.data.sources import content_hash, escapes_folder, fetch_prefix, sha256_file
 from training.data.synthetic import synthetic_dataset
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _checked(cfg: DataConfig, train: CocoSplit, val: CocoSplit, validate: bool) 
             f"{train.label_map.category_ids}; both splits must declare the same categories"], str(val.annotation_file))
     prepared = PreparedData(train, val, train.label_map)
     if validate:
-        files = {train.root: _files_of(train)}
+        files = {train.root: _files_of(train)}  # train first, then val (dicts keep their order)
         files.setdefault(val.root, []).extend(_files_of(val))
         prepared.content_hash = content_hash_of(files)
         prepared.stats = {"train": split_stats(train), "val": split_stats(val),
@@ -126,9 +126,12 @@ def _checked(cfg: DataConfig, train: CocoSplit, val: CocoSplit, validate: bool) 
 
 
 def content_hash_of(files_by_root: dict[Path, list[str]]) -> str:
+    """The dataset's identity: each root's `content_hash` (relative names and bytes), in the dict's order
+    (train's root first). Where the files lie on this machine plays no part, so a copy of the data (a
+    staged dataset, another cache) has the same hash."""
     h = hashlib.sha256()
-    for root in sorted(files_by_root, key=str):
-        h.update(content_hash(root, sorted(set(files_by_root[root]))).encode())
+    for root, files in files_by_root.items():
+        h.update(content_hash(root, sorted(set(files))).encode())
     return h.hexdigest()
 
 
@@ -153,15 +156,36 @@ def export_prepared(data: PreparedData, folder: str | Path) -> Path:
             except OSError:
                 shutil.copy2(src, dst)
         (out / "annotations.json").write_text(json.dumps(split.coco))
+    manifest = {f"{name}/{rel}": {"size": (folder / name / rel).stat().st_size, "sha256": sha256_file(folder / name / rel)}
+                for name, split in (("train", data.train), ("val", data.val))
+                for rel in ["annotations.json", *(img["file_name"] for img in split.coco["images"])]}
     (folder / PREPARED_FILE).write_text(json.dumps(
-        {"content_hash": data.content_hash, "stats": data.stats, "label_map": data.label_map.to_dict()}, indent=2))
+        {"content_hash": data.content_hash, "stats": data.stats, "label_map": data.label_map.to_dict(),
+         "files": manifest}, indent=2))
     return folder
+
+
+def verify_prepared(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every file `export_prepared` listed is there with its size and SHA-256 (DatasetError naming each one
+    that is missing, cut or changed): the content hash in dataset.json is only as good as the files."""
+    problems = []
+    for rel, expected in sorted(manifest.items()):
+        path = folder / rel
+        if escapes_folder(rel) or not path.is_file() or path.is_symlink():
+            problems.append(f"{rel}: missing (listed in {PREPARED_FILE})")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{rel}: {path.stat().st_size} bytes, {PREPARED_FILE} says {expected['size']}")
+        elif sha256_file(path) != expected["sha256"]:
+            problems.append(f"{rel}: its SHA-256 differs from {PREPARED_FILE}'s")
+    if problems:
+        raise DatasetError([*problems, "the prepared dataset changed after it was hashed: prepare it again"], str(folder))
 
 
 def load_prepared(folder: str | Path, max_pixels: int | None = None) -> PreparedData:
     """A dataset written by `export_prepared`, with the content hash and statistics computed when it was
     prepared: the dataset's identity is computed once per run, from the data as the user gave it, and
-    every later step (training, registration) carries that same hash."""
+    every later step (training, registration) carries that same hash. Its files are verified against the
+    manifest first (`verify_prepared`), so a cut or changed file never travels under the original hash."""
     import json
 
     folder = Path(folder)
@@ -169,6 +193,10 @@ def load_prepared(folder: str | Path, max_pixels: int | None = None) -> Prepared
     if not meta_file.is_file():
         raise DatasetError([f"not a prepared dataset: {PREPARED_FILE} is missing (write one with export_prepared)"], str(folder))
     meta = json.loads(meta_file.read_text())
+    if not isinstance(meta.get("files"), dict):
+        raise DatasetError([f"{PREPARED_FILE} lists no files: written before datasets were verified; prepare it again"],
+                           str(folder))
+    verify_prepared(folder, meta["files"])
     kwargs = {"check_images": False, **({"max_pixels": max_pixels} if max_pixels else {})}
     train, val = load_coco(folder / "train", **kwargs), load_coco(folder / "val", **kwargs)
     return PreparedData(train, val, train.label_map, meta["content_hash"], meta["stats"])
