@@ -12,29 +12,39 @@
 # `uv run -m devstack image` builds both offline from a Debian base.
 #
 # Build arguments:
-#   BASE        any image with Python 3.11 or 3.12 as `python3` and a CA bundle (default: the public slim image)
-#   UV_VERSION  uv, installed from PyPI
+#   BASE        any image with Python 3.11 or 3.12 as `python3` and a CA bundle (default: the public slim image,
+#               pinned by digest: a tag can be pushed again, a digest cannot)
+#   UV_VERSION, UV_SHA256
+#               uv, installed from PyPI, and the SHA-256 of its wheels (x86_64 and aarch64, as PyPI lists
+#               them): pip installs no other file. Change both together.
 #   GIT_COMMIT  recorded on every MLflow run and package made in the image (there is no .git inside)
-ARG BASE=python:3.11.11-slim-bookworm
+# Every Python package comes from uv.lock with its hash checked: `uv sync --locked` (the platform image)
+# verifies the lock's hashes, and the serving image installs `uv export --only-group serving` with
+# --require-hashes.
+ARG BASE=python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5
 
 FROM ${BASE} AS tools
 ARG UV_VERSION=0.13.9
+ARG UV_SHA256="d7f459fe4fd247d830351c75686d3996ace3c6f3f728eb0e85a30b7ada0cef19 5435c5ce14a56431208ca0996416d310f1598e8c2c8ba707688985a16bb82dbe"
 # The system CA bundle for pip and uv (behind a TLS-inspecting proxy, mount the host's at build time).
 RUN python3 -m venv /opt/uv \
-    && /opt/uv/bin/pip install --quiet --no-cache-dir --cert /etc/ssl/certs/ca-certificates.crt "uv==${UV_VERSION}" \
-    && ln -s /opt/uv/bin/uv /usr/local/bin/uv
+    && printf 'uv==%s' "${UV_VERSION}" > /tmp/uv.txt \
+    && for hash in ${UV_SHA256}; do printf ' --hash=sha256:%s' "${hash}" >> /tmp/uv.txt; done \
+    && /opt/uv/bin/pip install --quiet --no-cache-dir --cert /etc/ssl/certs/ca-certificates.crt --require-hashes \
+       --requirement /tmp/uv.txt \
+    && rm /tmp/uv.txt && ln -s /opt/uv/bin/uv /usr/local/bin/uv
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PROJECT_ENVIRONMENT=/opt/venv UV_PYTHON_DOWNLOADS=never \
     UV_SYSTEM_CERTS=1 PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
 
-# The serving environment: serving/requirements.in at the versions uv.lock pins (the lock exported as
-# constraints), so that both images run the same onnxruntime, kserve and numpy.
+# The serving environment: pyproject's `serving` group at the versions uv.lock pins, each file's hash
+# required, so that both images run the same onnxruntime, kserve and numpy, and nothing else gets in.
 FROM tools AS serving-env
 WORKDIR /build
-COPY pyproject.toml uv.lock serving/requirements.in ./
+COPY pyproject.toml uv.lock ./
 RUN --mount=type=cache,id=maskrcnn-uv,target=/root/.cache/uv \
-    uv export --locked --no-dev --no-hashes --no-emit-project --format requirements-txt --output-file locked.txt --quiet \
+    uv export --locked --only-group serving --no-emit-project --format requirements-txt --output-file serving.txt --quiet \
     && uv venv --quiet /opt/venv \
-    && uv pip install --quiet --python /opt/venv/bin/python --requirements requirements.in --constraints locked.txt \
+    && uv pip install --quiet --python /opt/venv/bin/python --require-hashes --requirements serving.txt \
     && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch reached the serving image" >&2; exit 1; fi
 
 FROM ${BASE} AS serving

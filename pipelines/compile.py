@@ -23,11 +23,12 @@ log = logging.getLogger("pipelines.compile")
 
 
 def compile_pipeline(output: Path = DEFAULT_OUTPUT, image: str = DEFAULT_IMAGE, train_gpus: int = 0,
-                     accelerator: str = DEFAULT_ACCELERATOR) -> Path:
-    """Compile the pipeline with every step on `image`, and GPUs for the train step's own pod."""
+                     accelerator: str = DEFAULT_ACCELERATOR, signing_key: str = "") -> Path:
+    """Compile the pipeline with every step on `image`, and GPUs for the train step's own pod.
+    `signing_key`: `gcpkms://...` to sign with a Cloud KMS key version; empty: the maskrcnn-signing-key Secret."""
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(image, train_gpus, accelerator), str(output))
+    compiler.Compiler().compile(build_pipeline(image, train_gpus, accelerator, signing_key), str(output))
     return output
 
 
@@ -49,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-gpus", type=int, default=0,
                         help="GPUs for the train step's pod when it trains there (empty ray_address); default 0")
     parser.add_argument("--accelerator", default=DEFAULT_ACCELERATOR, help=f"the GPU resource name (default {DEFAULT_ACCELERATOR})")
+    parser.add_argument("--signing-key", default="", metavar="gcpkms://...",
+                        help="sign published packages with this Cloud KMS key version (Terraform's package_signing_key "
+                             "output); default: the key in the maskrcnn-signing-key Secret")
     args = parser.parse_args(argv)
-    path = compile_pipeline(args.output, args.image, args.train_gpus, args.accelerator)
+    path = compile_pipeline(args.output, args.image, args.train_gpus, args.accelerator, args.signing_key)
     log.info("wrote %s", path)
     log.info("wrote %s", compile_batch_pipeline(args.batch_output, args.image))
     return 0

@@ -132,7 +132,7 @@ def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_
 def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: str, reason: str, evidence: dict,
             storage_prefix: str, isvc_name: str, namespace: str, canary_percent: int, ready_timeout: float,
             kubeconfig: str, prometheus_url: str, prometheus_selector: str, canary_bounds: dict,
-            metrics: Output[Metrics], scored_digest: str = "") -> str:
+            metrics: Output[Metrics], scored_digest: str = "", promoter_service_account: str = "") -> str:
     """Register the version in MLflow with its evidence (metrics, dataset hash, git commit, config, run,
     the gate's decision), upload its serving package to `storage_prefix` and verify it, patch the
     InferenceService's storageUri, wait for Ready or roll back, then move the `champion` alias. Returns
@@ -142,13 +142,21 @@ def promote(model: Input[Model], model_uri: str, tracking_uri: str, model_name: 
     Metrics, the MLflow run and the version. The package is signed with the key in the file named by
     $MASKRCNN_SIGNING_KEY_FILE (the pipeline mounts the maskrcnn-signing-key Secret there) when it exists.
     `scored_digest`: the evaluate step's `package_digest`; a model artifact with another digest is refused
-    before anything is registered (what is promoted is what was scored)."""
+    before anything is registered (what is promoted is what was scored). `promoter_service_account`: the
+    ServiceAccount in `namespace` the step acts as (a short-lived token it requests; the pipeline's own
+    account may do nothing else there: deployment/base/rbac-promote.yaml); empty: the step's own account."""
+    import os
+
+    from release.deploy import PROMOTER_ENV
+
     from release.canary import CanaryBounds
     from release.gate import GateDecision
     from release.interrupt import unwind_on_signals
     from release.promote import CanaryPlan, CanaryRejected, promote as run_promote, signing_key_from_env
     from training.tracking import resolve_tracking_uri
 
+    if promoter_service_account:
+        os.environ[PROMOTER_ENV] = f"{namespace}/{promoter_service_account}"
     plan = None
     if canary_percent > 0:
         plan = CanaryPlan(prometheus_url, CanaryBounds.from_dict(dict(canary_bounds), "canary_bounds"), prometheus_selector)

@@ -49,7 +49,8 @@ def _harden(task: dsl.PipelineTask, step: str, storage: bool = False, shm: bool 
     return task
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator: str = DEFAULT_ACCELERATOR):
+def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator: str = DEFAULT_ACCELERATOR,
+                   signing_key: str = ""):
     """The pipeline (a KFP `@dsl.pipeline` function) with every step on `image`, and `train_gpus` GPUs of
     `accelerator` for the train step's own pod (when it trains there: an empty `ray_address`)."""
     if train_gpus < 0:
@@ -80,6 +81,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
         prometheus_selector: str = "",
         canary_bounds: dict = {},  # noqa: B006
         data_hash: str = "",
+        promoter_service_account: str = "maskrcnn-promoter",
     ):
         prepared = _harden(steps.prepare_data(config=config, overrides=overrides, data=data, val_data=val_data,
                                               data_format=data_format, data_hash=data_hash),
@@ -108,10 +110,16 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
                                      storage_prefix=storage_prefix, isvc_name=isvc_name, namespace=namespace,
                                      canary_percent=canary_percent, ready_timeout=ready_timeout, kubeconfig=kubeconfig,
                                      prometheus_url=prometheus_url, prometheus_selector=prometheus_selector,
-                                     canary_bounds=canary_bounds, scored_digest=scored.outputs["package_digest"])
+                                     canary_bounds=canary_bounds, scored_digest=scored.outputs["package_digest"],
+                                     promoter_service_account=promoter_service_account)
             _harden(promoted, "promote", storage=True).set_caching_options(False)
-            kubernetes.use_secret_as_volume(promoted, SIGNING_SECRET, mount_path=SIGNING_MOUNT, optional=True)
-            promoted.set_env_variable("MASKRCNN_SIGNING_KEY_FILE", f"{SIGNING_MOUNT}/private.pem")
+            if signing_key:  # a Cloud KMS key version: no key material in the cluster at all
+                if not signing_key.startswith("gcpkms://"):
+                    raise ValueError(f"signing_key: expected gcpkms://projects/.../cryptoKeyVersions/N, got {signing_key!r}")
+                promoted.set_env_variable("MASKRCNN_SIGNING_KEY_FILE", signing_key)
+            else:
+                kubernetes.use_secret_as_volume(promoted, SIGNING_SECRET, mount_path=SIGNING_MOUNT, optional=True)
+                promoted.set_env_variable("MASKRCNN_SIGNING_KEY_FILE", f"{SIGNING_MOUNT}/private.pem")
         with dsl.Else(name="rejected"):
             rejected = steps.reject(reason=decided.outputs["reason"])
             _harden(rejected, "reject").set_caching_options(False)

@@ -7,9 +7,11 @@ from the usual variables and kubeconfig, as for the pipeline.
   uv run -m release rollback 3 --isvc-name maskrcnn --namespace models --reason "incident 42"
   uv run -m release recover --isvc-name maskrcnn --namespace models
   uv run -m release keygen signing.key signing.pub
-  uv run -m release retrain --data gs://RAY_BUCKET/data/coco --claims gs://RAY_BUCKET/retrain-claims --kfp-host URL
+  uv run -m release retrain --data gs://RAY_BUCKET/data/coco --claims gs://RAY_BUCKET/retrain-claims \
+      --release-record gs://RAY_BUCKET/release.json --kfp-host URL
   terraform -chdir=infra/gke output -json placeholders | uv run -m release placeholders
-  uv run -m release ship --repository REGION-docker.pkg.dev/PROJECT/maskrcnn/platform --kfp-host URL [--run] [--cron ...]
+  uv run -m release ship --repository REGION-docker.pkg.dev/PROJECT/maskrcnn/platform --kfp-host URL \
+      [--record gs://RAY_BUCKET/release.json] [--run] [--cron ...]
 
 `promote` downloads the run's model (its serving package), scores it and the current champion on the
 same validation split (`--val-data`, default: the split the model was trained with), applies the gate,
@@ -61,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="models")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for Ready before rolling back")
     p.add_argument("--kubeconfig", default="", help="default: in-cluster config, else ~/.kube/config")
+    p.add_argument("--as-service-account", default="", metavar="NAME",
+                   help="act as this ServiceAccount of --namespace (a short-lived token requested with your own "
+                        "credentials, as the pipeline's promote step acts as maskrcnn-promoter); empty: yourself")
     p.add_argument("--lease-seconds", type=int, default=DEFAULT_DURATION_S,
                    help="how long the InferenceService's release Lease outlives a killed release (renewed every "
                         "third of it while the release runs)")
@@ -105,6 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--prebuilt", default="", metavar="SHA256_DIGEST",
                      help="the image is already pushed to --repository with this digest: compile and upload only")
     out.add_argument("--output", default="maskrcnn_pipeline.yaml", help="where the compiled pipeline is written")
+    out.add_argument("--record", default="", metavar="S3_OR_GS_JSON",
+                     help="record the uploaded version as the release (the pipeline version `retrain` runs)")
     out.add_argument("--kfp-host", default="", help="Kubeflow Pipelines' API (empty: compile only)")
     out.add_argument("--kfp-namespace", default="", help="multi-user Kubeflow: the profile namespace")
     out.add_argument("--kfp-token-file", default=os.environ.get(KFP_TOKEN_ENV, ""),
@@ -121,6 +128,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     again.add_argument("--val-data", default="", help="the validation split (default: held out of --data)")
     again.add_argument("--config", default="default", help="the training config the pipeline runs (its data settings)")
     again.add_argument("--claims", required=True, help="s3:// or gs:// prefix where each started hash is claimed once")
+    again.add_argument("--release-record", required=True, metavar="S3_OR_GS_JSON",
+                       help="the record `release ship --record` wrote: the pipeline version to run")
+    again.add_argument("--staging", default="", help="s3:// or gs:// prefix where the hashed data is copied for the run "
+                                                     "(default: <claims>/datasets)")
+    again.add_argument("--grace-seconds", type=float, default=3600.0,
+                       help="a claim whose run never started, failed or is gone is taken over after this long")
     again.add_argument("--kfp-host", required=True, help="Kubeflow Pipelines' API")
     again.add_argument("--kfp-namespace", default="")
     again.add_argument("--kfp-token-file", default=os.environ.get(KFP_TOKEN_ENV, ""))
@@ -285,6 +298,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     try:
         token = _token(args.kfp_token_file, "--kfp-token-file")
         plan = RetrainPlan(data=args.data, val_data=args.val_data, config=args.config, claims=args.claims,
+                           release_record=args.release_record, staging=args.staging, grace_s=args.grace_seconds,
                            kfp_host=args.kfp_host, kfp_namespace=args.kfp_namespace,
                            tracking_uri=resolve_tracking_uri(args.tracking_uri), model_name=args.model_name,
                            pipeline_name=args.pipeline_name, experiment=args.experiment,
@@ -315,7 +329,8 @@ def cmd_ship(args: argparse.Namespace) -> int:
                         build_args=_pairs(args.build_arg, "--build-arg", as_json=False), tls_verify=not args.insecure_registry,
                         kfp_host=args.kfp_host, kfp_namespace=args.kfp_namespace, pipeline_name=args.pipeline_name,
                         experiment=args.experiment, run=args.run, cron=args.cron,
-                        params=_pairs(args.param, "--param"), output=Path(args.output), prebuilt=args.prebuilt)
+                        params=_pairs(args.param, "--param"), output=Path(args.output), prebuilt=args.prebuilt,
+                        record=args.record)
     except (ValueError, OSError, subprocess.CalledProcessError) as exc:
         log.error("%s", exc)
         return 2
@@ -354,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     from training.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    if args.as_service_account:
+        from release.deploy import PROMOTER_ENV
+
+        os.environ[PROMOTER_ENV] = f"{args.namespace}/{args.as_service_account}"
     command = {"promote": cmd_promote, "rollback": cmd_rollback, "recover": cmd_recover}[args.command]
     try:
         with unwind_on_signals():

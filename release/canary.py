@@ -11,6 +11,9 @@ has passed, then compares them over that time (at most `window_s`):
 - restarts: the canary's request counter never reset in the window (a predictor that crashed or was
   OOM-killed loses the requests it had counted, and never counts those it dropped: a crash-looping
   canary must not be judged on the requests it survived);
+- the serving path's error ratio, where Prometheus scrapes Knative's queue-proxy: the non-2xx share of the
+  canary revision's requests as the sidecar in front of it counted them (`revision_app_request_count` by
+  `response_code_class`), which includes the requests a crashing predictor never recorded;
 - p95 latency of answered (2xx) requests: at most `max_latency_ratio` times the stable model's (differences
   under `latency_slack_s` never fail: 12 ms against 8 ms is noise);
 - mean detection score: at least (1 - `max_score_drop`) times the stable model's; a canary that returns
@@ -239,6 +242,27 @@ def _queries(sel: str, window: str) -> dict[str, str]:
             "detections_per_image": ratio("maskrcnn_detections_per_image")}
 
 
+QUEUE_PROXY_METRIC = "revision_app_request_count"
+"""Knative's queue-proxy (the sidecar in front of every revision's pods) counts each request it proxies by
+`revision_name` and `response_code_class`, whether the predictor answered or died under it (then 502/503):
+what the clients saw, even from a predictor that crashed before recording anything itself."""
+
+
+def serving_path(prom: PrometheusApi, revision: str, namespace: str, window_s: float) -> tuple[float, float]:
+    """(requests, non-2xx ratio) of a revision as its queue-proxy counted them (NaN, NaN when not scraped)."""
+    for name, value in (("revision", revision), ("namespace", namespace)):
+        if not VERSION.match(value):
+            raise ValueError(f"{name} {value!r}: expected 1-64 of [A-Za-z0-9._-]")
+    sel = f'{{revision_name="{revision}",namespace_name="{namespace}"}}'
+    window = f"{max(1, math.ceil(window_s))}s"
+    total = prom.scalar(f"sum(increase({QUEUE_PROXY_METRIC}{sel}[{window}]))")
+    failed = prom.scalar(f"(sum(increase({QUEUE_PROXY_METRIC}{sel[:-1]},response_code_class!=\"2xx\"}}[{window}])) "
+                         f"or vector(0)) / sum(increase({QUEUE_PROXY_METRIC}{sel}[{window}]))")
+    if math.isnan(total) or not total:
+        return (0.0 if not math.isnan(total) else math.nan), math.nan
+    return total, min(1.0, max(0.0, failed)) if math.isfinite(failed) else math.nan
+
+
 def measure(prom: PrometheusApi, version: str, window_s: float, selector: str = "") -> dict[str, float]:
     """One model's numbers over the last `window_s` seconds: requests (all, and 2xx), counter resets, the
     non-2xx ratio, p95 latency, mean score, detections per image (NaN where it has no data)."""
@@ -260,6 +284,22 @@ def compare(canary: dict[str, float], stable: dict[str, float], bounds: CanaryBo
     limit = (0.0 if math.isnan(s) else s) + bounds.max_error_ratio_increase
     checks.append(Check("error_ratio", c, s, f"<= {limit:.4g}", not math.isnan(c) and c <= limit,
                         "" if not math.isnan(c) else "the canary answered nothing"))
+    if "path_error_ratio" in canary or "path_error_ratio" in stable:
+        c, s = canary.get("path_error_ratio", math.nan), stable.get("path_error_ratio", math.nan)
+        def counted(values: dict[str, float]) -> bool:
+            n = values.get("path_requests", math.nan)
+            return math.isfinite(n) and n > 0
+
+        if not counted(canary) and not counted(stable):
+            pass  # queue-proxy's series are not scraped here: the predictors' own counts decide
+        elif math.isnan(c):
+            checks.append(Check("serving_path_error_ratio", c, s, "", False, "the serving path counted no request to "
+                                                                               "the canary's revision"))
+        else:
+            limit = (0.0 if math.isnan(s) else s) + bounds.max_error_ratio_increase
+            checks.append(Check("serving_path_error_ratio", c, s, f"<= {limit:.4g}", c <= limit,
+                                "" if c <= limit else "as the serving path (Knative's queue-proxy) counted what the "
+                                                      "clients saw, including requests the predictor never answered"))
     restarts = canary.get("restarts", 0.0)
     checks.append(Check("restarts", restarts, stable.get("restarts", 0.0), "== 0", restarts == 0,
                         "" if restarts == 0 else "the canary's predictor restarted (crashed or was killed): the "
@@ -303,11 +343,13 @@ def model_selector(model_name: str, selector: str = "") -> str:
 
 
 def judge_canary(prom: PrometheusApi, *, stable: str, canary: str, bounds: CanaryBounds, selector: str = "",
-                 model_name: str = "") -> CanaryAnalysis:
+                 model_name: str = "", revisions: dict[str, str] | None = None, namespace: str = "") -> CanaryAnalysis:
     """Watch the canary against the stable model until the minimums are met (or `bounds.timeout_s`
     passes), then compare them (see the module's docstring). `model_name` (the registered model) and
-    `selector` (label matchers, e.g. the namespace) scope the series. Raises CanaryError when Prometheus
-    cannot be asked; never promotes without evidence."""
+    `selector` (label matchers, e.g. the namespace) scope the series. `revisions` ({"canary": ...,
+    "stable": ...}, Knative revision names in `namespace`) adds the serving path's own counts (queue-proxy's
+    `revision_app_request_count`), where Prometheus scrapes them. Raises CanaryError when Prometheus cannot
+    be asked; never promotes without evidence."""
     if stable == canary:
         raise ValueError(f"canary analysis: the canary and the stable model are the same version ({canary})")
     if model_name:
@@ -318,6 +360,8 @@ def judge_canary(prom: PrometheusApi, *, stable: str, canary: str, bounds: Canar
         waited = time.monotonic() - started
         window = min(bounds.window_s, waited + bounds.interval_s)  # the canary's whole life so far, with a scrape's slack
         seen = {"canary": measure(prom, canary, window, selector), "stable": measure(prom, stable, window, selector)}
+        for who, revision in (revisions or {}).items():
+            seen[who]["path_requests"], seen[who]["path_error_ratio"] = serving_path(prom, revision, namespace, window)
         counts = {who: seen[who]["requests"] for who in seen}
         ok = {who: seen[who]["ok_requests"] for who in seen}
         requests = {**counts, **{f"{who}_2xx": n for who, n in ok.items()}}

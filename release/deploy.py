@@ -1,7 +1,8 @@
 """Point a KServe InferenceService at a new model, wait until KServe serves it, roll back if it does not.
 
-Uses the real `kubernetes` client: in a pod, the in-cluster ServiceAccount (RBAC: get and patch on
-`inferenceservices`, get on `deployments` in one namespace, see deployment/); elsewhere, a kubeconfig.
+Uses the real `kubernetes` client: in a pod, the in-cluster ServiceAccount, elsewhere a kubeconfig; with
+$MASKRCNN_PROMOTER_SERVICE_ACCOUNT, acting as that ServiceAccount through a short-lived token (RBAC: get and
+patch on the one InferenceService, get on its predictor Deployment, its release Lease; see deployment/).
 
 "Serving the new model" is read the way KServe reports it (`pkg/apis/serving/v1beta1/inference_service_status.go`),
 never from `status.observedGeneration`: KServe copies that from the Knative Service or the Deployment,
@@ -20,6 +21,9 @@ whose generations have nothing to do with the InferenceService's own.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +36,7 @@ GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
 MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
+SERVICE_ACCOUNT = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 class DeployError(RuntimeError):
@@ -47,17 +52,67 @@ class DeployResult:
     previous_canary: int | None = None  # the canaryTrafficPercent before this change (None: none set)
 
 
+PROMOTER_ENV = "MASKRCNN_PROMOTER_SERVICE_ACCOUNT"
+"""`namespace/name` of the ServiceAccount the release acts as (a short-lived TokenRequest token, minted with
+the caller's own credentials, which may do nothing else: deployment/base/rbac-promote.yaml); unset: the
+caller's own identity."""
+TOKEN_SECONDS = 3600
+_tokens: dict[tuple[str, str], tuple[float, str]] = {}
+_tokens_lock = threading.Lock()
+
+
 def custom_objects_api(kubeconfig: str = "") -> Any:
+    """The Kubernetes API as the release's identity: `kubeconfig`, else the pod's in-cluster account, else
+    ~/.kube/config; acting as $MASKRCNN_PROMOTER_SERVICE_ACCOUNT when it is set."""
     from kubernetes import client, config
 
     if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig)
+        api_client = config.new_client_from_config(config_file=kubeconfig)
     else:
+        configuration = client.Configuration()
         try:
-            config.load_incluster_config()
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config()
-    return client.CustomObjectsApi()
+            config.load_kube_config(client_configuration=configuration)
+        api_client = client.ApiClient(configuration)
+    acting = os.environ.get(PROMOTER_ENV, "")
+    if acting:
+        api_client = _acting_as(api_client, acting, kubeconfig)
+    return client.CustomObjectsApi(api_client)
+
+
+def _acting_as(api_client: Any, account: str, kubeconfig: str) -> Any:
+    """An API client that authenticates as the ServiceAccount `account` (namespace/name) with a token the
+    caller requests for it (TokenRequest, TOKEN_SECONDS), reused until a tenth of its life is left."""
+    import copy
+    import time
+
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    namespace, _, name = account.partition("/")
+    if not (SERVICE_ACCOUNT.fullmatch(namespace) and SERVICE_ACCOUNT.fullmatch(name)):
+        raise DeployError(f"${PROMOTER_ENV}={account!r}: expected namespace/name of a ServiceAccount")
+    with _tokens_lock:
+        expires, token = _tokens.get((kubeconfig, account), (0.0, ""))
+        if time.monotonic() > expires:
+            request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+                audiences=[], expiration_seconds=TOKEN_SECONDS))
+            try:
+                answer = retry_call(client.CoreV1Api(api_client).create_namespaced_service_account_token, name, namespace,
+                                    request, what=f"requesting a token for {account}")
+            except ApiException as exc:
+                raise DeployError(f"cannot act as ServiceAccount {account} ({exc.status} {exc.reason}): the pipeline's "
+                                  f"account needs `create` on its serviceaccounts/token (deployment/base/rbac-promote.yaml)")
+            token = answer.status.token
+            _tokens[(kubeconfig, account)] = (time.monotonic() + 0.9 * TOKEN_SECONDS, token)
+    configuration = copy.copy(api_client.configuration)
+    configuration.api_key = {"authorization": f"Bearer {token}"}
+    configuration.api_key_prefix = {}
+    configuration.refresh_api_key_hook = None
+    configuration.cert_file = configuration.key_file = None  # the token alone says who this is
+    log.info("acting as ServiceAccount %s", account)
+    return client.ApiClient(configuration)
 
 
 def _predictor(obj: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +215,17 @@ def read_service(name: str, namespace: str, *, api: Any = None,
     except ApiException as exc:
         raise DeployError(f"InferenceService {namespace}/{name}: cannot read it ({exc.status} {exc.reason})") from exc
     return storage_uri_of(obj), canary_of(obj), release_annotations_of(obj)
+
+
+def serving_revisions(name: str, namespace: str, *, api: Any = None, kubeconfig: str = "") -> dict[str, str]:
+    """{"canary": the latest revision, "stable": the one beside it} as KServe reports a canary's traffic split
+    (Knative mode); {} when there is no split to read."""
+    api = api or custom_objects_api(kubeconfig)
+    obj = _call(api.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+    traffic = obj.get("status", {}).get("components", {}).get("predictor", {}).get("traffic", []) or []
+    latest = [t["revisionName"] for t in traffic if t.get("latestRevision") and t.get("revisionName")]
+    others = [t["revisionName"] for t in traffic if not t.get("latestRevision") and t.get("revisionName")]
+    return {"canary": latest[0], "stable": others[0]} if len(latest) == 1 and len(others) == 1 else {}
 
 
 def canary_of(obj: dict[str, Any]) -> int | None:

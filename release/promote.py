@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from mlflow.tracking import MlflowClient
 
 from release.canary import ANALYSIS_FILE, CanaryAnalysis, CanaryBounds, PrometheusApi, judge_canary
-from release.deploy import DeployError, read_service, restore_storage_uri, update_storage_uri
+from release.deploy import DeployError, read_service, restore_storage_uri, serving_revisions, update_storage_uri
 from release.gate import GateDecision
 from release.interrupt import Interrupted
 from release.lease import DEFAULT_DURATION_S, Intent, ReleaseLease
@@ -150,7 +150,9 @@ def promote(*, package_dir: str | Path | Package, model_uri: str, tracking_uri: 
             lease.record(intent := intent.at("canary"))
             analysis = judge_canary(PrometheusApi(canary_plan.prometheus_url, canary_plan.token), stable=stable,
                                     canary=version, bounds=canary_plan.bounds, model_name=model_name,
-                                    selector=canary_plan.selector or f'namespace="{namespace}"')
+                                    selector=canary_plan.selector or f'namespace="{namespace}"',
+                                    revisions=serving_revisions(isvc_name, namespace, kubeconfig=kubeconfig),
+                                    namespace=namespace)
             record_canary(client, model_name, version, package.metadata.get("mlflow_run_id", ""), analysis)
             if not analysis.promote:
                 raise CanaryRejected(analysis)
@@ -217,13 +219,16 @@ def record_canary(client: MlflowClient, model_name: str, version: str, run_id: s
 
 
 def signing_key_from_env() -> Ed25519PrivateKey | None:
-    """The signing key in the file $MASKRCNN_SIGNING_KEY_FILE names (a mounted Secret), or None (logged)
-    when the variable is unset or the file absent: the package is then published unsigned."""
+    """The signing key in the file $MASKRCNN_SIGNING_KEY_FILE names (a mounted Secret), or the Cloud KMS key
+    version it names (`gcpkms://...`), or None (logged) when the variable is unset or the file absent: the
+    package is then published unsigned."""
     import os
 
     from training.signature import load_private_key
 
     path = os.environ.get(SIGNING_KEY_ENV, "")
+    if path.startswith("gcpkms://"):  # a key version in Cloud KMS (README: signing with Cloud KMS)
+        return load_private_key(path)
     if not path or not Path(path).exists():
         log.warning("no signing key (%s=%s): the package is published unsigned, and a predictor configured with "
                     "public keys will refuse it", SIGNING_KEY_ENV, path or "unset")

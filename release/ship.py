@@ -8,9 +8,12 @@
    and 2 are skipped);
 3. **compile** the pipeline with `<repository>@sha256:<digest>` as every step's image;
 4. **upload** it to Kubeflow (`kfp.Client`): the pipeline is created on its first upload, then a version
-   named after the commit is added (the same commit again: the existing version is kept, nothing is
-   uploaded twice);
-5. optionally **run** that version once, and/or make it the **recurring** run (cron), replacing the
+   named after the commit is added. The same commit again keeps the existing version only if every step
+   of it runs the image just pushed; a version of that name on other images is refused (a rebuilt image,
+   or someone else's upload under our name);
+5. optionally **record** the release (`--record s3://|gs://...json`: the pipeline, the version and the
+   image digest), which `release retrain` runs, rather than whatever version is newest;
+6. optionally **run** that version once, and/or make it the **recurring** run (cron), replacing the
    recurring run of the same name so that the schedule always runs the newest version.
 
 Each step logs what it did; a failure raises ShipError naming the step. The registry's credentials are
@@ -31,6 +34,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,7 @@ class ShipPlan:
     params: dict[str, Any] = field(default_factory=dict)  # the runs' pipeline parameters
     output: Path = Path("maskrcnn_pipeline.yaml")
     prebuilt: str = ""  # sha256:... of an image already pushed to `repository` (Cloud Build pushes it): no build, no push
+    record: str = ""  # s3:// or gs:// object where the release (pipeline, version, image) is recorded for retrain
 
     def __post_init__(self) -> None:
         if not REPOSITORY.match(self.repository):
@@ -88,6 +94,13 @@ class ShipPlan:
             raise ValueError("ship: --run and --cron need --kfp-host")
         if self.prebuilt and not DIGEST.fullmatch(self.prebuilt):
             raise ValueError(f"ship: prebuilt {self.prebuilt!r}: expected the pushed image's digest, sha256:<64 hex>")
+        if self.record:
+            from training.data.sources import is_remote
+
+            if not is_remote(self.record) or not self.record.endswith(".json"):
+                raise ValueError(f"ship: record {self.record!r}: expected an s3:// or gs:// object ending in .json")
+            if not self.kfp_host:
+                raise ValueError("ship: --record needs --kfp-host (it records the uploaded version)")
         if not self.prebuilt and not Path(self.containerfile).is_file():
             raise ValueError(f"ship: containerfile {self.containerfile} does not exist")
 
@@ -172,12 +185,66 @@ def upload(client, plan: ShipPlan, yaml_path: Path) -> tuple[str, str]:
     name = plan.commit
     existing = _versions_named(client, pipeline_id, name)
     if existing:
-        log.info("upload: %s already has version %s (%s); not uploading it again", plan.pipeline_name, name, existing[0])
+        wanted = images_of(yaml.safe_load_all(yaml_path.read_text()))
+        there = images_of(_spec_documents(client.get_pipeline_version(pipeline_id, existing[0]).pipeline_spec))
+        if there != wanted:
+            raise ShipError("upload", f"{plan.pipeline_name} already has a version named {name} ({existing[0]}) whose "
+                                      f"steps run {sorted(there) or 'no image'}, not {sorted(wanted)}: a version is never "
+                                      f"reused for other images; delete it in Kubeflow, or ship another commit")
+        log.info("upload: %s already has version %s (%s) on the same image; not uploading it again", plan.pipeline_name,
+                 name, existing[0])
         return pipeline_id, existing[0]
     version = client.upload_pipeline_version(str(yaml_path), pipeline_version_name=name, pipeline_id=pipeline_id,
                                              description=f"commit {plan.commit}, image {plan.image}")
     log.info("upload: %s version %s (%s)", plan.pipeline_name, name, version.pipeline_version_id)
     return pipeline_id, version.pipeline_version_id
+
+
+def images_of(documents) -> set[str]:
+    """Every container image the pipeline's steps run (the pipeline spec's executors)."""
+    spec = next((d for d in documents if isinstance(d, dict) and "deploymentSpec" in d), {})
+    executors = spec.get("deploymentSpec", {}).get("executors", {})
+    return {e["container"]["image"] for e in executors.values() if "container" in e}
+
+
+def _spec_documents(pipeline_spec) -> list:
+    """The documents of a version as the API returns it: the spec, or `pipeline_spec`/`platform_spec` both."""
+    spec = pipeline_spec if isinstance(pipeline_spec, dict) else {}
+    return [spec.get("pipeline_spec", spec)]
+
+
+def write_release_record(plan: ShipPlan, shipped: Shipped) -> None:
+    """The release `retrain` runs: overwritten by each ship (the newest release wins, by intent)."""
+    import os
+    from datetime import UTC, datetime
+
+    from training.data.sources import upload_object
+
+    record = {"pipeline_name": plan.pipeline_name, "pipeline_id": shipped.pipeline_id, "version_id": shipped.version_id,
+              "version_name": plan.commit, "image": shipped.pinned,
+              "recorded_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "release.json")
+        Path(path).write_text(json.dumps(record, indent=2))
+        upload_object(plan.record, Path(path))
+    log.info("record: %s names version %s (%s) of %s", plan.record, plan.commit, shipped.version_id, plan.pipeline_name)
+
+
+def read_release_record(uri: str) -> dict[str, str]:
+    """The record `write_release_record` wrote; ValueError naming the field that is missing or wrong."""
+    from training.data.sources import read_object
+
+    if not uri:
+        raise ValueError("retrain: --release-record is required: the record `release ship --record` writes names the "
+                         "pipeline version to run (never the newest by age)")
+    try:
+        record = json.loads(read_object(uri, limit=64 << 10)[0])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{uri}: not JSON ({exc})") from None
+    for key in ("pipeline_name", "pipeline_id", "version_id", "image"):
+        if not isinstance(record, dict) or not isinstance(record.get(key), str) or not record[key]:
+            raise ValueError(f"{uri}: field {key!r} missing or not a string (written by `release ship --record`?)")
+    return record
 
 
 def _versions_named(client, pipeline_id: str, name: str) -> list[str]:
@@ -225,6 +292,8 @@ def ship(plan: ShipPlan, token: str = "", build_timeout: float = 3600) -> Shippe
         return shipped
     client = _step("upload", lambda: kfp_client(plan, token))
     shipped.pipeline_id, shipped.version_id = _step("upload", lambda: upload(client, plan, shipped.pipeline_yaml))
+    if plan.record:
+        _step("record", lambda: write_release_record(plan, shipped))
     if plan.run or plan.cron:
         _step("run", lambda: start_runs(client, plan, shipped))
     return shipped

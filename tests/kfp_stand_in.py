@@ -7,10 +7,11 @@ source (`backend/src/apiserver/server/pipeline_upload_server.go` and the v2beta1
   version, both named `name`; a pipeline of that name already there: 409.
 - `POST /pipelines/upload_version` (`?name=&pipelineid=`): a version under the pipeline; no
   `pipelineid`: 400; a version of that name already in the pipeline: 409; an unknown pipeline: 400.
+- `GET /pipelines/{id}/versions/{version_id}`: the version with its `pipeline_spec` (as `_spec` makes it).
 - list calls with a `filter` (JSON predicates; `EQUALS` on `display_name`) and proto field names in the
   JSON (`pipeline_id`, `pipeline_versions`, ...); empty lists are left out, as protojson does.
-- `POST /runs`, `POST /recurringruns`, `GET /recurringruns?experiment_id=`, `DELETE /recurringruns/{id}`,
-  experiments by name.
+- `POST /runs`, `GET /runs/{id}` (its `state`: PENDING until a test sets another; unknown: 404),
+  `POST /recurringruns`, `GET /recurringruns?experiment_id=`, `DELETE /recurringruns/{id}`, experiments by name.
 
 It stores what it was given (`pipelines`, `versions` with their parsed spec, `runs`, `recurring`), so
 that a test can check what the real client sent. Single-user mode (`multi_user: false`).
@@ -53,6 +54,21 @@ def _spec(data: bytes) -> dict:
     if not docs or "deploymentSpec" not in docs[0]:
         raise ValueError("not a KFP v2 pipeline spec")
     return docs[0] if len(docs) == 1 else {"pipeline_spec": docs[0], "platform_spec": docs[1]}
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A stand-in's request handler: JSON answers, no access log."""
+
+    def _answer(self, status: int, doc: dict) -> None:
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
 
 
 class KfpStandIn:
@@ -110,6 +126,12 @@ class KfpStandIn:
         if path == "/pipelines":
             found = [p for p in self.pipelines.values() if _matches(p, flt)]
             return 200, {"pipelines": found, "total_size": len(found)} if found else {}
+        parts = path.split("/")
+        if len(parts) == 5 and parts[1] == "pipelines" and parts[3] == "versions":  # GetPipelineVersion, with its spec
+            version = self.versions.get(parts[4])
+            if version is None or version["pipeline_id"] != parts[2]:
+                return 404, {"error": f"pipeline version {parts[4]} not found", "code": 5}
+            return 200, version
         if path.startswith("/pipelines/") and path.endswith("/versions"):
             pipeline_id = path.split("/")[2]
             found = [{k: v for k, v in x.items() if k != "pipeline_spec"} for x in self.versions.values()
@@ -122,6 +144,9 @@ class KfpStandIn:
         if path == "/experiments":
             found = [e for e in self.experiments.values() if _matches(e, flt)]
             return 200, {"experiments": found, "total_size": len(found)} if found else {}
+        if path.startswith("/runs/"):  # GetRun: the run with its state (a test sets "FAILED" etc.); unknown: 404
+            found = [r for r in self.runs if r["run_id"] == path.split("/")[2]]
+            return (200, found[0]) if found else (404, {"error": f"run {path.split('/')[2]} not found", "code": 5})
         if path == "/recurringruns":
             found = [r for r in self.recurring.values()
                      if not query.get("experiment_id") or r["experiment_id"] == query["experiment_id"]]
@@ -149,15 +174,7 @@ class KfpStandIn:
     def _handler(self):
         stand_in = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self, status: int, doc: dict) -> None:
-                data = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def _route(self, method: str) -> None:
                 try:
                     self._serve(method)
@@ -196,8 +213,5 @@ class KfpStandIn:
 
             def do_DELETE(self):  # noqa: N802
                 self._route("DELETE")
-
-            def log_message(self, *args):
-                pass
 
         return Handler

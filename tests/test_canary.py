@@ -72,13 +72,52 @@ def stamped(serving_package: Path, folder: Path, version: str, model_name: str =
     return open_package(serving_package).stamped({"model_version": version, **names}).save(folder)
 
 
+class QueueProxyStandIn:
+    """A stand-in for Knative's queue-proxy metrics (Knative cannot run here): the sidecar in front of each
+    revision counts every request it proxies as `revision_app_request_count{namespace_name, revision_name,
+    response_code, response_code_class}` (read from Knative Serving's queue-proxy metrics), including those
+    the predictor never answered: a refused or reset connection is the 502 queue-proxy returns then.
+    `revisions` maps a predictor's URL to its revision name; Prometheus scrapes `url`."""
+
+    NAME = "revision_app_request_count"  # as Knative names it (prometheus_client would add _total to a counter)
+
+    def __init__(self, revisions: dict[str, str], namespace: str = "models"):
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.core import Metric
+
+        self.revisions, self.namespace = revisions, namespace
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)  # (revision, code) -> requests
+        self._lock = threading.Lock()
+        stand_in = self
+
+        class Collector:
+            def collect(self):
+                metric = Metric(stand_in.NAME, "Requests the queue-proxy proxied to the app", "unknown")
+                with stand_in._lock:
+                    for (revision, code), n in stand_in.counts.items():
+                        metric.add_sample(stand_in.NAME, {"namespace_name": stand_in.namespace, "revision_name": revision,
+                                                          "response_code": code, "response_code_class": f"{code[0]}xx"}, n)
+                yield metric
+
+        self.registry = CollectorRegistry()
+        self.registry.register(Collector())
+        self.server, _ = start_http_server(0, addr="127.0.0.1", registry=self.registry)
+        self.url = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def record(self, url: str, status: int | None) -> None:
+        if url in self.revisions:
+            with self._lock:
+                self.counts[(self.revisions[url], str(status if status is not None else 502))] += 1
+
+
 class Router:
     """Bounded load split between predictors as Knative splits it: `split` maps each URL to its percent of
     the requests (in steps of 5; `route` changes it); 4 clients, at most `rate` requests a second and
     `limit` in all, stopped on exit. `sent`: the statuses each URL answered."""
 
-    def __init__(self, split: dict[str, int] | None = None, limit: int = 3000, rate: float = 25):
-        self.limit, self.interval, self.sent = limit, 4 / rate, defaultdict(list)
+    def __init__(self, split: dict[str, int] | None = None, limit: int = 3000, rate: float = 25,
+                 queue_proxy: QueueProxyStandIn | None = None):
+        self.limit, self.interval, self.sent, self.queue_proxy = limit, 4 / rate, defaultdict(list), queue_proxy
         self._slots: list[str] = []
         self._per_url: dict[str, int] = {}
         self._n, self._lock, self._stop = 0, threading.Lock(), threading.Event()
@@ -103,7 +142,10 @@ class Router:
             url, began = slots[n % len(slots)], time.monotonic()
             with self._lock:  # each predictor sees the same images in the same order: their statistics compare
                 k = self._per_url[url] = self._per_url.get(url, -1) + 1
-            self.sent[url].append(predict(url, BODIES[k % len(BODIES)], timeout=30).status)
+            status = predict(url, BODIES[k % len(BODIES)], timeout=30).status
+            self.sent[url].append(status)
+            if self.queue_proxy is not None:
+                self.queue_proxy.record(url, status)
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
 
     def __enter__(self) -> Router:
@@ -136,24 +178,28 @@ def fleet(serving_package, tmp_path_factory):
             srv = stack.enter_context(predictor(package, root / f"v{version}.log", "--score-threshold", "0.05",
                                                 launcher=HOOKED, env=env))
             urls[version] = srv.url
-        mon = monitoring.start(root / "prometheus", [u.removeprefix("http://") for u in urls.values()], [])
+        queue_proxy = QueueProxyStandIn({url: f"maskrcnn-predictor-{version}" for version, url in urls.items()})
+        stack.callback(queue_proxy.server.shutdown)
+        mon = monitoring.start(root / "prometheus", [*(u.removeprefix("http://") for u in urls.values()), queue_proxy.url], [])
         stack.callback(mon.stop)
-        yield urls, mon
+        yield urls, mon, queue_proxy
 
 
 @pytest.mark.parametrize("canary, verdict, failed", [
     ("2", PROMOTE, set()),
-    ("3", ROLLBACK, {"error_ratio", "p95_latency_s", "mean_score", "detections_per_image"}),  # it answered nothing
+    ("3", ROLLBACK, {"error_ratio", "serving_path_error_ratio", "p95_latency_s", "mean_score",
+                     "detections_per_image"}),  # it answered nothing
     ("4", ROLLBACK, {"p95_latency_s"}),
     ("5", ROLLBACK, {"mean_score", "detections_per_image"}),
-    ("6", ROLLBACK, {"error_ratio"}),  # 4xx: counted as the client saw them, not as "not an error"
-    ("7", ROLLBACK, {"restarts"}),
+    ("6", ROLLBACK, {"error_ratio", "serving_path_error_ratio"}),  # 4xx: counted as the client saw them
+    ("7", ROLLBACK, {"restarts", "serving_path_error_ratio"}),  # and the requests it dropped, 502 in the serving path
 ], ids=["good", "5xx", "slow", "collapsed", "4xx", "crash-looping"])
 def test_a_canary_is_judged_against_the_stable_model_on_live_metrics(fleet, canary, verdict, failed):
-    urls, mon = fleet
+    urls, mon, queue_proxy = fleet
     prom = PrometheusApi(mon.prometheus_url)
-    with Router({urls["1"]: 75, urls[canary]: 25}) as load:
-        analysis = judge_canary(prom, stable="1", canary=canary, bounds=BOUNDS)
+    revisions = {"canary": f"maskrcnn-predictor-{canary}", "stable": "maskrcnn-predictor-1"}
+    with Router({urls["1"]: 75, urls[canary]: 25}, queue_proxy=queue_proxy) as load:
+        analysis = judge_canary(prom, stable="1", canary=canary, bounds=BOUNDS, revisions=revisions, namespace="models")
     assert analysis.verdict == verdict, analysis.reason
     failed_checks = {c.name for c in analysis.checks if not c.passed}
     if canary in ("6", "7"):  # what else they break depends on timing (the first success, the kills); these always show
@@ -189,7 +235,7 @@ def test_a_canary_is_judged_against_the_stable_model_on_live_metrics(fleet, cana
 def test_another_model_serving_the_same_version_number_is_never_counted_in(fleet):
     """`other` v2 (failing) is served beside `maskrcnn` v2 (good): judged by model name, maskrcnn's canary is
     promoted; summed over both (what the analysis did before series carried model_name), it would not be."""
-    urls, mon = fleet
+    urls, mon, _ = fleet
     prom = PrometheusApi(mon.prometheus_url)
     with Router({urls["1"]: 70, urls["2"]: 20, urls["other-2"]: 10}):
         named = judge_canary(prom, stable="1", canary="2", bounds=BOUNDS, model_name="maskrcnn")
@@ -202,12 +248,12 @@ def test_another_model_serving_the_same_version_number_is_never_counted_in(fleet
 
 def test_too_little_traffic_is_a_rollback_not_a_promotion(fleet):
     """No request reaches the canary within the time-out: rolled back, saying how many it had."""
-    urls, mon = fleet
+    urls, mon, _ = fleet
     bounds = CanaryBounds(min_requests=12, min_duration_s=1, window_s=60, timeout_s=3, interval_s=1)
-    with Router({urls["1"]: 100}, limit=40):
-        analysis = judge_canary(PrometheusApi(mon.prometheus_url), stable="1", canary="2", bounds=bounds)
+    with Router({urls["1"]: 100}, limit=40):  # v9: a canary no request ever reached
+        analysis = judge_canary(PrometheusApi(mon.prometheus_url), stable="1", canary="9", bounds=bounds)
     assert analysis.verdict == ROLLBACK and analysis.checks == []
-    assert "too little successful traffic" in analysis.reason and "canary v2 0 of 0 requests" in analysis.reason, \
+    assert "too little successful traffic" in analysis.reason and "canary v9 0 of 0 requests" in analysis.reason, \
         analysis.reason
 
 

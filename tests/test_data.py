@@ -146,3 +146,49 @@ def test_prepare_rejects_val_with_other_categories(tmp_path: Path):
     val = write_coco(tmp_path / "v", img, ann, categories=[{"id": 3, "name": "cat"}])
     with pytest.raises(DatasetError, match="validation categories"):
         prepare_data(DataConfig(train=str(train), val=str(val), cache_dir=str(tmp_path / "c")))
+
+
+def test_the_content_hash_is_the_datas_not_where_it_lies(tmp_path: Path):
+    """A copy of the data elsewhere (a staged dataset, another cache) hashes the same, whichever of the two
+    split folders sorts first; a changed byte does not."""
+    import shutil
+
+    img = [{"id": i, "file_name": f"{i}.png", "width": 32, "height": 32} for i in (1, 2)]
+    ann = [{"id": i, "image_id": i, "category_id": 3, "segmentation": square(2, 2, 8), "iscrowd": 0} for i in (1, 2)]
+    train, val = write_coco(tmp_path / "b-train", img, ann), write_coco(tmp_path / "a-val", img[:1], ann[:1])
+    here = prepare_data(DataConfig(train=str(train), val=str(val), cache_dir=str(tmp_path / "c"))).content_hash
+    copies = shutil.copytree(train, tmp_path / "z" / "train"), shutil.copytree(val, tmp_path / "z" / "val")
+    there = prepare_data(DataConfig(train=str(copies[0]), val=str(copies[1]), cache_dir=str(tmp_path / "c"))).content_hash
+    assert here == there
+    with open(copies[1] / "1.png", "ab") as f:
+        f.write(b"\0")
+    assert prepare_data(DataConfig(train=str(copies[0]), val=str(copies[1]),
+                                   cache_dir=str(tmp_path / "c"))).content_hash != here
+
+
+def test_a_prepared_dataset_is_verified_against_its_manifest_on_load(tmp_path: Path):
+    """The prepare step's output carries each file's size and SHA-256: a cut annotations.json or a changed
+    image is refused by name, never trained on under the hash it was prepared with."""
+    from training.data.prepare import PREPARED_FILE, export_prepared, load_prepared
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 32, "height": 32} for i in range(1, 6)]
+    anns = [{"id": i, "image_id": i, "category_id": 3, "segmentation": square(2, 2, 8), "iscrowd": 0} for i in range(1, 6)]
+    root = write_coco(tmp_path / "d", images, anns)
+    data = prepare_data(DataConfig(train=str(root), val_fraction=0.4, cache_dir=str(tmp_path / "cache")))
+    folder = export_prepared(data, tmp_path / "prepared")
+    assert load_prepared(folder).content_hash == data.content_hash
+    listed = json.loads((folder / PREPARED_FILE).read_text())["files"]
+    assert "train/annotations.json" in listed and len(listed) == 2 + 5
+    annotations = folder / "train" / "annotations.json"
+    original = annotations.read_bytes()
+    annotations.write_bytes(original[: len(original) // 2])
+    with pytest.raises(DatasetError, match=r"train/annotations\.json: \d+ bytes, dataset\.json says"):
+        load_prepared(folder)
+    annotations.write_bytes(original)
+    image = next((folder / "val").glob("*.png"))
+    image.write_bytes(image.read_bytes()[::-1])  # the same size, other bytes
+    with pytest.raises(DatasetError, match=rf"val/{image.name}: its SHA-256 differs"):
+        load_prepared(folder)
+    image.unlink()
+    with pytest.raises(DatasetError, match=rf"val/{image.name}: missing"):
+        load_prepared(folder)

@@ -40,6 +40,9 @@ def test_not_serving_in_time_rolls_back_kserve_stand_in(k8s):
 
 def test_missing_inference_service_is_named_kserve_stand_in(k8s):
     with pytest.raises(DeployError, match=f"InferenceService {k8s.namespace}/nope: cannot read it \\(404"):
+        update_storage_uri("nope", k8s.namespace, "s3://x/y", timeout=1, kubeconfig=k8s.admin)
+    # the promoter's Role names its one InferenceService: any other is forbidden, whether it exists or not
+    with pytest.raises(DeployError, match=f"InferenceService {k8s.namespace}/nope: cannot read it \\(403"):
         update_storage_uri("nope", k8s.namespace, "s3://x/y", timeout=1, kubeconfig=k8s.kubeconfig)
 
 
@@ -286,4 +289,4 @@ def test_already_set_still_waits_until_kserve_serves_it_kserve_stand_in(k8s):
     ready.create("s3://models/other/v1")
     with ready:
         assert update_storage_uri("other", k8s.namespace, "s3://models/other/v1", timeout=30, poll=0.1,
-                                  kubeconfig=k8s.kubeconfig).storage_uri == "s3://models/other/v1"
+                                  kubeconfig=k8s.admin).storage_uri == "s3://models/other/v1"  # the Role names maskrcnn only

@@ -124,7 +124,8 @@ def _forbidden(call, *args) -> str:
 def _as_service_account(kube_api, tmp_path, overlay: str, account: str, namespace: str):
     """Apply `overlay`, create the ServiceAccount its RoleBinding names (Kubeflow's install or profile
     controller makes it on a cluster), an InferenceService's predictor Deployment and a second
-    namespace's InferenceService (as the admin); the account's APIs, from a TokenRequest token."""
+    namespace's InferenceService and another one beside it (as the admin); the account's kubeconfig, with a
+    TokenRequest token."""
     objects = render(overlay)
     apply(kube_api, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in (namespace, "elsewhere")])
     apply(kube_api, objects)
@@ -133,14 +134,25 @@ def _as_service_account(kube_api, tmp_path, overlay: str, account: str, namespac
                       "spec": {"selector": {"matchLabels": {"app": "p"}}, "template": {
                           "metadata": {"labels": {"app": "p"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}}])
     other = next(o for o in objects if o["kind"] == "InferenceService")
-    other = {**other, "metadata": {"name": "maskrcnn", "namespace": "elsewhere"}}
-    apply(kube_api, [other])
-    return apis(kube_api.token_kubeconfig(tmp_path / f"{account}.kubeconfig", account, namespace))
+    apply(kube_api, [{**other, "metadata": {"name": "maskrcnn", "namespace": "elsewhere"}},
+                     {**other, "metadata": {"name": "another-model", "namespace": "models"}}])
+    return kube_api.token_kubeconfig(tmp_path / f"{account}.kubeconfig", account, namespace)
 
 
-def _may_promote_and_nothing_more(custom, apps, core) -> None:
-    from kubernetes import client
+def _may_promote_and_nothing_more(custom, apps, core, kubeconfig, monkeypatch) -> None:
+    """The pipeline's account (`custom`, `apps`, `core`, from `kubeconfig`) may only mint a token for
+    models/maskrcnn-promoter; acting as it (what the promote step does), it may get and patch the one
+    InferenceService, read its Deployment and hold its release Lease, and nothing more."""
+    from release.deploy import PROMOTER_ENV, custom_objects_api
 
+    request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[]))
+    _forbidden(custom.get_namespaced_custom_object, GROUP, VERSION, "models", PLURAL, "maskrcnn")
+    _forbidden(custom.patch_namespaced_custom_object, GROUP, VERSION, "models", PLURAL, "maskrcnn",
+               {"spec": {"predictor": {"model": {"storageUri": "gs://x/y"}}}})
+    _forbidden(core.create_namespaced_service_account_token, "default", "models", request)  # only the promoter's
+    monkeypatch.setenv(PROMOTER_ENV, "models/maskrcnn-promoter")
+    custom = custom_objects_api(str(kubeconfig))
+    apps, core = client.AppsV1Api(custom.api_client), client.CoreV1Api(custom.api_client)
     isvc = custom.get_namespaced_custom_object(GROUP, VERSION, "models", PLURAL, "maskrcnn")
     uri = isvc["spec"]["predictor"]["model"]["storageUri"]
     patched = custom.patch_namespaced_custom_object(GROUP, VERSION, "models", PLURAL, "maskrcnn",
@@ -151,9 +163,11 @@ def _may_promote_and_nothing_more(custom, apps, core) -> None:
     _forbidden(custom.list_namespaced_custom_object, GROUP, VERSION, "models", PLURAL)
     _forbidden(custom.create_namespaced_custom_object, GROUP, VERSION, "models", PLURAL,
                {**isvc, "metadata": {"name": "another", "namespace": "models"}})
+    _forbidden(custom.get_namespaced_custom_object, GROUP, VERSION, "models", PLURAL, "another-model")  # resourceNames
     _forbidden(custom.patch_namespaced_custom_object_status, GROUP, VERSION, "models", PLURAL, "maskrcnn",
                {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     _forbidden(core.list_namespaced_secret, "models")
+    _forbidden(core.create_namespaced_service_account_token, "maskrcnn-promoter", "models", request)
     _forbidden(apps.patch_namespaced_deployment, "maskrcnn-predictor", "models", {"spec": {"replicas": 0}})
     # the release Lease: taken, renewed and released by the step itself (release.lease), never deleted
     from release.lease import Intent, ReleaseLease
@@ -162,32 +176,36 @@ def _may_promote_and_nothing_more(custom, apps, core) -> None:
     lease.acquire(Intent("promote", "maskrcnn", "maskrcnn", "models", lease.holder))
     lease.release()
     assert lease.read().intent is None and lease.read().holder is None
-    _forbidden(client.CoordinationV1Api(custom.api_client).delete_namespaced_lease, lease.name, "models")
+    coordination = client.CoordinationV1Api(custom.api_client)
+    _forbidden(coordination.delete_namespaced_lease, lease.name, "models")
+    _forbidden(coordination.read_namespaced_lease, "another-release", "models")
     _forbidden(custom.get_namespaced_custom_object, GROUP, VERSION, "elsewhere", PLURAL, "maskrcnn")
     _forbidden(custom.patch_namespaced_custom_object, GROUP, VERSION, "elsewhere", PLURAL, "maskrcnn",
                {"spec": {"predictor": {"model": {"storageUri": "gs://x/y"}}}})
 
 
-def test_the_pipeline_runner_may_get_and_patch_the_inference_service_and_nothing_more(kube_api, tmp_path):
-    """The standalone install's `kubeflow/pipeline-runner`, bound by the production overlay's Role."""
-    custom, apps, core = _as_service_account(kube_api, tmp_path, "deployment/overlays/production", "pipeline-runner", "kubeflow")
-    _may_promote_and_nothing_more(custom, apps, core)
+def test_the_pipeline_runner_may_only_act_as_the_promoter_and_it_may_patch_the_inference_service_and_nothing_more(
+        kube_api, tmp_path, monkeypatch):
+    """The standalone install's `kubeflow/pipeline-runner`, bound by the production overlay's Roles."""
+    kubeconfig = _as_service_account(kube_api, tmp_path, "deployment/overlays/production", "pipeline-runner", "kubeflow")
+    _may_promote_and_nothing_more(*apis(kubeconfig), kubeconfig, monkeypatch)
 
 
-def test_the_multi_user_overlay_moves_the_permission_to_the_profiles_default_editor(kube_api, tmp_path):
-    custom, apps, core = _as_service_account(kube_api, tmp_path, "deployment/overlays/kubeflow-multi-user", "default-editor",
-                                             "kubeflow-user-example-com")
-    _may_promote_and_nothing_more(custom, apps, core)
+def test_the_multi_user_overlay_moves_the_permission_to_the_profiles_default_editor(kube_api, tmp_path, monkeypatch):
+    kubeconfig = _as_service_account(kube_api, tmp_path, "deployment/overlays/kubeflow-multi-user", "default-editor",
+                                     "kubeflow-user-example-com")
+    _may_promote_and_nothing_more(*apis(kubeconfig), kubeconfig, monkeypatch)
     apply(kube_api, [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "pipeline-runner", "namespace": "kubeflow"}}])
-    runner, _, _ = apis(kube_api.token_kubeconfig(tmp_path / "runner.kubeconfig", "pipeline-runner", "kubeflow"))
-    _forbidden(runner.patch_namespaced_custom_object, GROUP, VERSION, "models", PLURAL, "maskrcnn",
-               {"spec": {"predictor": {"model": {"storageUri": "gs://x/y"}}}})
+    runner, _, core = apis(kube_api.token_kubeconfig(tmp_path / "runner.kubeconfig", "pipeline-runner", "kubeflow"))
+    _forbidden(core.create_namespaced_service_account_token, "maskrcnn-promoter", "models",
+               client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[])))
 
 
 @pytest.mark.parametrize("overlay, account, namespace", [
     ("deployment/overlays/production", "pipeline-runner", "kubeflow"),
     ("deployment/overlays/kubeflow-multi-user", "default-editor", "kubeflow-user-example-com")])
-def test_the_promote_step_runs_as_the_overlays_service_account_kserve_stand_in(kube_api, tmp_path, overlay, account, namespace):
+def test_the_promote_step_runs_as_the_overlays_service_account_kserve_stand_in(kube_api, tmp_path, overlay, account, namespace,
+                                                                             monkeypatch):
     """The promote step's deploy, as the account each overlay binds, on the overlay's own InferenceService:
     patched, served (the stand-in plays KServe), and, for a model that never loads, rolled back; all
     within the Role."""
@@ -195,8 +213,10 @@ def test_the_promote_step_runs_as_the_overlays_service_account_kserve_stand_in(k
 
     from release.deploy import DeployError, update_storage_uri
 
-    _as_service_account(kube_api, tmp_path, overlay, account, namespace)
-    kubeconfig = str(kube_api.token_kubeconfig(tmp_path / "promote.kubeconfig", account, namespace))
+    kubeconfig = str(_as_service_account(kube_api, tmp_path, overlay, account, namespace))
+    from release.deploy import PROMOTER_ENV
+
+    monkeypatch.setenv(PROMOTER_ENV, "models/maskrcnn-promoter")  # as the pipeline sets it on the step
     ctl = IsvcController(str(kube_api.kubeconfig), "maskrcnn", "models")
     ctl.adopt()
     before = ctl.get()["spec"]["predictor"]["model"]["storageUri"]

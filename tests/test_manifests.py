@@ -30,8 +30,8 @@ MONITORING = ["deployment/monitoring/prometheus-operator", "deployment/monitorin
 K8S_VERSION = "1.31"
 
 
-def by_kind(objects: list[dict], kind: str) -> dict:
-    (obj,) = [o for o in objects if o["kind"] == kind]
+def by_kind(objects: list[dict], kind: str, name: str = "") -> dict:
+    (obj,) = [o for o in objects if o["kind"] == kind and (not name or o["metadata"]["name"] == name)]
     return obj
 
 
@@ -67,8 +67,7 @@ def test_inference_service_has_the_field_promote_patches():
     assert threads == str(predictor["model"]["resources"]["requests"]["cpu"]) == str(container["resources"]["requests"]["cpu"])
     assert "cpu" not in predictor["model"]["resources"].get("limits", {})
     assert container["securityContext"]["runAsNonRoot"] is True
-    sa = by_kind(objects, "ServiceAccount")
-    assert predictor["serviceAccountName"] == sa["metadata"]["name"]
+    sa = by_kind(objects, "ServiceAccount", predictor["serviceAccountName"])
     assert sa["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
 
 
@@ -139,14 +138,41 @@ def test_canary_overlay_splits_traffic():
 
 
 def test_promote_role_is_least_privilege():
+    """The promoter may touch the one InferenceService, its Deployment and its release Lease (resourceNames);
+    the pipeline's account may only mint the promoter's tokens; no pod runs as the promoter."""
     objects = render("deployment/overlays/production")
-    role = by_kind(objects, "Role")
-    assert role["rules"] == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]},
-                             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
-                             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                              "verbs": ["get", "create", "update"]}]  # the release Lease (release.lease)
-    binding = by_kind(objects, "RoleBinding")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    role = by_kind(objects, "Role", "inferenceservice-promoter")
+    assert role["rules"] == [
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "resourceNames": ["maskrcnn"],
+         "verbs": ["get", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["maskrcnn-predictor"], "verbs": ["get"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["maskrcnn-release"],
+         "verbs": ["get", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]}]
+    from release.lease import LEASE_SUFFIX
+
+    assert f"maskrcnn{LEASE_SUFFIX}" == "maskrcnn-release"  # the name release/lease.py gives the Lease
+    binding = by_kind(objects, "RoleBinding", "inferenceservice-promoter")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "maskrcnn-promoter", "namespace": "models"}]
+    assert by_kind(objects, "ServiceAccount", "maskrcnn-promoter")["automountServiceAccountToken"] is False
+    minter = by_kind(objects, "Role", "promoter-token")
+    assert minter["rules"] == [{"apiGroups": [""], "resources": ["serviceaccounts/token"],
+                                "resourceNames": ["maskrcnn-promoter"], "verbs": ["create"]}]
+    assert by_kind(objects, "RoleBinding", "promoter-token")["subjects"][0]["name"] == "pipeline-runner"
+    # the pipeline's promote step acts as it
+    spec, _ = yaml.safe_load_all((ROOT / "pipelines" / "maskrcnn_pipeline.yaml").read_text())
+    assert spec["root"]["inputDefinitions"]["parameters"]["promoter_service_account"]["defaultValue"] == "maskrcnn-promoter"
+
+
+def test_the_serving_runtime_serves_only_what_the_release_promised():
+    """The ServingRuntime passes the release's annotations (written by promote with the storageUri) to the
+    predictor through the downward API."""
+    from training.package import DIGEST_ANNOTATION, VERSION_ANNOTATION
+
+    (container,) = by_kind(render("deployment/overlays/production"), "ServingRuntime")["spec"]["containers"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"MASKRCNN_EXPECT_VERSION": f"metadata.annotations['{VERSION_ANNOTATION}']",
+                   "MASKRCNN_EXPECT_DIGEST": f"metadata.annotations['{DIGEST_ANNOTATION}']"}
 
 
 def test_ray_cluster_runs_the_project_image():
@@ -273,10 +299,10 @@ def test_network_policies_guard_the_predictor_mlflow_and_ray():
 
 
 def test_multi_user_overlay_binds_the_profile_default_editor():
-    binding = by_kind(render("deployment/overlays/kubeflow-multi-user"), "RoleBinding")
+    binding = by_kind(render("deployment/overlays/kubeflow-multi-user"), "RoleBinding", "promoter-token")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "default-editor",
                                     "namespace": "kubeflow-user-example-com"}]
-    standalone = by_kind(render("deployment/overlays/production"), "RoleBinding")
+    standalone = by_kind(render("deployment/overlays/production"), "RoleBinding", "promoter-token")
     assert standalone["subjects"][0]["name"] == "pipeline-runner"
 
 

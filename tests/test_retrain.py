@@ -5,6 +5,7 @@ CronJob looks again, not twice when two triggers race; a run that cannot start r
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from release.retrain import RetrainError, RetrainPlan, retrain
 from training.config import load_config
-from training.data.sources import list_objects, upload_object
+from training.data.sources import create_object, list_objects, read_object, upload_object
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +44,22 @@ def setting(mlflow_stack, tmp_path, monkeypatch):
     with KfpStandIn() as kfp:
         import kfp as kfp_sdk
 
-        kfp_sdk.Client(host=kfp.url).upload_pipeline(str(PIPELINE_YAML), pipeline_name="maskrcnn-train-gate-serve")
+        client = kfp_sdk.Client(host=kfp.url)
+        pipeline = client.upload_pipeline(str(PIPELINE_YAML), pipeline_name="maskrcnn-train-gate-serve")
+        released = client.upload_pipeline_version(str(PIPELINE_YAML), pipeline_version_name="c0ffee1",
+                                                  pipeline_id=pipeline.pipeline_id)
+        client.upload_pipeline_version(str(PIPELINE_YAML), pipeline_version_name="newer, never released",
+                                       pipeline_id=pipeline.pipeline_id)  # the newest by age: not what retrain runs
+        record = f"{root}/release.json"
+        create_object(record, json.dumps({"pipeline_name": "maskrcnn-train-gate-serve", "pipeline_id": pipeline.pipeline_id,
+                                          "version_id": released.pipeline_version_id, "version_name": "c0ffee1",
+                                          "image": "registry.example/platform@sha256:" + "a" * 64}).encode())
 
         def plan(data: str, **kwargs) -> RetrainPlan:
             return RetrainPlan(**{"data": data, "claims": f"{root}/claims", "kfp_host": kfp.url, "config": str(TINY),
                                   "tracking_uri": mlflow_stack.tracking_uri, "model_name": f"retrain-{time.time_ns()}",
-                                  "params": {"storage_prefix": "s3://models/models"}, **kwargs})
+                                  "params": {"storage_prefix": "s3://models/models"}, "release_record": record, **kwargs})
+        kfp.released = released.pipeline_version_id
         yield root, kfp, plan
 
 
@@ -59,13 +70,24 @@ def test_one_run_per_new_dataset_and_none_for_the_champions(setting, tmp_path, m
     assert first.action == "started" and len(kfp.runs) == 1
     (run,) = kfp.runs
     params = run["runtime_config"]["parameters"]
-    assert params["data"] == v1 and params["storage_prefix"] == "s3://models/models" and params["config"] == str(TINY)
-    newest = max(kfp.versions.values(), key=lambda v: v["created_at"])
-    assert run["pipeline_version_reference"]["pipeline_version_id"] == newest["pipeline_version_id"]
-    assert [o.key.rsplit("/", 1)[1] for o in list_objects(f"{root}/claims")] == [f"{first.dataset_hash}.json"]
+    staged = f"{root}/claims/datasets/{first.dataset_hash}/train"
+    assert params["data"] == staged and params["val_data"] == "" and params["data_hash"] == first.dataset_hash
+    assert params["storage_prefix"] == "s3://models/models" and params["config"] == str(TINY)
+    # the version `release ship` recorded, not the newest by age
+    assert run["pipeline_version_reference"]["pipeline_version_id"] == kfp.released
+    claims = [o.key.rsplit("/", 1)[1] for o in list_objects(f"{root}/claims") if "/datasets/" not in o.key]
+    assert claims == [f"{first.dataset_hash}.json"]
+    claim = json.loads(read_object(f"{root}/claims/{first.dataset_hash}.json")[0])
+    assert claim["run_id"] == first.run_id == run["run_id"] and claim["staged"] == staged
 
     again = retrain(plan(v1))  # the CronJob's next look: the same data, no second run
     assert again.action == "already claimed" and again.dataset_hash == first.dataset_hash and len(kfp.runs) == 1
+    # the live prefix changes after the trigger hashed it: the run's data is the staged copy, byte for byte
+    upload_synthetic(tmp_path, v1, seed=9)
+    from training.data.prepare import prepare_data
+
+    cfg = load_config(TINY, []).replace(data={"train": staged, "cache_dir": str(tmp_path / "staged")})
+    assert prepare_data(cfg.data, validate=True).content_hash == first.dataset_hash
 
     # two triggers racing on new data: one run
     v2 = upload_synthetic(tmp_path, f"{root}/data/v2", seed=2)
@@ -94,12 +116,44 @@ def test_one_run_per_new_dataset_and_none_for_the_champions(setting, tmp_path, m
     assert f"{hash_v3}.json" not in [o.key.rsplit("/", 1)[1] for o in list_objects(f"{root}/claims")]
 
 
+def test_a_trigger_killed_between_claim_and_run_loses_no_data(setting, tmp_path):
+    """A claim written by a trigger that died before starting a run (no run id): honoured for the grace
+    period, then taken over by a conditional overwrite, and the data is run, once."""
+    from release.retrain import dataset_hash
+
+    root, kfp, plan = setting
+    data = upload_synthetic(tmp_path, f"{root}/data/v5", seed=5)
+    digest = dataset_hash(plan(data), tmp_path / "hash")
+    create_object(f"{root}/claims/{digest}.json", json.dumps({"dataset_hash": digest, "run_id": "",
+                                                             "claimed_at": "2026-01-01T00:00:00+00:00"}).encode())
+    assert retrain(plan(data, grace_s=10 ** 9)).action == "already claimed" and kfp.runs == []
+    results: list = []  # two triggers take it over at once: one run
+    threads = [threading.Thread(target=lambda: results.append(retrain(plan(data, grace_s=3600)))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(r.action for r in results) == ["already claimed", "started"] and len(kfp.runs) == 1
+    claim = json.loads(read_object(f"{root}/claims/{digest}.json")[0])
+    assert claim["run_id"] == kfp.runs[0]["run_id"] and claim["took_over"]["claimed_at"] == "2026-01-01T00:00:00+00:00"
+    # its run fails: the data is freed after the grace period, and started again (a live run never is)
+    assert retrain(plan(data, grace_s=0)).action == "already claimed"  # PENDING: alive
+    kfp.runs[0]["state"] = "FAILED"
+    assert retrain(plan(data, grace_s=3600)).action == "already claimed"  # within the grace period
+    assert retrain(plan(data, grace_s=0)).action == "started" and len(kfp.runs) == 2
+    # a run that is gone (Kubeflow forgot it) frees the data too
+    kfp.runs.clear()
+    assert retrain(plan(data, grace_s=0)).action == "started" and len(kfp.runs) == 1
+
+
 def test_a_run_that_cannot_start_releases_its_claim_and_bad_data_starts_nothing(setting, tmp_path):
     root, kfp, plan = setting
     v4 = upload_synthetic(tmp_path, f"{root}/data/v4", seed=4)
-    with pytest.raises(RetrainError, match="run: .*no pipeline named 'missing'.*claim removed"):
+    with pytest.raises(RetrainError, match="run: .*the release record .* is for pipeline 'maskrcnn-train-gate-serve', "
+                                           "not 'missing'.*claim removed"):
         retrain(plan(v4, pipeline_name="missing"))
-    assert list_objects(f"{root}/claims", allow_empty=True) == [] and kfp.runs == []
+    assert [o for o in list_objects(f"{root}/claims", allow_empty=True) if "/datasets/" not in o.key] == []
+    assert kfp.runs == []
     assert retrain(plan(v4)).action == "started"  # the next look retries, and starts it
 
     broken = tmp_path / "broken"
@@ -109,7 +163,13 @@ def test_a_run_that_cannot_start_releases_its_claim_and_bad_data_starts_nothing(
     from release.__main__ import main
 
     code = main(["--tracking-uri", plan(v4).tracking_uri, "retrain", "--data", f"{root}/data/broken", "--claims",
-                 f"{root}/claims", "--kfp-host", kfp.url, "--config", str(TINY)])
+                 f"{root}/claims", "--kfp-host", kfp.url, "--config", str(TINY), "--release-record", plan(v4).release_record])
     assert code == 2 and len(kfp.runs) == 1
+    # no release record: nothing runs (never the newest version by age)
+    v6 = upload_synthetic(tmp_path, f"{root}/data/v6", seed=6)
+    with pytest.raises(RetrainError, match="field 'pipeline_id' missing"):
+        create_object(f"{root}/bad-release.json", b'{"pipeline_name": "maskrcnn-train-gate-serve"}')
+        retrain(plan(v6, release_record=f"{root}/bad-release.json"))
+    assert len(kfp.runs) == 1
     with pytest.raises(ValueError, match="claims 'claims': expected an s3:// or gs:// prefix"):
         plan(v4, claims="claims")

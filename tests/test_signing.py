@@ -3,11 +3,14 @@ public keys, serves only packages one of them signed (real keys, real `cryptogra
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import stat
 from pathlib import Path
 
+import google_crc32c
 import pytest
 
 from serving.predictor import MaskRCNNPredictor
@@ -172,3 +175,74 @@ def test_an_empty_public_keys_flag_appended_to_the_runtimes_fails_closed(serving
     by_other = _signed(serving_package, tmp_path / "by-other", keys / "other.key")
     both = MaskRCNNPredictor("maskrcnn", str(by_other), public_keys=[keys / "current.pem", keys / "other.pem"])
     assert both.load() and both.signer == key_id(load_public_keys(keys / "other.pem")[0])
+
+
+class KmsStandIn:
+    """A stand-in for Cloud KMS's REST API (Cloud KMS cannot run here), serving on 127.0.0.1 the two calls a
+    signer makes, as KMS's v1 API reference describes them: `GET /v1/{keyVersion}/publicKey` (`pem`,
+    `algorithm`, `pemCrc32c`) and `POST /v1/{keyVersion}:asymmetricSign` (request `data`, `dataCrc32c`;
+    answer `signature`, `signatureCrc32c`, `verifiedDataCrc32c`, `name`), with a real Ed25519 key.
+    `corrupt`: answer with a signature whose CRC32C does not match (a corrupted answer)."""
+
+    def __init__(self, name: str):
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        from kfp_stand_in import JsonHandler
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.name, self.key, self.corrupt, self.calls = name, Ed25519PrivateKey.generate(), False, []
+        stand_in = self
+
+        class Handler(JsonHandler):
+            def do_GET(self):  # noqa: N802
+                stand_in.calls.append(("GET", self.path))
+                if self.path != f"/v1/{stand_in.name}/publicKey":
+                    return self._answer(404, {"error": {"code": 404, "status": "NOT_FOUND"}})
+                pem = stand_in.key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+                self._answer(200, {"pem": pem.decode(), "algorithm": "EC_SIGN_ED25519", "name": stand_in.name,
+                                   "pemCrc32c": str(google_crc32c.value(pem)), "protectionLevel": "SOFTWARE"})
+
+            def do_POST(self):  # noqa: N802
+                stand_in.calls.append(("POST", self.path))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != f"/v1/{stand_in.name}:asymmetricSign":
+                    return self._answer(404, {"error": {"code": 404, "status": "NOT_FOUND"}})
+                data = base64.b64decode(body["data"])
+                signature = stand_in.key.sign(data)
+                crc = google_crc32c.value(signature) + (1 if stand_in.corrupt else 0)
+                self._answer(200, {"signature": base64.b64encode(signature).decode(), "signatureCrc32c": str(crc),
+                                   "verifiedDataCrc32c": int(body["dataCrc32c"]) == google_crc32c.value(data),
+                                   "name": stand_in.name, "protectionLevel": "SOFTWARE"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_package_signed_in_cloud_kms_is_served_and_a_corrupted_answer_is_refused(serving_package, tmp_path, monkeypatch):
+    """`gcpkms://...` as the signing key: the package is signed by KMS (the stand-in), the signature document
+    names its key, and the predictor given its public key serves it; a corrupted answer signs nothing."""
+    from cryptography.hazmat.primitives import serialization
+
+    from training.kms import ENDPOINT_ENV, KmsError
+
+    name = "projects/p/locations/us-central1/keyRings/r/cryptoKeys/packages/cryptoKeyVersions/1"
+    kms = KmsStandIn(name)
+    monkeypatch.setenv(ENDPOINT_ENV, kms.url)
+    signer = load_private_key(f"gcpkms://{name}")
+    signed = open_package(serving_package).stamped({"model_version": "3"}).signed(signer)
+    assert signed.signer == key_id(kms.key.public_key()) and ("POST", f"/v1/{name}:asymmetricSign") in kms.calls
+    public = tmp_path / "kms.pem"
+    public.write_bytes(kms.key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+    served = MaskRCNNPredictor("maskrcnn", str(signed.save(tmp_path / "pkg")), public_keys=public)
+    assert served.load() and served.signer == key_id(kms.key.public_key())
+    kms.corrupt = True
+    with pytest.raises(KmsError, match="the signature arrived corrupted"):
+        open_package(serving_package).signed(load_private_key(f"gcpkms://{name}"))
+    with pytest.raises(SignatureError, match="expected gcpkms://projects/P/locations/L"):
+        load_private_key("gcpkms://projects/p/keyRings/r")

@@ -70,7 +70,15 @@ def _read_key_file(path: Path) -> bytes:
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    """An unencrypted PKCS#8 PEM Ed25519 private key (as `generate_keypair` writes it)."""
+    """An unencrypted PKCS#8 PEM Ed25519 private key (as `generate_keypair` writes it), or, for
+    `gcpkms://...`, a key version in Cloud KMS that signs in its place (`training.kms.KmsSigner`)."""
+    if str(path).startswith("gcpkms://"):
+        from training.kms import KmsSigner
+
+        try:
+            return KmsSigner(str(path))  # type: ignore[return-value]  # it signs as the private key would
+        except ValueError as exc:
+            raise SignatureError(str(exc)) from None
     path = Path(path)
     try:
         key = serialization.load_pem_private_key(_read_key_file(path), password=None)

@@ -43,5 +43,12 @@ output "github_actions" {
     GCP_REGION                     = var.region
     GCP_WORKLOAD_IDENTITY_PROVIDER = google_iam_workload_identity_pool_provider.github.name
     GCP_RELEASE_SERVICE_ACCOUNT    = google_service_account.release.email
+    BINAUTHZ_ATTESTOR              = google_binary_authorization_attestor.release.id
+    BINAUTHZ_KEY_VERSION           = data.google_kms_crypto_key_version.attestations.id
   }
+}
+
+output "package_signing_key" {
+  description = "The Cloud KMS key version that may sign serving packages: release promote --signing-key gcpkms://<this>."
+  value       = "gcpkms://${google_kms_crypto_key.packages.id}/cryptoKeyVersions/1"
 }

@@ -83,3 +83,16 @@ variable "github_repository" {
     error_message = "github_repository must be owner/name."
   }
 }
+
+variable "binauthz_allowed_images" {
+  description = "Image name patterns Binary Authorization admits without the release's attestation: the third-party components the platform runs beside its own images (Google's system images are exempt already). Narrow it to the versions you install."
+  type        = list(string)
+  default = [
+    "gcr.io/knative-releases/*",            # Knative Serving (KServe's Knative mode)
+    "docker.io/kserve/*",                   # KServe's controller, storage initializer, agent
+    "gcr.io/ml-pipeline/*",                 # Kubeflow Pipelines
+    "ghcr.io/kubeflow/*",                   # Kubeflow Pipelines (newer releases)
+    "quay.io/kuberay/*",                    # the KubeRay operator
+    "gcr.io/gke-release/*",                 # GKE add-ons not covered by the global exemption
+  ]
+}

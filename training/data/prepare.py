@@ -114,15 +114,21 @@ def _checked(cfg: DataConfig, train: CocoSplit, val: CocoSplit, validate: bool) 
             f"{train.label_map.category_ids}; both splits must declare the same categories"], str(val.annotation_file))
     prepared = PreparedData(train, val, train.label_map)
     if validate:
-        files = {train.root: _files_of(train)}  # train first, then val (dicts keep their order)
-        files.setdefault(val.root, []).extend(_files_of(val))
-        prepared.content_hash = content_hash_of(files)
+        prepared.content_hash = content_hash_of(files_by_root(prepared))
         prepared.stats = {"train": split_stats(train), "val": split_stats(val),
                           "dropped": {"train": train.dropped, "val": val.dropped}}
         log.info("dataset %s: train %d images / %d instances, val %d images / %d instances, classes %s",
                  prepared.content_hash[:12], prepared.stats["train"]["images"], prepared.stats["train"]["instances"],
                  prepared.stats["val"]["images"], prepared.stats["val"]["instances"], train.label_map.names)
     return prepared
+
+
+def files_by_root(data: PreparedData) -> dict[Path, list[str]]:
+    """The files the content hash covers (each split's annotation file and images), by root folder: train's
+    root first, then val's when it has its own (dicts keep their order)."""
+    files = {data.train.root: _files_of(data.train)}
+    files.setdefault(data.val.root, []).extend(_files_of(data.val))
+    return files
 
 
 def content_hash_of(files_by_root: dict[Path, list[str]]) -> str:

@@ -73,6 +73,10 @@ class ObjectExists(SourceError):
     """A create-only write found an object already at the key."""
 
 
+class ObjectChanged(SourceError):
+    """A conditional replace found the object changed (or gone) since it was read."""
+
+
 class _S3:
     """Amazon S3 and S3-compatible stores (Ceph RGW, MinIO) through boto3."""
 
@@ -86,17 +90,41 @@ class _S3:
     def upload(self, bucket: str, key: str, src: Path) -> None:
         s3_client().upload_file(str(src), bucket, key)
 
-    def create(self, bucket: str, key: str, data: bytes) -> None:
+    def create(self, bucket: str, key: str, data: bytes) -> str:
         from botocore.exceptions import ClientError
 
         try:  # a conditional write: the store refuses it when the key exists (S3's If-None-Match: *)
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") \
                     or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
                 raise ObjectExists(f"s3://{bucket}/{key}: already exists") from None
             raise
 
+
+    def read(self, bucket: str, key: str, limit: int) -> tuple[bytes, str]:
+        answer = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
+        return answer["Body"].read(limit + 1), answer["ETag"]
+
+    def replace(self, bucket: str, key: str, data: bytes, token: str) -> None:
+        from botocore.exceptions import ClientError
+
+        # S3's If-Match: the write lands only on the version that was read. Ceph's gateway compares the bare
+        # ETag, AWS documents the quoted one: the other form is tried only while the object is unchanged.
+        bare = token.strip('"')
+        for tag in (bare, f'"{bare}"'):
+            try:
+                s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=tag)
+                return
+            except ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (404, 409, 412):
+                    raise
+            try:
+                if s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"') != bare:
+                    break
+            except ClientError:
+                break
+        raise ObjectChanged(f"s3://{bucket}/{key}: changed since it was read")
 
     def delete(self, bucket: str, key: str) -> None:
         s3_client().delete_object(Bucket=bucket, Key=key)
@@ -115,14 +143,30 @@ class _GCS:
     def upload(self, bucket: str, key: str, src: Path) -> None:
         gcs_client().bucket(bucket).blob(key).upload_from_filename(str(src))
 
-    def create(self, bucket: str, key: str, data: bytes) -> None:
+    def create(self, bucket: str, key: str, data: bytes) -> str:
         from google.api_core.exceptions import PreconditionFailed
 
         try:  # generation 0 means "no live object": GCS refuses the write when one exists
-            gcs_client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
+            blob = gcs_client().bucket(bucket).blob(key)
+            blob.upload_from_string(data, if_generation_match=0)
+            return str(blob.generation)
         except PreconditionFailed:
             raise ObjectExists(f"gs://{bucket}/{key}: already exists") from None
 
+
+    def read(self, bucket: str, key: str, limit: int) -> tuple[bytes, str]:
+        blob = gcs_client().bucket(bucket).get_blob(key)
+        if blob is None:
+            raise FileNotFoundError(f"gs://{bucket}/{key}")
+        return blob.download_as_bytes(end=limit, if_generation_match=blob.generation), str(blob.generation)
+
+    def replace(self, bucket: str, key: str, data: bytes, token: str) -> None:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        try:  # the generation that was read: GCS refuses the write when another has replaced it
+            gcs_client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=int(token))
+        except (PreconditionFailed, NotFound):
+            raise ObjectChanged(f"gs://{bucket}/{key}: changed since it was read") from None
 
     def delete(self, bucket: str, key: str) -> None:
         gcs_client().bucket(bucket).blob(key).delete()
@@ -177,13 +221,38 @@ def upload_object(uri: str, src: Path) -> None:
         raise SourceError(f"{uri}: upload failed: {exc}") from exc
 
 
-def create_object(uri: str, data: bytes) -> None:
+def create_object(uri: str, data: bytes) -> str:
     """Write `data` to the object `uri` only if no object is there (a conditional write on the store, so two
-    writers cannot both succeed); ObjectExists when one is."""
+    writers cannot both succeed); ObjectExists when one is. Returns the version token (as `read_object`)."""
     backend, bucket, key = store(uri)
     try:
-        backend.create(bucket, key, data)
+        return backend.create(bucket, key, data)
     except ObjectExists:
+        raise
+    except Exception as exc:
+        raise SourceError(f"{uri}: upload failed: {exc}") from exc
+
+
+def read_object(uri: str, limit: int = 1 << 20) -> tuple[bytes, str]:
+    """A small object's bytes (at most `limit`, else SourceError) and a token naming this version of it,
+    for `replace_object`."""
+    backend, bucket, key = store(uri)
+    try:
+        data, token = backend.read(bucket, key, limit)
+    except Exception as exc:
+        raise SourceError(f"{uri}: read failed: {exc}") from exc
+    if len(data) > limit:
+        raise SourceError(f"{uri}: larger than {limit} bytes; expected a small record")
+    return data, token
+
+
+def replace_object(uri: str, data: bytes, token: str) -> None:
+    """Overwrite `uri` only if it is still the version `read_object` returned `token` for (S3 If-Match, GCS
+    generation match): of two writers that read the same version, one wins; ObjectChanged for the other."""
+    backend, bucket, key = store(uri)
+    try:
+        backend.replace(bucket, key, data, token)
+    except ObjectChanged:
         raise
     except Exception as exc:
         raise SourceError(f"{uri}: upload failed: {exc}") from exc
