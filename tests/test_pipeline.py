@@ -111,7 +111,8 @@ def pipeline_env(mlflow_stack, cache_dir, k8s, tmp_path, monkeypatch):
         overrides=[f"ray.storage_path=s3://{bucket}/ray/{name}", f"tracking.experiment={name}", "train.epochs=1"],
         ray_address="", min_segm_map=0.0, min_mask_iou=0.0, margin=-1.0,
         storage_prefix=f"s3://{bucket}", isvc_name=ISVC, namespace=k8s.namespace,
-        canary_percent=0, ready_timeout=60.0, kubeconfig=k8s.kubeconfig)
+        canary_percent=0, ready_timeout=60.0, kubeconfig=k8s.kubeconfig,
+        promoter_service_account="")  # the kubeconfig is the promoter's own token already (tests/test_kube_api.py acts as it)
     return params, ctl, MlflowClient(mlflow_stack.tracking_uri), tmp_path / "pipeline-root"
 
 

@@ -16,6 +16,7 @@ from kfp_stand_in import KfpStandIn
 from mlflow.tracking import MlflowClient
 
 from release.retrain import RetrainError, RetrainPlan, retrain
+from release.ship import ShipPlan, Shipped, read_release_record, write_release_record
 from training.config import load_config
 from training.data.sources import create_object, list_objects, read_object, upload_object
 
@@ -50,10 +51,12 @@ def setting(mlflow_stack, tmp_path, monkeypatch):
                                                   pipeline_id=pipeline.pipeline_id)
         client.upload_pipeline_version(str(PIPELINE_YAML), pipeline_version_name="newer, never released",
                                        pipeline_id=pipeline.pipeline_id)  # the newest by age: not what retrain runs
-        record = f"{root}/release.json"
-        create_object(record, json.dumps({"pipeline_name": "maskrcnn-train-gate-serve", "pipeline_id": pipeline.pipeline_id,
-                                          "version_id": released.pipeline_version_id, "version_name": "c0ffee1",
-                                          "image": "registry.example/platform@sha256:" + "a" * 64}).encode())
+        record = f"{root}/release.json"  # as `release ship --record` writes it
+        shipped = Shipped("registry.example/platform:c0ffee1", "sha256:" + "a" * 64, PIPELINE_YAML,
+                          pipeline.pipeline_id, released.pipeline_version_id)
+        write_release_record(ShipPlan(repository="registry.example/platform", commit="c0ffee1", kfp_host=kfp.url,
+                                      record=record), shipped)
+        assert read_release_record(record)["image"] == "registry.example/platform@sha256:" + "a" * 64
 
         def plan(data: str, **kwargs) -> RetrainPlan:
             return RetrainPlan(**{"data": data, "claims": f"{root}/claims", "kfp_host": kfp.url, "config": str(TINY),

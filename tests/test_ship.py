@@ -126,6 +126,11 @@ def test_ship_builds_pushes_compiles_on_the_digest_and_uploads_a_version_per_com
         assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1" and int(job["max_concurrency"]) == 1
         assert job["pipeline_version_reference"]["pipeline_version_id"] == second.version_id and job["no_catchup"] is True
 
+        # a version of that name whose steps run another image (a rebuild, someone else's upload): never reused
+        with pytest.raises(ShipError, match=f"upload failed: .*already has a version named {COMMIT_A} .* whose steps run"):
+            ship(plan(COMMIT_A, kfp_host=kfp.url, prebuilt="sha256:" + "e" * 64))
+        assert len(kfp.versions) == 3
+
         third = ship(plan(COMMIT_A, kfp_host=kfp.url, cron="0 0 4 * * *"))  # the schedule moves to this version
         (job,) = kfp.recurring.values()
         assert job["recurring_run_id"] == third.recurring_run_id and job["trigger"]["cron_schedule"]["cron"] == "0 0 4 * * *"
