@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from mlflow.tracking import MlflowClient
 
-from release.canary import ANALYSIS_FILE, CanaryAnalysis, CanaryBounds, PrometheusApi, judge_canary
+from release.canary import ANALYSIS_FILE, CanaryAnalysis, CanaryBounds, PrometheusApi, judge_canary, model_selector
 from release.deploy import DeployError, read_service, restore_storage_uri, serving_revisions, update_storage_uri
 from release.gate import GateDecision
 from release.interrupt import Interrupted
@@ -201,6 +201,7 @@ def _canary_preconditions(client: MlflowClient, model_name: str, percent: int, p
                          "(--prometheus-url)")
     if not isvc_name:
         raise ValueError("a canary needs an InferenceService (--isvc-name)")
+    model_selector(model_name, plan.selector)  # the analysis selects the series by name: checked before anything changes
     champion = retry_call(get_alias, client, model_name, CHAMPION, what=f"reading {model_name}@{CHAMPION}")
     if champion is None:
         raise ValueError(f"a canary is judged against the champion, and {model_name} has no {CHAMPION} yet: promote "

@@ -136,16 +136,24 @@ def test_detections_match_torchvision_on_the_validation_split(tmp_path):
                                "scores": out["scores"].numpy(), "labels": out["labels"].numpy(),
                                "masks": encode_masks((out["masks"][:, 0] > cfg.eval.mask_threshold).numpy().astype(np.uint8))})
     assert sum(len(p["scores"]) for p in theirs) >= 12
+    compared = 0  # masks with pixels, so that the IoU check is not vacuous
     for a, b in zip(ours, theirs):
         assert a["image_id"] == b["image_id"] and len(a["scores"]) == len(b["scores"])
         assert np.array_equal(a["labels"], b["labels"])
         assert np.allclose(a["scores"], b["scores"], atol=1e-4) and np.allclose(a["boxes"], b["boxes"], atol=0.01)
         if len(a["masks"]):
             ious = np.diag(mask_util.iou(a["masks"], b["masks"], [0] * len(b["masks"])))
-            assert ious.min() >= 0.99, ious
+            # two empty masks (no pixel above the threshold: a weakly trained model's low-probability detections)
+            # agree, though COCO's IoU of two empty masks is 0; one empty beside one that is not still fails
+            empty = (mask_util.area(a["masks"]) == 0) & (mask_util.area(b["masks"]) == 0)
+            assert np.where(empty, 1.0, ious).min() >= 0.99, (ious, empty)
+            compared += int((~empty).sum())
+    assert compared >= 3, compared
     mine = evaluate_predictions(val_split.coco, ours, val_split.label_map)
     reference = evaluate_predictions(val_split.coco, theirs, val_split.label_map)
-    assert reference["segm_mAP"] > 0.02 and reference["bbox_mAP"] > 0.02, reference  # it finds shapes (0.033, 0.051)
+    # it finds shapes, so that equal mAPs are not 0 == 0 (0.033/0.051 on one machine, 0.002/0.010 on another: 300
+    # CPU steps train differently where the float kernels differ; the comparison needs a model, not a good one)
+    assert reference["segm_mAP"] > 0 and reference["bbox_mAP"] > 0, reference
     for key in ("segm_mAP", "bbox_mAP", "mask_iou"):
         assert mine[key] == pytest.approx(reference[key], abs=0.001), key
 
