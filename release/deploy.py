@@ -106,12 +106,12 @@ def _acting_as(api_client: Any, account: str, kubeconfig: str) -> Any:
                                   f"account needs `create` on its serviceaccounts/token (deployment/base/rbac-promote.yaml)")
             token = answer.status.token
             _tokens[(kubeconfig, account)] = (time.monotonic() + 0.9 * TOKEN_SECONDS, token)
+            log.info("acting as ServiceAccount %s (a %d s token)", account, TOKEN_SECONDS)
     configuration = copy.copy(api_client.configuration)
     configuration.api_key = {"authorization": f"Bearer {token}"}
     configuration.api_key_prefix = {}
     configuration.refresh_api_key_hook = None
     configuration.cert_file = configuration.key_file = None  # the token alone says who this is
-    log.info("acting as ServiceAccount %s", account)
     return client.ApiClient(configuration)
 
 
@@ -356,7 +356,7 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
         raise DeployError(f"InferenceService {namespace}/{name} runs in {mode} mode: canaryTrafficPercent needs "
                           f"KServe's Knative (Serverless) mode; nothing was changed")
     previous_uri = storage_uri_of(before)
-    previous_canary = _predictor(before).get("canaryTrafficPercent")
+    previous_canary = canary_of(before)
     previous_annotations = release_annotations_of(before)
     annotations = {**previous_annotations, **annotations} if annotations else None
     set_canary = canary_percent is not None or (clear_canary and previous_canary is not None)
@@ -389,7 +389,7 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
     except BaseException as exc:  # whatever ends the wait: restore what was served, then say why
         try:  # only what this step set: a storageUri someone else wrote meanwhile stands
             conditional_patch(api, name, namespace, expect_uri=uri, uri=previous_uri, canary=previous_canary,
-                              set_canary=set_canary, obj=patched if isinstance(patched, dict) else None,
+                              set_canary=set_canary, obj=patched,
                               annotations=previous_annotations if annotations else None)
         except Exception as undo:
             if not isinstance(exc, Exception):  # a signal: the caller's unwind tries again from the intent

@@ -84,6 +84,19 @@ class Intent:
             raise ValueError(f"intent: action must be promote or rollback, got {self.action!r}")
         if self.phase not in PHASES:
             raise ValueError(f"intent: phase must be one of {PHASES}, got {self.phase!r}")
+        # read back from an annotation: every field is checked, so the unwind never patches in a wrong type
+        for name in ("model_name", "isvc", "namespace", "holder", "version", "storage_uri", "started_at"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"intent: {name} must be a string, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.previous_uri, (str, type(None))):
+            raise ValueError(f"intent: previous_uri must be a string or null, got {type(self.previous_uri).__name__}")
+        for name in ("previous_canary", "canary_percent"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100):
+                raise ValueError(f"intent: {name} must be an integer in [0, 100] or null, got {value!r}")
+        if not isinstance(self.previous_annotations, dict) or not all(
+                isinstance(k, str) and isinstance(v, (str, type(None))) for k, v in self.previous_annotations.items()):
+            raise ValueError("intent: previous_annotations must map names to strings or null")
 
     def at(self, phase: str, **changes: Any) -> Intent:
         return replace(self, phase=phase, **changes)

@@ -13,8 +13,9 @@ Kubernetes CronJob (`deployment/retrain/`); scheduled retraining without new dat
    conditional overwrite (S3 `If-Match`, GCS generation match) of the claim that was read, so that
    data is never lost to a crash, and still run once;
 4. **stage** the files that were hashed (the annotations and images of both splits, byte for byte) to
-   the immutable prefix `<staging>/<hash>/` (create-only writes), and hash the staged copy again: the
-   run trains on exactly the data that was hashed, never on the live prefix, which may change meanwhile;
+   the immutable prefix `<staging>/<hash>/` (create-only writes; a copy that reuses files already there,
+   from an earlier try, is hashed again): the run trains on exactly the data that was hashed, never on the
+   live prefix, which may change meanwhile;
 5. **run** the pipeline version `release ship` recorded as the release (`--release-record`), once, with
    `data`/`val_data` set to the staged copy and `data_hash` to the hash (its prepare step refuses data
    that differs); the claim then records the run's id. If the run cannot be started, the claim is
@@ -132,12 +133,13 @@ def released_version(client, plan: RetrainPlan) -> tuple[str, str]:
     return pipeline_id, record["version_id"]
 
 
-def stage(prepared, plan: RetrainPlan, digest: str) -> tuple[str, str]:
+def stage(prepared, plan: RetrainPlan, digest: str) -> tuple[str, str, bool]:
     """Copy the files that were hashed to `<staging>/<hash>/train` (and `/val` when the validation split has
-    a root of its own), create-only: a staged dataset is never changed (a copy already there, from a run
-    that failed, is kept and checked like a new one). Returns the prefixes to give the pipeline."""
+    a root of its own), create-only: a staged dataset is never changed. Returns the prefixes to give the
+    pipeline, and whether any file was already there (from a run that failed, or anyone else's write): then
+    the copy must be hashed again (`verify_staged`); files this call created are the bytes it hashed."""
     from training.data.prepare import files_by_root
-    from training.data.sources import ObjectExists, create_object
+    from training.data.sources import ObjectExists, create_object, escapes_folder
 
     prefix = f"{plan.staging_prefix}/{digest}"
     roots = list(files_by_root(prepared).items())
@@ -145,13 +147,15 @@ def stage(prepared, plan: RetrainPlan, digest: str) -> tuple[str, str]:
     copied = kept = 0
     for name, (root, files) in zip(names, roots):
         for rel in sorted(set(files)):
+            if escapes_folder(rel):  # an annotation file outside the data's folder: no place in a copy of it
+                raise RetrainError(f"stage: {rel} lies outside {root}; give the annotations inside the data prefix")
             try:
                 create_object(f"{prefix}/{name}/{rel}", (root / rel).read_bytes())
                 copied += 1
             except ObjectExists:
                 kept += 1
     log.info("stage: %d file(s) to %s (%d already there)", copied, prefix, kept)
-    return f"{prefix}/train", f"{prefix}/val" if len(roots) > 1 else ""
+    return f"{prefix}/train", f"{prefix}/val" if len(roots) > 1 else "", kept > 0
 
 
 def verify_staged(plan: RetrainPlan, train: str, val: str, digest: str, cache_dir: Path) -> None:
@@ -226,8 +230,9 @@ def retrain(plan: RetrainPlan, token: str = "", client=None) -> RetrainResult:
             log.warning("claim: took over %s: %s", claim, why)
         log.info("claim: %s", claim)
         try:
-            train, val = stage(prepared, plan, current)
-            verify_staged(plan, train, val, current, Path(cache) / "staged")
+            train, val, reused = stage(prepared, plan, current)
+            if reused:  # the pipeline's prepare step checks data_hash in any case; this fails before a doomed run
+                verify_staged(plan, train, val, current, Path(cache) / "staged")
             pipeline_id, version_id = released_version(client, plan)
             experiment = client.create_experiment(plan.experiment, namespace=plan.kfp_namespace or None)
             params = {**plan.params, "data": train, "val_data": val, "data_hash": current, "config": plan.config,

@@ -331,3 +331,18 @@ def test_rollback_whose_alias_cannot_move_puts_the_service_back_kserve_stand_in(
     assert rel.spec()["model"]["storageUri"] == rel.uri("2") and rel.annotations() == served_v2
     assert rel.client.get_model_version_by_alias(rel.name, "champion").version == "2"
     assert rel.lease().read().intent is None
+
+
+@pytest.mark.parametrize("field, value", [("previous_canary", "10"), ("previous_canary", 250), ("version", 7),
+                                          ("previous_annotations", ["x"]), ("previous_uri", {"a": 1}), ("phase", "done")])
+def test_an_intent_read_back_with_a_wrong_type_is_refused_by_name(field, value):
+    """The intent comes back from an annotation anyone holding the Lease could have written: nothing of a
+    wrong type ever reaches a patch (recover names the Lease and the field instead)."""
+    from release.lease import Intent, LeaseError
+
+    good = Intent("promote", "m", "maskrcnn", "models", "host/1/x", phase="deploying", version="3",
+                  storage_uri="s3://b/m/v3", previous_uri="s3://b/m/v2", previous_canary=None)
+    assert Intent.from_json(good.to_json(), "Lease models/maskrcnn-release") == good
+    doc = {**json.loads(good.to_json()), field: value}
+    with pytest.raises(LeaseError, match=rf"Lease models/maskrcnn-release: .* \(intent: {field}"):
+        Intent.from_json(json.dumps(doc), "Lease models/maskrcnn-release")

@@ -214,6 +214,9 @@ class KmsStandIn:
                 data = base64.b64decode(body["data"])
                 signature = stand_in.key.sign(data)
                 crc = google_crc32c.value(signature) + (1 if stand_in.corrupt else 0)
+                if stand_in.corrupt == "types":  # a garbled answer: wrong JSON types where numbers and text belong
+                    return self._answer(200, {"signature": ["x"], "signatureCrc32c": {"a": 1}, "name": stand_in.name,
+                                              "verifiedDataCrc32c": True})
                 self._answer(200, {"signature": base64.b64encode(signature).decode(), "signatureCrc32c": str(crc),
                                    "verifiedDataCrc32c": int(body["dataCrc32c"]) == google_crc32c.value(data),
                                    "name": stand_in.name, "protectionLevel": "SOFTWARE"})
@@ -243,6 +246,9 @@ def test_a_package_signed_in_cloud_kms_is_served_and_a_corrupted_answer_is_refus
     assert served.load() and served.signer == key_id(kms.key.public_key())
     kms.corrupt = True
     with pytest.raises(KmsError, match="the signature arrived corrupted"):
+        open_package(serving_package).signed(load_private_key(f"gcpkms://{name}"))
+    kms.corrupt = "types"
+    with pytest.raises(KmsError, match="not a signature answer"):
         open_package(serving_package).signed(load_private_key(f"gcpkms://{name}"))
     with pytest.raises(SignatureError, match="expected gcpkms://projects/P/locations/L"):
         load_private_key("gcpkms://projects/p/keyRings/r")

@@ -12,6 +12,7 @@ Identity in a pod); `$MASKRCNN_KMS_ENDPOINT` points at another endpoint without 
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import re
 from typing import Any
@@ -69,7 +70,10 @@ class KmsSigner:
             if answer.status_code >= 400:
                 error = ConnectionError if answer.status_code in (429, 500, 502, 503, 504) else KmsError
                 raise error(f"{self.uri}: KMS answered {answer.status_code}: {answer.text[:300]}")
-            return answer.json()
+            try:
+                return answer.json()
+            except ValueError:
+                raise KmsError(f"{self.uri}: KMS answered something other than JSON: {answer.text[:200]!r}") from None
 
         try:
             return retry_call(once, what=f"KMS {path.rsplit('/', 1)[-1]}", transient=connection_error)
@@ -79,12 +83,16 @@ class KmsSigner:
     def public_key(self) -> Ed25519PublicKey:
         if self._public is None:
             doc = self._call("GET", f"{self.name}/publicKey")
-            if doc.get("algorithm") != "EC_SIGN_ED25519":
-                raise KmsError(f"{self.uri}: a {doc.get('algorithm')} key; packages are signed with EC_SIGN_ED25519")
+            if not isinstance(doc, dict) or doc.get("algorithm") != "EC_SIGN_ED25519":
+                raise KmsError(f"{self.uri}: not an EC_SIGN_ED25519 key ({str(doc)[:200]}); packages are signed with "
+                               f"Ed25519")
             pem = str(doc.get("pem", "")).encode()
-            if "pemCrc32c" in doc and int(doc["pemCrc32c"]) != _crc32c(pem):
-                raise KmsError(f"{self.uri}: the public key arrived corrupted (CRC32C mismatch)")
-            key = serialization.load_pem_public_key(pem)
+            try:
+                if "pemCrc32c" in doc and int(str(doc["pemCrc32c"])) != _crc32c(pem):
+                    raise KmsError(f"{self.uri}: the public key arrived corrupted (CRC32C mismatch)")
+                key = serialization.load_pem_public_key(pem)
+            except ValueError as exc:
+                raise KmsError(f"{self.uri}: getPublicKey answered no valid PEM ({exc})") from None
             if not isinstance(key, Ed25519PublicKey):
                 raise KmsError(f"{self.uri}: getPublicKey returned a {type(key).__name__}")
             self._public = key
@@ -93,10 +101,14 @@ class KmsSigner:
     def sign(self, message: bytes) -> bytes:
         doc = self._call("POST", f"{self.name}:asymmetricSign",
                          {"data": base64.b64encode(message).decode(), "dataCrc32c": str(_crc32c(message))})
-        if doc.get("name") != self.name or not doc.get("verifiedDataCrc32c"):
+        if not isinstance(doc, dict) or doc.get("name") != self.name or doc.get("verifiedDataCrc32c") is not True:
             raise KmsError(f"{self.uri}: the request arrived corrupted or was answered for another key")
-        signature = base64.b64decode(doc.get("signature", ""))
-        if int(doc.get("signatureCrc32c", -1)) != _crc32c(signature):
+        try:
+            signature = base64.b64decode(str(doc.get("signature", "")), validate=True)
+            crc = int(str(doc.get("signatureCrc32c", "-1")))
+        except (binascii.Error, ValueError):
+            raise KmsError(f"{self.uri}: not a signature answer ({str(doc)[:200]})") from None
+        if crc != _crc32c(signature):
             raise KmsError(f"{self.uri}: the signature arrived corrupted (CRC32C mismatch)")
         try:
             self.public_key().verify(signature, message)
