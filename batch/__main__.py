@@ -8,7 +8,10 @@ SRC: a folder, s3:// or gs:// prefix of JPG, PNG or TIFF images. OUT: a folder o
 `manifest.json`, `results/shard-NNNNN.json` (COCO results, RLE masks; image ids are positions in the sorted
 list of SRC's images, listed with their names in `shard-NNNNN.images.json`) and, with `--overlays` and
 `--masks`, PNGs under `overlays/` and `masks/`. Run it again to resume: finished shards are skipped; a
-different package, image list or setting is refused. `--address http://HEAD:8265` submits the run as a
+different package, image list (names, sizes, ETags) or setting is refused, and so is a second run
+started on the same OUT meanwhile (the manifest is created with a conditional write). `--model` reads the
+version's published, signed package when it was published (else MLflow's copy), checked against the
+digest the version records; `--public-keys` requires a signature by one of the keys. `--address http://HEAD:8265` submits the run as a
 Ray job to a cluster (KubeRay) through the Jobs API, as training does; `auto` joins a cluster from inside.
 Exit 0 done, 1 failed, 2 bad input.
 """
@@ -43,6 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", action="store_true", help="also write each image's masks (one colour per instance)")
     p.add_argument("--concurrency", type=int, default=1, help="actors, each holding the model once")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per actor (default: cores / concurrency)")
+    p.add_argument("--public-keys", action="append", default=None,
+                   help="an Ed25519 public key file or folder (repeatable; default $MASKRCNN_PUBLIC_KEYS): the package must be "
+                        "signed by one of them")
     p.add_argument("--address", default="", help="empty: a local Ray; http://HEAD:8265: a Ray job on that cluster; auto")
     return p
 
@@ -50,15 +56,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from training.logs import setup_logging
     from training.package import PackageError
+    from training.signature import SignatureError, public_key_sources
 
     setup_logging()
     args = get_args_parser().parse_args(argv)
     try:
+        keys = public_key_sources(args.public_keys)
         settings = Settings(args.shard_size, args.score_threshold, args.max_detections, args.overlays, args.masks)
         request = Request(args.source, args.output, args.package or "", args.model or "", args.tracking_uri, settings,
-                          args.concurrency, args.threads, args.address)
+                          args.concurrency, args.threads, args.address, tuple(keys))
         totals = run_batch(request)
-    except (BatchError, PackageError, SourceError) as exc:
+    except (BatchError, PackageError, SourceError, SignatureError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     except RuntimeError as exc:

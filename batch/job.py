@@ -33,6 +33,7 @@ class Request:
     concurrency: int = 1
     threads: int = 0
     address: str = ""
+    public_keys: tuple[str, ...] = ()  # key files or folders: the package must be signed by one of them
 
     def argv(self) -> list[str]:
         """The command line that runs this request (`python -m batch ...`), for a Ray job."""
@@ -42,22 +43,58 @@ class Request:
                 "--max-detections", str(s.max_detections), "--concurrency", str(self.concurrency)]
         args += ["--threads", str(self.threads)] if self.threads else []
         args += ["--tracking-uri", self.tracking_uri] if self.tracking_uri else []
+        args += [a for key in self.public_keys for a in ("--public-keys", key)]
         return args + (["--overlays"] if s.overlays else []) + (["--masks"] if s.masks else [])
 
 
 def load_package(request: Request, tmp: str):
+    """The package to run: `--package` as given, or the version `--model` names: its published package (the
+    signed, stamped copy at its `serving.storage_uri`) when it was published, else MLflow's copy; either is
+    refused unless its digest is the one the version records (`serving.package_digest`, or for an
+    unpublished version `gate.scored_digest`). With `public_keys`, the package must be signed by one."""
     from training.package import open_package
-    from training.tracking import download_model
+    from training.signature import load_public_keys
 
+    keys = [k for source in request.public_keys for k in load_public_keys(source)] or None
     if request.model:
-        if not request.model.startswith("models:/"):
-            raise BatchError(f"--model {request.model!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        if not request.tracking_uri:
-            raise BatchError("--model needs --tracking-uri (or $MLFLOW_TRACKING_URI)")
-        return open_package(download_model(request.tracking_uri, request.model, tmp))
+        return _registered(request, tmp, keys)
     if not request.package:
         raise BatchError("give --package or --model")
-    return open_package(request.package)
+    return open_package(request.package, public_keys=keys)
+
+
+def _registered(request: Request, tmp: str, keys):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from training.package import open_package
+    from training.registry import DIGEST_TAG, SCORED_DIGEST_TAG, STORAGE_URI_TAG
+    from training.tracking import download_model
+
+    if not request.model.startswith("models:/") or request.model.startswith("models:/m-"):
+        raise BatchError(f"--model {request.model!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if not request.tracking_uri:
+        raise BatchError("--model needs --tracking-uri (or $MLFLOW_TRACKING_URI)")
+    client = MlflowClient(request.tracking_uri, registry_uri=request.tracking_uri)
+    ref = request.model.removeprefix("models:/")
+    name, sep, alias = ref.partition("@")
+    try:
+        version = client.get_model_version_by_alias(name, alias) if sep else client.get_model_version(*ref.rsplit("/", 1))
+    except (MlflowException, TypeError, ValueError) as exc:
+        raise BatchError(f"--model {request.model}: not found in the registry at {request.tracking_uri}: {exc}") from None
+    tags = version.tags or {}
+    if tags.get(STORAGE_URI_TAG):
+        package, expected, what = open_package(tags[STORAGE_URI_TAG], public_keys=keys, cache_dir=tmp), tags.get(DIGEST_TAG), DIGEST_TAG
+    else:
+        folder = download_model(request.tracking_uri, f"models:/{name}/{version.version}", tmp)
+        package, expected, what = open_package(folder, public_keys=keys), tags.get(SCORED_DIGEST_TAG), SCORED_DIGEST_TAG
+    if expected and package.digest != expected:
+        raise BatchError(f"--model {request.model} (version {version.version}): the package at {package.where} has digest "
+                         f"{package.digest}, the version records {what}={expected}; refusing a package other than the "
+                         "one recorded")
+    log.info("%s is version %s: %s (digest %s%s)", request.model, version.version, package.where, package.digest,
+             "" if expected else ", none recorded on the version to compare")
+    return package
 
 
 def run_batch(request: Request) -> dict[str, Any]:
@@ -71,8 +108,9 @@ def run_batch(request: Request) -> dict[str, Any]:
         return submit(request)
     with tempfile.TemporaryDirectory() as tmp:
         package = load_package(request, tmp)
+    names, versions = list_images(request.source)
     plan = Plan(request.source, request.output, hashlib.sha256(package.files["SHA256SUMS"]).hexdigest(),
-                request.settings, list_images(request.source))
+                request.settings, names, versions)
     import batch
     from training.trainer import connect_ray
 

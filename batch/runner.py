@@ -4,7 +4,7 @@ once, and the driver following the shards as they finish.
 Memory is bounded by construction: a row is a shard's image names (never pixels); an actor decodes one
 image at a time and writes its shard's outputs itself, so only a small summary comes back; the pool has
 `concurrency` actors of `threads` CPUs each. Each shard writes `results/shard-NNNNN.images.json` (COCO
-`images`), optional `overlays/` and `masks/` PNGs, and last `results/shard-NNNNN.json` (COCO results, RLE
+`images`), optional `overlays/` and `masks/` PNGs (`NAME.EXT.png`), and last `results/shard-NNNNN.json` (COCO results, RLE
 masks): a shard with that file is done, and a resumed run skips it. An image that cannot be read or
 decoded does not stop the run: it is listed in its shard's images with its `error`, logged and counted.
 """
@@ -107,7 +107,7 @@ class ShardRunner:
         from training.data.masks import decode_segmentation
         from training.visualize import colour, draw_predictions
 
-        stem = str(Path(name).with_suffix(".png"))
+        stem = f"{name}.png"  # the source's suffix kept: a.jpg and a.png are two images
         if self.settings.overlays:
             store.write(self.output, f"overlays/{stem}", _png(draw_predictions(pixels, pred, self.label_map, 0.0)))
         if self.settings.masks:
@@ -129,9 +129,11 @@ def _png(image) -> bytes:
 
 
 def pending(plan: Plan) -> list[Shard]:
-    """The plan's shards whose results are not written yet; refuses an output holding another run."""
-    check_manifest(store.read_json(plan.output, MANIFEST), plan)
-    store.write(plan.output, MANIFEST, manifest_bytes(plan))
+    """The plan's shards whose results are not written yet; refuses an output holding another run. The
+    manifest is created with a conditional write, so of two runs started on one output with different
+    packages, images or settings, one starts and the other is refused."""
+    if not store.create(plan.output, MANIFEST, manifest_bytes(plan)):
+        check_manifest(store.read_json(plan.output, MANIFEST), plan)
     done = store.names_under(plan.output, RESULTS)
     return [s for s in plan.shards() if f"{s.stem}.json" not in done]
 

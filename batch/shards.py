@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -59,6 +60,7 @@ class Plan:
     package: str  # the SHA-256 of the package's SHA256SUMS: its identity
     settings: Settings
     names: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)  # name -> "size etag" (a local file: size and mtime)
 
     def shards(self) -> list[Shard]:
         size = self.settings.shard_size
@@ -66,24 +68,29 @@ class Plan:
                 for i, start in enumerate(range(0, len(self.names), size))]
 
     def manifest(self) -> dict[str, Any]:
-        digest = hashlib.sha256("\n".join(self.names).encode()).hexdigest()
+        """What the outputs depend on: a resumed run must match it in every key. The images are keyed by
+        their names with their sizes and ETags, so images changed under the same names are another run."""
+        digest = hashlib.sha256("\n".join(f"{n}\t{self.versions.get(n, '')}" for n in self.names).encode()).hexdigest()
         return {"source": self.source.rstrip("/"), "package_sha256sums": self.package, "images": len(self.names),
                 "images_sha256": digest, "settings": asdict(self.settings)}
 
 
-def list_images(source: str) -> list[str]:
-    """Image names (JPG, PNG, TIFF) under `source` (a folder, s3:// or gs:// prefix), sorted, relative to it;
-    BatchError for none, too many, one too large, or one whose name escapes the prefix."""
+def list_images(source: str) -> tuple[list[str], dict[str, str]]:
+    """Image names (JPG, PNG, TIFF) under `source` (a folder, s3:// or gs:// prefix), sorted, relative to it,
+    and each one's version ("size etag"; for a local file its size and mtime); BatchError for none, too
+    many, one too large, or one whose name escapes the prefix. Local links are not followed."""
     if is_remote(source):
         prefix = source.rstrip("/").split("://", 1)[1].partition("/")[2]
-        objects = [(o.key[len(prefix):].lstrip("/") if prefix else o.key, o.size) for o in list_objects(source)]
+        objects = [(o.key[len(prefix):].lstrip("/") if prefix else o.key, o.size, o.etag) for o in list_objects(source)]
     else:
         root = Path(source)
         if not root.is_dir():
             raise BatchError(f"{source}: not a folder, s3:// or gs:// prefix")
-        objects = [(str(p.relative_to(root).as_posix()), p.stat().st_size) for p in root.rglob("*") if p.is_file()]
-    names = []
-    for name, size in objects:
+        stats = [(p, p.lstat()) for p in root.rglob("*")]
+        objects = [(str(p.relative_to(root).as_posix()), st.st_size, str(st.st_mtime_ns)) for p, st in stats
+                   if stat.S_ISREG(st.st_mode)]
+    names, versions = [], {}
+    for name, size, etag in objects:
         if PurePosixPath(name).suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if escapes_folder(name):
@@ -91,11 +98,12 @@ def list_images(source: str) -> list[str]:
         if size > MAX_IMAGE_BYTES:
             raise BatchError(f"{source}/{name}: {size} bytes, above the limit of {MAX_IMAGE_BYTES} for one image")
         names.append(name)
+        versions[name] = f"{size} {etag}"
     if not names:
         raise BatchError(f"{source}: no JPG, PNG or TIFF image found")
     if len(names) > MAX_IMAGES:
         raise BatchError(f"{source}: {len(names)} images, above the limit of {MAX_IMAGES} for one run")
-    return sorted(names)
+    return sorted(names), versions
 
 
 def check_manifest(existing: dict[str, Any] | None, plan: Plan) -> None:
@@ -103,10 +111,12 @@ def check_manifest(existing: dict[str, Any] | None, plan: Plan) -> None:
     if existing is None:
         return
     wanted = plan.manifest()
-    differ = [key for key in wanted if existing.get(key) != wanted[key]]
+    differ = [key for key in wanted if not isinstance(existing, dict) or existing.get(key) != wanted[key]]
     if differ:
-        raise BatchError(f"{plan.output}/{MANIFEST}: the output holds another run's results ({', '.join(differ)} "
-                         f"differ); write to a new output, or remove it to start again")
+        what = {"images_sha256": "images_sha256 differ: images were added, removed or changed under the same names"}
+        raise BatchError(f"{plan.output}/{MANIFEST}: the output holds another run's results "
+                         f"({'; '.join(what.get(k, k) for k in differ)}{'' if 'images_sha256' in differ and len(differ) == 1 else ' differ'}); "
+                         f"write to a new output, or remove it to start again")
 
 
 def manifest_bytes(plan: Plan) -> bytes:

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from training.data.sources import SourceError, download_object, is_remote, list_objects, store, upload_object
+from training.data.sources import (ObjectExists, SourceError, create_object, download_object, is_remote, list_objects, store,
+                                   upload_object)
 
 
 def join(prefix: str, name: str) -> str:
@@ -47,6 +48,29 @@ def write(output: str, name: str, data: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp_name, target)
+
+
+def create(output: str, name: str, data: bytes) -> bool:
+    """`data` as `name` under `output` only if nothing is there (a conditional write: of two runs creating it,
+    one wins); False when something is."""
+    if is_remote(output):
+        try:
+            create_object(join(output, name), data)
+        except ObjectExists:
+            return False
+        return True
+    target = Path(output) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.link(tmp_name, target)  # fails when the name exists: the file appears whole, once
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp_name)
+    return True
 
 
 def names_under(output: str, folder: str) -> set[str]:

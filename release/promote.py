@@ -50,7 +50,8 @@ from release.interrupt import Interrupted
 from release.lease import DEFAULT_DURATION_S, Intent, ReleaseLease
 from release.publish import publish_package
 from training.package import DIGEST_ANNOTATION, VERSION_ANNOTATION, Package, open_package
-from training.registry import CHAMPION, get_alias, register_package, set_alias
+from training.registry import (CHAMPION, DIGEST_TAG, SCORED_DIGEST_TAG, STORAGE_URI_TAG, get_alias,  # noqa: F401 (tags re-exported)
+                               register_package, set_alias)
 from training.waiting import describe, retry_call
 
 if TYPE_CHECKING:
@@ -58,11 +59,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STORAGE_URI_TAG = "serving.storage_uri"
 FAILED_TAG = "promotion.failed"
 INTENT_TAG = "promotion.intent"
-DIGEST_TAG = "serving.package_digest"  # the published package's SHA256SUMS digest (what the predictor must serve)
-SCORED_DIGEST_TAG = "gate.scored_digest"  # the digest of the package the gate scored, before it was stamped
 SIGNER_TAG = "serving.signed_by"
 SIGNING_KEY_ENV = "MASKRCNN_SIGNING_KEY_FILE"
 

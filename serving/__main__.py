@@ -22,9 +22,9 @@ from serving.predictor import BACKENDS, DEFAULT_MODEL_DIR, MAX_DETECTIONS, SCORE
 from training.graph import DEVICES
 from training.logs import setup_logging
 from training.package import DIGEST_ANNOTATION, MODEL_NAME, VERSION_ANNOTATION
+from training.signature import PUBLIC_KEYS_ENV, public_key_sources  # noqa: F401 (re-exported)
 
 log = logging.getLogger("serving")
-PUBLIC_KEYS_ENV = "MASKRCNN_PUBLIC_KEYS"
 EXPECT_VERSION_ENV, EXPECT_DIGEST_ENV = "MASKRCNN_EXPECT_VERSION", "MASKRCNN_EXPECT_DIGEST"
 
 
@@ -86,18 +86,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"serve only the package whose SHA256SUMS has this digest, sha256:<hex> (default "
                         f"${EXPECT_DIGEST_ENV}, from the {DIGEST_ANNOTATION} annotation; empty: not checked)")
     return p
-
-
-def public_key_sources(given: list[str] | None) -> list[str]:
-    """The key files or folders to trust: the flags given, else $MASKRCNN_PUBLIC_KEYS; ValueError on an empty
-    one (fail closed: a runtime that names keys is never turned off by an appended empty flag)."""
-    if given is None:
-        env = os.environ.get(PUBLIC_KEYS_ENV, "")
-        return [env] if env else []
-    if any(not value.strip() for value in given):
-        raise ValueError(f"--public-keys {given}: an empty value would turn signature checks off; refused (drop the "
-                         f"flag to serve unsigned packages where no key is configured)")
-    return given
 
 
 def limits_from(args: argparse.Namespace, fd_limit: int, workers: int | None = None) -> ServingLimits:

@@ -158,6 +158,87 @@ def test_from_and_to_s3_with_a_registry_alias(images, serving_package, mlflow_st
     assert keys == ["manifest.json", "results/shard-00000.images.json", "results/shard-00000.json",
                     "results/shard-00001.images.json", "results/shard-00001.json"]
     assert "10 images in 2 shards of 5" in done.stderr and '"images": 10' in done.stderr
+    assert f"models:/{name}@champion is version {version}: " in done.stderr  # unpublished: MLflow's copy, checked
+
+    # published: the signed, stamped copy at the version's storage URI is what runs, checked against its digest
+    from training.registry import DIGEST_TAG, STORAGE_URI_TAG
+    from training.signature import generate_keypair, load_private_key
+
+    generate_keypair(tmp_path / "key.pem", tmp_path / "key.pub")
+    published = open_package(serving_package).stamped({"model_name": name, "model_version": version}).signed(
+        load_private_key(tmp_path / "key.pem"))
+    published.save(tmp_path / "published")
+    for path in (tmp_path / "published").iterdir():
+        upload_object(f"{prefix}/v{version}/{path.name}", path)
+    client.set_model_version_tag(name, version, STORAGE_URI_TAG, f"{prefix}/v{version}")
+    client.set_model_version_tag(name, version, DIGEST_TAG, "sha256:" + "0" * 64)
+    wrong = _batch(f"{prefix}/in", f"{prefix}/out2", "--model", f"models:/{name}@champion", env=env)
+    assert wrong.returncode == 2 and f"the version records {DIGEST_TAG}=sha256:000" in wrong.stderr, wrong.stderr[-2000:]
+    assert f"the package at {prefix}/v{version}" in wrong.stderr
+    client.set_model_version_tag(name, version, DIGEST_TAG, published.digest)
+    generate_keypair(tmp_path / "other.pem", tmp_path / "other.pub")
+    unsigned = _batch(f"{prefix}/in", f"{prefix}/out2", "--model", f"models:/{name}@champion", "--public-keys",
+                      str(tmp_path / "other.pub"), env=env)
+    assert unsigned.returncode == 2 and "signature" in unsigned.stderr.lower(), unsigned.stderr[-2000:]
+    signed = _batch(f"{prefix}/in", f"{prefix}/out2", "--model", f"models:/{name}@champion", "--public-keys",
+                    str(tmp_path / "key.pub"), "--shard-size", "10", env=env)
+    assert signed.returncode == 0, signed.stderr[-3000:]
+    assert f"is version {version}: {prefix}/v{version} (digest {published.digest})" in signed.stderr
+
+
+def test_one_run_per_output_and_resume_keyed_by_sizes_and_etags(images, tmp_path):
+    """No Ray: the plan's manifest is created with a conditional write (of two runs, one starts), and images
+    changed under the same names make another run."""
+    import shutil
+    import threading
+
+    from batch import store
+    from batch.runner import pending
+    from batch.shards import BatchError, Plan, Settings, list_images
+
+    folder = Path(shutil.copytree(images, tmp_path / "images"))
+    names, versions = list_images(str(folder))
+    plan = lambda package, out: Plan(str(folder), str(out), package, Settings(shard_size=4), names, versions)  # noqa: E731
+    assert len(pending(plan("a" * 64, tmp_path / "out"))) == 3
+    with pytest.raises(BatchError, match="holds another run's results \\(package_sha256sums differ\\)"):
+        pending(plan("b" * 64, tmp_path / "out"))
+    assert len(pending(plan("a" * 64, tmp_path / "out"))) == 3  # the same run resumes
+    # one image rewritten under its name: its size or mtime differ, so it is another run
+    target = sorted(folder.rglob("*.png"))[0]
+    target.write_bytes(target.read_bytes() + b"\0")
+    changed = Plan(str(folder), str(tmp_path / "out"), "a" * 64, Settings(shard_size=4), *list_images(str(folder)))
+    with pytest.raises(BatchError, match="images were added, removed or changed under the same names"):
+        pending(changed)
+    # the manifest's create is conditional: of 8 writers at once, exactly one wins
+    for trial in range(3):
+        wins, barrier = [], threading.Barrier(8)
+
+        def race(i: int) -> None:
+            barrier.wait()
+            wins.append(store.create(str(tmp_path / f"race{trial}"), "manifest.json", f"{i}".encode()))
+
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(wins) == [False] * 7 + [True]
+        assert sorted(p.name for p in (tmp_path / f"race{trial}").iterdir()) == ["manifest.json"]
+
+
+def test_overlays_keep_the_source_suffix(tmp_path):
+    """a.jpg and a.png are two images: two overlay files, not one overwritten."""
+    from batch.runner import ShardRunner
+    from batch.shards import Settings
+    from training.data.labels import LabelMap
+
+    runner = object.__new__(ShardRunner)
+    runner.output, runner.settings, runner.label_map = str(tmp_path), Settings(overlays=True, masks=True), LabelMap([1], ["a"])
+    pred = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32), "labels": np.zeros(0, np.int64), "masks": []}
+    for name, value in (("a.jpg", 10), ("a.png", 200)):
+        runner._pictures(name, np.full((8, 8, 3), value, np.uint8), pred)
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["a.jpg.png", "a.png.png"]
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["a.jpg.png", "a.png.png"]
 
 
 @pytest.mark.slow

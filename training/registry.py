@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+STORAGE_URI_TAG = "serving.storage_uri"  # where the version's serving package is published (signed, stamped)
+DIGEST_TAG = "serving.package_digest"  # the published package's SHA256SUMS digest (what the predictor must serve)
+SCORED_DIGEST_TAG = "gate.scored_digest"  # the digest of the package the gate scored, before it was stamped
 EVIDENCE_METRICS = ("segm_mAP", "bbox_mAP", "mask_iou", "segm_AP50", "mask_recall")
 
 

@@ -89,6 +89,21 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     return key
 
 
+PUBLIC_KEYS_ENV = "MASKRCNN_PUBLIC_KEYS"
+
+
+def public_key_sources(given: list[str] | None) -> list[str]:
+    """The key files or folders to trust: the flags given, else $MASKRCNN_PUBLIC_KEYS; ValueError on an empty
+    one (fail closed: a runtime that names keys is never turned off by an appended empty flag)."""
+    if given is None:
+        env = os.environ.get(PUBLIC_KEYS_ENV, "")
+        return [env] if env else []
+    if any(not value.strip() for value in given):
+        raise ValueError(f"--public-keys {given}: an empty value would turn signature checks off; refused (drop the "
+                         f"flag to serve unsigned packages where no key is configured)")
+    return given
+
+
 def load_public_keys(path: str | Path) -> list[Ed25519PublicKey]:
     """Every Ed25519 public key in a PEM file (one or several keys), or in the `*.pem` files of a folder
     (a ConfigMap mounted as a volume). Raises SignatureError when none is found."""

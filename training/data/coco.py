@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 from faster_coco_eval.core import mask as mask_util
 
+from training.data.files import UnsafeFile, regular_file
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from training.data.labels import LabelMap
 from training.data.masks import polygon_area, segmentation_to_rle
@@ -213,10 +215,14 @@ def _check_image(i: int, img: Any, ctx: _Checked) -> tuple[dict[str, Any] | None
     if not (_is_int(img.get("width")) and _is_int(img.get("height")) and img["width"] > 0 and img["height"] > 0):
         return None, f"{where}, fields 'width'/'height': expected positive integers, got {img.get('width')!r}x{img.get('height')!r}"
     path = ctx.root / img["file_name"]
-    if not path.is_file() and (ctx.root / "images" / img["file_name"]).is_file():
+    if not os.path.lexists(path) and os.path.lexists(ctx.root / "images" / img["file_name"]):
         path = ctx.root / "images" / img["file_name"]
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None, f"{where}: image file not found at {path}"
+    try:
+        regular_file(ctx.root, path)  # no symbolic link, nothing outside the dataset's folder
+    except UnsafeFile as exc:
+        return None, f"{where}: {path}: {exc}"
     if ctx.check_images:
         try:
             pixels = decode_image(path, max_pixels=ctx.max_pixels)

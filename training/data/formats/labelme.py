@@ -5,8 +5,10 @@ Shapes with the same label and `group_id` are one instance (as labelme's own COC
 a shape without `group_id` is an instance of its own. Every shape becomes a mask drawn exactly as labelme
 draws it (`labelme.utils.shape_to_mask`: PIL, outline included), so the COCO masks are the ones the
 annotator saw; polygons, rectangles, oriented rectangles, circles (centre, a point on the rim) and masks
-are instances, lines and points have no area and are refused. The image is the
-file `imagePath` names (relative to the JSON); when it is missing, the embedded `imageData` is used.
+are instances, lines and points have no area and are refused. The image is the embedded `imageData`
+when there is one (labelme itself loads it first, so a stale `imagePath` beside it is no problem), else
+the file `imagePath` names, relative to the JSON (`../images/a.jpg` is fine) and inside the export.
+Points are checked to lie in the image (within the tolerance) before anything is drawn.
 """
 
 from __future__ import annotations
@@ -19,119 +21,126 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field
 
-from training.data.formats import IMAGE_SUFFIXES, Imported, Instance, Sample, check_polygon, read_json, sized_sample
+from training.data.formats import (Imported, Instance, Sample, check_polygon, encode, in_image, parse, quote, read_json,
+                                   sized_sample, union)
+from training.data.formats.schema import Int, Name, Points, Record
 from training.data.images import ImageError
 
 MAX_JSON_BYTES = 256 << 20  # a LabelMe file may embed its image
 AREA_SHAPES = ("polygon", "rectangle", "oriented_rectangle", "circle", "mask")
+EMBEDDED = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif"}
+
+
+class _File(Record):
+    shapes: list[Any]
+    imagePath: str | None = Field(None, max_length=4096)
+    imageData: str | None = None
+    imageWidth: Int | None = None
+    imageHeight: Int | None = None
+
+
+class _Shape(Record):
+    label: Name
+    points: Points
+    shape_type: str | None = Field(None, max_length=64)
+    group_id: Int | None = None
+    mask: str | None = None
 
 
 def read(src: Path, options: dict[str, Any]) -> Imported:
     """Every `*.json` under `src` (recursively) that is a LabelMe file."""
-    imported = Imported()
-    files = sorted(p for p in src.rglob("*.json") if p.is_file())
+    imported = Imported(src)
+    files = sorted(src.rglob("*.json"))
     if not files:
         imported.problems.append(f"{src}: no LabelMe *.json file found")
     embedded_dir = Path(options.get("scratch", src)) / "embedded"
     for path in files:
-        data = read_json(path, MAX_JSON_BYTES)
         rel = path.relative_to(src)
-        if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
-            imported.problems.append(f"{rel}: expected a LabelMe object with a 'shapes' list")
+        if imported.file(path, str(rel)) is None:
             continue
-        sample = _sample(src, path, rel, data, imported, embedded_dir, options)
+        data = parse(_File, read_json(path, MAX_JSON_BYTES), str(rel), imported)
+        if data is None:
+            continue
+        sample = _sample(path, rel, data, imported, embedded_dir, options)
         if sample is None:
             continue
-        groups: dict[tuple[str, Any], list[tuple[int, dict[str, Any]]]] = {}
-        for i, shape in enumerate(data["shapes"]):
+        groups: dict[tuple[str, Any], list[tuple[int, _Shape]]] = {}
+        for i, raw in enumerate(data.shapes):
             where = f"{rel}: shapes[{i}]"
-            if not isinstance(shape, dict) or not isinstance(shape.get("label"), str) or not shape["label"]:
-                imported.problems.append(f"{where}, field 'label': expected a non-empty string")
+            shape = parse(_Shape, raw, where, imported)
+            if shape is None:
                 continue
-            kind = shape.get("shape_type") or "polygon"
+            kind = shape.shape_type or "polygon"
             if kind not in AREA_SHAPES:
-                imported.problems.append(f"{where} (label {shape['label']!r}), field 'shape_type': {kind!r} has no area; "
+                imported.problems.append(f"{where} (label {quote(shape.label)}), field 'shape_type': {quote(kind)} has no area; "
                                          f"an instance is one of {', '.join(AREA_SHAPES)}")
                 continue
-            key = (shape["label"], shape.get("group_id")) if shape.get("group_id") is not None else (shape["label"], ("own", i))
+            key = (shape.label, shape.group_id) if shape.group_id is not None else (shape.label, ("own", i))
             groups.setdefault(key, []).append((i, shape))
         for (label, _), shapes in groups.items():
             instance = _instance(label, shapes, rel, sample, imported)
             if instance is not None:
                 imported.category(label)
-                sample.instances.append(instance)
+                imported.add(sample, instance)
         imported.samples.append(sample)
     return imported
 
 
-def _sample(src: Path, path: Path, rel: Path, data: dict[str, Any], imported: Imported, embedded_dir: Path,
+def _sample(path: Path, rel: Path, data: _File, imported: Imported, embedded_dir: Path,
             options: dict[str, Any]) -> Sample | None:
-    image_path = data.get("imagePath")
-    declared = (data.get("imageWidth"), data.get("imageHeight"))
-    if not isinstance(image_path, str) or not image_path:
-        imported.problems.append(f"{rel}, field 'imagePath': expected the image's file name")
-        return None
-    image = (path.parent / image_path.replace("\\", "/")).resolve()
-    if not image.is_relative_to(src.resolve()):
-        imported.problems.append(f"{rel}, field 'imagePath': {image_path!r} is outside {src}")
-        return None
-    if not image.is_file():
-        if not data.get("imageData"):
-            imported.problems.append(f"{rel}, field 'imagePath': {image_path!r} not found, and no imageData embedded")
-            return None
+    declared = (data.imageWidth, data.imageHeight)
+    max_pixels = options.get("max_pixels", 64_000_000)
+    if data.imageData:
         try:
-            raw = base64.b64decode(data["imageData"], validate=True)
-        except (binascii.Error, TypeError, ValueError):
-            imported.problems.append(f"{rel}, field 'imageData': not base64")
+            raw = base64.b64decode(data.imageData, validate=True)
+            with Image.open(io.BytesIO(raw)) as img:
+                suffix = EMBEDDED.get(img.format or "")
+        except (binascii.Error, ValueError, OSError, Image.DecompressionBombError):
+            imported.problems.append(f"{rel}, field 'imageData': not a base64 PNG, JPEG or TIFF image")
             return None
-        image = embedded_dir / rel.with_suffix(Path(image_path).suffix or ".png")
+        if suffix is None:
+            imported.problems.append(f"{rel}, field 'imageData': a {quote(img.format)} image, expected PNG, JPEG or TIFF")
+            return None
+        image = embedded_dir / rel.with_suffix(suffix)
         image.parent.mkdir(parents=True, exist_ok=True)
         image.write_bytes(raw)
-    if image.suffix.lower() not in IMAGE_SUFFIXES:
-        imported.problems.append(f"{rel}, field 'imagePath': {image_path!r} is not a JPG, PNG or TIFF file")
+        return sized_sample(image, str(rel.with_suffix(suffix)), f"{rel}, field 'imageData'", imported, declared, max_pixels)
+    if not data.imagePath:
+        imported.problems.append(f"{rel}, field 'imagePath': expected the image's file name (or an embedded imageData)")
         return None
-    file_name = str(rel.with_suffix(image.suffix))
-    return sized_sample(image, file_name, str(rel), imported, declared, options.get("max_pixels", 64_000_000))
+    image = imported.file(path.parent / data.imagePath.replace("\\", "/"), f"{rel}, field 'imagePath'")
+    if image is None:
+        return None
+    return sized_sample(image, imported.rel(image), f"{rel}, field 'imagePath'", imported, declared, max_pixels)
 
 
-def _instance(label: str, shapes: list[tuple[int, dict[str, Any]]], rel: Path, sample: Sample,
+def _instance(label: str, shapes: list[tuple[int, _Shape]], rel: Path, sample: Sample,
               imported: Imported) -> Instance | None:
-    mask = np.zeros((sample.height, sample.width), bool)
-    where = f"{rel}: shapes[{', '.join(str(i) for i, _ in shapes)}] (label {label!r})"
+    where = f"{rel}: shapes[{', '.join(str(i) for i, _ in shapes)}] (label {quote(label)})"
+    parts = []
     for i, shape in shapes:
-        at = f"{rel}: shapes[{i}] (label {label!r})"
-        kind = shape.get("shape_type") or "polygon"
-        if kind == "mask":
-            corners = _corners(shape.get("points"), 2, f"{at}, field 'points'", imported)
-            part = None if corners is None else _mask(shape, *corners[0], *corners[1], at, sample, imported)
-        else:
-            need = {"polygon": 0, "rectangle": 2, "oriented_rectangle": 4, "circle": 2}[kind]
-            if need:
-                corners = _corners(shape.get("points"), need, f"{at}, field 'points'", imported)
-            else:
-                flat, problem = check_polygon(shape.get("points"), f"{at}, field 'points'")
-                if problem:
-                    imported.problems.append(problem)
-                corners = None if problem else [(flat[j], flat[j + 1]) for j in range(0, len(flat), 2)]
-            part = None if corners is None else _draw(kind, corners, sample)
+        at = f"{rel}: shapes[{i}] (label {quote(label)}), field 'points'"
+        kind = shape.shape_type or "polygon"
+        need = {"polygon": 0, "rectangle": 2, "oriented_rectangle": 4, "circle": 2, "mask": 2}[kind]
+        if need and len(shape.points) != need:
+            imported.problems.append(f"{at}: a {kind} has {need} [x, y] points, got {len(shape.points)}")
+            return None
+        if kind == "polygon":
+            flat, problem = check_polygon(shape.points, at, sample.width, sample.height)
+        else:  # corners (and a circle's centre and rim) must lie in the image; they are drawn unclipped
+            flat, problem = in_image([v for p in shape.points for v in p], sample.width, sample.height, at)
+            flat = [v for p in shape.points for v in p]
+        if problem:
+            imported.problems.append(problem)
+            return None
+        xy = [(flat[j], flat[j + 1]) for j in range(0, len(flat), 2)]
+        part = _mask(shape, *xy, at.replace("'points'", "'mask'"), sample, imported) if kind == "mask" else _draw(kind, xy, sample)
         if part is None:
             return None
-        mask |= part
-    return Instance(label, mask=mask, where=where)
-
-
-def _corners(points: Any, count: int, at: str, imported: Imported) -> list[tuple[float, float]] | None:
-    try:
-        if not (isinstance(points, list) and len(points) == count):
-            raise ValueError
-        corners = [(float(x), float(y)) for x, y in points]
-        if not np.all(np.isfinite(corners)):
-            raise ValueError
-        return corners
-    except (TypeError, ValueError):
-        imported.problems.append(f"{at}: expected {count} [x, y] points of finite numbers, got {points!r}"[:300])
-        return None
+        parts.append(encode(part))
+    return Instance(label, rle=union(parts), where=where)
 
 
 def _draw(kind: str, xy: list[tuple[float, float]], sample: Sample) -> np.ndarray:
@@ -150,21 +159,22 @@ def _draw(kind: str, xy: list[tuple[float, float]], sample: Sample) -> np.ndarra
     return np.asarray(canvas, dtype=np.uint8) > 0
 
 
-def _mask(shape: dict[str, Any], x1: float, y1: float, x2: float, y2: float, at: str, sample: Sample,
+def _mask(shape: _Shape, corner1: tuple[float, float], corner2: tuple[float, float], at: str, sample: Sample,
           imported: Imported) -> np.ndarray | None:
     """labelme's mask shape: a PNG over rows y1..y2 and columns x1..x2 (inclusive, truncated to integers)."""
+    (x1, y1), (x2, y2) = corner1, corner2
     try:
-        raw = base64.b64decode(shape.get("mask") or "", validate=True)
+        raw = base64.b64decode(shape.mask or "", validate=True)
         with Image.open(io.BytesIO(raw)) as img:
             if img.width * img.height > sample.width * sample.height:
                 raise ImageError(f"{img.width}x{img.height}, larger than the image")
             part = np.asarray(img.convert("L")) > 0
-    except (binascii.Error, TypeError, ValueError, OSError, ImageError) as exc:
-        imported.problems.append(f"{at}, field 'mask': expected a base64 PNG ({exc})")
+    except (binascii.Error, TypeError, ValueError, OSError, ImageError, Image.DecompressionBombError) as exc:
+        imported.problems.append(f"{at}: expected a base64 PNG ({quote(str(exc))})")
         return None
     left, top, right, bottom = int(x1), int(y1), int(x2), int(y2)
     if part.shape != (bottom - top + 1, right - left + 1) or left < 0 or top < 0 or right >= sample.width or bottom >= sample.height:
-        imported.problems.append(f"{at}, field 'mask': {part.shape[1]}x{part.shape[0]} does not fill the box "
+        imported.problems.append(f"{at}: {part.shape[1]}x{part.shape[0]} does not fill the box "
                                  f"{left},{top}-{right},{bottom} inside the {sample.width}x{sample.height} image")
         return None
     mask = np.zeros((sample.height, sample.width), bool)

@@ -6,35 +6,86 @@ does). Label Studio's COCO export cannot carry brushes; this reads them exactly.
 
 The image is looked up by the file name at the end of the task's URL (`/data/upload/3/1a2b-cat.jpg`,
 `s3://bucket/cat.jpg`, ...) under `images/` or beside the JSON; Label Studio prefixes uploads with 8 hex
-characters and a dash, which are tried without too. The first (or, with `annotation`, the chosen) of
+characters and a dash, which are tried without too. A local-storage URL (`/data/local-files/?d=images/b.png`)
+names the file by its path under the storage's root: that path is tried first, inside the export. The first (or, with `annotation`, the chosen) of
 the task's non-cancelled annotations is read.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlparse
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
+from pydantic import Field
 
-from training.data.formats import IMAGE_SUFFIXES, Imported, Instance, check_polygon, read_json, sized_sample
+from training.data.files import climbs
+from training.data.formats import (IMAGE_SUFFIXES, Imported, Instance, Sample, check_polygon, encode, parse, quote, read_json,
+                                   sized_sample)
+from training.data.formats.cvat import box_instance
+from training.data.formats.schema import Finite, Int, Name, NonNegative, Points, Record
 
 UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
+Byte = Annotated[int, Field(ge=0, le=255, strict=True)]
+
+
+class _Task(Record):
+    id: Any = None
+    data: dict[str, Any]
+    annotations: list[Any] = []
+
+
+class _Annotation(Record):
+    result: list[Any]
+    was_cancelled: bool = False
+
+
+class _Region(Record):
+    type: str | None = Field(None, max_length=64)
+    value: dict[str, Any]
+    original_width: Int | None = Field(None, gt=0)
+    original_height: Int | None = Field(None, gt=0)
+
+
+class _Labels(Record):
+    polygonlabels: Annotated[list[Name], Field(min_length=1, max_length=1)] | None = None
+    rectanglelabels: Annotated[list[Name], Field(min_length=1, max_length=1)] | None = None
+    brushlabels: Annotated[list[Name], Field(min_length=1, max_length=1)] | None = None
+
+
+class _Polygon(Record):
+    points: Points
+
+
+class _Rectangle(Record):
+    x: Finite
+    y: Finite
+    width: NonNegative
+    height: NonNegative
+    rotation: Finite = 0.0
+
+
+class _Brush(Record):
+    format: Literal["rle"]
+    rle: Annotated[list[Byte], Field(max_length=1 << 28)]
 
 
 def read(src: Path, options: dict[str, Any]) -> Imported:
-    imported = Imported()
-    files = [src] if src.is_file() else sorted(p for p in src.glob("*.json") if p.is_file())
+    files = [src] if src.is_file() else sorted(src.glob("*.json"))
+    imported = Imported(src.parent if src.is_file() else src)
     if not files:
         imported.problems.append(f"{src}: no Label Studio JSON export (*.json) found")
         return imported
-    folder = files[0].parent
+    folder = imported.root
     for ann_file in files:
-        tasks = read_json(ann_file)
         rel = ann_file.name
+        if imported.file(ann_file, rel) is None:
+            continue
+        tasks = read_json(ann_file)
         if not isinstance(tasks, list):
             imported.problems.append(f"{rel}: expected a list of tasks (Label Studio's JSON export)")
             continue
@@ -43,98 +94,119 @@ def read(src: Path, options: dict[str, Any]) -> Imported:
     return imported
 
 
-def _image_of(task: dict[str, Any], folder: Path) -> tuple[str, Path | None]:
-    data = task.get("data") if isinstance(task.get("data"), dict) else {}
-    url = data.get("image") or next((v for v in data.values() if isinstance(v, str) and
-                                     Path(urlparse(v).path).suffix.lower() in IMAGE_SUFFIXES), "")
+def _names_of(url: str) -> list[str]:
+    """The relative names a task's URL may mean, most specific first (ValueError for a malformed URL)."""
+    parsed = urlparse(url)
+    names = []
+    if parsed.path.rstrip("/").endswith("/data/local-files") or parsed.path == "/data/local-files/":
+        names += [unquote(d) for d in parse_qs(parsed.query).get("d", [])[:1]]
+    name = Path(unquote(parsed.path)).name
+    if names:
+        name = Path(names[0]).name
+    return [*names, name, UPLOAD_PREFIX.sub("", name)]
+
+
+def _image_of(task: _Task, folder: Path, where: str, imported: Imported) -> tuple[str, Path | None]:
+    url = task.data.get("image") or next((v for v in task.data.values() if isinstance(v, str) and
+                                          Path(v.split("?")[0]).suffix.lower() in IMAGE_SUFFIXES), "")
     if not isinstance(url, str) or not url:
+        imported.problems.append(f"{where}, field 'data.image': no image URL")
         return "", None
-    name = Path(unquote(urlparse(url).path)).name
-    for candidate in (name, UPLOAD_PREFIX.sub("", name)):
+    try:
+        candidates = _names_of(url)
+    except ValueError as exc:
+        imported.problems.append(f"{where}, field 'data.image': {quote(url)} is not a URL ({quote(str(exc))})")
+        return "", None
+    for candidate in dict.fromkeys(c for c in candidates if c):
         for base in (folder / "images", folder):
-            path = (base / candidate).resolve()
-            if candidate and path.is_relative_to(folder.resolve()) and path.is_file():
+            if climbs(candidate) or os.path.lexists(base / candidate):
+                path = imported.file(candidate, f"{where}, field 'data.image'", base)
                 return candidate, path
-    return name, None
+    imported.problems.append(f"{where}, field 'data.image': {quote(candidates[-2] or url)} not found under "
+                             f"{folder / 'images'} or {folder}")
+    return "", None
 
 
-def _task(task: Any, where: str, folder: Path, imported: Imported, options: dict[str, Any]) -> None:
-    if not isinstance(task, dict):
-        imported.problems.append(f"{where}: expected an object")
+def _task(raw: Any, where: str, folder: Path, imported: Imported, options: dict[str, Any]) -> None:
+    task = parse(_Task, raw, where, imported)
+    if task is None:
         return
-    where = f"{where} (id={task.get('id')!r})"
-    name, path = _image_of(task, folder)
+    where = f"{where} (id={quote(task.id)})"
+    name, path = _image_of(task, folder, where, imported)
     if path is None:
-        imported.problems.append(f"{where}, field 'data.image': {name or 'no image URL'!r} not found under "
-                                 f"{folder / 'images'} or {folder}")
         return
-    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    annotations = [a for a in task.annotations if isinstance(a, dict) and not a.get("was_cancelled")]
     choice = int(options.get("annotation", 0))
     if not annotations:
-        imported.skipped["tasks without an annotation"] = imported.skipped.get("tasks without an annotation", 0) + 1
+        imported.skip("tasks without an annotation")
         return
     if choice >= len(annotations):
         imported.problems.append(f"{where}: has {len(annotations)} annotation(s), annotation {choice} was asked for")
         return
-    results = annotations[choice].get("result")
-    if not isinstance(results, list):
-        imported.problems.append(f"{where}: annotations[{choice}], field 'result': expected a list")
+    annotation = parse(_Annotation, annotations[choice], f"{where}: annotations[{choice}]", imported)
+    if annotation is None:
         return
-    sizes = {(r.get("original_width"), r.get("original_height")) for r in results if isinstance(r, dict) and r.get("original_width")}
-    declared = sizes.pop() if len(sizes) == 1 else None
-    sample = sized_sample(path, name, where, imported, declared, options.get("max_pixels", 64_000_000))
+    regions = []
+    for r, raw_region in enumerate(annotation.result):
+        at = f"{where}: annotations[{choice}].result[{r}]"
+        region = parse(_Region, raw_region, at, imported)
+        if region is not None:
+            regions.append((at, region))
+    sizes = {(g.original_width, g.original_height) for _, g in regions if g.original_width}
+    if len(sizes) > 1:
+        imported.problems.append(f"{where}: the regions give different original sizes {sorted(sizes)[:4]}")
+        return
+    sample = sized_sample(path, name, where, imported, sizes.pop() if sizes else None, options.get("max_pixels", 64_000_000))
     if sample is None:
         return
-    for r, region in enumerate(results):
-        at = f"{where}: annotations[{choice}].result[{r}]"
-        if not isinstance(region, dict) or not isinstance(region.get("value"), dict):
-            imported.problems.append(f"{at}: expected an object with a 'value'")
-            continue
-        kind, value = region.get("type"), region["value"]
+    for at, region in regions:
+        kind = region.type
         if kind not in ("polygonlabels", "rectanglelabels", "brushlabels"):
-            imported.skipped[f"{kind} regions (no instance mask)"] = imported.skipped.get(f"{kind} regions (no instance mask)", 0) + 1
+            imported.skip(f"{quote(kind, 40)} regions (no instance mask)")
             continue
-        labels = value.get(kind)
-        if not (isinstance(labels, list) and len(labels) == 1 and isinstance(labels[0], str) and labels[0]):
-            imported.problems.append(f"{at}, field 'value.{kind}': expected one label, got {labels!r}")
+        labels = parse(_Labels, {kind: region.value.get(kind)}, at, imported, "value")
+        if labels is None:
             continue
-        label = labels[0]
-        at = f"{at} ({kind} {label!r})"
-        instance = _region(kind, value, at, sample.width, sample.height, imported)
+        if getattr(labels, kind) is None:
+            imported.problems.append(f"{at}, field 'value.{kind}': missing, expected one label")
+            continue
+        label = getattr(labels, kind)[0]
+        at = f"{at} ({kind} {quote(label)})"
+        instance = _region(kind, region.value, at, sample, imported)
         if instance is not None:
             instance.category = label
             imported.category(label)
-            sample.instances.append(instance)
+            imported.add(sample, instance)
     imported.samples.append(sample)
 
 
-def _region(kind: str, value: dict[str, Any], at: str, width: int, height: int, imported: Imported) -> Instance | None:
+def _region(kind: str, value: dict[str, Any], at: str, sample: Sample, imported: Imported) -> Instance | None:
+    width, height = sample.width, sample.height
     if kind == "polygonlabels":
-        flat, problem = check_polygon(value.get("points"), f"{at}, field 'value.points'", (width / 100, height / 100))
+        polygon = parse(_Polygon, value, at, imported, "value")
+        if polygon is None:
+            return None
+        flat, problem = check_polygon(polygon.points, f"{at}, field 'value.points'", width, height, (width / 100, height / 100))
         if problem:
             imported.problems.append(problem)
             return None
         return Instance("", polygons=[flat], where=at)
     if kind == "rectanglelabels":
-        try:
-            x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
-            angle = math.radians(float(value.get("rotation") or 0.0))
-        except (KeyError, TypeError, ValueError):
-            imported.problems.append(f"{at}: fields 'value.x', 'y', 'width', 'height' must be numbers")
+        box = parse(_Rectangle, value, at, imported, "value")
+        if box is None:
             return None
-        x, y, w, h = x * width / 100, y * height / 100, w * width / 100, h * height / 100
-        c, s = math.cos(angle), math.sin(angle)  # Label Studio rotates about the top-left corner
-        corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
-        return Instance("", polygons=[[v for dx, dy in corners for v in (x + dx * c - dy * s, y + dx * s + dy * c)]], where=at)
-    if value.get("format") != "rle" or not isinstance(value.get("rle"), list):
-        imported.problems.append(f"{at}, field 'value.format': expected a brush in 'rle' format")
+        x, y, w, h = box.x * width / 100, box.y * height / 100, box.width * width / 100, box.height * height / 100
+        # Label Studio rotates about the top-left corner
+        return box_instance("", x, y, x + w, y + h, math.radians(box.rotation), "corner", f"{at}, field 'value'", sample, imported)
+    brush = parse(_Brush, value, at, imported, "value")
+    if brush is None:
         return None
     try:
-        mask = decode_brush(value["rle"], width, height)
+        mask = decode_brush(brush.rle, width, height)
     except ValueError as exc:
         imported.problems.append(f"{at}, field 'value.rle': {exc}")
         return None
-    return Instance("", mask=mask, where=at)
+    return Instance("", rle=encode(mask), where=at)
 
 
 class _Bits:
@@ -163,6 +235,8 @@ def decode_brush(rle: list[int], width: int, height: int) -> np.ndarray:
     if num != width * height * 4:
         raise ValueError(f"encodes {num} values, a {width}x{height} RGBA brush image has {width * height * 4}")
     word = bits.read(5) + 1
+    if word > 8:
+        raise ValueError(f"words of {word} bits; an RGBA brush image has 8-bit values")
     sizes = [bits.read(4) + 1 for _ in range(4)]
     out = np.zeros(num, np.uint8)
     i = 0

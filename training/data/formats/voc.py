@@ -18,7 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.data.formats import IMAGE_SUFFIXES, Imported, Instance, read_bytes, read_xml, sized_sample
+import os
+
+from training.data.files import UnsafeFile, open_regular
+from training.data.formats import IMAGE_SUFFIXES, Imported, Instance, check_name, encode, quote, read_bytes, read_xml, sized_sample
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
@@ -27,7 +30,7 @@ VOID = 255
 
 def _labelmap(src: Path, imported: Imported) -> tuple[list[str], dict[tuple[int, int, int], int]]:
     path = src / "labelmap.txt"
-    if not path.is_file():
+    if not os.path.lexists(path) or imported.file(path, "labelmap.txt") is None:
         return list(VOC_CLASSES), {}
     names, colours = [], {}
     for n, line in enumerate(read_bytes(path, 1 << 20).decode("utf-8", "replace").splitlines(), start=1):
@@ -42,20 +45,19 @@ def _labelmap(src: Path, imported: Imported) -> tuple[list[str], dict[tuple[int,
                     raise ValueError
                 colours[rgb] = len(names)
             except ValueError:
-                imported.problems.append(f"labelmap.txt line {n}: colour {colour!r}, expected r,g,b")
-        names.append(name.strip())
+                imported.problems.append(f"labelmap.txt line {n}: colour {quote(colour)}, expected r,g,b")
+        names.append(check_name(name.strip(), f"labelmap.txt line {n}", imported) or "")
     return names, colours
 
 
 def read(src: Path, options: dict[str, Any]) -> Imported:
-    imported = Imported()
+    imported = Imported(src)
     names, colours = _labelmap(src, imported)
     split = options.get("split")
     objects_dir = src / "SegmentationObject"
     if split:
         listing = src / "ImageSets" / "Segmentation" / f"{split}.txt"
-        if not listing.is_file():
-            imported.problems.append(f"{listing.relative_to(src)}: not found (the split {split!r})")
+        if imported.file(listing, f"{listing.relative_to(src)} (the split {quote(split)})") is None:
             return imported
         stems = [s.strip() for s in read_bytes(listing, 64 << 20).decode("utf-8", "replace").split() if s.strip()]
     else:
@@ -66,34 +68,49 @@ def read(src: Path, options: dict[str, Any]) -> Imported:
         return imported
     for stem in stems:
         if "/" in stem or "\\" in stem or stem.startswith(".."):
-            imported.problems.append(f"{stem!r}: not a plain image name")
+            imported.problems.append(f"{quote(stem)}: not a plain image name")
             continue
-        image = next((p for p in sorted((src / "JPEGImages").glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
-        if image is None:
-            imported.problems.append(f"JPEGImages/{stem}.*: image not found")
+        candidates = [p for p in sorted((src / "JPEGImages").glob(f"{glob_escape(stem)}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if len(candidates) > 1:
+            imported.problems.append(f"JPEGImages/{quote(stem)}.*: {len(candidates)} images of one name "
+                                     f"({', '.join(p.name for p in candidates[:4])}); keep one")
             continue
+        if not candidates:
+            imported.problems.append(f"JPEGImages/{quote(stem)}.*: image not found")
+            continue
+        image = imported.file(candidates[0], f"JPEGImages/{candidates[0].name}")
         obj_path = objects_dir / f"{stem}.png"
-        if not obj_path.is_file():
-            imported.skipped["images without SegmentationObject"] = imported.skipped.get("images without SegmentationObject", 0) + 1
+        if image is None:
             continue
-        sample = sized_sample(image, image.name, f"JPEGImages/{image.name}", imported, None, options.get("max_pixels", 64_000_000))
+        if not os.path.lexists(obj_path):
+            imported.skip("images without SegmentationObject")
+            continue
+        if imported.file(obj_path, f"SegmentationObject/{stem}.png") is None:
+            continue
+        sample = sized_sample(image, f"JPEGImages/{image.name}", f"JPEGImages/{image.name}", imported, None,
+                              options.get("max_pixels", 64_000_000))
         if sample is None:
             continue
         objects = _indexed(obj_path, f"SegmentationObject/{stem}.png", sample, imported, {})
         class_path = src / "SegmentationClass" / f"{stem}.png"
-        classes = _indexed(class_path, f"SegmentationClass/{stem}.png", sample, imported, colours) if class_path.is_file() else None
+        has_classes = os.path.lexists(class_path)
+        if has_classes and imported.file(class_path, f"SegmentationClass/{stem}.png") is None:
+            continue
+        classes = _indexed(class_path, f"SegmentationClass/{stem}.png", sample, imported, colours) if has_classes else None
         xml_path = src / "Annotations" / f"{stem}.xml"
-        xml_names = [(o.findtext("name") or "").strip() for o in read_xml(xml_path).iter("object")] if xml_path.is_file() else []
-        if objects is None or (class_path.is_file() and classes is None):
+        xml_names = []
+        if os.path.lexists(xml_path) and imported.file(xml_path, f"Annotations/{stem}.xml") is not None:
+            xml_names = [(o.findtext("name") or "").strip() for o in read_xml(xml_path).iter("object")]
+        if objects is None or (has_classes and classes is None):
             continue
         for index in [int(v) for v in np.unique(objects) if v not in (0, VOID)]:
             mask = objects == index
             at = f"SegmentationObject/{stem}.png, instance {index}"
             name = _class_of(mask, classes, index, xml_names, names, at, imported)
-            if name is None:
+            if name is None or check_name(name, at, imported) is None:
                 continue
             imported.category(name)
-            sample.instances.append(Instance(name, mask=mask, where=at))
+            imported.add(sample, Instance(name, rle=encode(mask), where=at))
         imported.samples.append(sample)
     if imported.samples and not options.get("keep_unused"):
         used = {i.category for s in imported.samples for i in s.instances}
@@ -105,15 +122,15 @@ def _indexed(path: Path, rel: str, sample, imported: Imported, colours: dict[tup
     """A PNG's per-pixel indices (palette or grey; RGB through labelmap.txt's colours, else VOC's colour map, as
     datumaro and CVAT write them), sized as the image."""
     try:
-        with Image.open(path) as img:
+        with open(open_regular(path), "rb") as f, Image.open(f) as img:
             if img.size != (sample.width, sample.height):
                 imported.problems.append(f"{rel}: {img.width}x{img.height}, the image is {sample.width}x{sample.height}")
                 return None
             if img.mode in ("P", "L"):
                 return np.asarray(img)
             rgb = np.asarray(img.convert("RGB"))
-    except OSError as exc:
-        imported.problems.append(f"{rel}: not a readable PNG: {exc}")
+    except (OSError, UnsafeFile, Image.DecompressionBombError) as exc:
+        imported.problems.append(f"{rel}: not a readable PNG: {quote(str(exc))}")
         return None
     colours = colours or {tuple(int(v) for v in c): i for i, c in enumerate(voc_colormap())}
     out = np.full(rgb.shape[:2], VOID, np.uint8)
@@ -129,6 +146,13 @@ def _indexed(path: Path, rel: str, sample, imported: Imported, colours: dict[tup
                                  f"{'or labelmap.txt' if colours else ''}".rstrip())
         return None
     return out
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters taken literally."""
+    import glob
+
+    return glob.escape(name)
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The YOLO segmentation format (Ultralytics): a `data.yaml` with `path` (optional), the splits (`train`,
-`val`, ...: a folder of images, relative to `path`, or a text file listing images) and `names` (a list, or
-a mapping from class index to name); for each image `.../images/.../NAME.ext`, its labels at
+`val`, ...: a folder of images, relative to `path`, a text file listing images, or a list of them, as
+Ultralytics' own VOC.yaml writes) and `names` (a list, or a mapping from class index to name, the index
+an integer or its text, which Ultralytics reads with `int()`); for each image `.../images/.../NAME.ext`, its labels at
 `.../labels/.../NAME.txt`, one instance per line: `class x1 y1 x2 y2 ...`, coordinates normalised to 0-1.
 
 An image without a label file has no instances (Ultralytics' background images). A line of 5 numbers is
@@ -9,39 +10,49 @@ a detection box, not a polygon: refused, with the file and line, since a box is 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from training.data.formats import IMAGE_SUFFIXES, Imported, Instance, check_polygon, read_bytes, sized_sample
+from training.data.formats import IMAGE_SUFFIXES, Imported, Instance, Sample, check_name, check_polygon, quote, read_bytes, sized_sample
 
 MAX_LABEL_BYTES = 64 << 20
+MAX_SPLIT_ENTRIES = 100
 
 
 def _names(config: dict[str, Any], where: str, imported: Imported) -> list[str] | None:
     names = config.get("names")
-    if isinstance(names, dict) and all(isinstance(k, int) for k in names) and sorted(names) == list(range(len(names))):
-        names = [names[k] for k in range(len(names))]
-    if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+    if isinstance(names, dict):
+        try:
+            by_index = {int(k): v for k, v in names.items() if not isinstance(k, bool)}
+        except (TypeError, ValueError):
+            by_index = {}
+        names = [by_index[k] for k in range(len(by_index))] if sorted(by_index) == list(range(len(names))) else None
+    if not (isinstance(names, list) and names):
         imported.problems.append(f"{where}, field 'names': expected a list of class names, or a mapping 0..N-1 -> name")
+        return None
+    if any(check_name(n, f"{where}, field 'names'[{i}]", imported) is None for i, n in enumerate(names)):
         return None
     return names
 
 
 def read(src: Path, options: dict[str, Any]) -> Imported:
     """The split `options["split"]` (default `train`) of the YOLO dataset whose data.yaml is in `src`."""
-    imported = Imported()
-    yaml_path = src if src.is_file() else next((src / n for n in ("data.yaml", "dataset.yaml") if (src / n).is_file()), None)
+    imported = Imported(src.parent if src.is_file() else src)
+    yaml_path = src if src.is_file() else next((src / n for n in ("data.yaml", "dataset.yaml") if os.path.lexists(src / n)), None)
     if yaml_path is None:
         imported.problems.append(f"{src}: no data.yaml found")
+        return imported
+    where = yaml_path.name
+    if imported.file(yaml_path, where) is None:
         return imported
     try:
         config = yaml.safe_load(read_bytes(yaml_path, 1 << 20))
     except yaml.YAMLError as exc:
-        imported.problems.append(f"{yaml_path.name}: not valid YAML: {exc}")
+        imported.problems.append(f"{where}: not valid YAML: {quote(str(exc), 200)}")
         return imported
-    where = yaml_path.name
     if not isinstance(config, dict):
         imported.problems.append(f"{where}: expected a mapping with 'names' and the splits")
         return imported
@@ -50,22 +61,27 @@ def read(src: Path, options: dict[str, Any]) -> Imported:
         return imported
     imported.categories = list(names)
     base = yaml_path.parent.resolve()
-    root = (base / str(config.get("path") or ".")).resolve()
+    path = config.get("path")
+    root = (base / path).resolve() if isinstance(path, str) and path else base
     if not root.is_relative_to(base):
         root = base  # a path of the machine that wrote it: the dataset has moved here
     split = options.get("split") or "train"
     entry = config.get(split)
-    if not isinstance(entry, str) or not entry:
-        imported.problems.append(f"{where}, field {split!r}: expected the split's image folder or list file")
+    entries = entry if isinstance(entry, list) else [entry]
+    if not entries or len(entries) > MAX_SPLIT_ENTRIES or not all(isinstance(e, str) and e for e in entries):
+        imported.problems.append(f"{where}, field {quote(split)}: expected the split's image folder or list file, "
+                                 f"or a list of at most {MAX_SPLIT_ENTRIES} of them")
         return imported
-    images = _images(root, entry, f"{where}, field {split!r}", imported)
+    images = [image for e in entries for image in _images(root, e, f"{where}, field {quote(split)}", imported)]
     for image in images:
         rel = image.relative_to(root)
-        label = _label_path(image, root)
         sample = sized_sample(image, str(rel), str(rel), imported, None, options.get("max_pixels", 64_000_000))
         if sample is None:
             continue
-        if label is not None and label.is_file():
+        label = _label_path(image, root)
+        if os.path.lexists(label):
+            if imported.file(label, str(label.relative_to(root))) is None:
+                continue
             _read_labels(label, label.relative_to(root), names, sample, imported)
         imported.samples.append(sample)
     return imported
@@ -74,27 +90,26 @@ def read(src: Path, options: dict[str, Any]) -> Imported:
 def _images(root: Path, entry: str, where: str, imported: Imported) -> list[Path]:
     target = (root / entry).resolve()
     if not target.is_relative_to(root):
-        imported.problems.append(f"{where}: {entry!r} is outside the dataset folder {root}")
+        imported.problems.append(f"{where}: {quote(entry)} is outside the dataset folder {root}")
         return []
     if target.is_dir():
-        return sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if target.is_file():
-        out = []
-        for n, line in enumerate(read_bytes(target, MAX_LABEL_BYTES).decode("utf-8", "replace").splitlines(), start=1):
-            line = line.strip()
-            if not line:
-                continue
-            path = (root / line).resolve()
-            if not path.is_relative_to(root) or not path.is_file():
-                imported.problems.append(f"{target.relative_to(root)} line {n}: {line!r} is not an image in {root}")
-                continue
+        found = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        return [p for p in found if imported.file(p, f"{where}: {p.relative_to(root)}") is not None]
+    if imported.file(target, f"{where}: {quote(entry)}") is None:
+        return []
+    out = []
+    listing = target.relative_to(root)
+    for n, line in enumerate(read_bytes(target, MAX_LABEL_BYTES).decode("utf-8", "replace").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        path = imported.file(root / line, f"{listing} line {n}: {quote(line)}")
+        if path is not None:
             out.append(path)
-        return out
-    imported.problems.append(f"{where}: {entry!r} not found in {root}")
-    return []
+    return out
 
 
-def _label_path(image: Path, root: Path) -> Path | None:
+def _label_path(image: Path, root: Path) -> Path:
     """Ultralytics' rule: the last `images` folder of the path becomes `labels`, the suffix `.txt`."""
     parts = list(image.relative_to(root).parts)
     if "images" not in parts:
@@ -104,7 +119,7 @@ def _label_path(image: Path, root: Path) -> Path | None:
     return (root.joinpath(*parts)).with_suffix(".txt")
 
 
-def _read_labels(path: Path, rel: Path, names: list[str], sample, imported: Imported) -> None:
+def _read_labels(path: Path, rel: Path, names: list[str], sample: Sample, imported: Imported) -> None:
     text = read_bytes(path, MAX_LABEL_BYTES).decode("utf-8", "replace")
     for n, line in enumerate(text.splitlines(), start=1):
         values = line.split()
@@ -114,20 +129,17 @@ def _read_labels(path: Path, rel: Path, names: list[str], sample, imported: Impo
         try:
             cls = int(values[0])
         except ValueError:
-            imported.problems.append(f"{at}: the class {values[0]!r} is not an integer")
+            imported.problems.append(f"{at}: the class {quote(values[0], 20)} is not an integer")
             continue
         if not 0 <= cls < len(names):
-            imported.problems.append(f"{at}: class {cls} is not in names (0-{len(names) - 1})")
+            imported.problems.append(f"{at}: class {quote(cls, 20)} is not in names (0-{len(names) - 1})")
             continue
         if len(values) == 5:
             imported.problems.append(f"{at}: a detection box (class x y w h), not a polygon; this importer reads the "
                                      "segmentation format (class x1 y1 x2 y2 ...)")
             continue
-        flat, problem = check_polygon(values[1:], at, (sample.width, sample.height))
+        flat, problem = check_polygon(values[1:], at, sample.width, sample.height, (sample.width, sample.height))
         if problem:
-            imported.problems.append(problem)
+            imported.problems.append(problem.replace("coordinates must be numbers", "coordinates must be numbers (normalised 0-1)"))
             continue
-        if any(not -0.01 <= float(v) <= 1.01 for v in values[1:]):
-            imported.problems.append(f"{at}: coordinates must be normalised to 0-1")
-            continue
-        sample.instances.append(Instance(names[cls], polygons=[flat], where=at))
+        imported.add(sample, Instance(names[cls], polygons=[flat], where=at))
