@@ -12,22 +12,28 @@ served), the OpenAPI pages. Liveness fails when one forward pass runs past `forw
 readiness (server and model) when it runs past half of that, or while draining after SIGTERM.
 kserve's data plane and endpoint handlers do the protocol work; the app is built here, so that the
 host is ours to choose (kserve's `ModelServer.start` always binds 0.0.0.0) and tests can use FastAPI's
-TestClient on the very same app.
+TestClient on the very same app. A prediction's body is read as a stream (never cached on the request),
+parsed (JSON, and for V2 the Open Inference Protocol's schema) and its answer serialised on worker
+threads, not on the event loop, so that liveness answers at once while the queue holds the largest bodies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import Counter, Gauge
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from serving.admission import (CLIENT_LEFT, TICKET, Admission, AdmissionMiddleware, BodyLimit, RequestDropped, drain_budget,
@@ -107,6 +113,35 @@ class Health:
         return self.model.stuck_problem(ready=True)
 
 
+PARSER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+
+
+async def _parsing(parse: Callable[[], Any]) -> Any:
+    """`parse()` on the one parsing thread. JSON parsing holds the GIL for its whole run (25 ms for 26 MB):
+    one body at a time, so that the event loop waits for at most one such run, never for a convoy of them."""
+    return await asyncio.get_running_loop().run_in_executor(PARSER, parse)
+
+
+async def _body(request: Request) -> list[bytes]:
+    """The request's body as the pieces its stream gave (not kept on the request object, so that it is freed
+    with the parsed payload); joined by the worker thread that parses it: copying tens of megabytes is
+    itself long enough to delay a probe."""
+    return [chunk async for chunk in request.stream()]
+
+
+async def _json(answer, headers: dict[str, str]) -> Response:
+    """An answer (a dict, a pydantic model, or bytes/str as kserve's encode may give) as a JSON response,
+    serialised on a worker thread."""
+    if isinstance(answer, (bytes, str)):
+        return Response(content=answer, headers=headers)
+    import orjson
+
+    def dump() -> bytes:
+        return answer.model_dump_json(by_alias=True).encode() if hasattr(answer, "model_dump_json") else orjson.dumps(answer)
+
+    return Response(content=await run_in_threadpool(dump), media_type="application/json", headers=headers)
+
+
 def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> FastAPI:
     """The FastAPI app for a (loaded) model: its routes, error handlers and the admission middleware.
     The app's `state.admission` is the queue (its `draining` flag is what SIGTERM sets)."""
@@ -118,7 +153,8 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
     from kserve.protocol.rest.server import metrics_handler
     from kserve.protocol.rest.v1_endpoints import V1Endpoints
     from kserve.protocol.rest.v2_endpoints import V2Endpoints
-    from kserve.protocol.rest.v2_datamodels import ModelMetadataResponse
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest, ModelMetadataResponse
+    from pydantic import ValidationError
 
     limits = limits or ServingLimits()
     registry = ModelRepository()
@@ -169,12 +205,41 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
     async def page() -> str:
         return render_page(model.name, model.label_map.names)
 
+    async def v1_predict(model_name: str, request: Request) -> Response:
+        """kserve's V1 handler, with the body parsed and the answer serialised off the event loop."""
+        if not await dataplane.model_ready(model_name, True):
+            raise ModelNotReady(model_name)
+        headers = dict(request.headers.items())
+        pieces = await _body(request)
+        payload, attributes = await _parsing(lambda: dataplane.decode(b"".join(pieces), headers))
+        del pieces
+        answer, answer_headers = await dataplane.infer(model_name=model_name, request=payload, headers=headers)
+        del payload
+        answer, extra = dataplane.encode(model_name=model_name, response=answer, headers=headers, req_attributes=attributes)
+        answer_headers.update(extra)
+        return await _json(answer, answer_headers)
+
+    async def v2_infer(model_name: str, request: Request, response: Response) -> Response:
+        """kserve's V2 handler, given the Open Inference Protocol request parsed off the event loop."""
+        try:
+            pieces = await _body(request)
+            parsed = await _parsing(lambda: InferenceRequest.model_validate_json(b"".join(pieces)))
+            del pieces
+        except ValidationError as exc:
+            errors = exc.errors(include_input=False)
+            raise RequestValidationError([{**e, "loc": ("body", "InferenceRequest", *e["loc"])} for e in errors]) from None
+        answer = await v2.infer(request, response, model_name, parsed)
+        del parsed
+        if isinstance(answer, Response):
+            return answer
+        return await _json(answer, {k: v for k, v in response.headers.items() if k != "content-length"})
+
     routes = [("/", live, "GET"), ("/metrics", metrics_handler, "GET"), ("/ui", page, "GET"),
               ("/v1/models", models, "GET"), ("/v1/models/{model_name}", model_ready, "GET"),
-              ("/v1/models/{model_name}:predict", v1.predict, "POST"),
+              ("/v1/models/{model_name}:predict", v1_predict, "POST"),
               ("/v2", server_metadata, "GET"), ("/v2/health/live", v2_live, "GET"), ("/v2/health/ready", v2_ready, "GET"),
               ("/v2/models", models, "GET"), ("/v2/models/{model_name}", model_metadata, "GET"),
-              ("/v2/models/{model_name}/ready", model_ready, "GET"), ("/v2/models/{model_name}/infer", v2.infer, "POST")]
+              ("/v2/models/{model_name}/ready", model_ready, "GET"), ("/v2/models/{model_name}/infer", v2_infer, "POST")]
     for path, endpoint, method in routes:
         app.add_api_route(path, endpoint, methods=[method], response_model=None,
                           response_class=HTMLResponse if endpoint is page else JSONResponse)

@@ -7,6 +7,9 @@ slowly holds its connection, and a file descriptor, for ever).
 - Body: a pause longer than `body_timeout_s` between two pieces of a request body, or a body still
   incomplete `request_timeout_s` after its headers (a client trickling bytes), closes the connection
   (the request, if admitted, sees its client leave and its work is dropped).
+- Answers: a client that stops reading its answer (the transport's buffer stays above its high-water
+  mark) for longer than `body_timeout_s` is closed, and the buffered answer freed: an overlay answer
+  (many megabytes) to a client that never reads is not held for ever.
 - Connections: beyond `max_connections` open ones, a new connection is answered 503 with
   `Retry-After` and closed at once (as soon as its request has been read, so that its client sees the
   503 and not a reset), so that the process keeps serving the connections it holds. A burst is accepted
@@ -31,7 +34,8 @@ from serving.limits import ServingLimits
 log = logging.getLogger(__name__)
 
 CLOSED = Counter("maskrcnn_connections_refused_total",
-                 "Client connections closed by the server's limits (header_timeout, body_timeout, over_limit)", ["reason"])
+                 "Client connections closed by the server's limits (header_timeout, body_timeout, write_timeout, "
+                 "over_limit)", ["reason"])
 
 
 def canned(status: str, error: str, retry_after: int | None = None) -> bytes:
@@ -66,6 +70,7 @@ def guarded_protocol(limits: ServingLimits) -> type[H11Protocol]:
 
     class GuardedH11Protocol(H11Protocol):
         _timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
         _refused = False
         _seen_cycle = None
         _body_deadline = 0.0
@@ -111,7 +116,30 @@ def guarded_protocol(limits: ServingLimits) -> type[H11Protocol]:
 
         def connection_lost(self, exc) -> None:
             self._cancel()
+            self._reading_again()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(limits.body_timeout_s, self._not_reading)
+
+        def resume_writing(self) -> None:
+            self._reading_again()
+            super().resume_writing()
+
+        def _reading_again(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _not_reading(self) -> None:
+            self._write_timer = None
+            if self.transport.is_closing():
+                return
+            CLOSED.labels("write_timeout").inc()
+            log.info("closing a connection from %s: its answer was not read for %g s", self.client, limits.body_timeout_s)
+            self.transport.abort()  # drops the buffered answer; the handler's pending write sees the client gone
 
         def _arm(self, seconds: float, callback) -> None:
             self._cancel()

@@ -33,6 +33,10 @@ DEFAULT_MEMORY_BUDGET = 6144 * MIB  # the InferenceService's memory limit, when 
 MAX_QUEUE_CAP = 64
 MAX_PIXELS = 16_000_000  # the largest image admitted by default (the predictor's and its CLI's --max-pixels)
 DEFAULT_MAX_BODY = 32 * MIB
+ANSWER_FACTOR = 2
+MAX_ANSWER_BYTES = ANSWER_FACTOR * DEFAULT_MAX_BODY
+"""The overlay pictures of one answer (about 23x their request's bytes) are capped at twice the body limit:
+within the REQUEST_MEMORY_FACTOR x max body that admission counts for each queued request."""
 FD_RESERVE = 128  # descriptors kept for everything that is not a client connection (files, S3, logs)
 MAX_CONNECTIONS_CAP = 2048
 MAX_BACKLOG = 2048  # uvicorn's default listen backlog

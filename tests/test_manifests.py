@@ -103,6 +103,8 @@ def test_the_predictors_limits_and_the_manifests_agree():
     readiness, liveness = predictor["model"]["readinessProbe"], predictor["model"]["livenessProbe"]
     assert readiness["httpGet"] == {"path": "/v1/models/maskrcnn", "port": 8080}
     assert liveness["httpGet"] == {"path": "/", "port": 8080}
+    # explicit probe time-outs (Kubernetes' default is 1 s), shorter than the period they sit in
+    assert all(0 < p["timeoutSeconds"] < p["periodSeconds"] for p in (readiness, liveness))
     # readiness turns at half the forward limit and is probed more often: it fails before liveness does
     assert readiness["periodSeconds"] * readiness.get("failureThreshold", 3) < \
         liveness["periodSeconds"] * liveness.get("failureThreshold", 3) + limits.forward_limit_s / 2

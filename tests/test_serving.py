@@ -474,3 +474,94 @@ def test_health_follows_the_forward_pass_watchdog_and_the_drain(serving_predicto
     finally:
         admission.draining = False
     assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_a_dropped_requests_data_is_released_while_its_work_still_waits_in_the_queue(predictor):
+    """Issue 32: the inference threads' queue holds cancelled work until a thread reaches it; the request's
+    data must not be reachable from there once the request is answered (else clients that send a large
+    body and leave grow the server past its admission bound)."""
+    import asyncio
+    import gc
+    import threading
+    import weakref
+
+    from serving.admission import CLIENT_LEFT, TICKET, RequestDropped, Ticket
+
+    class Body:  # stands for the parsed payload and its images
+        pass
+
+    gate = threading.Event()
+    blockers = [predictor._executor.submit(gate.wait) for _ in range(predictor.workers)]  # every inference thread busy
+    try:
+        body = Body()
+        alive = weakref.ref(body)
+
+        async def request() -> None:
+            ticket = Ticket(30)
+            TICKET.set(ticket)
+            asyncio.get_running_loop().call_later(0.1, ticket.stop, CLIENT_LEFT)
+            held = body
+            with pytest.raises(RequestDropped):
+                await predictor._queued(lambda: ([], {"body": held}))
+
+        asyncio.run(request())
+        del body
+        gc.collect()
+        assert alive() is None  # freed, though its cancelled work is still in the executor's queue
+    finally:
+        gate.set()
+        for blocker in blockers:
+            blocker.result(10)
+
+
+def test_overlay_answers_are_capped(serving_package):
+    """An overlay answer is about 23x its request: past the answer cap the request is a 400 naming the cap,
+    not an answer held in memory outside the admission bound."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import build_app
+    from serving.limits import ServingLimits
+    from serving.predictor import MaskRCNNPredictor
+
+    model = MaskRCNNPredictor("maskrcnn", str(serving_package), score_threshold=0.0, max_answer_bytes=2000)
+    assert model.load()
+    with TestClient(build_app(model, ServingLimits(max_body_bytes=SERVING_MAX_BODY)), raise_server_exceptions=False) as c:
+        plain = c.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture())))
+        capped = c.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture()), overlay=True))
+    assert plain.status_code == 200
+    assert capped.status_code == 400 and "above the limit of 2000 for one answer; ask without 'overlay'" in capped.json()["error"]
+
+
+def test_prediction_bodies_are_parsed_off_the_event_loop(client, monkeypatch):
+    """The JSON (V1) and the Open Inference Protocol's schema (V2) are parsed on worker threads: a parse
+    that takes 2 s does not stall liveness."""
+    import threading
+    import time
+
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest
+
+    real_decode, real_validate = DataPlane.decode, InferenceRequest.model_validate_json.__func__
+
+    def slow_decode(self, *args, **kwargs):
+        time.sleep(2)
+        return real_decode(self, *args, **kwargs)
+
+    def slow_validate(cls, *args, **kwargs):
+        time.sleep(2)
+        return real_validate(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DataPlane, "decode", slow_decode)
+    monkeypatch.setattr(InferenceRequest, "model_validate_json", classmethod(slow_validate))
+    for path, body in (("/v1/models/maskrcnn:predict", v1(encode_image(picture()))),
+                       ("/v2/models/maskrcnn/infer", _v2(encode_image(picture()), True))):
+        answer = {}
+        worker = threading.Thread(target=lambda: answer.update(resp=client.post(path, json=body)))
+        worker.start()
+        time.sleep(0.5)
+        began = time.perf_counter()
+        assert client.get("/").status_code == 200
+        assert time.perf_counter() - began < 1.0, path  # the loop answered while the body was being parsed
+        assert worker.is_alive()
+        worker.join(30)
+        assert answer["resp"].status_code == 200, (path, answer["resp"].text[:300])

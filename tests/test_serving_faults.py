@@ -240,3 +240,68 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_with_503_and_exits_0
             assert [f.result().status for f in in_flight] == [200, 200, 200]
         assert srv.proc.wait(15) == 0, srv.tail()
     assert "drained after" in srv.tail()
+
+
+def _noise_request(side: int, **params) -> bytes:
+    """A V1 request of one noise PNG (stored uncompressed: the largest body for its pixels)."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=0)
+    return json.dumps({"instances": [{"image": {"b64": base64.b64encode(buf.getvalue()).decode()}}],
+                       "parameters": params}).encode()
+
+
+def test_liveness_answers_while_the_queue_holds_the_largest_bodies(server):
+    """Issue 32: 8 clients keep the queue (4) full of 19 MB bodies for 6 s while liveness is probed every
+    50 ms: every probe is answered 200 within Kubernetes' default 1 s time-out (bodies are parsed and
+    decoded on worker threads, not on the event loop). `benchmarks/serving_liveness.py` measures the
+    latencies."""
+    big = _noise_request(2200)
+    assert len(big) > 18e6
+    stop = time.monotonic() + 6
+    answers: list[int] = []
+
+    def client() -> None:
+        while time.monotonic() < stop:
+            answers.append(predict(server.url, big, timeout=60).status)
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(8):
+            pool.submit(client)
+        time.sleep(1)
+        probes = []
+        while time.monotonic() < stop:
+            began = time.perf_counter()
+            status = request(server.url, "GET", "/", timeout=10).status
+            probes.append((status, time.perf_counter() - began))
+            time.sleep(0.05)
+    assert len(probes) > 20 and all(status == 200 for status, _ in probes), probes
+    slowest = max(seconds for _, seconds in probes)
+    assert slowest < 1.0, f"a liveness probe took {slowest:.2f} s with the queue full of 19 MB bodies"
+    assert set(answers) <= {200, 503} and 200 in answers, sorted(set(answers))
+
+
+def test_an_answer_its_client_never_reads_is_dropped_after_the_body_timeout(server):
+    """An overlay answer (megabytes) to a client that sends its request and never reads: the connection is
+    closed once the answer has waited unread for --body-timeout-s (1 s here), counted as write_timeout,
+    and the server goes on serving."""
+    import socket
+
+    before = metrics(server.url)
+    host, port = load.loopback(server.url)
+    data = _noise_request(1600, overlay=True)
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    try:
+        sock.sendall(b"POST /v1/models/maskrcnn:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        after = settled(server.url, before, "maskrcnn_connections_refused_total", 1, timeout=30, reason="write_timeout")
+        assert metric(after, "maskrcnn_connections_refused_total", reason="write_timeout") - \
+            metric(before, "maskrcnn_connections_refused_total", reason="write_timeout") == 1
+    finally:
+        sock.close()
+    assert predict(server.url, body()).status == 200

@@ -1,0 +1,129 @@
+"""The predictor's liveness latency while its queue is full of the largest bodies (issue 32, item 6).
+
+`python -m serving` on a seeded tiny package, on 127.0.0.1, with the InferenceService's queue
+(`--max-queue 27`, its containerConcurrency) and two inference workers. `clients` threads each send, in a
+loop for `--seconds`, a V1 request whose body is one large PNG (`--body-mb`, the default 26 MB as the issue's
+run: a 2450x2450 noise image), while a prober asks for liveness (`GET /`) every 50 ms. The baseline is the
+same prober against the idle server, in the same run. Rows: liveness latency p50/p99/max, probes over
+Kubernetes' default 1 s time-out, and the server's RSS growth.
+
+`--tree PATH` runs the predictor of another checkout (e.g. a `git worktree` of the commit before the
+change), for a before/after table in one session.
+
+    uv run python benchmarks/serving_liveness.py [--clients 27] [--seconds 20] [--body-mb 26] [--tree PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_package(folder: Path) -> Path:
+    import torch
+
+    from training.config import CONFIG_DIR, load_config
+    from training.data.labels import LabelMap
+    from training.model import build_model
+    from training.package import write_package
+
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", [])
+    torch.manual_seed(0)
+    labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
+    write_package(build_model(cfg.model, labels.num_classes), cfg, labels, {"epoch": 0}, folder / "package")
+    return folder / "package"
+
+
+def large_body(megabytes: float) -> bytes:
+    """A V1 request of one noise PNG whose base64 body is about `megabytes` MB."""
+    from PIL import Image
+
+    side = int((megabytes * 1e6 * 3 / 4 / 3) ** 0.5)
+    pixels = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=0)
+    return json.dumps({"instances": [{"image": {"b64": base64.b64encode(buf.getvalue()).decode()}}]}).encode()
+
+
+def probe(url: str, seconds: float, period: float = 0.05) -> list[float]:
+    from devstack.load import request
+
+    latencies, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        began = time.perf_counter()
+        answer = request(url, "GET", "/", timeout=30)
+        latencies.append((time.perf_counter() - began) * 1000 if answer.status == 200 else float("inf"))
+        time.sleep(max(0.0, period - (time.perf_counter() - began)))
+    return latencies
+
+
+def row(name: str, latencies: list[float], growth: float | None = None, answered: dict | None = None) -> str:
+    values = np.asarray(latencies)
+    over = int((values > 1000).sum())
+    return (f"| {name} | {len(values)} | {np.percentile(values, 50):.1f} | {np.percentile(values, 99):.1f} | {values.max():.1f} | "
+            f"{over} | {'' if growth is None else f'{growth:.0f}'} | {'' if answered is None else answered} |")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=27)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--body-mb", type=float, default=26)
+    p.add_argument("--queue", type=int, default=27)
+    p.add_argument("--tree", default="", help="another checkout whose predictor to run")
+    args = p.parse_args()
+
+    from devstack import load
+
+    body = large_body(args.body_mb)
+    launcher = None
+    if args.tree:
+        code = (f"import sys, runpy; sys.path.insert(0, {str(Path(args.tree).resolve())!r}); "
+                "runpy.run_module('serving', run_name='__main__', alter_sys=True)")
+        launcher = [sys.executable, "-c", code]
+    with tempfile.TemporaryDirectory() as tmp:
+        package = make_package(Path(tmp))
+        with load.predictor(package, Path(tmp) / "serving.log", "--max-queue", str(args.queue), "--inference-workers", "2",
+                            "--threads", "2", launcher=launcher) as server:
+            idle = probe(server.url, 5)
+            stop = time.monotonic() + args.seconds
+            statuses: dict[int | str, int] = {}
+            lock = threading.Lock()
+
+            def client() -> None:
+                while time.monotonic() < stop:
+                    answer = load.predict(server.url, body, timeout=120)
+                    with lock:
+                        statuses[answer.status] = statuses.get(answer.status, 0) + 1
+
+            threads = [threading.Thread(target=client) for _ in range(args.clients)]
+            for t in threads:
+                t.start()
+            time.sleep(2)  # the queue fills
+            growth, loaded = load.peak_rss_growth(server.proc.pid, lambda: probe(server.url, args.seconds - 2), interval=0.05)
+            for t in threads:
+                t.join()
+    print(f"{'tree ' + args.tree if args.tree else 'this checkout'}: {args.clients} clients, {len(body) / 1e6:.1f} MB bodies, "
+          f"queue {args.queue}, {args.seconds:g} s")
+    print("| server | probes | p50 ms | p99 ms | max ms | over 1 s | RSS growth MB | answers |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(row("idle (baseline)", idle))
+    print(row("queue full of the largest bodies", loaded, growth, dict(sorted(statuses.items(), key=str))))
+    print(f"ratio p99 loaded / idle: {np.percentile(loaded, 99) / np.percentile(idle, 99):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
