@@ -1,7 +1,7 @@
 """`training.data.convert`'s peak memory and time against the export's size (issue 32, item 2).
 
-CVAT XML exports of one 2000x2000 image with K small `<mask>` elements (each 78 bytes of XML), for K in
-`--masks`; and one export holding a single 3-point polygon at +-1e7 (refused now before anything is
+CVAT XML exports of one 2000x2000 image with K `<mask>` elements whose box is the whole image and whose
+RLE is two runs (one foreground pixel: about 78 bytes of XML each, the issue's case), for K in `--masks`; and one export holding a single 3-point polygon at +-1e7 (refused now before anything is
 drawn). Each conversion runs in a fresh process; the number is its peak RSS (`ru_maxrss`) less the peak of
 the same process importing the converter and converting a 1-mask export (the baseline, in the same run).
 `--tree PATH` adds the same rows for another checkout (e.g. a `git worktree` of the commit before the
@@ -43,8 +43,8 @@ def export(folder: Path, masks: int, far_polygon: bool = False) -> Path:
 
     (folder / "images").mkdir(parents=True)
     Image.new("RGB", (2000, 2000), (90, 90, 90)).save(folder / "images" / "a.png")
-    shapes = "".join(f'<mask label="cat" rle="3,4,93" left="{10 * (i % 190)}" top="{10 * (i // 190)}" width="10" height="10"/>'
-                     for i in range(masks))
+    shapes = "".join(f'<mask label="cat" rle="{1000 * i + 7},1,{4_000_000 - 1000 * i - 8}" left="0" top="0" width="2000" '
+                     f'height="2000"/>' for i in range(masks))
     if far_polygon:
         shapes = '<polygon label="cat" points="-1e7,-1e7;1e7,-1e7;1e7,1e7"/>'
     (folder / "annotations.xml").write_text(f'<annotations><version>1.1</version><image name="a.png" width="2000" '
