@@ -4,7 +4,8 @@
 (`--max-queue 27`, its containerConcurrency) and two inference workers. `clients` threads each send, in a
 loop for `--seconds`, a V1 request whose body is one large PNG (`--body-mb`, the default 26 MB as the issue's
 run: a 2450x2450 noise image), while a prober asks for liveness (`GET /`) every 50 ms. The baseline is the
-same prober against the idle server, in the same run. Rows: liveness latency p50/p99/max, probes over
+same prober against the idle server, in the same run. The prober is a process of its own, so that the
+clients' threads (in this one) add no GIL waits to its numbers. Rows: liveness latency p50/p99/max, probes over
 Kubernetes' default 1 s time-out, and the server's RSS growth.
 
 `--tree PATH` runs the predictor of another checkout (e.g. a `git worktree` of the commit before the
@@ -57,16 +58,32 @@ def large_body(megabytes: float) -> bytes:
     return json.dumps({"instances": [{"image": {"b64": base64.b64encode(buf.getvalue()).decode()}}]}).encode()
 
 
-def probe(url: str, seconds: float, period: float = 0.05) -> list[float]:
-    from devstack.load import request
+PROBER = """
+import json, sys, time, urllib.request
+url, seconds, period = sys.argv[1], float(sys.argv[2]), 0.05
+latencies, deadline = [], time.monotonic() + seconds
+while time.monotonic() < deadline:
+    began = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url + "/", timeout=30) as answer:
+            answer.read()
+            ok = answer.status == 200
+    except OSError:
+        ok = False
+    latencies.append((time.perf_counter() - began) * 1000 if ok else float("inf"))
+    time.sleep(max(0.0, period - (time.perf_counter() - began)))
+print(json.dumps(latencies))
+"""
 
-    latencies, deadline = [], time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        began = time.perf_counter()
-        answer = request(url, "GET", "/", timeout=30)
-        latencies.append((time.perf_counter() - began) * 1000 if answer.status == 200 else float("inf"))
-        time.sleep(max(0.0, period - (time.perf_counter() - began)))
-    return latencies
+
+def probe(url: str, seconds: float) -> list[float]:
+    """Liveness latencies (ms) from a prober in a process of its own (the clients' threads share this
+    process's GIL, which would add their waits to the numbers)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", PROBER, url, str(seconds)], capture_output=True, text=True,
+                          timeout=seconds + 120, check=True)
+    return json.loads(done.stdout)
 
 
 def row(name: str, latencies: list[float], growth: float | None = None, answered: dict | None = None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from kserve_stand_in import SOURCE_URI, IsvcController
 
-from release.deploy import DeployError, custom_objects_api, update_storage_uri
+from release.deploy import GROUP, PLURAL, VERSION, DeployError, custom_objects_api, update_storage_uri
 
 
 def test_patch_then_ready_returns_the_previous_uri_kserve_stand_in(k8s):
@@ -256,12 +256,16 @@ def test_patches_are_conditional_on_what_was_read_kserve_stand_in(k8s):
 
 
 def test_a_get_that_fails_for_good_rolls_back_at_once_kserve_stand_in(k8s):
-    """A 403 (the Role lost `get`) is not transient: no waiting out the timeout, the URI is put back."""
+    """A 403 (the Role lost `get`) is not transient: no waiting out the timeout. The URI is put back with
+    the resourceVersion the patch returned, as long as nothing wrote since (KServe has not reconciled yet:
+    its controller here waits 2 s); once KServe has written its status, the rollback cannot read the
+    service again and never writes blind: it says to restore by hand. (Which of the two happened used to
+    depend on the race between the rollback and the stand-in's status write.)"""
     import time
 
     from kubernetes.client.exceptions import ApiException
 
-    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace)
+    ctl = IsvcController(k8s.admin, "maskrcnn", k8s.namespace, reconcile_delay_s=2.0)
     ctl.create("s3://models/maskrcnn/v1")
     api = FlakyApi(k8s.kubeconfig, lambda n: ApiException(status=403, reason="Forbidden"))
     began = time.monotonic()
@@ -270,6 +274,26 @@ def test_a_get_that_fails_for_good_rolls_back_at_once_kserve_stand_in(k8s):
         update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v2", timeout=60, poll=0.1, api=api)
     assert time.monotonic() - began < 10
     assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v1"
+
+    # KServe wrote its status between the patch and the rollback: the rollback's resourceVersion is stale,
+    # the service cannot be read again (403), so nothing is written blind and the message says so
+    class StatusAfterPatch(FlakyApi):
+        def patch_namespaced_custom_object(self, *args):
+            answer = super().patch_namespaced_custom_object(*args)
+            _touch_status(ctl)
+            return answer
+
+    late = StatusAfterPatch(k8s.kubeconfig, lambda n: ApiException(status=403, reason="Forbidden"))
+    with pytest.raises(DeployError, match=r"rolling back to s3://models/maskrcnn/v1 FAILED too \(ApiException: \(403\) "
+                                          r"Reason: Forbidden\): restore it by hand"):
+        update_storage_uri("maskrcnn", k8s.namespace, "s3://models/maskrcnn/v3", timeout=60, poll=0.1, api=late)
+    assert ctl.get()["spec"]["predictor"]["model"]["storageUri"] == "s3://models/maskrcnn/v3"  # not overwritten blind
+
+
+def _touch_status(ctl: IsvcController) -> None:
+    """A status write as KServe's controller makes one (through the status subresource): a new resourceVersion."""
+    ctl.api.patch_namespaced_custom_object_status(GROUP, VERSION, ctl.namespace, PLURAL, ctl.name,
+                                                  {"status": {"observedGeneration": 99}})
 
 
 def test_already_set_still_waits_until_kserve_serves_it_kserve_stand_in(k8s):
