@@ -307,6 +307,13 @@ def test_valid_exports_are_read_as_the_tools_read_them(tmp_path):
         (yolo / "labels" / part / f"{part}.txt").write_text("0 0.1 0.1 0.5 0.1 0.5 0.5\n")
     split = convert("yolo", yolo, tmp_path / "o3")
     assert len(split.coco["images"]) == 2 and split.label_map.names == ["cat"]
+    # a list file's ./ lines are relative to its own folder (Ultralytics' get_img_files), others to the dataset
+    (yolo / "lists").mkdir()
+    (yolo / "lists" / "train.txt").write_text("./../images/set1/set1.png\nimages/set2/set2.png\n")
+    (yolo / "data.yaml").write_text('train: lists/train.txt\nnames: {"0": cat}\n')
+    split = convert("yolo", yolo, tmp_path / "o4")
+    sources = [i["source_file"] for i in json.loads((tmp_path / "o4" / "annotations.json").read_text())["images"]]
+    assert sources == ["images/set1/set1.png", "images/set2/set2.png"]
 
 
 # --- 4. one conversion shared by concurrent workers -------------------------------------------------------

@@ -174,7 +174,8 @@ def _class_of(mask: np.ndarray, classes: np.ndarray | None, index: int, xml_name
         values = np.unique(classes[mask])
         values = values[values != VOID]
         if len(values) != 1 or not 0 < int(values[0]) < len(names):
-            imported.problems.append(f"{at}: its pixels have classes {values.tolist()} in SegmentationClass, expected "
+            shown = f"{values.tolist()[:8]}{' ...' if len(values) > 8 else ''}"
+            imported.problems.append(f"{at}: its pixels have classes {shown} in SegmentationClass, expected "
                                      f"one class of 1-{len(names) - 1}")
             return None
         return names[int(values[0])]

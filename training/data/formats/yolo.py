@@ -1,6 +1,7 @@
 """The YOLO segmentation format (Ultralytics): a `data.yaml` with `path` (optional), the splits (`train`,
-`val`, ...: a folder of images, relative to `path`, a text file listing images, or a list of them, as
-Ultralytics' own VOC.yaml writes) and `names` (a list, or a mapping from class index to name, the index
+`val`, ...: a folder of images, relative to `path`, a text file listing images (a line starting with
+`./` relative to the list file's folder, as Ultralytics reads it), or a list of them, as Ultralytics' own
+VOC.yaml writes) and `names` (a list, or a mapping from class index to name, the index
 an integer or its text, which Ultralytics reads with `int()`); for each image `.../images/.../NAME.ext`, its labels at
 `.../labels/.../NAME.txt`, one instance per line: `class x1 y1 x2 y2 ...`, coordinates normalised to 0-1.
 
@@ -103,7 +104,9 @@ def _images(root: Path, entry: str, where: str, imported: Imported) -> list[Path
         line = line.strip()
         if not line:
             continue
-        path = imported.file(root / line, f"{listing} line {n}: {quote(line)}")
+        # Ultralytics' rule: a line starting with ./ is relative to the list file's folder, another to the dataset
+        where = Path(os.path.normpath(target.parent / line[2:] if line.startswith("./") else root / line))
+        path = imported.file(where, f"{listing} line {n}: {quote(line)}")
         if path is not None:
             out.append(path)
     return out
