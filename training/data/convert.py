@@ -97,6 +97,8 @@ def converted(fmt: str, src: Path, cache_dir: Path, options: dict[str, Any] | No
             return target
         if target.exists():
             shutil.rmtree(target)  # a folder left by a crash before the rename: never a published one
+        for stale in target.parent.glob(f"{target.name}.partial-*"):  # a killed worker's (the lock is ours now)
+            shutil.rmtree(stale, ignore_errors=True)
         private = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
         try:
             convert(fmt, src, private / "coco", options)

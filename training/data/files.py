@@ -14,7 +14,7 @@ import fcntl
 import os
 import shutil
 import stat
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 QUOTE_CHARS = 60
@@ -29,12 +29,6 @@ def quote(token: object, limit: int = QUOTE_CHARS) -> str:
     characters escaped), cut to `limit` characters with the full length said."""
     text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in repr(token))
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def climbs(name: str) -> bool:
-    """Whether a relative name could reach outside its folder: absolute, a drive, or a `..` component."""
-    posix = PurePosixPath(name.replace("\\", "/"))
-    return posix.is_absolute() or bool(PureWindowsPath(name).drive) or ".." in posix.parts
 
 
 def regular_file(root: Path, path: Path) -> Path:

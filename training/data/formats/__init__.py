@@ -32,8 +32,9 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from training.data.coco import DatasetError
-from training.data.files import UnsafeFile, climbs, copy_out, open_regular, quote, read_regular, regular_file
+from training.data.files import UnsafeFile, copy_out, open_regular, quote, read_regular, regular_file
 from training.data.images import DEFAULT_MAX_PIXELS, ImageError
+from training.data.sources import escapes_folder
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Imported:
         or None with the problem recorded: a name that climbs (absolute, `..`), a link, not a regular file,
         outside the export, or missing."""
         if isinstance(path, str):
-            if not path or climbs(path):
+            if not path or escapes_folder(path):
                 self.problems.append(f"{where}: {quote(path)} is not a relative name inside the export "
                                      "(absolute, or with a '..' part)")
                 return None

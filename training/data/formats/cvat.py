@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, NonNegativeInt, model_validator
 
-from training.data.files import climbs
+from training.data.sources import escapes_folder
 from training.data.formats import (Imported, Instance, Sample, check_name, check_polygon, encode, in_image, parse, quote,
                                    read_json, read_xml, sized_sample, union)
 from training.data.formats.schema import Finite, FlatPoints, Int, Name, NonNegative, Record, TextFinite
@@ -66,7 +66,7 @@ class _Mask(Record):
 def find_image(imported: Imported, bases: list[Path], name: str, where: str) -> Path | None:
     """The first of `bases / name` that exists, checked by the safe-file rule; a problem when none does."""
     for base in bases:
-        if climbs(name) or os.path.lexists(base / name):
+        if escapes_folder(name) or os.path.lexists(base / name):
             return imported.file(name, where, base)
     imported.problems.append(f"{where}: image file not found under {' or '.join(str(b) for b in bases)}")
     return None

@@ -130,8 +130,8 @@ def _instance(label: str, shapes: list[tuple[int, _Shape]], rel: Path, sample: S
         if kind == "polygon":
             flat, problem = check_polygon(shape.points, at, sample.width, sample.height)
         else:  # corners (and a circle's centre and rim) must lie in the image; they are drawn unclipped
-            flat, problem = in_image([v for p in shape.points for v in p], sample.width, sample.height, at)
             flat = [v for p in shape.points for v in p]
+            _, problem = in_image(flat, sample.width, sample.height, at)
         if problem:
             imported.problems.append(problem)
             return None

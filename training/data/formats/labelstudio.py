@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 from pydantic import Field
 
-from training.data.files import climbs
+from training.data.sources import escapes_folder
 from training.data.formats import (IMAGE_SUFFIXES, Imported, Instance, Sample, check_polygon, encode, parse, quote, read_json,
                                    sized_sample)
 from training.data.formats.cvat import box_instance
@@ -119,7 +119,7 @@ def _image_of(task: _Task, folder: Path, where: str, imported: Imported) -> tupl
         return "", None
     for candidate in dict.fromkeys(c for c in candidates if c):
         for base in (folder / "images", folder):
-            if climbs(candidate) or os.path.lexists(base / candidate):
+            if escapes_folder(candidate) or os.path.lexists(base / candidate):
                 path = imported.file(candidate, f"{where}, field 'data.image'", base)
                 return candidate, path
     imported.problems.append(f"{where}, field 'data.image': {quote(candidates[-2] or url)} not found under "

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+import glob
 import os
 
 from training.data.files import UnsafeFile, open_regular
@@ -70,7 +71,7 @@ def read(src: Path, options: dict[str, Any]) -> Imported:
         if "/" in stem or "\\" in stem or stem.startswith(".."):
             imported.problems.append(f"{quote(stem)}: not a plain image name")
             continue
-        candidates = [p for p in sorted((src / "JPEGImages").glob(f"{glob_escape(stem)}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        candidates = [p for p in sorted((src / "JPEGImages").glob(f"{glob.escape(stem)}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
         if len(candidates) > 1:
             imported.problems.append(f"JPEGImages/{quote(stem)}.*: {len(candidates)} images of one name "
                                      f"({', '.join(p.name for p in candidates[:4])}); keep one")
@@ -146,13 +147,6 @@ def _indexed(path: Path, rel: str, sample, imported: Imported, colours: dict[tup
                                  f"{'or labelmap.txt' if colours else ''}".rstrip())
         return None
     return out
-
-
-def glob_escape(name: str) -> str:
-    """`name` with glob's special characters taken literally."""
-    import glob
-
-    return glob.escape(name)
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:
