@@ -11,7 +11,7 @@ Kubernetes' default 1 s time-out, and the server's RSS growth.
 `--tree PATH` runs the predictor of another checkout (e.g. a `git worktree` of the commit before the
 change), for a before/after table in one session.
 
-    uv run python benchmarks/serving_liveness.py [--clients 27] [--seconds 20] [--body-mb 26] [--tree PATH]
+    uv run python benchmarks/serving_liveness.py [--clients 27] [--seconds 20] [--body-mb 26] [--protocol v1|v2] [--tree PATH]
 """
 
 from __future__ import annotations
@@ -47,15 +47,18 @@ def make_package(folder: Path) -> Path:
     return folder / "package"
 
 
-def large_body(megabytes: float) -> bytes:
-    """A V1 request of one noise PNG whose base64 body is about `megabytes` MB."""
+def large_body(megabytes: float, protocol: str = "v1") -> bytes:
+    """A V1 (or V2) request of one noise PNG whose base64 body is about `megabytes` MB."""
     from PIL import Image
 
     side = int((megabytes * 1e6 * 3 / 4 / 3) ** 0.5)
     pixels = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=0)
-    return json.dumps({"instances": [{"image": {"b64": base64.b64encode(buf.getvalue()).decode()}}]}).encode()
+    text = base64.b64encode(buf.getvalue()).decode()
+    if protocol == "v2":
+        return json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [text]}]}).encode()
+    return json.dumps({"instances": [{"image": {"b64": text}}]}).encode()
 
 
 PROBER = """
@@ -100,11 +103,13 @@ def main() -> int:
     p.add_argument("--body-mb", type=float, default=26)
     p.add_argument("--queue", type=int, default=27)
     p.add_argument("--tree", default="", help="another checkout whose predictor to run")
+    p.add_argument("--protocol", choices=["v1", "v2"], default="v1")
     args = p.parse_args()
 
     from devstack import load
 
-    body = large_body(args.body_mb)
+    body = large_body(args.body_mb, args.protocol)
+    path = "/v2/models/maskrcnn/infer" if args.protocol == "v2" else load.V1_PREDICT
     launcher = None
     if args.tree:
         code = (f"import sys, runpy; sys.path.insert(0, {str(Path(args.tree).resolve())!r}); "
@@ -121,7 +126,7 @@ def main() -> int:
 
             def client() -> None:
                 while time.monotonic() < stop:
-                    answer = load.predict(server.url, body, timeout=120)
+                    answer = load.request(server.url, "POST", path, body, 120)
                     with lock:
                         statuses[answer.status] = statuses.get(answer.status, 0) + 1
 
@@ -132,7 +137,8 @@ def main() -> int:
             growth, loaded = load.peak_rss_growth(server.proc.pid, lambda: probe(server.url, args.seconds - 2), interval=0.05)
             for t in threads:
                 t.join()
-    print(f"{'tree ' + args.tree if args.tree else 'this checkout'}: {args.clients} clients, {len(body) / 1e6:.1f} MB bodies, "
+    print(f"{'tree ' + args.tree if args.tree else 'this checkout'}: {args.clients} clients, {len(body) / 1e6:.1f} MB "
+          f"{args.protocol.upper()} bodies, "
           f"queue {args.queue}, {args.seconds:g} s")
     print("| server | probes | p50 ms | p99 ms | max ms | over 1 s | RSS growth MB | answers |")
     print("|---|---|---|---|---|---|---|---|")

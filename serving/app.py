@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from serving.admission import (CLIENT_LEFT, TICKET, Admission, AdmissionMiddleware, BodyLimit, RequestDropped, drain_budget,
                                prediction_protocol)
+from serving.bodies import lift, restore, restore_v2
 from serving.limits import ServingLimits
 from serving.observe import MODEL, REQUEST_SECONDS
 
@@ -120,6 +121,21 @@ async def _parsing(parse: Callable[[], Any]) -> Any:
     """`parse()` on the one parsing thread. JSON parsing holds the GIL for its whole run (25 ms for 26 MB):
     one body at a time, so that the event loop waits for at most one such run, never for a convoy of them."""
     return await asyncio.get_running_loop().run_in_executor(PARSER, parse)
+
+
+def _decode_v1(dataplane, body: bytes, headers: dict[str, str]) -> tuple[Any, Any]:
+    """kserve's decoding of a V1 body (JSON, or a CloudEvent), with its long strings lifted out first
+    (`serving.bodies`): the parser holds the GIL for the short rest only."""
+    skeleton, lifted = lift(body)
+    payload, attributes = dataplane.decode(skeleton, headers)
+    return restore(payload, lifted), attributes
+
+
+def _parse_v2(model, body: bytes):
+    """An Open Inference Protocol body validated as kserve's `InferenceRequest`, its long strings lifted out
+    first (`serving.bodies`)."""
+    skeleton, lifted = lift(body)
+    return restore_v2(model.model_validate_json(skeleton), lifted)
 
 
 async def _body(request: Request) -> list[bytes]:
@@ -211,7 +227,7 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
             raise ModelNotReady(model_name)
         headers = dict(request.headers.items())
         pieces = await _body(request)
-        payload, attributes = await _parsing(lambda: dataplane.decode(b"".join(pieces), headers))
+        payload, attributes = await _parsing(lambda: _decode_v1(dataplane, b"".join(pieces), headers))
         del pieces
         answer, answer_headers = await dataplane.infer(model_name=model_name, request=payload, headers=headers)
         del payload
@@ -223,7 +239,7 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
         """kserve's V2 handler, given the Open Inference Protocol request parsed off the event loop."""
         try:
             pieces = await _body(request)
-            parsed = await _parsing(lambda: InferenceRequest.model_validate_json(b"".join(pieces)))
+            parsed = await _parsing(lambda: _parse_v2(InferenceRequest, b"".join(pieces)))
             del pieces
         except ValidationError as exc:
             errors = exc.errors(include_input=False)

@@ -172,6 +172,29 @@ def test_bad_input_is_a_400_and_the_server_keeps_serving(client, body, status, m
     assert client.post("/v1/models/maskrcnn:predict", json=v1(encode_image(picture()))).status_code == 200
 
 
+def test_large_images_are_answered_as_the_model_sees_them_on_both_protocols(client, predictor):
+    """An image whose base64 is longer than `LIFT_AT` is lifted out of the body before parsing
+    (`serving.bodies`): V1, V1 as a data URL and V2 answer what the model gives for the image."""
+    from serving.bodies import LIFT_AT
+
+    img = picture(size=64)
+    img = np.concatenate([img, np.random.default_rng(1).integers(0, 255, (400, 64, 3), dtype=np.uint8)])
+    png = encode_image(img, "PNG")
+    text = base64.b64encode(png).decode()
+    assert len(text) >= LIFT_AT
+    (expected,) = predictor.infer([decode_image(png)], threshold=0.0, max_det=5, overlay=False)
+    answers = [client.post("/v1/models/maskrcnn:predict", json=v1(png, score_threshold=0.0, max_detections=5)),
+               client.post("/v1/models/maskrcnn:predict", json={"instances": [{"b64": "data:image/png;base64," + text}],
+                                                               "parameters": {"score_threshold": 0.0, "max_detections": 5}}),
+               client.post("/v2/models/maskrcnn/infer", json={**_v2(png, False), "parameters": {"score_threshold": 0.0,
+                                                                                                 "max_detections": 5}})]
+    assert [a.status_code for a in answers] == [200, 200, 200], answers[-1].text[:300]
+    got = [a.json()["predictions"][0] for a in answers[:2]] + [json.loads(answers[2].json()["outputs"][0]["data"][0])]
+    assert expected["detections"] and all(g["detections"] == expected["detections"] for g in got)
+    broken = client.post("/v1/models/maskrcnn:predict", json={"instances": [{"b64": text[:-8] + "!!!!" + text[-4:]}]})
+    assert broken.status_code == 400 and "instances[0]: not valid base64" in broken.json()["error"]
+
+
 def test_oversized_body_is_refused_before_it_is_read(client):
     resp = client.post("/v1/models/maskrcnn:predict", content=b"x" * (MAX_BODY + 1),
                        headers={"content-type": "application/json"})
