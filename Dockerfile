@@ -50,8 +50,9 @@ RUN --mount=type=cache,id=maskrcnn-uv,target=/root/.cache/uv \
 FROM ${BASE} AS serving
 ARG GIT_COMMIT=""
 COPY --from=serving-env /opt/venv /opt/venv
-# Only what the predictor imports: serving/ and the package reader, pre- and post-processing from training/.
-COPY training /app/training
+# Only what the predictor imports: the bottom package (maskrcnn/: the package reader, the graph's runtime,
+# pre- and post-processing) and serving/.
+COPY maskrcnn /app/maskrcnn
 COPY serving /app/serving
 RUN useradd --create-home --home-dir /home/app --uid 1000 --user-group app && mkdir -p /work && chown 1000:1000 /work
 USER 1000:1000
@@ -70,6 +71,7 @@ WORKDIR /app
 # development infrastructure has no place in the production image). uv's cache stays out of the layers.
 COPY pyproject.toml uv.lock ./
 RUN --mount=type=cache,id=maskrcnn-uv,target=/root/.cache/uv uv sync --locked --no-dev --no-install-project
+COPY maskrcnn ./maskrcnn
 COPY training ./training
 COPY release ./release
 COPY pipelines ./pipelines

@@ -26,7 +26,7 @@ import sys
 
 from batch.job import Request, run_batch
 from batch.shards import BatchError, Settings
-from training.data.sources import SourceError
+from maskrcnn.storage import SourceError
 
 log = logging.getLogger("batch")
 
@@ -54,26 +54,23 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.logs import setup_logging
-    from training.package import PackageError
-    from training.signature import SignatureError, public_key_sources
+    from maskrcnn import cli
+    from maskrcnn.logs import setup_logging
+    from maskrcnn.package import PackageError
+    from maskrcnn.signature import SignatureError, public_key_sources
 
     setup_logging()
     args = get_args_parser().parse_args(argv)
-    try:
+
+    def batch() -> int:
         keys = public_key_sources(args.public_keys)
         settings = Settings(args.shard_size, args.score_threshold, args.max_detections, args.overlays, args.masks)
         request = Request(args.source, args.output, args.package or "", args.model or "", args.tracking_uri, settings,
                           args.concurrency, args.threads, args.address, tuple(keys))
-        totals = run_batch(request)
-    except (BatchError, PackageError, SourceError, SignatureError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    except RuntimeError as exc:
-        log.error("%s", exc)
-        return 1
-    log.info("done: %s", json.dumps(totals))
-    return 0
+        log.info("done: %s", json.dumps(run_batch(request)))
+        return 0
+
+    return cli.run(batch, {(BatchError, PackageError, SourceError, SignatureError, ValueError): 2, RuntimeError: 1}, log)
 
 
 if __name__ == "__main__":

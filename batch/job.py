@@ -14,7 +14,7 @@ from typing import Any
 
 from batch.runner import check, default_threads, run
 from batch.shards import BatchError, Plan, Settings, list_images
-from training.data.sources import is_remote
+from maskrcnn.storage import is_remote
 
 log = logging.getLogger("batch")
 
@@ -52,8 +52,8 @@ def load_package(request: Request, tmp: str):
     signed, stamped copy at its `serving.storage_uri`) when it was published, else MLflow's copy; either is
     refused unless its digest is the one the version records (`serving.package_digest`, or for an
     unpublished version `gate.scored_digest`). With `public_keys`, the package must be signed by one."""
-    from training.package import open_package
-    from training.signature import load_public_keys
+    from maskrcnn.package import open_package
+    from maskrcnn.signature import load_public_keys
 
     keys = [k for source in request.public_keys for k in load_public_keys(source)] or None
     if request.model:
@@ -67,7 +67,7 @@ def _registered(request: Request, tmp: str, keys):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from training.package import open_package
+    from maskrcnn.package import open_package
     from training.registry import DIGEST_TAG, SCORED_DIGEST_TAG, STORAGE_URI_TAG
     from training.tracking import download_model
 

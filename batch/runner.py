@@ -15,10 +15,8 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,31 +33,15 @@ class ShardRunner:
     def __init__(self, files: Any, source: str, output: str, settings: dict[str, Any], threads: int) -> None:
         import ray
 
-        from training.graph import OnnxDetector
-        from training.package import PackageError, open_package
+        from maskrcnn.package import Package
 
         files = ray.get(files) if isinstance(files, ray.ObjectRef) else files  # the package's bytes, put once
-
-        with tempfile.TemporaryDirectory() as tmp:  # the same reader as everywhere: the bytes are verified again
-            folder = Path(tmp)
-            for name, data in files.items():
-                (folder / name).write_bytes(data)
-            package = open_package(folder, weights=None)  # the weights (torch) only when there is no graph
+        # the same reader as everywhere, from the bytes (verified again); the weights (torch) only without a graph
+        package = Package.from_files(files, "the run's package", weights=None)
         self.source, self.output, self.settings = source, output, Settings(**settings)
         self.label_map, self.mask_threshold = package.label_map, package.config.eval.mask_threshold
         self.sizes = package.config.model.min_size, package.config.model.max_size
-        if package.graph is not None:
-            self.network = OnnxDetector(package.graph, threads).run
-            problem = package.probe.mismatch(self.network, 600.0)
-            if problem:
-                raise PackageError(f"the network does not answer the package's probe as its weights did: {problem}")
-        else:
-            import torch
-
-            from training.onnx_detector import eager_runner
-
-            torch.set_num_threads(threads)
-            self.network = eager_runner(package.build_model())
+        self.network = package.network("auto", "cpu", threads).run  # probe-checked, graph or eager alike
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.run(Shard(int(i), list(names), int(first)))
@@ -67,12 +49,12 @@ class ShardRunner:
         return {key: np.asarray([r[key] for r in rows]) for key in rows[0]}
 
     def run(self, shard: Shard) -> dict[str, Any]:
-        from training.data.images import decode_image
-        from training.transform import detect
+        from maskrcnn.images import decode_image
+        from maskrcnn.processing import detect
         from training.metrics import to_coco_results
 
-        from training.data.images import ImageError
-        from training.data.sources import SourceError
+        from maskrcnn.images import ImageError
+        from maskrcnn.storage import SourceError
 
         started = time.perf_counter()
         images, results, failed = [], [], 0
@@ -104,8 +86,8 @@ class ShardRunner:
     def _pictures(self, name: str, pixels: np.ndarray, pred: dict[str, Any]) -> None:
         from PIL import Image
 
-        from training.data.masks import decode_segmentation
-        from training.visualize import colour, draw_predictions
+        from maskrcnn.masks import decode_segmentation
+        from maskrcnn.visualize import colour, draw_predictions
 
         stem = f"{name}.png"  # the source's suffix kept: a.jpg and a.png are two images
         if self.settings.overlays:

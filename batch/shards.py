@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from training.data.formats import IMAGE_SUFFIXES
-from training.data.sources import escapes_folder, is_remote, list_objects
+from maskrcnn.storage import escapes_folder, is_remote, list_objects
 
 MAX_IMAGES = 10_000_000
 MAX_IMAGE_BYTES = 256 << 20

@@ -1,5 +1,5 @@
 """Reading images from, and writing results to, a folder or an object store prefix (the one scheme table
-of `training.data.sources`). Results are written whole: a local file by rename, an object by one PUT, so
+of `maskrcnn.storage`). Results are written whole: a local file by rename, an object by one PUT, so
 a shard's results file exists only once it is complete."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from training.data.sources import (ObjectExists, SourceError, create_object, download_object, is_remote, list_objects, store,
-                                   upload_object)
+from maskrcnn.storage import ObjectExists, SourceError, create_object, is_remote, list_objects, read_object, write_object
 
 
 def join(prefix: str, name: str) -> str:
@@ -23,24 +22,15 @@ def read_bytes(source: str, name: str, limit: int) -> bytes:
     if not is_remote(source):
         path = Path(source) / name
         if path.stat().st_size > limit:
-            raise SourceError(f"{path}: above {limit} bytes")
+            raise SourceError(f"{path}: above the limit of {limit} bytes")
         return path.read_bytes()
-    _, _, prefix = store(source)
-    with tempfile.TemporaryDirectory() as tmp:
-        dest = Path(tmp) / "object"
-        download_object(source, f"{prefix}/{name}" if prefix else name, dest)
-        if dest.stat().st_size > limit:
-            raise SourceError(f"{join(source, name)}: above {limit} bytes")
-        return dest.read_bytes()
+    return read_object(join(source, name), limit)[0]  # in memory, at most `limit` + 1 bytes fetched
 
 
 def write(output: str, name: str, data: bytes) -> None:
     """`data` as `name` under `output`, whole or not at all."""
     if is_remote(output):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "object"
-            path.write_bytes(data)
-            upload_object(join(output, name), path)
+        write_object(join(output, name), data)
         return
     target = Path(output) / name
     target.parent.mkdir(parents=True, exist_ok=True)

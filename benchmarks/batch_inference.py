@@ -2,7 +2,7 @@
 predictor, over the same images, on the same threads, in one run.
 
 - plain loop: one process, the package's graph in ONNX Runtime (THREADS threads) with the pre- and
-  post-processing of `training.transform.detect`, image after image: the compute a batch job cannot beat;
+  post-processing of `maskrcnn.processing.detect`, image after image: the compute a batch job cannot beat;
 - batch: `python -m batch` (a local Ray, one actor of THREADS threads, shards of 16): images/s of its
   actor on the shards (reading, inference, writing the results; the steady state of a long run), over its
   run (the actor's start, package check and probe included), and over its wall time with Ray's start-up;
@@ -33,17 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_vs_flask import images as make_images, make_package  # noqa: E402
 
 from devstack.load import predictor, run_load  # noqa: E402
-from training.logs import setup_logging  # noqa: E402
+from maskrcnn.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("benchmarks.batch")
 
 
 def plain_loop(package_dir: Path, files: list[Path], threads: int) -> float:
     """Images/s of the package's graph over `files`, one after another, in this process."""
-    from training.data.images import decode_image
-    from training.graph import OnnxDetector
-    from training.package import open_package
-    from training.transform import detect
+    from maskrcnn.images import decode_image
+    from maskrcnn.onnx_runtime import OnnxDetector
+    from maskrcnn.package import open_package
+    from maskrcnn.processing import detect
 
     package = open_package(package_dir, weights=False)
     run, sizes = OnnxDetector(package.graph, threads).run, (package.config.model.min_size, package.config.model.max_size)

@@ -1,7 +1,7 @@
 """Batching concurrent requests (issue 24, item 3): one graph run on B images against B single-image runs
 side by side, for the package's network.
 
-The serving graph takes one image (`training.onnx_detector.DetectorGraph`). This exports a variant that
+The serving graph takes one image (`training.onnx_export.DetectorGraph`). This exports a variant that
 takes B images of the same padded size at once (`BatchedGraph`: torchvision's own batched backbone, RPN
 and RoI heads; outputs concatenated, with each detection's image index) and times, on the validation
 images of the package's config (each resized and padded as the predictor does):
@@ -9,7 +9,7 @@ images of the package's config (each resized and padded as the predictor does):
 - the predictor today: one image per thread at once, on one single-thread session (`--inference-workers`);
 - one image at a time on all threads;
 - B images in one run, on all threads (what batching concurrent requests would do), after checking that
-  its detections of each image are the single-image graph's (`training.graph.detection_mismatch`).
+  its detections of each image are the single-image graph's (`maskrcnn.onnx_runtime.detection_mismatch`).
 
     uv run python benchmarks/batched_graph.py --package PKG [--batch 2,4] [--images 32]
 """
@@ -32,7 +32,7 @@ from torchvision.models.detection.image_list import ImageList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.graph import OnnxDetector  # noqa: E402
+from maskrcnn.onnx_runtime import OnnxDetector  # noqa: E402
 
 
 class BatchedGraph(nn.Module):
@@ -53,7 +53,7 @@ class BatchedGraph(nn.Module):
 
 
 def export_batched(model: nn.Module, batch: int, images: np.ndarray, sizes: np.ndarray, path: Path) -> bytes:
-    from training.onnx_detector import OPSET, _rows_merge_levels
+    from training.onnx_export import OPSET, _rows_merge_levels
 
     with warnings.catch_warnings(), _rows_merge_levels():
         warnings.simplefilter("ignore")
@@ -76,7 +76,7 @@ def session(graph: bytes, threads: int):
 
 def check(sess, stack: tuple[np.ndarray, np.ndarray], singles: list[tuple[np.ndarray, ...]]) -> None:
     """The batched graph's detections of each image are the single-image graph's (else the timing is moot)."""
-    from training.graph import OUTPUTS, detection_mismatch
+    from maskrcnn.onnx_runtime import OUTPUTS, detection_mismatch
 
     *outputs, image = sess.run(None, {"images": stack[0], "sizes": stack[1].astype(np.int64)})
     for i, expected in enumerate(singles):
@@ -105,8 +105,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     from training.data.prepare import prepare_data
-    from training.package import open_package
-    from training.transform import preprocess
+    from maskrcnn.package import open_package
+    from maskrcnn.processing import preprocess
 
     package = open_package(args.package, cache_dir=Path(tempfile.mkdtemp()))
     model, cfg = package.build_model(), package.config

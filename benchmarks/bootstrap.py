@@ -36,7 +36,7 @@ def to_predictions(results: list[dict], label_of: dict[int, int]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from training.bootstrap import ImageMatches, paired_bootstrap
-    from training.data.labels import LabelMap
+    from maskrcnn.labels import LabelMap
     from training.metrics import coco_map, to_coco_results
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -92,10 +92,10 @@ def onnx_inference_seconds(model, image, threads: int, repeats: int) -> tuple[fl
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
-    from training.graph import OnnxDetector
-    from training.model import input_sizes
-    from training.onnx_detector import export_onnx
-    from training.transform import preprocess
+    from maskrcnn.onnx_runtime import OnnxDetector
+    from maskrcnn.model import input_sizes
+    from training.onnx_export import export_onnx
+    from maskrcnn.processing import preprocess
 
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,8 +129,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = args.device
 
-    from training.config import load_config
-    from training.model import build_model
+    from maskrcnn.config import load_config
+    from maskrcnn.model import build_model
 
     cfg = load_config(args.config, args.overrides)
     batch = cfg.train.batch_size

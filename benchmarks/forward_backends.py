@@ -1,6 +1,6 @@
 """The predictor's forward pass on CPU: eager PyTorch against in-process alternatives, speed and mAP.
 
-For one trained serving package, each backend is timed on the same threads with `training.transform.detect`
+For one trained serving package, each backend is timed on the same threads with `maskrcnn.processing.detect`
 (the predictor's own pre-processing, network and post-processing, at the package's score threshold) on validation images
 resized to each `--sizes` square, and scored (segm/bbox mAP) on the validation split at its native size.
 A backend is a candidate only if its segm mAP is within 0.005 of eager.
@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from training.data.prepare import prepare_data
-from training.model import input_sizes
-from training.onnx_detector import eager_runner
-from training.transform import detect
+from maskrcnn.model import input_sizes
+from maskrcnn.eager import eager_runner
+from maskrcnn.processing import detect
 from training.evaluate import evaluate_model
-from training.package import open_package
-from training.logs import setup_logging
-from training.graph import ONNX_FILE, OUTPUTS, OnnxDetector
+from maskrcnn.package import open_package
+from maskrcnn.logs import setup_logging
+from maskrcnn.onnx_runtime import ONNX_FILE, OUTPUTS, OnnxDetector
 
 log = logging.getLogger("benchmark")
 
@@ -149,7 +149,7 @@ def median_ms(fn, images: list[torch.Tensor]) -> float:
 
 
 def score(model, graph, val, config) -> float:
-    metrics, _ = evaluate_model(model, val, config.eval, graph=graph)
+    metrics, _ = evaluate_model(model, val, config.eval, network=graph)
     return metrics["segm_mAP"]
 
 

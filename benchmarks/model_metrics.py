@@ -67,7 +67,7 @@ def metric_calls_us(metrics, megapixels: float, detections: int, repeats: int = 
 
 def main() -> None:
     from serving.predictor import MaskRCNNPredictor
-    from training.data.images import decode_image
+    from maskrcnn.images import decode_image
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24)

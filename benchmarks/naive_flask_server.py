@@ -15,7 +15,7 @@ from flask import Flask, jsonify, request
 from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
-from training.package import open_package
+from maskrcnn.package import open_package
 
 app = Flask(__name__)
 device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")

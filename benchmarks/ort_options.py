@@ -2,7 +2,7 @@
 graph against the predictor's own session, speed and accuracy side by side in one run.
 
 Variants (all on the CPU provider, `--threads` intra-op threads unless said):
-- `one image, all threads`: the predictor's session (`training.graph.OnnxDetector`: ORT_ENABLE_ALL,
+- `one image, all threads`: the predictor's session (`maskrcnn.onnx_runtime.OnnxDetector`: ORT_ENABLE_ALL,
   sequential, one inter-op thread) running one image at a time, as the predictor did until it ran
   several inference workers: the baseline of the ratios;
 - `offline-optimised`: the graph optimised once and saved (`optimized_model_filepath`), then loaded with
@@ -95,9 +95,9 @@ def main() -> None:
     from training.data.prepare import prepare_data
     from training.inference import predict
     from training.metrics import evaluate_predictions
-    from training.model import input_sizes
-    from training.package import open_package
-    from training.transform import preprocess
+    from maskrcnn.model import input_sizes
+    from maskrcnn.package import open_package
+    from maskrcnn.processing import preprocess
 
     package = open_package(args.package)
     model, cfg = package.build_model(), package.config

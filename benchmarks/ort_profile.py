@@ -45,10 +45,10 @@ def main() -> None:
     from benchmarks.ceiling import matmul_flops_per_s
     from training.data.dataset import CocoDataset
     from training.data.prepare import prepare_data
-    from training.graph import OnnxDetector
-    from training.onnx_detector import eager_runner
-    from training.package import open_package
-    from training.transform import preprocess
+    from maskrcnn.onnx_runtime import OnnxDetector
+    from maskrcnn.eager import eager_runner
+    from maskrcnn.package import open_package
+    from maskrcnn.processing import preprocess
 
     package = open_package(args.package, cache_dir=Path(tempfile.mkdtemp()))
     cfg = package.config

@@ -1,7 +1,7 @@
 """The predictor's start-up before and after the verified package (issue 18): load time and peak memory.
 
 Each row is a fresh process that imports the predictor, loads a package of the same seeded model
-(the main job's default architecture: `training/configs/default.yaml`) and reports how long `load()`
+(the main job's default architecture: `maskrcnn/configs/default.yaml`) and reports how long `load()`
 took and its peak RSS:
 
 - `before`: the code at `--before` (default ea358d2, the last commit before the package reader), from a
@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MAKE_BEFORE = """
 import sys, torch
 from training.checkpoint import save_checkpoint
-from training.config import CONFIG_DIR, load_config
-from training.data.labels import LabelMap
+from maskrcnn.config import CONFIG_DIR, load_config
+from maskrcnn.labels import LabelMap
 from training.export import export_package
-from training.model import build_model
+from maskrcnn.model import build_model
 cfg = load_config(CONFIG_DIR / "default.yaml", [])
 torch.manual_seed(0)
 labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
@@ -48,10 +48,10 @@ MAKE_AFTER = """
 import sys, torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives import serialization
-from training.config import CONFIG_DIR, load_config
-from training.data.labels import LabelMap
-from training.model import build_model
-from training.package import write_package
+from maskrcnn.config import CONFIG_DIR, load_config
+from maskrcnn.labels import LabelMap
+from maskrcnn.model import build_model
+from training.export import write_package
 cfg = load_config(CONFIG_DIR / "default.yaml", [])
 torch.manual_seed(0)
 labels = LabelMap([1, 2, 3], ["circle", "square", "triangle"])
@@ -79,10 +79,10 @@ print(json.dumps({"import_s": imported - started, "load_s": loaded - imported,
 BREAKDOWN = """
 import json, sys, time
 import torch
-import training.model, training.onnx_detector  # imported before the clock starts, as in the predictor
-from training.package import open_package
-from training.graph import OnnxDetector
-from training.signature import load_public_keys
+import maskrcnn.model, training.onnx_export  # imported before the clock starts, as in the predictor
+from maskrcnn.package import open_package
+from maskrcnn.onnx_runtime import OnnxDetector
+from maskrcnn.signature import load_public_keys
 keys = load_public_keys(sys.argv[2])
 t = [time.perf_counter()]
 package = open_package(sys.argv[1]); t.append(time.perf_counter())

@@ -24,13 +24,13 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from training.checkpoint import load_checkpoint
-from training.config import load_config
+from maskrcnn.config import load_config
 from training.data.dataset import CocoDataset, collate
 from training.data.prepare import prepare_data
 from training.data.transforms import build_train_transform
 from training.engine import build_optimizer
-from training.logs import setup_logging
-from training.model import build_model
+from maskrcnn.logs import setup_logging
+from maskrcnn.model import build_model
 
 PARTS = {
     "transform": "transform",

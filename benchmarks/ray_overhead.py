@@ -32,13 +32,13 @@ import time
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from training.config import Config, load_config
+from maskrcnn.config import Config, load_config
 from training.data.dataset import CocoDataset, collate
 from training.data.prepare import prepare_data
 from training.data.transforms import build_train_transform
 from training.engine import build_optimizer, lr_lambda, train_one_epoch
-from training.logs import setup_logging
-from training.model import build_model
+from maskrcnn.logs import setup_logging
+from maskrcnn.model import build_model
 
 log = logging.getLogger("benchmark")
 

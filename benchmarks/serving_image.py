@@ -36,10 +36,10 @@ log = logging.getLogger("benchmark")
 def make_package(config: str, folder: Path) -> Path:
     import torch
 
-    from training.config import CONFIG_DIR, load_config
-    from training.data.labels import LabelMap
-    from training.model import build_model
-    from training.package import write_package
+    from maskrcnn.config import CONFIG_DIR, load_config
+    from maskrcnn.labels import LabelMap
+    from maskrcnn.model import build_model
+    from training.export import write_package
 
     cfg = load_config(CONFIG_DIR / f"{config}.yaml", [])
     torch.manual_seed(0)

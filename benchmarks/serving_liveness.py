@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 def make_package(folder: Path) -> Path:
     import torch
 
-    from training.config import CONFIG_DIR, load_config
-    from training.data.labels import LabelMap
-    from training.model import build_model
-    from training.package import write_package
+    from maskrcnn.config import CONFIG_DIR, load_config
+    from maskrcnn.labels import LabelMap
+    from maskrcnn.model import build_model
+    from training.export import write_package
 
     cfg = load_config(CONFIG_DIR / "tiny.yaml", [])
     torch.manual_seed(0)

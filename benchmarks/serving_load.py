@@ -1,4 +1,4 @@
-"""The predictor under load and faults: the figures behind `tests/test_serving_faults.py`.
+"""The predictor under load and faults: the figures behind `tests/serving/test_serving_faults.py`.
 
 `python -m serving` on 127.0.0.1 with a package of the default config's architecture (seeded weights,
 images resized to `--image-size`), driven by the bounded clients of `devstack.load`:
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.serving_vs_flask import make_package  # noqa: E402
 from devstack import load  # noqa: E402
-from training.logs import setup_logging  # noqa: E402
+from maskrcnn.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("benchmarks.serving_load")
 

@@ -3,7 +3,7 @@
 `before`: what the predictor did until issue 11, torchvision's own post-processing: all images of the
 request decoded, one batched forward pass, and every detection's mask pasted at full resolution as
 float32 at once (twice over: a list, then a stacked copy), then thresholded. `after`: the predictor now,
-one image at a time through `training.transform.detect`, masks pasted a few at a time within
+one image at a time through `maskrcnn.processing.detect`, masks pasted a few at a time within
 `MASK_BUDGET_BYTES` and encoded as they go, with the network in ONNX Runtime (the package's
 `detector.onnx`, the predictor's default); `eager`: the same with `--backend eager`.
 
@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def make_package(folder: Path, detections: int) -> Path:
     import torch
 
-    from training.config import CONFIG_DIR, load_config
-    from training.data.labels import LabelMap
-    from training.model import build_model
-    from training.package import write_package
+    from maskrcnn.config import CONFIG_DIR, load_config
+    from maskrcnn.labels import LabelMap
+    from maskrcnn.model import build_model
+    from training.export import write_package
 
     # An untrained model with no score floor returns exactly `detections` instances per image.
     cfg = load_config(CONFIG_DIR / "default.yaml", [f"model.box_detections_per_img={detections}", "model.box_score_thresh=0",
@@ -66,8 +66,8 @@ def measure(mode: str, package: str, megapixels: float, detections: int, count: 
     import torch
 
     from serving.predictor import MaskRCNNPredictor
-    from training.data.images import decode_image, to_tensor
-    from training.data.masks import encode_masks
+    from maskrcnn.images import decode_image, to_tensor
+    from maskrcnn.masks import encode_masks
 
     page = os.sysconf("SC_PAGE_SIZE")
 
@@ -94,7 +94,7 @@ def measure(mode: str, package: str, megapixels: float, detections: int, count: 
         found = sum(len(r["detections"]) for r in results)
     else:
         with torch.inference_mode():
-            from training.package import open_package
+            from maskrcnn.package import open_package
 
             model = open_package(package).build_model()  # torchvision's own, every mask pasted at once
             outputs = model([to_tensor(decode_image(b, 64_000_000)) for b in blobs])

@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devstack.procs import free_port  # noqa: E402
-from training.logs import setup_logging  # noqa: E402
+from maskrcnn.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("benchmarks.serving")
 
@@ -48,10 +48,10 @@ log = logging.getLogger("benchmarks.serving")
 def make_package(folder: Path, image_size: int, config: str = "default") -> Path:
     import torch
 
-    from training.config import CONFIG_DIR, load_config
-    from training.data.labels import LabelMap
-    from training.model import build_model
-    from training.package import write_package
+    from maskrcnn.config import CONFIG_DIR, load_config
+    from maskrcnn.labels import LabelMap
+    from maskrcnn.model import build_model
+    from training.export import write_package
 
     cfg = load_config(CONFIG_DIR / f"{config}.yaml", [f"model.min_size={image_size}", f"model.max_size={image_size}"])
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--package", help="a trained serving package (default: seeded weights at --image-size)")
-    parser.add_argument("--config", default="default", help="the seeded package's architecture (training/configs/NAME.yaml)")
+    parser.add_argument("--config", default="default", help="the seeded package's architecture (maskrcnn/configs/NAME.yaml)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every server runs its model")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))

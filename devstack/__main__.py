@@ -13,7 +13,7 @@ from pathlib import Path
 
 from devstack.local import LocalStack, Ports
 from devstack.procs import StackError
-from training.logs import setup_logging
+from maskrcnn.logs import setup_logging
 
 log = logging.getLogger("devstack")
 

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 from devstack.procs import StackError, port_open, require_binary, run, running_pid, stop_pid, tail, wait_for, write_private
-from training.waiting import WaitTimeout, poll_until
+from maskrcnn.waiting import WaitTimeout, poll_until
 
 log = logging.getLogger(__name__)
 

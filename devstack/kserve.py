@@ -10,8 +10,8 @@ from pathlib import Path
 
 from devstack.podman import HARDENED, Podman
 from devstack.procs import StackError
-from training.config import MODEL_NAME
-from training.waiting import WaitTimeout, poll_until
+from maskrcnn.names import MODEL_NAME
+from maskrcnn.waiting import WaitTimeout, poll_until
 
 PUBLIC_KEYS_MOUNT = "/etc/maskrcnn/public-keys"  # as deployment/base/servingruntime.yaml mounts the ConfigMap
 

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devstack.procs import StackError
-from training.waiting import WaitTimeout, poll_until
+from maskrcnn.waiting import WaitTimeout, poll_until
 
 log = logging.getLogger("devstack")
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "localhost/debian-python:bookworm"
 IMAGE_REPO = "localhost/maskrcnn-platform"
-CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "training", "release", "pipelines", "serving", "batch")
+CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "maskrcnn", "training", "release", "pipelines", "serving",
+           "batch")
 SERVING_REPO = "localhost/maskrcnn-serving"
-SERVING_CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "training", "serving")
+SERVING_CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "uv.lock", "maskrcnn", "serving")
 """What the Dockerfile's `serving` target reads: its tag changes only when these do."""
 INITIALIZER_DIR = Path(__file__).resolve().parent / "storage_initializer"
 INITIALIZER_REPO = "localhost/kserve-storage-initializer"

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from training.waiting import WaitTimeout, poll_until
+from maskrcnn.waiting import WaitTimeout, poll_until
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ PACKAGES: dict[str, str] = {
     "openssl": "the Kubernetes API server's test certificates",
     "prometheus": "the alerting rules' checks (promtool) and a real Prometheus scraping the predictor (devstack/monitoring.py)",
     "prometheus-alertmanager": "a real Alertmanager delivering the alerts (devstack/monitoring.py)",
-    "docker-registry": "a real OCI registry on 127.0.0.1 that `release ship` pushes to (tests/test_ship.py)",
+    "docker-registry": "a real OCI registry on 127.0.0.1 that `release ship` pushes to (tests/release/test_ship.py)",
 }
 BINARIES = {"kubectl": "`kubectl kustomize` renders the manifests (install kubectl from your Kubernetes vendor)"}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from devstack.podman import HARDENED, Podman
 from devstack.procs import StackError, free_port
-from training.waiting import WaitTimeout, poll_until
+from maskrcnn.waiting import WaitTimeout, poll_until
 
 log = logging.getLogger("devstack")
 

@@ -59,7 +59,7 @@ def rehearse(stack: LocalStack, work: Path, port: int = 0, model_name: str = "ma
     timings["ray cluster"] = time.monotonic() - start
     docker_host, api = podman.api()
     bucket = stack.state.models_bucket
-    from training.signature import generate_keypair
+    from maskrcnn.signature import generate_keypair
 
     keys = Path(tempfile.mkdtemp(prefix="signing-", dir=work))
     (keys / "public").mkdir()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipelines.components import DEFAULT_IMAGE
 from pipelines.pipeline import DEFAULT_ACCELERATOR, build_batch_pipeline, build_pipeline
-from training.logs import setup_logging
+from maskrcnn.logs import setup_logging
 
 DEFAULT_OUTPUT = Path(__file__).with_name("maskrcnn_pipeline.yaml")
 BATCH_OUTPUT = Path(__file__).with_name("batch_pipeline.yaml")

@@ -66,12 +66,11 @@ def train(config: str, overrides: list, dataset: Input[Dataset], ray_address: st
 
 def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, model_name: str, run_id: str,
              metrics: Output[Metrics], report: Output[HTML]) -> NamedTuple("EvalOutputs", segm_map=float, mask_iou=float, bbox_map=float,
-                                                     champion_version=str, champion_segm_map=float, interval=dict,
-                                                     package_digest=str):
+                                                     evidence=dict, package_digest=str):
     """COCO mAP (bbox, segm) and mask IoU of the candidate's serving package on the held-out split, and of
-    the current `champion`'s package from the MLflow registry on the same split (champion_version is
-    empty when there is none), with the paired bootstrap interval of their segm mAP difference (`interval`:
-    training.bootstrap.Interval's fields; empty without a champion). The evaluation report (per-class AP/AR,
+    the current `champion`'s package from the MLflow registry on the same split, with the paired bootstrap
+    interval of their segm mAP difference: the gate's `evidence` (`release.gate.Evidence.to_dict()`; its
+    `champion` and `interval` are null when there is no champion). The evaluation report (per-class AP/AR,
     precision-recall curves, confusion matrix, threshold sweep, worst images, against the champion) is the
     step's HTML output, shown in the KFP UI, and goes to the candidate's MLflow run as gate/report.html.
     `package_digest`: the digest of the package scored (its SHA256SUMS); promote refuses any other."""
@@ -79,7 +78,7 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, mo
 
     from release.scoring import score_candidate_and_champion
     from training.data.prepare import load_prepared
-    from training.package import open_package
+    from maskrcnn.package import open_package
     from training.tracking import resolve_tracking_uri
 
     import os
@@ -90,39 +89,37 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, mo
 
     uri = resolve_tracking_uri(tracking_uri)
     package = open_package(model.path)
-    out = score_candidate_and_champion(package, load_prepared(dataset.path).val, uri, model_name, report=report.path)
-    out["package_digest"] = package.digest
+    evidence = score_candidate_and_champion(package, load_prepared(dataset.path).val, uri, model_name, report=report.path)
     with tempfile.TemporaryDirectory() as tmp:  # named .html, so that MLflow's UI shows it as a page
         MlflowClient(uri).log_artifact(run_id, shutil.copy(report.path, os.path.join(tmp, "report.html")), "gate")
-    for key, value in out.items():
-        if isinstance(value, float):
-            metrics.log_metric(key, value)
-    if out["interval"]:
-        for key, name in (("delta", "segm_map_delta"), ("low", "segm_map_delta_low"), ("high", "segm_map_delta_high")):
-            metrics.log_metric(name, out["interval"][key])
-    names = ["segm_map", "mask_iou", "bbox_map", "champion_version", "champion_segm_map", "interval", "package_digest"]
-    return namedtuple("EvalOutputs", names)(*(out[n] for n in names))
+    for key in ("segm_map", "mask_iou", "bbox_map", "segm_ap50", "mask_recall"):
+        metrics.log_metric(key, getattr(evidence, key))
+    if evidence.champion is not None:
+        metrics.log_metric("champion_segm_map", evidence.champion.segm_map)
+        metrics.log_metric("champion_mask_iou", evidence.champion.mask_iou)
+    if evidence.interval is not None:
+        for name, value in (("segm_map_delta", evidence.interval.delta), ("segm_map_delta_low", evidence.interval.low),
+                            ("segm_map_delta_high", evidence.interval.high)):
+            metrics.log_metric(name, value)
+    return namedtuple("EvalOutputs", ["segm_map", "mask_iou", "bbox_map", "evidence", "package_digest"])(
+        evidence.segm_map, evidence.mask_iou, evidence.bbox_map, evidence.to_dict(), package.digest)
 
 
-def gate(segm_map: float, mask_iou: float, champion_version: str, champion_segm_map: float, interval: dict,
-         min_segm_map: float, min_mask_iou: float, margin: float, require_lower_bound: bool, run_id: str,
+def gate(evidence: dict, min_segm_map: float, min_mask_iou: float, margin: float, require_lower_bound: bool, run_id: str,
          tracking_uri: str, metrics: Output[Metrics]) -> NamedTuple("GateOutputs", decision=str, reason=str, evidence=dict):
     """Promote only if segm mAP and mask IoU pass their thresholds and segm mAP beats the champion's by
-    `margin` (with `require_lower_bound`, the lower bound of the bootstrap `interval` too). The decision,
+    `margin` (with `require_lower_bound`, the lower bound of the bootstrap interval too), as `release.gate.judge`
+    reads the evaluate step's `evidence`. The decision,
     its reason and the interval go to the Metrics and to the MLflow run (tags gate.*); `evidence` is the
     interval as the registry's gate.* tags, for the promote step."""
     from collections import namedtuple
 
     from mlflow.tracking import MlflowClient
 
-    from release.gate import decide, record_gate
-    from training.bootstrap import Interval
+    from release.gate import Evidence, Thresholds, judge, record_gate
     from training.tracking import resolve_tracking_uri
 
-    result = decide(segm_map, mask_iou, min_segm_map=min_segm_map, min_mask_iou=min_mask_iou, margin=margin,
-                    champion_segm_map=champion_segm_map if champion_version else None, champion_version=champion_version,
-                    interval=Interval.from_dict(dict(interval)) if interval else None,
-                    require_lower_bound=require_lower_bound)
+    result = judge(Evidence.from_dict(dict(evidence)), Thresholds(min_segm_map, min_mask_iou, margin, require_lower_bound))
     record_gate(MlflowClient(resolve_tracking_uri(tracking_uri)), run_id, result)
     metrics.log_metric("promote", 1.0 if result.promote else 0.0)
     metrics.metadata["reason"] = result.reason

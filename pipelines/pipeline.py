@@ -4,13 +4,13 @@ promote (register, publish, point KServe at it) or reject (recorded, and the run
 
 from kfp import dsl, kubernetes
 
+from maskrcnn.names import BATCH_PIPELINE_NAME, MODEL_NAME, PIPELINE_NAME  # noqa: F401  (re-exported: the pipelines' names)
 from pipelines.components import DEFAULT_IMAGE, make_batch_component, make_components
-from training.config import MODEL_NAME
+from release.gate import Thresholds
 
 DESCRIPTION = __doc__
+GATE = Thresholds()  # the gate's defaults, written once in release.gate
 
-PIPELINE_NAME = "maskrcnn-train-gate-serve"
-BATCH_PIPELINE_NAME = "maskrcnn-batch-inference"
 BATCH_DESCRIPTION = ("Batch inference on Ray Data: a registered model (default the champion) or a serving package over "
                      "every image under an s3:// or gs:// prefix, COCO results per shard to an output prefix; resumable.")
 
@@ -68,10 +68,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
         data_format: str = "",
         ray_address: str = "",
         model_name: str = MODEL_NAME,
-        min_segm_map: float = 0.5,
-        min_mask_iou: float = 0.7,
-        margin: float = 0.0,
-        require_lower_bound: bool = False,
+        min_segm_map: float = GATE.min_segm_map,
+        min_mask_iou: float = GATE.min_mask_iou,
+        margin: float = GATE.margin,
+        require_lower_bound: bool = GATE.require_lower_bound,
         isvc_name: str = MODEL_NAME,
         namespace: str = "models",
         canary_percent: int = 0,
@@ -96,10 +96,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, train_gpus: int = 0, accelerator:
                                         tracking_uri=tracking_uri, model_name=model_name,
                                         run_id=trained.outputs["run_id"]), "evaluate", shm=True)
         scored.set_caching_options(False)  # the champion may have changed since
-        decided = steps.gate(segm_map=scored.outputs["segm_map"], mask_iou=scored.outputs["mask_iou"],
-                             champion_version=scored.outputs["champion_version"],
-                             champion_segm_map=scored.outputs["champion_segm_map"],
-                             interval=scored.outputs["interval"], min_segm_map=min_segm_map, min_mask_iou=min_mask_iou,
+        decided = steps.gate(evidence=scored.outputs["evidence"], min_segm_map=min_segm_map, min_mask_iou=min_mask_iou,
                              margin=margin, require_lower_bound=require_lower_bound, run_id=trained.outputs["run_id"],
                              tracking_uri=tracking_uri)
         _harden(decided, "gate").set_caching_options(False)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipelines.components import DEFAULT_IMAGE
 from pipelines.pipeline import build_pipeline
-from training.logs import setup_logging
+from maskrcnn.logs import setup_logging
 
 log = logging.getLogger("pipelines.run_local")
 
@@ -98,7 +98,7 @@ def run_local(pipeline_root: str | Path, runner: str = "subprocess", image: str 
 LOCAL_DEFAULTS = {"config": "tiny", "storage_prefix": "s3://models", "isvc_name": "",
                   "tracking_uri": "$MLFLOW_TRACKING_URI"}
 HELP = {
-    "config": "config name in training/configs or a YAML path",
+    "config": "config name in maskrcnn/configs or a YAML path",
     "overrides": "override a config field, SECTION.FIELD=VALUE (repeatable)",
     "tracking_uri": "the MLflow server (default $MLFLOW_TRACKING_URI; empty: ./mlflow.db)",
     "storage_prefix": "where serving packages go (s3:// or gs://)",

@@ -39,18 +39,21 @@ from pathlib import Path
 
 from release.canary import CanaryBounds, CanaryError
 from release.deploy import DeployError
+from release.gate import Thresholds
 from release.lease import DEFAULT_DURATION_S
-from release.promote import SIGNING_KEY_ENV
+from maskrcnn import cli
+from maskrcnn.names import PIPELINE_NAME, SIGNING_KEY_ENV
 from release.ship import KFP_TOKEN_ENV
 from release.publish import PublishError
-from training.config import MODEL_NAME
-from training.logs import setup_logging
+from maskrcnn.names import MODEL_NAME
+from maskrcnn.logs import setup_logging
 
 log = logging.getLogger("release")
 
 REJECTED = 3
 CANARY_ROLLED_BACK = 4
 IN_FLIGHT = 5
+GATE = Thresholds()  # the gate's defaults, written once in release.gate
 PROMETHEUS_TOKEN_ENV = "MASKRCNN_PROMETHEUS_TOKEN_FILE"
 
 
@@ -70,13 +73,32 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="how long the InferenceService's release Lease outlives a killed release (renewed every "
                         "third of it while the release runs)")
     sub = p.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("promote", help="score, gate, register, publish, deploy, move champion")
+    _promote_arguments(sub.add_parser("promote", help="score, gate, register, publish, deploy, move champion"))
+    _ship_arguments(sub.add_parser("ship", help="build and push the image, compile the pipeline on its digest, upload it "
+                                                "to Kubeflow as a version named after the commit, optionally run or "
+                                                "schedule it"))
+    _retrain_arguments(sub.add_parser("retrain", help="start the pipeline when the data's content hash differs from the "
+                                                      "champion's (for a CronJob: deployment/retrain)"))
+    sub.add_parser("placeholders", help="fill the manifests' placeholders from `terraform output -json placeholders` "
+                                        "on stdin (infra/gke)")
+    back = sub.add_parser("rollback", help="serve an earlier published version again and move champion to it")
+    back.add_argument("version")
+    back.add_argument("--reason", default="rolled back by hand")
+    sub.add_parser("recover", help="finish or undo a release of --isvc-name that was killed before it ended (from "
+                                   "the intent on its Lease)")
+    keys = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing packages (see the README)")
+    keys.add_argument("private_key", help="file for the private key (created owner-only; never overwritten)")
+    keys.add_argument("public_key", help="file for the public key (PEM), for the predictor's ConfigMap")
+    return p
+
+
+def _promote_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("run_id", help="MLflow run whose logged model is the candidate")
     up.add_argument("--storage-prefix", required=True, help="s3:// or gs:// prefix for serving packages")
     up.add_argument("--val-data", default="", help="validation split (folder, s3://, gs://); default: the model's own")
-    up.add_argument("--min-segm-map", type=float, default=0.5)
-    up.add_argument("--min-mask-iou", type=float, default=0.7)
-    up.add_argument("--margin", type=float, default=0.0, help="segm mAP the candidate must beat the champion by")
+    up.add_argument("--min-segm-map", type=float, default=GATE.min_segm_map)
+    up.add_argument("--min-mask-iou", type=float, default=GATE.min_mask_iou)
+    up.add_argument("--margin", type=float, default=GATE.margin, help="segm mAP the candidate must beat the champion by")
     up.add_argument("--require-lower-bound", action="store_true",
                     help="the lower bound of the 95%% paired-bootstrap interval of candidate - champion segm mAP must "
                          "exceed --margin too (better beyond the validation split's noise)")
@@ -95,8 +117,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     up.add_argument("--signing-key", default=os.environ.get(SIGNING_KEY_ENV, ""),
                     help=f"Ed25519 private key (PEM file, e.g. a mounted Secret) that signs the published package's "
                          f"SHA256SUMS; default ${SIGNING_KEY_ENV}; empty: unsigned")
-    out = sub.add_parser("ship", help="build and push the image, compile the pipeline on its digest, upload it to "
-                                      "Kubeflow as a version named after the commit, optionally run or schedule it")
+
+
+def _ship_arguments(out: argparse.ArgumentParser) -> None:
     out.add_argument("--repository", required=True,
                      help="the image's repository without tag, e.g. REGION-docker.pkg.dev/PROJECT/maskrcnn/platform")
     out.add_argument("--commit", default="", help="the git commit (default: git rev-parse HEAD)")
@@ -116,14 +139,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--kfp-namespace", default="", help="multi-user Kubeflow: the profile namespace")
     out.add_argument("--kfp-token-file", default=os.environ.get(KFP_TOKEN_ENV, ""),
                      help=f"a file holding the bearer token for Kubeflow (default ${KFP_TOKEN_ENV})")
-    out.add_argument("--pipeline-name", default="maskrcnn-train-gate-serve")
+    out.add_argument("--pipeline-name", default=PIPELINE_NAME)
     out.add_argument("--experiment", default="maskrcnn")
     out.add_argument("--run", action="store_true", help="start one run of the new version")
     out.add_argument("--cron", default="", help="make the new version the recurring run (6 fields, seconds first)")
     out.add_argument("--param", action="append", default=[], metavar="KEY=JSON",
                      help="a pipeline parameter of the runs, its value as JSON or a plain string (repeatable)")
-    again = sub.add_parser("retrain", help="start the pipeline when the data's content hash differs from the champion's "
-                                           "(for a CronJob: deployment/retrain)")
+
+
+def _retrain_arguments(again: argparse.ArgumentParser) -> None:
     again.add_argument("--data", required=True, help="the training data prefix (s3://, gs://, folder), as the pipeline's data")
     again.add_argument("--val-data", default="", help="the validation split (default: held out of --data)")
     again.add_argument("--config", default="default", help="the training config the pipeline runs (its data settings)")
@@ -137,20 +161,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     again.add_argument("--kfp-host", required=True, help="Kubeflow Pipelines' API")
     again.add_argument("--kfp-namespace", default="")
     again.add_argument("--kfp-token-file", default=os.environ.get(KFP_TOKEN_ENV, ""))
-    again.add_argument("--pipeline-name", default="maskrcnn-train-gate-serve")
+    again.add_argument("--pipeline-name", default=PIPELINE_NAME)
     again.add_argument("--experiment", default="maskrcnn")
     again.add_argument("--param", action="append", default=[], metavar="KEY=JSON", help="another pipeline parameter (repeatable)")
-    sub.add_parser("placeholders", help="fill the manifests' placeholders from `terraform output -json placeholders` "
-                                        "on stdin (infra/gke)")
-    back = sub.add_parser("rollback", help="serve an earlier published version again and move champion to it")
-    back.add_argument("version")
-    back.add_argument("--reason", default="rolled back by hand")
-    sub.add_parser("recover", help="finish or undo a release of --isvc-name that was killed before it ended (from "
-                                   "the intent on its Lease)")
-    keys = sub.add_parser("keygen", help="write a new Ed25519 key pair for signing packages (see the README)")
-    keys.add_argument("private_key", help="file for the private key (created owner-only; never overwritten)")
-    keys.add_argument("public_key", help="file for the public key (PEM), for the predictor's ConfigMap")
-    return p
 
 
 def logged_model_of(client, run_id: str) -> str:
@@ -175,12 +188,11 @@ def validation_split(package, val_data: str):
 def cmd_promote(args: argparse.Namespace, tracking_uri: str) -> int:
     from mlflow.tracking import MlflowClient
 
-    from release.gate import decide, record_gate
+    from release.gate import judge, record_gate
     from release.promote import promote
     from release.scoring import score_candidate_and_champion
-    from training.bootstrap import Interval
-    from training.package import open_package
-    from training.signature import load_private_key
+    from maskrcnn.package import open_package
+    from maskrcnn.signature import load_private_key
     from training.tracking import download_model
 
     signing_key = load_private_key(args.signing_key) if args.signing_key else None  # before any work: fail fast
@@ -194,12 +206,7 @@ def cmd_promote(args: argparse.Namespace, tracking_uri: str) -> int:
         scores = score_candidate_and_champion(package, validation_split(package, args.val_data), tracking_uri,
                                               args.model_name, report=report)
         client.log_artifact(args.run_id, str(report), "gate")  # the gate's view: against the champion
-    decision = decide(scores["segm_map"], scores["mask_iou"], min_segm_map=args.min_segm_map,
-                      min_mask_iou=args.min_mask_iou, margin=args.margin,
-                      champion_segm_map=scores["champion_segm_map"] if scores["champion_version"] else None,
-                      champion_version=scores["champion_version"],
-                      interval=Interval.from_dict(scores["interval"]) if scores["interval"] else None,
-                      require_lower_bound=args.require_lower_bound)
+    decision = judge(scores, Thresholds(args.min_segm_map, args.min_mask_iou, args.margin, args.require_lower_bound))
     record_gate(client, args.run_id, decision)
     if not decision.promote:
         log.warning("%s", decision.reason)
@@ -251,7 +258,7 @@ def cmd_recover(args: argparse.Namespace, tracking_uri: str) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from training.signature import generate_keypair
+    from maskrcnn.signature import generate_keypair
 
     try:
         key = generate_keypair(args.private_key, args.public_key)
@@ -292,10 +299,10 @@ def _token(path: str, flag: str) -> str:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from release.retrain import RetrainError, RetrainPlan, retrain
     from training.data.coco import DatasetError
-    from training.data.sources import SourceError
+    from maskrcnn.storage import SourceError
     from training.tracking import resolve_tracking_uri
 
-    try:
+    def run() -> int:
         token = _token(args.kfp_token_file, "--kfp-token-file")
         plan = RetrainPlan(data=args.data, val_data=args.val_data, config=args.config, claims=args.claims,
                            release_record=args.release_record, staging=args.staging, grace_s=args.grace_seconds,
@@ -304,14 +311,11 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                            pipeline_name=args.pipeline_name, experiment=args.experiment,
                            params=_pairs(args.param, "--param"))
         result = retrain(plan, token)
-    except (ValueError, OSError, DatasetError) as exc:
-        log.error("%s", exc)
-        return 2
-    except (RetrainError, SourceError) as exc:
-        log.error("retrain: %s", exc)
-        return 1
-    log.info("retrain: %s (dataset %s)%s", result.action, result.dataset_hash[:12], f", run {result.run_id}" if result.run_id else "")
-    return 0
+        log.info("retrain: %s (dataset %s)%s", result.action, result.dataset_hash[:12],
+                 f", run {result.run_id}" if result.run_id else "")
+        return 0
+
+    return cli.run(run, {(ValueError, OSError, DatasetError): 2, (RetrainError, SourceError): 1}, log, "retrain: ")
 
 
 def cmd_ship(args: argparse.Namespace) -> int:
@@ -320,28 +324,32 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
     from release.ship import ShipError, ShipPlan, ship
 
-    try:
+    def plan() -> ShipPlan:
         commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                                check=True).stdout.strip()
-        token = _token(args.kfp_token_file, "--kfp-token-file")
-        plan = ShipPlan(repository=args.repository, commit=commit, tag=args.tag, builder=args.builder,
+        return ShipPlan(repository=args.repository, commit=commit, tag=args.tag, builder=args.builder,
                         context=Path(args.context), containerfile=Path(args.containerfile),
                         build_args=_pairs(args.build_arg, "--build-arg", as_json=False), tls_verify=not args.insecure_registry,
                         kfp_host=args.kfp_host, kfp_namespace=args.kfp_namespace, pipeline_name=args.pipeline_name,
                         experiment=args.experiment, run=args.run, cron=args.cron,
                         params=_pairs(args.param, "--param"), output=Path(args.output), prebuilt=args.prebuilt,
                         record=args.record)
-    except (ValueError, OSError, subprocess.CalledProcessError) as exc:
-        log.error("%s", exc)
-        return 2
-    try:
-        shipped = ship(plan, token)
-    except ShipError as exc:
-        log.error("%s", exc)
-        return 1
-    log.info("shipped %s@%s; pipeline %s%s", plan.repository, shipped.digest, shipped.pipeline_yaml,
-             f", version {shipped.version_id}" if shipped.version_id else "")
-    return 0
+
+    def run() -> int:
+        try:  # a bad flag (2) before anything is built or pushed, a failed ship (1) after
+            planned, token = plan(), _token(args.kfp_token_file, "--kfp-token-file")
+        except (ValueError, OSError, subprocess.CalledProcessError) as exc:
+            raise _Usage(exc) from exc
+        shipped = ship(planned, token)
+        log.info("shipped %s@%s; pipeline %s%s", planned.repository, shipped.digest, shipped.pipeline_yaml,
+                 f", version {shipped.version_id}" if shipped.version_id else "")
+        return 0
+
+    return cli.run(run, {_Usage: 2, ShipError: 1}, log)
+
+
+class _Usage(Exception):
+    """A command's input is wrong (exit 2), whatever the error that said so."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         return fill_main()
     from mlflow.exceptions import MlflowException
 
-    from training.config import ConfigError
+    from maskrcnn.config import ConfigError
     from training.data.coco import DatasetError
-    from training.package import PackageError
-    from training.signature import SignatureError
+    from maskrcnn.package import PackageError
+    from maskrcnn.signature import SignatureError
     from release.interrupt import Interrupted, unwind_on_signals
     from release.lease import LeaseError, ReleaseInFlight
     from release.promote import CanaryRejected
@@ -374,25 +382,19 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[PROMOTER_ENV] = f"{args.namespace}/{args.as_service_account}"
     command = {"promote": cmd_promote, "rollback": cmd_rollback, "recover": cmd_recover}[args.command]
-    try:
-        with unwind_on_signals():
-            return command(args, tracking_uri)
-    except Interrupted as exc:
-        log.error("%s: %s stopped after unwinding (see the version's promotion.failed tag)", exc, args.command)
-        return exc.exit_code
-    except ReleaseInFlight as exc:
-        log.error("%s", exc)
-        return IN_FLIGHT
-    except (FileNotFoundError, ConfigError, DatasetError, MlflowException, PackageError, SignatureError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    except CanaryRejected as exc:
-        log.error("%s", exc)
-        return CANARY_ROLLED_BACK
-    except (PublishError, DeployError, CanaryError, LeaseError) as exc:
-        log.error("%s", exc)
-        return 1
 
+    def run() -> int:
+        try:
+            with unwind_on_signals():
+                return command(args, tracking_uri)
+        except Interrupted as exc:
+            log.error("%s: %s stopped after unwinding (see the version's promotion.failed tag)", exc, args.command)
+            return exc.exit_code
+
+    return cli.run(run, {ReleaseInFlight: IN_FLIGHT, CanaryRejected: CANARY_ROLLED_BACK,
+                         (FileNotFoundError, ConfigError, DatasetError, MlflowException, PackageError, SignatureError,
+                          ValueError): 2,
+                         (PublishError, DeployError, CanaryError, LeaseError): 1}, log)
 
 if __name__ == "__main__":
     sys.exit(main())

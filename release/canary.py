@@ -45,7 +45,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from training.waiting import connection_error, retry_call
+from maskrcnn.waiting import connection_error, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class PrometheusApi:
             with urllib.request.urlopen(request, timeout=self.timeout) as answer:  # noqa: S310 - http(s) checked above
                 return json.loads(answer.read(16 << 20))
         except urllib.error.HTTPError as exc:
-            exc.status = exc.code  # for training.waiting.connection_error: 5xx and 429 are transient
+            exc.status = exc.code  # for maskrcnn.waiting.connection_error: 5xx and 429 are transient
             raise
         except urllib.error.URLError as exc:  # refused, reset, unresolvable: worth another try
             raise ConnectionError(f"{self.url}: {exc.reason}") from exc

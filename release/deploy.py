@@ -27,8 +27,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from training.package import DIGEST_ANNOTATION, VERSION_ANNOTATION
-from training.waiting import WaitTimeout, connection_error, describe, poll_until, retry_call
+from maskrcnn.package import DIGEST_ANNOTATION, VERSION_ANNOTATION
+from maskrcnn.waiting import WaitTimeout, connection_error, describe, poll_until, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def update_storage_uri(name: str, namespace: str, uri: str, *, canary_percent: i
     `timeout` seconds, fails, or the wait itself fails. With the URI unchanged and only the canary setting
     changing (a canary promoted to 100%), KServe creates no revision: it waits for the traffic to move.
 
-    Transient API errors (connection failures, 429, 5xx) are retried (`training.waiting`); any other error
+    Transient API errors (connection failures, 429, 5xx) are retried (`maskrcnn.waiting`); any other error
     while waiting rolls back and raises DeployError. When the URI is already set, nothing is patched, but it
     still waits until KServe serves it (and raises DeployError, with nothing to roll back, if it does not).
     `annotations`: the release's annotations (RELEASE_ANNOTATIONS), written in the same patch and restored

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
@@ -31,6 +32,63 @@ class GateDecision:
     def tags(self) -> dict[str, str]:
         """The decision as the registry's `gate.*` evidence."""
         return {"decision": self.decision, "reason": self.reason, **self.evidence}
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registered champion, scored with the candidate's settings on the candidate's split."""
+
+    version: str
+    segm_map: float
+    mask_iou: float
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the gate judges: the candidate's metrics and, when there is a comparable champion, the champion's
+    on the same split with the paired bootstrap of candidate - champion segm mAP (`interval`)."""
+
+    segm_map: float
+    mask_iou: float
+    bbox_map: float
+    segm_ap50: float
+    mask_recall: float
+    champion: Champion | None = None
+    interval: Interval | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (a Kubeflow step's output); `from_dict` reads them back."""
+        return asdict(self)  # nested: the champion and the interval as dicts (or None)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Evidence:
+        values = dict(values)
+        champion = values.pop("champion", None)
+        interval = values.pop("interval", None)
+        return cls(**values, champion=Champion(**champion) if champion else None,
+                   interval=Interval.from_dict(interval) if interval else None)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The gate's rule, its defaults written here once (the CLI's flags and the pipeline's parameters read them)."""
+
+    min_segm_map: float = 0.5
+    min_mask_iou: float = 0.7
+    margin: float = 0.0
+    """segm mAP the candidate must beat the champion by"""
+    require_lower_bound: bool = False
+    """the bootstrap interval's lower bound must exceed `margin` too"""
+
+
+def judge(evidence: Evidence, thresholds: Thresholds) -> GateDecision:
+    """`decide` on the scoring step's evidence (`release.scoring.Evidence`)."""
+    champion = evidence.champion
+    return decide(evidence.segm_map, evidence.mask_iou, min_segm_map=thresholds.min_segm_map,
+                  min_mask_iou=thresholds.min_mask_iou, margin=thresholds.margin,
+                  champion_segm_map=champion.segm_map if champion else None,
+                  champion_version=champion.version if champion else "",
+                  interval=evidence.interval if champion else None, require_lower_bound=thresholds.require_lower_bound)
 
 
 def decide(segm_map: float, mask_iou: float, *, min_segm_map: float, min_mask_iou: float, margin: float,

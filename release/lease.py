@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from training.waiting import retry_call
+from maskrcnn.waiting import retry_call
 
 log = logging.getLogger(__name__)
 

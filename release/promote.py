@@ -31,7 +31,7 @@ It ends in one of two states, whatever fails in between: the new model is served
 
 A plain promote (and a rollback) clears a leftover `canaryTrafficPercent`, so all the traffic goes to
 the version the champion names. Transient errors of the API and the stores are retried by one policy
-(`training.waiting`).
+(`maskrcnn.waiting`).
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ from release.gate import GateDecision
 from release.interrupt import Interrupted
 from release.lease import DEFAULT_DURATION_S, Intent, ReleaseLease
 from release.publish import publish_package
-from training.package import DIGEST_ANNOTATION, VERSION_ANNOTATION, Package, open_package
+from maskrcnn.package import DIGEST_ANNOTATION, VERSION_ANNOTATION, Package, open_package
 from training.registry import (CHAMPION, DIGEST_TAG, SCORED_DIGEST_TAG, STORAGE_URI_TAG, get_alias,  # noqa: F401 (tags re-exported)
                                register_package, set_alias)
-from training.waiting import describe, retry_call
+from maskrcnn.waiting import describe, retry_call
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 FAILED_TAG = "promotion.failed"
 INTENT_TAG = "promotion.intent"
 SIGNER_TAG = "serving.signed_by"
-SIGNING_KEY_ENV = "MASKRCNN_SIGNING_KEY_FILE"
+from maskrcnn.names import SIGNING_KEY_ENV
 
 
 class CanaryRejected(DeployError):
@@ -172,7 +172,7 @@ def promote(*, package_dir: str | Path | Package, model_uri: str, tracking_uri: 
 
 
 def promised(version: str, digest: str | None) -> dict[str, str | None]:
-    """The release annotations that tell the predictor which package to serve (training.package)."""
+    """The release annotations that tell the predictor which package to serve (maskrcnn.package)."""
     return {VERSION_ANNOTATION: str(version), DIGEST_ANNOTATION: digest}
 
 
@@ -223,7 +223,7 @@ def signing_key_from_env() -> Ed25519PrivateKey | None:
     package is then published unsigned."""
     import os
 
-    from training.signature import load_private_key
+    from maskrcnn.signature import load_private_key
 
     path = os.environ.get(SIGNING_KEY_ENV, "")
     if path.startswith("gcpkms://"):  # a key version in Cloud KMS (README: signing with Cloud KMS)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import tempfile
 
-from training.data.sources import ObjectExists, SourceError, create_object, is_remote, list_objects
-from training.package import CHECKSUM_FILE, SIGNATURE_FILE, Package, PackageError, open_package
+from maskrcnn.storage import ObjectExists, SourceError, create_object, is_remote, list_objects
+from maskrcnn.package import CHECKSUM_FILE, SIGNATURE_FILE, Package, PackageError, open_package
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from maskrcnn.names import PIPELINE_NAME
+
 log = logging.getLogger(__name__)
 
 CLAIM_SUFFIX = ".json"
@@ -58,7 +60,7 @@ class RetrainPlan:
     release_record: str = ""  # the record `release ship --record` wrote: the pipeline version to run
     val_data: str = ""
     config: str = "default"
-    pipeline_name: str = "maskrcnn-train-gate-serve"
+    pipeline_name: str = PIPELINE_NAME
     experiment: str = "maskrcnn"
     kfp_namespace: str = ""
     params: dict[str, Any] = field(default_factory=dict)
@@ -66,7 +68,7 @@ class RetrainPlan:
     grace_s: float = 3600.0  # how long a claim without a live run is honoured before it is taken over
 
     def __post_init__(self) -> None:
-        from training.data.sources import is_remote
+        from maskrcnn.storage import is_remote
 
         if not is_remote(self.claims):
             raise ValueError(f"retrain: claims {self.claims!r}: expected an s3:// or gs:// prefix (a conditional "
@@ -94,7 +96,7 @@ class RetrainResult:
 
 def prepared_data(plan: RetrainPlan, cache_dir: Path, train: str = "", val: str | None = None):
     """The data as the pipeline's prepare step would see it (fetched, validated, hashed)."""
-    from training.config import load_config
+    from maskrcnn.config import load_config
     from training.data.prepare import prepare_data
 
     cfg = load_config(plan.config, [])
@@ -112,7 +114,7 @@ def champion_hash(tracking_uri: str, model_name: str) -> str | None:
     from mlflow.tracking import MlflowClient
 
     from training.registry import CHAMPION, get_alias
-    from training.waiting import retry_call
+    from maskrcnn.waiting import retry_call
 
     version = retry_call(get_alias, MlflowClient(tracking_uri), model_name, CHAMPION, what=f"reading {model_name}@{CHAMPION}")
     return (version.tags or {}).get("dataset_hash") if version is not None else None
@@ -139,7 +141,7 @@ def stage(prepared, plan: RetrainPlan, digest: str) -> tuple[str, str, bool]:
     pipeline, and whether any file was already there (from a run that failed, or anyone else's write): then
     the copy must be hashed again (`verify_staged`); files this call created are the bytes it hashed."""
     from training.data.prepare import files_by_root
-    from training.data.sources import ObjectExists, create_object, escapes_folder
+    from maskrcnn.storage import ObjectExists, create_object, escapes_folder
 
     prefix = f"{plan.staging_prefix}/{digest}"
     roots = list(files_by_root(prepared).items())
@@ -192,7 +194,7 @@ def _claim_is_stale(claim: dict[str, Any], client, grace_s: float) -> str:
 
 def retrain(plan: RetrainPlan, token: str = "", client=None) -> RetrainResult:
     """The five steps (see the module's docstring)."""
-    from training.data.sources import (ObjectChanged, ObjectExists, create_object, delete_object, read_object,
+    from maskrcnn.storage import (ObjectChanged, ObjectExists, create_object, delete_object, read_object,
                                        replace_object)
     from release.lease import holder_identity
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from maskrcnn.names import PIPELINE_NAME
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ class ShipPlan:
     tls_verify: bool = True  # False only for a registry on 127.0.0.1 without TLS (tests)
     kfp_host: str = ""  # empty: compile only, upload nothing
     kfp_namespace: str = ""  # multi-user Kubeflow: the profile namespace
-    pipeline_name: str = "maskrcnn-train-gate-serve"  # pipelines.pipeline.PIPELINE_NAME (a test checks)
+    pipeline_name: str = PIPELINE_NAME
     experiment: str = "maskrcnn"
     run: bool = False  # start one run of the new version
     cron: str = ""  # make it the recurring run on this schedule (6 fields, seconds first)
@@ -95,7 +97,7 @@ class ShipPlan:
         if self.prebuilt and not DIGEST.fullmatch(self.prebuilt):
             raise ValueError(f"ship: prebuilt {self.prebuilt!r}: expected the pushed image's digest, sha256:<64 hex>")
         if self.record:
-            from training.data.sources import is_remote
+            from maskrcnn.storage import is_remote
 
             if not is_remote(self.record) or not self.record.endswith(".json"):
                 raise ValueError(f"ship: record {self.record!r}: expected an s3:// or gs:// object ending in .json")
@@ -218,7 +220,7 @@ def write_release_record(plan: ShipPlan, shipped: Shipped) -> None:
     import os
     from datetime import UTC, datetime
 
-    from training.data.sources import upload_object
+    from maskrcnn.storage import upload_object
 
     record = {"pipeline_name": plan.pipeline_name, "pipeline_id": shipped.pipeline_id, "version_id": shipped.version_id,
               "version_name": plan.commit, "image": shipped.pinned,
@@ -232,7 +234,7 @@ def write_release_record(plan: ShipPlan, shipped: Shipped) -> None:
 
 def read_release_record(uri: str) -> dict[str, str]:
     """The record `write_release_record` wrote; ValueError naming the field that is missing or wrong."""
-    from training.data.sources import read_object
+    from maskrcnn.storage import read_object
 
     if not uri:
         raise ValueError("retrain: --release-record is required: the record `release ship --record` writes names the "

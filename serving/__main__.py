@@ -19,10 +19,11 @@ import time
 from serving.limits import (ANSWER_FACTOR, MAX_PIXELS, MIB, ServingLimits, backlog_for_fds, connections_for_fds, memory_budget,
                             queue_for_memory, raise_fd_limit)
 from serving.predictor import BACKENDS, DEFAULT_MODEL_DIR, MAX_DETECTIONS, SCORE_THRESHOLD, MaskRCNNPredictor
-from training.graph import DEVICES
-from training.logs import setup_logging
-from training.package import DIGEST_ANNOTATION, MODEL_NAME, VERSION_ANNOTATION
-from training.signature import PUBLIC_KEYS_ENV, public_key_sources  # noqa: F401 (re-exported)
+from maskrcnn.onnx_runtime import DEVICES
+from maskrcnn.logs import setup_logging
+from maskrcnn.names import MODEL_NAME
+from maskrcnn.package import DIGEST_ANNOTATION, VERSION_ANNOTATION
+from maskrcnn.signature import PUBLIC_KEYS_ENV, public_key_sources  # noqa: F401 (re-exported)
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     from serving.app import build_app
     from serving.server import make_server
 
-    from training.graph import GraphError
-    from training.package import PackageError
-    from training.signature import SignatureError
+    from maskrcnn.onnx_runtime import GraphError
+    from maskrcnn.package import PackageError
+    from maskrcnn.signature import SignatureError
 
     try:
         model = MaskRCNNPredictor(args.model_name, args.model_dir, score_threshold=args.score_threshold,

@@ -161,28 +161,38 @@ async def _json(answer, headers: dict[str, str]) -> Response:
 def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> FastAPI:
     """The FastAPI app for a (loaded) model: its routes, error handlers and the admission middleware.
     The app's `state.admission` is the queue (its `draining` flag is what SIGTERM sets)."""
-    from kserve.errors import (InferenceError, InvalidInput, ModelNotFound, ModelNotReady, generic_exception_handler,
-                               inference_error_handler, invalid_input_handler, model_not_found_handler,
-                               model_not_ready_handler)
     from kserve.model_repository import ModelRepository
     from kserve.protocol.dataplane import DataPlane
-    from kserve.protocol.rest.server import metrics_handler
-    from kserve.protocol.rest.v1_endpoints import V1Endpoints
-    from kserve.protocol.rest.v2_endpoints import V2Endpoints
-    from kserve.protocol.rest.v2_datamodels import InferenceRequest, ModelMetadataResponse
-    from pydantic import ValidationError
 
     limits = limits or ServingLimits()
     registry = ModelRepository()
     registry.update(model)
     dataplane = DataPlane(model_registry=registry)
-    v1, v2 = V1Endpoints(dataplane), V2Endpoints(dataplane)
     app = FastAPI(title="maskrcnn predictor", docs_url=None, redoc_url=None, openapi_url=None)
     admission = Admission(limits.max_queue, limits.request_timeout_s, limits.retry_after_s,
                           drain_bytes=drain_budget(limits.max_body_bytes), model=model.metric_labels)
     health = Health(model, admission)
     READY.labels(*model.metric_labels).set_function(lambda: float(health.ready_problem() is None))
     app.state.admission = admission
+    for path, endpoint, method in [*_info_routes(model, health, dataplane), *_prediction_routes(dataplane)]:
+        app.add_api_route(path, endpoint, methods=[method], response_model=None,
+                          response_class=HTMLResponse if path == "/ui" else JSONResponse)
+    _add_error_handlers(app, limits)
+    # outermost last: count every answer, then admit (or 503), then bound the body
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(AdmissionMiddleware, admission=admission)
+    app.add_middleware(RequestMetrics, model=model)
+    return app
+
+
+Route = tuple[str, Callable[..., Any], str]  # path, endpoint, method
+
+
+def _info_routes(model: MaskRCNNPredictor, health: Health, dataplane) -> list[Route]:
+    """Liveness, readiness, metadata, metrics and the web page, as KServe's V1 and V2 protocols name them."""
+    from kserve.errors import ModelNotFound
+    from kserve.protocol.rest.server import metrics_handler
+    from kserve.protocol.rest.v2_datamodels import ModelMetadataResponse
 
     def named(model_name: str) -> None:
         if model_name != model.name:
@@ -221,8 +231,24 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
     async def page() -> str:
         return render_page(model.name, model.label_map.names)
 
+    return [("/", live, "GET"), ("/metrics", metrics_handler, "GET"), ("/ui", page, "GET"),
+            ("/v1/models", models, "GET"), ("/v1/models/{model_name}", model_ready, "GET"),
+            ("/v2", server_metadata, "GET"), ("/v2/health/live", v2_live, "GET"), ("/v2/health/ready", v2_ready, "GET"),
+            ("/v2/models", models, "GET"), ("/v2/models/{model_name}", model_metadata, "GET"),
+            ("/v2/models/{model_name}/ready", model_ready, "GET")]
+
+
+def _prediction_routes(dataplane) -> list[Route]:
+    """V1 `:predict` and V2 `/infer`: kserve's handlers, with the body parsed and the answer serialised off
+    the event loop."""
+    from kserve.errors import ModelNotReady
+    from kserve.protocol.rest.v2_datamodels import InferenceRequest
+    from kserve.protocol.rest.v2_endpoints import V2Endpoints
+    from pydantic import ValidationError
+
+    v2 = V2Endpoints(dataplane)
+
     async def v1_predict(model_name: str, request: Request) -> Response:
-        """kserve's V1 handler, with the body parsed and the answer serialised off the event loop."""
         if not await dataplane.model_ready(model_name, True):
             raise ModelNotReady(model_name)
         headers = dict(request.headers.items())
@@ -236,7 +262,6 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
         return await _json(answer, answer_headers)
 
     async def v2_infer(model_name: str, request: Request, response: Response) -> Response:
-        """kserve's V2 handler, given the Open Inference Protocol request parsed off the event loop."""
         try:
             pieces = await _body(request)
             parsed = await _parsing(lambda: _parse_v2(InferenceRequest, b"".join(pieces)))
@@ -250,15 +275,15 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
             return answer
         return await _json(answer, {k: v for k, v in response.headers.items() if k != "content-length"})
 
-    routes = [("/", live, "GET"), ("/metrics", metrics_handler, "GET"), ("/ui", page, "GET"),
-              ("/v1/models", models, "GET"), ("/v1/models/{model_name}", model_ready, "GET"),
-              ("/v1/models/{model_name}:predict", v1_predict, "POST"),
-              ("/v2", server_metadata, "GET"), ("/v2/health/live", v2_live, "GET"), ("/v2/health/ready", v2_ready, "GET"),
-              ("/v2/models", models, "GET"), ("/v2/models/{model_name}", model_metadata, "GET"),
-              ("/v2/models/{model_name}/ready", model_ready, "GET"), ("/v2/models/{model_name}/infer", v2_infer, "POST")]
-    for path, endpoint, method in routes:
-        app.add_api_route(path, endpoint, methods=[method], response_model=None,
-                          response_class=HTMLResponse if endpoint is page else JSONResponse)
+    return [("/v1/models/{model_name}:predict", v1_predict, "POST"), ("/v2/models/{model_name}/infer", v2_infer, "POST")]
+
+
+def _add_error_handlers(app: FastAPI, limits: ServingLimits) -> None:
+    """kserve's handlers for its errors; ours for a dropped request, a client gone before its body was read,
+    and a body that fails the schema (named, without echoing it)."""
+    from kserve.errors import (InferenceError, InvalidInput, ModelNotFound, ModelNotReady, generic_exception_handler,
+                               inference_error_handler, invalid_input_handler, model_not_found_handler,
+                               model_not_ready_handler)
 
     for error, handler in ((InvalidInput, invalid_input_handler), (InferenceError, inference_error_handler),
                            (ModelNotFound, model_not_found_handler), (ModelNotReady, model_not_ready_handler),
@@ -285,9 +310,3 @@ def build_app(model: MaskRCNNPredictor, limits: ServingLimits | None = None) -> 
         detail = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
         summary = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in detail)
         return JSONResponse({"error": f"invalid request body: {summary}", "detail": detail}, status_code=422)
-
-    # outermost last: count every answer, then admit (or 503), then bound the body
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(AdmissionMiddleware, admission=admission)
-    app.add_middleware(RequestMetrics, model=model)
-    return app

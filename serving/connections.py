@@ -62,110 +62,147 @@ def drained(transport, most: int = 1 << 16) -> bool:
     return got > 0
 
 
+# uvicorn has no public hook for read time-outs or a connection limit, so the guard subclasses its h11
+# protocol: the one dependency on uvicorn's private API, pinned here (and in pyproject.toml) and checked at
+# start-up, so that an upgrade that changes it fails loudly instead of silently dropping the guard.
+UVICORN_TESTED = "0.54."  # the release series the guard was written and tested against
+PRIVATE_API = {"methods": ("connection_made", "data_received", "on_response_complete", "connection_lost",
+                           "pause_writing", "resume_writing"),
+               "attributes": ("connections", "cycle", "loop", "transport", "client")}
+
+
+def private_api_problems(protocol: type = H11Protocol, version: str | None = None) -> list[str]:
+    """What the guard needs of uvicorn's `H11Protocol` that is not there (empty: all of it is)."""
+    import inspect
+
+    import uvicorn
+
+    version = uvicorn.__version__ if version is None else version
+    problems = [] if version.startswith(UVICORN_TESTED) else [
+        f"uvicorn {version} is not the tested {UVICORN_TESTED}x: check serving/connections.py against it"]
+    problems += [f"H11Protocol.{name}() is gone" for name in PRIVATE_API["methods"] if not callable(getattr(protocol, name, None))]
+    source = "".join(inspect.getsource(cls) for cls in protocol.__mro__ if cls.__module__ != "builtins"
+                     and not cls.__module__.startswith("asyncio"))
+    problems += [f"H11Protocol no longer sets self.{name}" for name in PRIVATE_API["attributes"]
+                 if f"self.{name} =" not in source and f"self.{name}:" not in source]
+    return problems
+
+
 def guarded_protocol(limits: ServingLimits) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with `limits`' read time-outs and connection limit (pass as `Config(http=...)`)."""
+    """uvicorn's h11 protocol with `limits`' read time-outs and connection limit (pass as `Config(http=...)`).
+    Refused (RuntimeError) when uvicorn's private API it builds on is not the one it was tested against."""
+    problems = private_api_problems()
+    if problems:
+        raise RuntimeError("the connection guard cannot be built on this uvicorn: " + "; ".join(problems))
     over_limit = canned("503 Service Unavailable", f"the server is at its limit of {limits.max_connections} "
                         "connections; retry later", limits.retry_after_s)
     header_timeout = canned("408 Request Timeout", f"request headers not received within {limits.header_timeout_s:g} s")
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"limits": limits, "over_limit": over_limit, "header_timeout": header_timeout})
 
-    class GuardedH11Protocol(H11Protocol):
-        _timer: asyncio.TimerHandle | None = None
-        _write_timer: asyncio.TimerHandle | None = None
-        _refused = False
-        _seen_cycle = None
-        _body_deadline = 0.0
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
-                self._refused = True
-                CLOSED.labels("over_limit").inc()
-                transport.write(over_limit)
-                # closed once what the client sent is read (closing with unread data would make its kernel
-                # see a reset, not the 503): at once if its request is already here, else when it comes, or
-                # after half a second if it sends nothing
-                if drained(transport):
-                    transport.close()
-                else:
-                    self._timer = self.loop.call_later(0.5, transport.close)
-                return
-            self._arm(limits.header_timeout_s, self._headers_late)
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with read time-outs, a write time-out and a connection limit; `guarded_protocol`
+    makes one for a `ServingLimits` (its class attributes)."""
 
-        def data_received(self, data: bytes) -> None:
-            if self._refused:
-                self._cancel()
-                self.transport.close()
-                return
-            super().data_received(data)
-            cycle = self.cycle
-            if cycle is not None and cycle is not self._seen_cycle:  # a new request's headers arrived whole
-                self._seen_cycle = cycle
-                self._body_deadline = self.loop.time() + limits.request_timeout_s
-                self._cancel()
-            if cycle is None or cycle.response_complete:  # between requests: the next one's headers are coming
-                if self._timer is None and data:
-                    self._arm(limits.header_timeout_s, self._headers_late)
-            elif cycle.more_body:  # re-armed on every piece, never past the whole body's deadline
-                self._arm(max(0.0, min(limits.body_timeout_s, self._body_deadline - self.loop.time())), self._body_late)
+    limits: ServingLimits = ServingLimits()
+    over_limit = b""  # the canned 503 answer
+    header_timeout = b""  # the canned 408 answer
+    _timer: asyncio.TimerHandle | None = None
+    _write_timer: asyncio.TimerHandle | None = None
+    _refused = False
+    _seen_cycle = None
+    _body_deadline = 0.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._refused = True
+            CLOSED.labels("over_limit").inc()
+            transport.write(self.over_limit)
+            # closed once what the client sent is read (closing with unread data would make its kernel
+            # see a reset, not the 503): at once if its request is already here, else when it comes, or
+            # after half a second if it sends nothing
+            if drained(transport):
+                transport.close()
             else:
-                self._cancel()
+                self._timer = self.loop.call_later(0.5, transport.close)
+            return
+        self._arm(self.limits.header_timeout_s, self._headers_late)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._cancel()  # uvicorn's keep-alive time-out covers the idle connection until data comes
-
-        def connection_lost(self, exc) -> None:
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
             self._cancel()
-            self._reading_again()
-            super().connection_lost(exc)
+            self.transport.close()
+            return
+        super().data_received(data)
+        cycle = self.cycle
+        if cycle is not None and cycle is not self._seen_cycle:  # a new request's headers arrived whole
+            self._seen_cycle = cycle
+            self._body_deadline = self.loop.time() + self.limits.request_timeout_s
+            self._cancel()
+        if cycle is None or cycle.response_complete:  # between requests: the next one's headers are coming
+            if self._timer is None and data:
+                self._arm(self.limits.header_timeout_s, self._headers_late)
+        elif cycle.more_body:  # re-armed on every piece, never past the whole body's deadline
+            self._arm(max(0.0, min(self.limits.body_timeout_s, self._body_deadline - self.loop.time())), self._body_late)
+        else:
+            self._cancel()
 
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            if self._write_timer is None:
-                self._write_timer = self.loop.call_later(limits.body_timeout_s, self._not_reading)
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._cancel()  # uvicorn's keep-alive time-out covers the idle connection until data comes
 
-        def resume_writing(self) -> None:
-            self._reading_again()
-            super().resume_writing()
+    def connection_lost(self, exc) -> None:
+        self._cancel()
+        self._reading_again()
+        super().connection_lost(exc)
 
-        def _reading_again(self) -> None:
-            if self._write_timer is not None:
-                self._write_timer.cancel()
-                self._write_timer = None
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.body_timeout_s, self._not_reading)
 
-        def _not_reading(self) -> None:
+    def resume_writing(self) -> None:
+        self._reading_again()
+        super().resume_writing()
+
+    def _reading_again(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
             self._write_timer = None
-            if self.transport.is_closing():
-                return
-            CLOSED.labels("write_timeout").inc()
-            log.info("closing a connection from %s: its answer was not read for %g s", self.client, limits.body_timeout_s)
-            self.transport.abort()  # drops the buffered answer; the handler's pending write sees the client gone
 
-        def _arm(self, seconds: float, callback) -> None:
-            self._cancel()
-            self._timer = self.loop.call_later(seconds, callback)
+    def _not_reading(self) -> None:
+        self._write_timer = None
+        if self.transport.is_closing():
+            return
+        CLOSED.labels("write_timeout").inc()
+        log.info("closing a connection from %s: its answer was not read for %g s", self.client, self.limits.body_timeout_s)
+        self.transport.abort()  # drops the buffered answer; the handler's pending write sees the client gone
 
-        def _cancel(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+    def _arm(self, seconds: float, callback) -> None:
+        self._cancel()
+        self._timer = self.loop.call_later(seconds, callback)
 
-        def _headers_late(self) -> None:
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
             self._timer = None
-            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
-                return
-            CLOSED.labels("header_timeout").inc()
-            log.info("closing a connection from %s: headers not received within %g s", self.client, limits.header_timeout_s)
-            self.transport.write(header_timeout)
-            self.transport.close()
 
-        def _body_late(self) -> None:
-            self._timer = None
-            if self.transport.is_closing() or self.cycle is None or not self.cycle.more_body:
-                return
-            CLOSED.labels("body_timeout").inc()
-            log.info("closing a connection from %s: request body paused %g s, or incomplete after %g s", self.client,
-                     limits.body_timeout_s, limits.request_timeout_s)
-            self.transport.close()
+    def _headers_late(self) -> None:
+        self._timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return
+        CLOSED.labels("header_timeout").inc()
+        log.info("closing a connection from %s: headers not received within %g s", self.client, self.limits.header_timeout_s)
+        self.transport.write(self.header_timeout)
+        self.transport.close()
 
-    return GuardedH11Protocol
+    def _body_late(self) -> None:
+        self._timer = None
+        if self.transport.is_closing() or self.cycle is None or not self.cycle.more_body:
+            return
+        CLOSED.labels("body_timeout").inc()
+        log.info("closing a connection from %s: request body paused %g s, or incomplete after %g s", self.client,
+                 self.limits.body_timeout_s, self.limits.request_timeout_s)
+        self.transport.close()

@@ -9,9 +9,9 @@
 - `maskrcnn_detections_per_image{model_version}`, `maskrcnn_detection_score{model_version}` (each returned
   detection's score) and `maskrcnn_detections_total{model_version,label}` (the class mix).
 - `maskrcnn_input_megapixels`, `maskrcnn_input_brightness`, `maskrcnn_input_contrast` (`{model_version}`):
-  each decoded image's `training.data.images.image_statistics`, the function the package's reference
+  each decoded image's `maskrcnn.images.image_statistics`, the function the package's reference
   statistics are computed with.
-- The package's reference (`training.reference`, when the package has one), with the same buckets:
+- The package's reference (`maskrcnn.reference`, when the package has one), with the same buckets:
   `maskrcnn_reference_mean{statistic}`, `maskrcnn_reference_bucket{statistic,le}` (cumulative shares, the
   live histogram's `_bucket / _count`), `maskrcnn_reference_class_share{label}`, `maskrcnn_reference_images`.
   `statistic` is one of brightness, contrast, megapixels (`maskrcnn_input_*`), detections_per_image
@@ -32,8 +32,8 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.utils import floatToGoString
 
-from training.data.images import image_statistics
-from training.reference import BUCKETS, Reference
+from maskrcnn.images import image_statistics
+from maskrcnn.reference import BUCKETS, Reference
 
 MAX_CLASS_LABELS = 100
 OTHER = "other"
@@ -49,7 +49,7 @@ FORWARD_SECONDS = Histogram("maskrcnn_forward_seconds", "One image's forward pas
 IN_FLIGHT = Gauge("maskrcnn_inflight_requests", "Images in a forward pass now", MODEL)
 CLASSES = Counter("maskrcnn_detections_total", "Returned detections by class (at most MAX_CLASS_LABELS classes, then 'other')",
                   [*MODEL, "label"])
-# The live distributions, with the reference's buckets (training.reference.BUCKETS), by statistic
+# The live distributions, with the reference's buckets (maskrcnn.reference.BUCKETS), by statistic
 LIVE = {
     "detections_per_image": Histogram("maskrcnn_detections_per_image", "Detections returned per image", MODEL,
                                       buckets=BUCKETS["detections_per_image"]),

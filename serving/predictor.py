@@ -9,13 +9,13 @@ Requests (images as base64; JPG, PNG or TIFF):
 Each image's result: `{"width", "height", "model_version", "detections": [{"label", "category_id",
 "score", "box": [x0, y0, x1, y1], "mask": COCO RLE}]}`, plus `overlay_png` (base64 PNG) when asked.
 V2 returns the same JSON, one string per image, in the BYTES output `detections`.
-Decoding (`training.data.images`), pre- and post-processing (`training.transform`, with the mask threshold
+Decoding (`maskrcnn.images`), pre- and post-processing (`maskrcnn.processing`, with the mask threshold
 from the package's config) are evaluation's own, not copies.
 
 The network runs in ONNX Runtime when the package has `detector.onnx` (backend `auto`, the default, or
 `onnxruntime`, which refuses a package without it), else in eager PyTorch (`eager`). With the graph, torch
 is never imported: the lean serving image (the Dockerfile's `serving` target) has none. The package is read
-through `training.package.open_package` and is served only when the network answers its probe as the
+through `maskrcnn.package.open_package` and is served only when the network answers its probe as the
 weights did when it was exported (and, with public keys configured, only when it is signed by one).
 A label outside the package's label map is a model failure (500), never some class.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import io
 import json
 import logging
@@ -37,7 +36,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, get_args
+from typing import Any, Callable, Literal, get_args
 
 import numpy as np
 import pybase64
@@ -50,13 +49,14 @@ from serving.admission import TICKET, Ticket
 from serving.bodies import LargeText
 from serving.limits import MAX_ANSWER_BYTES, MAX_PIXELS, ServingLimits, memory_budget, workers_for_memory
 from serving.observe import ModelMetrics, model_labels
-from training.reference import MAX_DETECTIONS, SCORE_THRESHOLD
-from training.data.labels import LabelError
-from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from training.transform import MASK_BUDGET_BYTES, Network, detect
-from training.graph import CPU_EP, DEVICES, GraphError, OnnxDetector, providers_here
-from training.package import PackageError, open_package
-from training.signature import load_public_keys
+from maskrcnn.reference import MAX_DETECTIONS, SCORE_THRESHOLD
+from maskrcnn.labels import LabelError
+from maskrcnn.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from maskrcnn.processing import MASK_BUDGET_BYTES, Network, detect
+from maskrcnn.onnx_runtime import CPU_EP, DEVICES, OnnxDetector, providers_here
+from maskrcnn.names import cache_dir
+from maskrcnn.package import PackageError, open_package
+from maskrcnn.signature import load_public_keys
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class MaskRCNNPredictor(Model):
         self.backend = backend
         if device not in DEVICES:
             raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
-        self.device = device  # where the network runs: the graph by training.graph.execution_providers, eager by _on_device
+        self.device = device  # where the network runs: the graph by maskrcnn.onnx_runtime.execution_providers, eager by maskrcnn.eager.on_device
         if threads is not None and threads < 1:
             raise ValueError(f"threads: expected an integer >= 1, got {threads}")
         self.threads = threads  # None: the CPUs this process may use (`cpu_budget`)
@@ -113,7 +113,7 @@ class MaskRCNNPredictor(Model):
         self.probe_timeout_s = probe_timeout_s
         self.forward_limit_s = forward_limit_s  # the watchdog's: see `forward_seconds` and serving.app's Health
         self._running: dict[int, float] = {}  # inference thread -> monotonic time its running forward pass began
-        self.network: Network | None = None  # the graph's or the eager model's run (training.transform.Network)
+        self.network: Network | None = None  # the graph's or the eager model's run (maskrcnn.processing.Network)
         self.graph: OnnxDetector | None = None
         # With several workers: the graph on all threads, for an image that starts while no other runs (so
         # light traffic keeps one image's latency on every core); None with one worker (`graph` is that)
@@ -137,7 +137,7 @@ class MaskRCNNPredictor(Model):
     def load(self) -> bool:
         """Read and verify the package (checksums, limits, signature when keys are configured), build the
         network, and run it on the package's probe: ready only when it answers as the weights did at export."""
-        cache = Path(os.environ.get("MASKRCNN_CACHE", "/tmp/maskrcnn-serving"))
+        cache = cache_dir()  # the serving image sets $MASKRCNN_CACHE to /tmp/maskrcnn-serving (its one writable place)
         # the weights (torch) only for the eager network: with a graph, torch is never imported
         package = open_package(self.model_dir, public_keys=self.public_keys, cache_dir=cache,
                                weights=True if self.backend == "eager" else None)  # raises PackageError
@@ -152,36 +152,22 @@ class MaskRCNNPredictor(Model):
         self.mask_threshold = self.config.eval.mask_threshold  # the threshold the model was evaluated with
         self.version, self.signer = package.version, package.signer
         cores = self.threads or cpu_budget()
-        if self.backend == "onnxruntime" and package.graph is None:
-            raise PackageError(f"{self.model_dir}: backend onnxruntime needs the package's detector.onnx, and it has "
-                               f"none (re-export it with `uv run -m training.export`, or serve with backend eager)")
         graph_wanted = self.backend != "eager" and package.graph is not None
         on_cpu = graph_wanted and providers_here(self.device)[0] == [CPU_EP]
         self.workers = self._workers_for(cores, graph_wanted, on_cpu)
         per_image = max(1, cores // self.workers)  # each image's intra-op threads
-        graph = OnnxDetector(package.graph, per_image, self.device) if graph_wanted else None
-        # threads matter on the CPU only: on the GPU a second session would only take its memory
-        wide = OnnxDetector(package.graph, cores, self.device) if on_cpu and per_image < cores else None
-        if graph is not None:
-            network: Network = graph.run
-        else:
-            from training.onnx_detector import eager_runner  # the eager network (torch); the graph needs none
-
-            network = eager_runner(_on_device(package.build_model(), self.device))
-        try:
-            with _torch_threads(None if graph is not None else cores):
-                problem = package.probe.mismatch(network, self.probe_timeout_s)
-                if not problem and wide is not None:  # the same graph on more threads: checked all the same
-                    problem = package.probe.mismatch(wide.run, self.probe_timeout_s)
-        except GraphError as exc:
-            problem = str(exc)
-        if problem:
-            raise PackageError(f"{self.model_dir}: the network does not answer the package's probe as its weights "
-                               f"did at export, so it is not served: {problem}")
+        # the one package -> network step, probe-checked; the eager network on all the cores, one image at a time
+        runner = package.network(self.backend, self.device, per_image if graph_wanted else cores, self.probe_timeout_s)
+        graph = runner if graph_wanted else None
+        # the same graph on more threads, for an image that starts alone (the CPU only: on the GPU a second
+        # session would only take its memory); probe-checked all the same
+        wide = (package.network("onnxruntime", self.device, cores, self.probe_timeout_s)
+                if on_cpu and per_image < cores else None)
+        network: Network = runner.run
         self.metrics = ModelMetrics(model_labels(package.metadata.get("model_name") or self.name, self.version),
                                     self.label_map.names, package.reference)  # before the model: infer needs both
         self.network, self.graph, self.wide_graph = network, graph, wide
-        self.torch_threads = None if self.graph is not None else cores  # set per forward pass, in `infer`
+        self.torch_threads = None if self.graph is not None else cores  # the eager network sets them per forward pass
         self._slots = threading.BoundedSemaphore(self.workers)
         self._executor.shutdown(wait=False)
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inference")
@@ -367,7 +353,7 @@ class MaskRCNNPredictor(Model):
         for img in images:
             self.metrics.image(img)
             try:
-                with self._slots, _torch_threads(self.torch_threads), self.metrics.forward():
+                with self._slots, self.metrics.forward():
                     start, me = time.perf_counter(), threading.get_ident()
                     with self._running_lock:  # alone: every thread for this image; else one worker's share
                         network = self.wide_graph.run if self.wide_graph and not self._running else self.network
@@ -401,8 +387,8 @@ class MaskRCNNPredictor(Model):
 
     def _overlay(self, image: np.ndarray, detections: list[dict[str, Any]]) -> tuple[str, str]:
         """(the image with masks, boxes, labels and scores drawn; the masks alone, one colour each), as base64 PNGs."""
-        from training.data.masks import decode_segmentation
-        from training.visualize import colour, draw_predictions
+        from maskrcnn.masks import decode_segmentation
+        from maskrcnn.visualize import colour, draw_predictions
 
         pred = {"boxes": np.array([d["box"] for d in detections]).reshape(-1, 4),
                 "scores": np.array([d["score"] for d in detections]),
@@ -493,36 +479,6 @@ def _cgroup_cpu_quota(cgroup: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return None
-
-
-def _on_device(model: Any, device: str) -> Any:
-    """The eager model on the GPU for `--device cuda` (refused without one) or `auto` when PyTorch sees one."""
-    import torch
-
-    if device != "cpu" and torch.cuda.is_available():
-        log.info("the eager network runs on the GPU (%s)", torch.cuda.get_device_name(0))
-        return model.to("cuda")
-    if device == "cuda":
-        raise GraphError("--device cuda: PyTorch sees no CUDA device")
-    return model
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """PyTorch's intra-op threads for this block, restored after it (None: torch is not used)."""
-    if count is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    if count != before:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count != before:
-            torch.set_num_threads(before)
 
 
 def _png_b64(image: Image.Image) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 # Before anything imports Ray: no rebuilt virtualenv for the local Ray's workers under `uv run pytest`
@@ -20,14 +19,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from devstack.procs import free_port
-from training.config import CONFIG_DIR, Config, load_config
-
-TINY = CONFIG_DIR / "tiny.yaml"
-# `uvx`, as the uv that runs the tests (`uv run` sets $UV): CI may call uv as `python3 -m uv`, with no uvx on PATH
-UVX = [os.environ.get("UV") or "uv", "tool", "run"]
+from helpers import SERVING_MAX_BODY, SERVING_MAX_PIXELS, TINY, render_kustomization, square, write_coco
+from maskrcnn.config import Config, load_config
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -77,46 +72,6 @@ def tiny_config(cache_dir: Path, tmp_path: Path, mlflow_stack) -> Config:
     """The tiny config with a private cache and Ray storage under tmp_path, tracked on the real MLflow server."""
     return load_config(TINY, [f"data.cache_dir={cache_dir}", f"ray.storage_path={tmp_path / 'ray'}",
                               f"tracking.tracking_uri={mlflow_stack.tracking_uri}"])
-
-
-def write_coco(root: Path, images: list[dict[str, Any]], annotations: list[dict[str, Any]],
-               categories: list[dict[str, Any]] | None = None, name: str = "annotations.json") -> Path:
-    """Write a COCO folder; each image dict may carry `pixels` (HxWx3 uint8) which is saved as its file."""
-    root.mkdir(parents=True, exist_ok=True)
-    records = []
-    for img in images:
-        img = dict(img)
-        pixels = img.pop("pixels", None)
-        if pixels is None:
-            pixels = np.full((img["height"], img["width"], 3), 127, np.uint8)
-        Image.fromarray(pixels).save(root / img["file_name"])
-        records.append(img)
-    cats = categories if categories is not None else [{"id": 3, "name": "cat"}, {"id": 17, "name": "dog"}]
-    (root / name).write_text(json.dumps({"images": records, "annotations": annotations, "categories": cats}))
-    return root
-
-
-def with_sections(cfg: Config, **sections: dict[str, Any]) -> Config:
-    """A copy of `cfg` with fields of some sections replaced: `with_sections(cfg, train={"epochs": 1})`."""
-    return cfg.replace(**sections)
-
-
-def sql_rows(stack, query: str, *args: Any) -> list[tuple]:
-    """Rows straight from the stack's PostgreSQL (not through MLflow)."""
-    import psycopg2
-
-    pg = stack.postgres
-    conn = psycopg2.connect(host="127.0.0.1", port=pg.port, user=pg.user, password=pg.password, dbname=pg.db)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, args)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
-def square(x: float, y: float, size: float) -> list[list[float]]:
-    return [[x, y, x + size, y, x + size, y + size, x, y + size]]
 
 
 @pytest.fixture
@@ -276,9 +231,9 @@ def serving_package(tmp_path_factory) -> Path:
     """A serving package of a tiny, untrained but seeded model (it predicts low-score instances)."""
     import torch
 
-    from training.data.labels import LabelMap
-    from training.model import build_model
-    from training.package import write_package
+    from maskrcnn.labels import LabelMap
+    from maskrcnn.model import build_model
+    from training.export import write_package
 
     cfg = load_config(TINY, [])
     torch.manual_seed(0)
@@ -287,10 +242,6 @@ def serving_package(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("serving") / "package"
     write_package(model, cfg, labels, {"epoch": 0, "metrics": {}, "mlflow_run_id": "r1", "model_version": "7"}, folder)
     return folder
-
-
-SERVING_MAX_BODY = 1 << 20
-SERVING_MAX_PIXELS = 1_000_000
 
 
 @pytest.fixture(scope="session")
@@ -315,32 +266,6 @@ def serving_client(serving_predictor):
     with TestClient(build_app(serving_predictor, ServingLimits(max_body_bytes=SERVING_MAX_BODY)),
                     raise_server_exceptions=False) as c:
         yield c
-
-
-def encode_image(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    if fmt == "TIFF":
-        import tifffile
-
-        tifffile.imwrite(buf, pixels)
-    else:
-        Image.fromarray(pixels).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def render_kustomization(path: str) -> list[dict[str, Any]]:
-    """The objects `kubectl kustomize` renders from `path` (relative to the repository root)."""
-    import shutil
-
-    import yaml
-
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is needed to render the kustomizations"
-    out = subprocess.run([kubectl, "kustomize", str(Path(__file__).resolve().parents[1] / path)],
-                         capture_output=True, text=True, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """The project's import graph: no cycles (function-level imports included), and the dependency rules
-between the parts (`training` is what a remote Ray cluster receives, so it imports none of the others)."""
+between the parts, one line per package (../shared/ARCHITECTURE.md): the bottom package `maskrcnn` imports
+nothing else of the project; `training` (what a remote Ray cluster receives, with `maskrcnn`) imports only
+it; `serving` (what the serving image holds, with `maskrcnn`) only it too."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("training", "release", "pipelines", "serving", "batch", "devstack")
+PACKAGES = ("maskrcnn", "training", "release", "pipelines", "serving", "batch", "devstack")
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -90,43 +92,46 @@ def _imports_of(graph, package: str) -> set[str]:
     return {dep for mod, deps in graph.items() if mod.split(".")[0] == package for dep in deps}
 
 
-def test_training_imports_none_of_the_other_parts(graph):
-    assert {d.split(".")[0] for d in _imports_of(graph, "training")} == {"training"}
-
-
-def test_release_uses_training_only(graph):
-    assert {d.split(".")[0] for d in _imports_of(graph, "release")} <= {"release", "training"}
-
-
-def test_pipelines_are_adapters_over_training_release_and_batch(graph):
-    assert {d.split(".")[0] for d in _imports_of(graph, "pipelines")} <= {"pipelines", "training", "release", "batch"}
-
-
-def test_batch_uses_training_only(graph):
-    assert {d.split(".")[0] for d in _imports_of(graph, "batch")} == {"batch", "training"}
-
-
-# The architecture's rule (../shared/ARCHITECTURE.md): serving uses from training only the package reader,
-# inference, image decoding, masks, labels, visualisation and logging.
-SERVING_MAY_USE = {
-    "training.package", "training.signature", "training.graph", "training.onnx_detector",  # the package reader
-    "training.transform",  # pre- and post-processing (NumPy), with the network's run
-    "training.data.images",  # image decoding
-    "training.data.masks",  # masks
-    "training.data.labels",  # labels
-    "training.reference",  # the package's reference statistics (and the predictor's defaults they assume)
-    "training.visualize",  # visualisation
-    "training.logs",  # logging
+# package -> the packages it may import (itself included)
+MAY_IMPORT = {
+    "maskrcnn": {"maskrcnn"},
+    "training": {"maskrcnn", "training"},
+    "release": {"maskrcnn", "training", "release"},
+    "serving": {"maskrcnn", "serving"},
+    "batch": {"maskrcnn", "training", "batch"},
+    "pipelines": {"maskrcnn", "training", "release", "batch", "pipelines"},
 }
 
 
-def test_serving_uses_from_training_only_what_the_architecture_allows(graph):
-    """Fails on any import from training outside the rule's list (the dataset, the COCO loader, the training
-    loop, the evaluator, tracking, ...) in any serving module, at the top or inside a function."""
-    used = {d for d in _imports_of(graph, "serving") if not d.startswith("serving")}
-    outside = {d for d in used if d.startswith("training") and d not in SERVING_MAY_USE}
-    assert not outside, f"serving imports {sorted(outside)} from training; the rule allows {sorted(SERVING_MAY_USE)}"
-    assert {d.split(".")[0] for d in used} <= {"training"}, used
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_each_package_imports_only_what_the_architecture_allows(graph, package):
+    """Fails on any import, at the top or inside a function, of a package outside the rule's line."""
+    used = {d.split(".")[0] for d in _imports_of(graph, package)}
+    assert package in used or package == "maskrcnn" and used <= {"maskrcnn"}, (package, used)
+    assert used <= MAY_IMPORT[package], f"{package} imports {sorted(used - MAY_IMPORT[package])}"
+
+
+def test_nothing_imports_pipelines_or_devstack(graph):
+    importers = {mod for mod, deps in graph.items() for d in deps
+                 if d.split(".")[0] in ("pipelines", "devstack") and mod.split(".")[0] != d.split(".")[0]}
+    assert importers <= {m for m in graph if m.startswith("devstack")}, sorted(importers)
+
+
+TORCH_AT_THE_TOP = {"maskrcnn.model", "maskrcnn.eager"}
+
+
+def test_only_the_architecture_and_the_eager_runner_import_torch_at_the_top():
+    """The bottom package's other modules import torch (if at all) inside functions: the serving image has
+    no torch, and the predictor with a graph never reaches it."""
+    at_top = set()
+    for path in (ROOT / "maskrcnn").rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in tree.body:  # module level only (TYPE_CHECKING blocks are `if` statements: not counted)
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("torch", "torchvision") for n in names):
+                at_top.add(module_name(path, ROOT))
+    assert at_top == TORCH_AT_THE_TOP
 
 
 def test_nothing_imports_the_cli():

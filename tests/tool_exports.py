@@ -1,6 +1,6 @@
 """Exports written by the annotation tools' own libraries, and those libraries' own reading of them.
 
-Run in an environment of its own, never the project's (tests/test_convert.py does it, PYTHON being the
+Run in an environment of its own, never the project's (tests/training/test_convert.py does it, PYTHON being the
 tests' interpreter, whose base Python uv reuses: no interpreter is downloaded):
 
     uv run --no-project --python PYTHON --with datumaro==1.13.12 --with label-studio-converter==0.0.59 \

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from faster_coco_eval.core import mask as mask_util
 
-from training.data.labels import LabelMap
-from training.data.masks import Prediction, segmentation_to_rle
+from maskrcnn.labels import LabelMap
+from maskrcnn.masks import Prediction, segmentation_to_rle
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)

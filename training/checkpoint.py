@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config import Config, save_config
-from training.data.labels import LabelMap
+from maskrcnn.config import Config, save_config
+from maskrcnn.labels import LabelMap
 
 CHECKPOINT_FILE = "checkpoint.pt"
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config import TrainConfig
+from maskrcnn.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -27,31 +27,32 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from training.bootstrap import Interval
-from training.config import EvalConfig
+from maskrcnn.config import EvalConfig
 from training.data.coco import CocoSplit
 from training.data.dataset import CocoDataset, collate
-from training.data.images import decode_image
-from training.data.masks import Prediction
+from maskrcnn.images import decode_image
+from maskrcnn.masks import Prediction
 from training.engine import is_primary
 from training.inference import predict
-from training.package import Package, open_package
+from maskrcnn.package import Package, open_package
 from training.metrics import evaluate_predictions
-from training.reference import Reference, compute_reference
-from training.graph import OnnxDetector
-from training.visualize import draw_predictions
+from maskrcnn.reference import Reference, compute_reference
+from maskrcnn.eager import EagerNetwork
+from maskrcnn.onnx_runtime import OnnxDetector
+from maskrcnn.visualize import draw_predictions
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_model(model: torch.nn.Module, split: CocoSplit, cfg: EvalConfig, *, loader: Iterable | None = None,
-                   device: torch.device | None = None, graph: OnnxDetector | None = None,
+                   device: torch.device | None = None, network: OnnxDetector | EagerNetwork | None = None,
                    batch_size: int = 4) -> tuple[dict[str, float] | None, list[Prediction]]:
     """The one evaluation: predict `split` (through `loader` when given, e.g. a distributed one, on `device`,
     default the CPU), gather every rank's predictions, and score them: COCO mAP (bbox, segm), per-class AP,
     mask IoU, detections per image. Under DDP only rank 0 scores (the others get None as metrics); the
     training loop and `evaluate_package` both come here."""
     loader = loader if loader is not None else DataLoader(CocoDataset(split), batch_size=batch_size, collate_fn=collate)
-    predictions = gather_predictions(predict(model, loader, device or torch.device("cpu"), cfg.mask_threshold, graph))
+    predictions = gather_predictions(predict(model, loader, device or torch.device("cpu"), cfg.mask_threshold, network))
     if not is_primary():
         return None, predictions
     metrics = evaluate_predictions(split.coco, predictions, split.label_map, cfg.score_threshold, cfg.iou_match)
@@ -89,17 +90,19 @@ def evaluate_package(package: Package | str | Path, split: CocoSplit, cfg: EvalC
         raise ValueError(f"package {package.source} predicts categories {package.label_map.category_ids}, "
                          f"the split has {split.label_map.category_ids}")
     threads = os.cpu_count() or 1
-    graph = OnnxDetector(package.graph, threads) if package.graph is not None and backend == "auto" else None
+    # the predictor's network: the same package -> network step, probe-checked (a graph that does not answer
+    # as the weights did is refused here too, not scored)
+    network = package.network("eager" if backend == "eager" else "auto", "cpu", threads)
     before = torch.get_num_threads()
-    torch.set_num_threads(1 if graph is not None else threads)  # with the graph, torch only pre- and post-processes
+    torch.set_num_threads(1 if network.backend == "onnxruntime" else threads)  # with the graph, torch only pre- and post-processes
     try:
-        return evaluate_model(package.build_model(), split, cfg or package.config.eval, graph=graph)
+        return evaluate_model(package.build_model(), split, cfg or package.config.eval, network=network)
     finally:
         torch.set_num_threads(before)
 
 
 def split_reference(split: CocoSplit, predictions: list[Prediction], class_names: list[str]) -> Reference:
-    """The model's reference (`training.reference`) on `split`: its images' statistics and `predictions`
+    """The model's reference (`maskrcnn.reference`) on `split`: its images' statistics and `predictions`
     (as `evaluate_model` returns them), matched by image id."""
     by_id = {p["image_id"]: p for p in predictions}
     images = split.coco["images"]
@@ -186,15 +189,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from maskrcnn import cli
     from training.data.coco import DatasetError, load_coco
-    from training.data.sources import fetch_prefix
-    from training.logs import setup_logging
-    from training.package import PackageError
+    from maskrcnn.storage import fetch_prefix
+    from maskrcnn.logs import setup_logging
+    from maskrcnn.package import PackageError
 
     setup_logging()
     args = get_args_parser().parse_args(argv)
     backend = "eager" if args.eager else "auto"
-    try:
+
+    def run() -> int:
         package = open_package(args.package)
         cache = package.config.data.resolved_cache_dir()
         root = fetch_prefix(args.data, cache) if "://" in args.data else Path(args.data)
@@ -209,11 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: %s", args.package, metric_summary(metrics))
         title = f"{package.config.tracking.model_name} v{package.metadata.get('model_version', '?')} on {args.data}"
         write_report(args.report, split, predictions, package.config.eval, title, champion)
-    except (PackageError, DatasetError, FileNotFoundError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    log.info("wrote the evaluation report to %s", args.report)
-    return 0
+        log.info("wrote the evaluation report to %s", args.report)
+        return 0
+
+    return cli.run(run, {(PackageError, DatasetError, FileNotFoundError, ValueError): 2}, log)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,32 @@
 """`uv run -m training.export CHECKPOINT OUT [--no-onnx]`: the serving package of a training checkpoint.
 
-The package itself (its files, its one reader and one writer) is `training.package`; this is the thin
-step from a checkpoint folder (local, or a Ray checkpoint URI) to it.
+The package's one writer (`write_package`: a model's weights, config, label map, probe and ONNX graph) and
+the thin step from a checkpoint folder (local, or a Ray checkpoint URI) to it. Its one reader, and its
+format, are `maskrcnn.package`.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from training.checkpoint import load_checkpoint
-from training.config import Config
-from training.data.labels import LabelMap
-from training.logs import setup_logging
-from training.graph import ONNX_FILE
-from training.package import Package, PackageError, write_package
+from maskrcnn import cli
+from maskrcnn.config import Config
+from maskrcnn.labels import LabelMap
+from maskrcnn.logs import setup_logging
+from maskrcnn.onnx_runtime import ONNX_FILE
+from maskrcnn.package import Package, PackageError, metadata_bytes, with_checksums
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +37,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path | None, me
     information (and `metadata`) as its metadata; written into `out_dir` unless it is None.
 
     `onnx`: also write `detector.onnx` (a failed export is logged and leaves the package without it)."""
-    from training.model import build_model
+    from maskrcnn.model import build_model
 
     state = load_checkpoint(checkpoint_dir)
     config = Config.from_dict(state["config"])
@@ -55,16 +64,46 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     from ray.train import Checkpoint
 
-    try:
+    def export() -> int:
         source = args.checkpoint if "://" in args.checkpoint else str(Path(args.checkpoint).resolve())  # Ray needs it absolute
         with Checkpoint(source).as_directory() as folder:
             package = export_checkpoint(folder, args.out, onnx=not args.no_onnx)
-    except (FileNotFoundError, PackageError) as exc:
-        log.error("%s", exc)
-        return 2
-    log.info("wrote the serving package of %s (epoch %s) to %s", args.checkpoint, package.metadata.get("epoch"), args.out)
-    return 0
+        log.info("wrote the serving package of %s (epoch %s) to %s", args.checkpoint, package.metadata.get("epoch"), args.out)
+        return 0
+
+    return cli.run(export, {(FileNotFoundError, PackageError): 2}, log)
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def write_package(model: torch.nn.Module, config: Config, label_map: LabelMap, metadata: dict[str, Any],
+                  out_dir: str | Path | None = None, onnx: bool = True) -> Package:
+    """The serving package of an in-memory model (and its config and label map), written to `out_dir` when
+    given. `onnx`: also carry `detector.onnx`, kept only when ONNX Runtime reproduces the weights' detections
+    on the probe (a failed export is logged, and the package is served by eager PyTorch)."""
+    import tempfile
+
+    import torch
+
+    from training.onnx_export import OnnxExportError, export_onnx, make_probe
+
+    model = model.eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    probe = make_probe(model)
+    files = {"model.pt": buf.getvalue(), "config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False).encode(),
+             "label_map.json": json.dumps(label_map.to_dict(), indent=2).encode(), "metadata.json": metadata_bytes(metadata),
+             "probe.npz": probe.to_bytes()}
+    if onnx:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                files[ONNX_FILE] = export_onnx(model, Path(tmp) / ONNX_FILE, probe).read_bytes()
+            except OnnxExportError as exc:
+                log.warning("the package%s has no %s, so it will be served by eager PyTorch: %s",
+                            f" {out_dir}" if out_dir else "", ONNX_FILE, exc)
+    package = Package.from_files(with_checksums(files), str(out_dir or ""))
+    if out_dir is not None:
+        package.save(out_dir)
+    return package

@@ -1,6 +1,6 @@
 """Initialisation for training only: load initial weights and freeze backbone stages.
 
-`training.model.build_model` builds the architecture and reads nothing. A training run then calls
+`maskrcnn.model.build_model` builds the architecture and reads nothing. A training run then calls
 `initialize`, which fetches `model.weights` / `model.backbone_weights` (a local path or an `s3://`,
 `gs://`, `https://` URI) and freezes all but `model.trainable_backbone_layers` backbone stages.
 Loading a checkpoint or a serving package never comes here, so a serving pod without egress never
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 
-from training.config import ModelConfig
-from training.data.sources import fetch_file
-from training.model import backbone_row
+from maskrcnn.config import ModelConfig
+from maskrcnn.storage import fetch_file
+from maskrcnn.model import backbone_row
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], what: str) 
 
 def freeze_backbone(model: MaskRCNN, backbone: str, trainable: int) -> None:
     """Leave the last `trainable` backbone stages (0-5) trainable and freeze the rest, as torchvision does;
-    the stages are the backbone table's (`training.model.BACKBONE_TABLE`)."""
+    the stages are the backbone table's (`maskrcnn.model.BACKBONE_TABLE`)."""
     body = model.backbone.body
     stages = backbone_row(backbone).stages(body)
     body.requires_grad_(False)

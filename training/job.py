@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from training.config import Config
-from training.logs import setup_logging
+from maskrcnn.config import Config
+from maskrcnn.logs import setup_logging
 from training.remote import JOB_ENV
 
 log = logging.getLogger("training")
@@ -27,7 +27,7 @@ def main() -> int:
     spec = json.loads(os.environ[JOB_ENV])
     cfg = Config.from_dict(spec["config"])
     from training.data.prepare import load_prepared
-    from training.data.sources import fetch_prefix, upload_object
+    from maskrcnn.storage import fetch_prefix, upload_object
     from training.trainer import train
 
     data = None

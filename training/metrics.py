@@ -1,7 +1,7 @@
 """COCO mAP (bbox and segm, with per-class AP) and mean mask IoU of matched instances.
 
 mAP comes from faster-coco-eval, a C++ reimplementation of pycocotools' COCOeval that gives the
-same numbers (checked in tests/test_metrics.py against pycocotools) several times faster
+same numbers (checked in tests/training/test_metrics.py against pycocotools) several times faster
 (benchmarks/coco_eval.py). Predictions are plain dicts so that training, the pipeline and tests
 share one format:
 `{"image_id": int, "boxes": (N,4) xyxy, "scores": (N,), "labels": (N,) contiguous, "masks": [RLE]}`.
@@ -20,8 +20,8 @@ import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as mask_util
 
-from training.data.labels import LabelMap
-from training.data.masks import Prediction, segmentation_to_rle
+from maskrcnn.labels import LabelMap
+from maskrcnn.masks import Prediction, segmentation_to_rle
 
 log = logging.getLogger(__name__)
 

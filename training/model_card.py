@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from training.data.coco import CocoSplit
-from training.package import CARD_FILE, Package
+from maskrcnn.package import CARD_FILE, Package
 
 if TYPE_CHECKING:
     from training.report import Report

@@ -1,6 +1,6 @@
 """`uv run -m training.ray_main`: train Mask R-CNN with Ray Train, evaluate, and track in MLflow.
 
-With no flags it trains on the embedded synthetic dataset with `training/configs/default.yaml`,
+With no flags it trains on the embedded synthetic dataset with `maskrcnn/configs/default.yaml`,
 on a local Ray with 2 CPU workers. Any config field can be overridden with `--set section.field=value`;
 the common ones also have flags. See `--help`.
 """
@@ -11,10 +11,11 @@ import argparse
 import logging
 import sys
 
-from training.config import Config, ConfigError, load_config, option_overrides
+from maskrcnn import cli
+from maskrcnn.config import Config, ConfigError, load_config, option_overrides
 from training.data.coco import DatasetError
-from training.data.sources import SourceError
-from training.logs import setup_logging
+from maskrcnn.storage import SourceError
+from maskrcnn.logs import setup_logging
 from training.trainer import TrainResult, train
 
 log = logging.getLogger("training")
@@ -24,7 +25,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.ray_main", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
-                   help="YAML config, or a name in training/configs: default, tiny, gpu (default: default)")
+                   help="YAML config, or a name in maskrcnn/configs: default, tiny, gpu (default: default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.epochs=5 --set model.backbone=resnet50_fpn (repeatable)")
     p.add_argument("--data", help="training split: folder, s3://bucket/prefix or gs://bucket/prefix (sets data.train)")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     from training.tracking import ModelUploadError
 
-    try:
+    def run() -> int:
         cfg = config_from_args(args)
         if args.tune:
             from training.tune import tune
@@ -76,14 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             result = tune(cfg)
         else:
             result = train(cfg, resume=args.resume)
-    except (ConfigError, DatasetError, SourceError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
-    except ModelUploadError as exc:
-        log.error("%s", exc)
-        return 1
-    report(result)
-    return 0
+        report(result)
+        return 0
+
+    return cli.run(run, {(ConfigError, DatasetError, SourceError, FileNotFoundError): 2, ModelUploadError: 1}, log)
 
 
 if __name__ == "__main__":

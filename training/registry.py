@@ -24,12 +24,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from training.config import MODEL_NAME
-from training.logs import setup_logging
+from maskrcnn.names import MODEL_NAME
+from maskrcnn.logs import setup_logging
 from training.model_card import version_description
 
 if TYPE_CHECKING:
-    from training.package import Package
+    from maskrcnn.package import Package
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from training.config import Config, ConfigError
+from maskrcnn.config import Config, ConfigError
 from training.data.prepare import PreparedData, export_prepared
-from training.data.sources import is_remote
+from maskrcnn.storage import is_remote
 
 log = logging.getLogger("training")
 
@@ -65,7 +65,7 @@ def check_remote(cfg: Config, staged_data: bool = False) -> None:
 
 def stage_dataset(data: PreparedData, storage_path: str) -> str:
     """Upload a prepared dataset to `<storage_path>/datasets/<content hash>` (once); returns that URI."""
-    from training.data.sources import list_objects, upload_object
+    from maskrcnn.storage import list_objects, upload_object
 
     uri = f"{storage_path.rstrip('/')}/datasets/{data.content_hash[:16]}"
     if "dataset.json" in {o.key.rsplit("/", 1)[-1] for o in list_objects(uri, allow_empty=True)}:
@@ -115,7 +115,7 @@ def submit(cfg: Config, data: PreparedData | None = None, package_dir: str | Pat
         raise RuntimeError(f"Ray job {submission_id} on {address} ended {status}; its log ends:\n{tail}")
     result = _read_result(result_uri)
     if package_dir:  # the package the job logged as the run's model, byte for byte, checksums verified
-        from training.package import open_package
+        from maskrcnn.package import open_package
         from training.tracking import download_model
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +126,7 @@ def submit(cfg: Config, data: PreparedData | None = None, package_dir: str | Pat
 
 def wait(client: Any, submission_id: str, poll_s: float = 2.0) -> str:
     """Wait for a job's end, relaying its new log lines; Ctrl-C stops the job."""
-    from training.waiting import connection_error, poll_until
+    from maskrcnn.waiting import connection_error, poll_until
 
     shown = 0
 
@@ -149,7 +149,7 @@ def wait(client: Any, submission_id: str, poll_s: float = 2.0) -> str:
 
 
 def _read_result(uri: str) -> dict[str, Any]:
-    from training.data.sources import fetch_file
+    from maskrcnn.storage import fetch_file
 
     with tempfile.TemporaryDirectory() as tmp:
         return json.loads(fetch_file(uri, Path(tmp)).read_text())

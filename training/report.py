@@ -29,11 +29,11 @@ from PIL import ImageDraw
 
 from training.bootstrap import Interval
 from training.data.coco import CocoSplit
-from training.data.images import decode_image
-from training.data.labels import LabelMap
-from training.data.masks import Prediction, segmentation_to_rle
+from maskrcnn.images import decode_image
+from maskrcnn.labels import LabelMap
+from maskrcnn.masks import Prediction, segmentation_to_rle
 from training.metrics import CROWD, Matching, above_threshold, match, to_coco_results
-from training.visualize import draw_predictions
+from maskrcnn.visualize import draw_predictions
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def _svg_lines(series: list[tuple[str, list[float], list[float]]], x_label: str,
 
 
 def _palette(n: int) -> tuple[int, int, int]:
-    from training.visualize import colour
+    from maskrcnn.visualize import colour
 
     r, g, b = colour(n)
     return int(r * 0.8), int(g * 0.8), int(b * 0.8)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from training.config import Config, TrackingConfig, flatten
+from maskrcnn.config import Config, TrackingConfig, flatten
 
 if TYPE_CHECKING:
     from training.data.prepare import PreparedData

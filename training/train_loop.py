@@ -21,15 +21,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from training.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from training.config import Config, WorkerConfig
+from maskrcnn.config import Config, WorkerConfig
 from training.data.dataset import CocoDataset, collate
 from training.data.prepare import prepare_data
 from training.data.transforms import build_train_transform
 from training.engine import Progress, build_optimizer, lr_lambda, train_one_epoch
 from training.evaluate import evaluate_model
 from training.initialize import initialize
-from training.model import build_model
-from training.logs import setup_logging
+from maskrcnn.model import build_model
+from maskrcnn.logs import setup_logging
 
 log = logging.getLogger("training")
 
@@ -68,7 +68,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Train `loop_config["worker"].config`; rank 0 logs to MLflow when the worker config names a run."""
     # This project's progress at INFO; Ray Train's own INFO lines (a full metrics dict per report) stay out.
     setup_logging(logging.WARNING, force=True)
-    logging.getLogger("training").setLevel(logging.INFO)
+    for name in ("maskrcnn", "training"):
+        logging.getLogger(name).setLevel(logging.INFO)
     worker: WorkerConfig = loop_config["worker"]
     cfg = worker.config
     ctx = ray.train.get_context()

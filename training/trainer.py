@@ -20,7 +20,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from training.checkpoint import read_checkpoint_info
-from training.config import Config, ConfigError, WorkerConfig
+from maskrcnn.config import Config, ConfigError, WorkerConfig
 from training.data.prepare import PreparedData, prepare_data
 from training.tracking import git_commit, open_run, resolve_tracking_uri, tracked_run
 
@@ -75,11 +75,12 @@ def connect_ray(address: str, num_cpus: int = 0, modules: tuple[Any, ...] = ()) 
         # Under `uv run`, Ray's uv hook packs the working folder and builds a second virtualenv for the
         # workers (~35 s of a 1-minute start here). A local Ray's workers run this very interpreter, so the
         # copy buys nothing. Ray reads the switch into this constant at import and consults it in ray.init;
-        # RAY_ENABLE_UV_RUN_RUNTIME_ENV=1 keeps the hook (tests/test_ray_local.py checks both).
+        # RAY_ENABLE_UV_RUN_RUNTIME_ENV=1 keeps the hook (tests/training/test_ray_local.py checks both).
         from ray._private import ray_constants
 
         ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
     if address:
+        import maskrcnn
         import training
 
         from training.remote import is_jobs_api
@@ -88,8 +89,9 @@ def connect_ray(address: str, num_cpus: int = 0, modules: tuple[Any, ...] = ()) 
             raise ConfigError(f"ray.address={address} is a Jobs API address: submit a Ray job to it "
                               "(train() and `python -m batch` do), or run this as a Ray job on that cluster")
 
-        # Ship the code to a remote cluster that does not have it installed (e.g. a bare KubeRay image).
-        packages = [training, *modules]
+        # Ship the code to a remote cluster that does not have it installed (e.g. a bare KubeRay image): the
+        # bottom package and training/ (and, for batch, batch/).
+        packages = [maskrcnn, training, *modules]
         ray.init(address=address, runtime_env={"py_modules": [str(Path(m.__file__).parent) for m in packages]})
     else:
         # Token authentication stays on (Ray's default since 2.59; it generates ~/.ray/auth_token): Ray 2.60

@@ -15,7 +15,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from training.config import Config, WorkerConfig
+from maskrcnn.config import Config, WorkerConfig
 from training.data.prepare import prepare_data
 from training.tracking import open_run, tracked_run
 from training.trainer import finalize, init_ray, make_trainer, storage_path

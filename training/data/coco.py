@@ -1,6 +1,6 @@
 """COCO instance-segmentation annotations: parse and validate a split (the loader and the validator).
 
-The label map is `training.data.labels`, masks `training.data.masks`, samples `training.data.dataset`.
+The label map is `maskrcnn.labels`, masks `maskrcnn.masks`, samples `training.data.dataset`.
 
 Validation runs before training: every problem names the file, the record and the field, and says
 what was expected. With `skip_invalid` the offending annotations (or images) are dropped and counted
@@ -20,10 +20,10 @@ import numpy as np
 from faster_coco_eval.core import mask as mask_util
 
 from training.data.files import UnsafeFile, regular_file
-from training.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from training.data.labels import LabelMap
-from training.data.masks import polygon_area, segmentation_to_rle
-from training.data.sources import escapes_folder
+from maskrcnn.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from maskrcnn.labels import LabelMap
+from maskrcnn.masks import polygon_area, segmentation_to_rle
+from maskrcnn.storage import escapes_folder
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from training.data.coco import CocoSplit, DatasetError, load_coco
-from training.data.images import DEFAULT_MAX_PIXELS
+from maskrcnn.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +125,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.data.images import ImageError
-    from training.logs import setup_logging
+    from maskrcnn import cli
+    from maskrcnn.images import ImageError
+    from maskrcnn.logs import setup_logging
 
     setup_logging()
     args = get_args_parser().parse_args(argv)
     options = {k: v for k, v in {"split": args.split, "subset": args.subset, "keep_crowd": args.keep_crowd,
                                  "max_pixels": args.max_pixels, "link": args.link}.items() if v}
-    try:
+
+    def converted() -> int:
         split = convert(args.fmt, args.src, args.out, options)
-    except (DatasetError, ImageError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(f"OK {Path(args.out).resolve()}: {len(split.coco['images'])} images, {len(split.coco['annotations'])} "
-          f"instances, categories {', '.join(split.label_map.names)}")
-    return 0
+        print(f"OK {Path(args.out).resolve()}: {len(split.coco['images'])} images, {len(split.coco['annotations'])} "
+              f"instances, categories {', '.join(split.label_map.names)}")
+        return 0
+
+    return cli.run(converted, {(DatasetError, ImageError): 1}, log)
 
 
 if __name__ == "__main__":

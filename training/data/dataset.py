@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from training.data.coco import CocoSplit
-from training.data.images import DEFAULT_MAX_PIXELS, decode_image, to_tensor
-from training.data.masks import decode_segmentation, masks_to_boxes
+from maskrcnn.images import DEFAULT_MAX_PIXELS, decode_image, to_tensor
+from maskrcnn.masks import decode_segmentation, masks_to_boxes
 
 Transform = Callable[[np.ndarray, list[np.ndarray], list[int]], tuple[np.ndarray, list[np.ndarray], list[int]]]
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from training.config import DataConfig
+from maskrcnn.config import DataConfig
 from training.data.coco import CocoSplit, DatasetError, load_coco, subset
-from training.data.labels import LabelMap
-from training.data.sources import content_hash, escapes_folder, fetch_prefix, sha256_file
+from maskrcnn.labels import LabelMap
+from maskrcnn.storage import content_hash, escapes_folder, fetch_prefix, sha256_file
 from training.data.synthetic import synthetic_dataset
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import numpy as np
 from faster_coco_eval.core import mask as mask_util
 from PIL import Image, ImageDraw
 
-from training.config import SyntheticConfig
-from training.data.masks import polygon_area
+from maskrcnn.config import SyntheticConfig
+from maskrcnn.masks import polygon_area
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 
-from training.config import AugmentConfig
+from maskrcnn.config import AugmentConfig
 
 
 class TrainAugment:

@@ -12,10 +12,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from training.config import DataConfig
+from maskrcnn.config import DataConfig
 from training.data.coco import CocoSplit, DatasetError, load_coco
-from training.data.sources import SourceError, fetch_prefix
-from training.logs import setup_logging
+from maskrcnn.storage import SourceError, fetch_prefix
+from maskrcnn.logs import setup_logging
 
 
 def get_args_parser() -> argparse.ArgumentParser:

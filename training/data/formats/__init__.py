@@ -33,8 +33,8 @@ from pydantic import BaseModel, ValidationError
 
 from training.data.coco import DatasetError
 from training.data.files import UnsafeFile, copy_out, open_regular, quote, read_regular, regular_file
-from training.data.images import DEFAULT_MAX_PIXELS, ImageError
-from training.data.sources import escapes_folder
+from maskrcnn.images import DEFAULT_MAX_PIXELS, ImageError
+from maskrcnn.storage import escapes_folder
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, NonNegativeInt, model_validator
 
-from training.data.sources import escapes_folder
+from maskrcnn.storage import escapes_folder
 from training.data.formats import (Imported, Instance, Sample, check_name, check_polygon, encode, in_image, parse, quote,
                                    read_json, read_xml, sized_sample, union)
-from training.data.formats.schema import Finite, FlatPoints, Int, Name, NonNegative, Record, TextFinite
-from training.data.masks import segmentation_to_rle
+from training.data.formats.schema import Finite, FlatPoints, Int, Name, Record, TextFinite
+from maskrcnn.masks import segmentation_to_rle
 
 LEFT_OUT = ("polyline", "points", "cuboid", "skeleton", "ellipse", "tag")
 
@@ -238,7 +238,6 @@ class _CocoFile(Record):
 
 def read_coco_export(src: Path, options: dict[str, Any]) -> Imported:
     """CVAT's COCO 1.0 export of one subset (`options["subset"]`, default: the only `instances_*.json`)."""
-    from training.data.masks import decode_segmentation
 
     imported = Imported(src)
     files = sorted((src / "annotations").glob("instances_*.json"))
@@ -282,44 +281,49 @@ def read_coco_export(src: Path, options: dict[str, Any]) -> Imported:
         if sample is None:
             continue
         for j, raw_ann in by_image.get(img.id, []):
-            at = f"{rel}: annotations[{j}]"
-            ann = parse(_CocoAnnotation, raw_ann, at, imported)
-            if ann is None:
-                continue
-            at = f"{at} (id={quote(ann.id)})"
-            if ann.category_id not in names:
-                imported.problems.append(f"{at}, field 'category_id': {ann.category_id} is not a known category")
-                continue
-            category = names[ann.category_id]
-            seg = ann.segmentation
-            if seg == [] and ann.bbox is not None:  # a CVAT box: no segmentation
-                x, y, w, h = ann.bbox
-                if w < 0 or h < 0:
-                    imported.problems.append(f"{at}, field 'bbox': a negative width or height ({w:g}x{h:g})")
-                    continue
-                part = box_instance(category, x, y, x + w, y + h, 0.0, "centre", f"{at}, field 'bbox'", sample, imported)
-                if part is not None:
-                    part.iscrowd = ann.iscrowd
-                    imported.add(sample, part)
-            elif isinstance(seg, list) and seg:
-                polygons = []
-                for k, poly in enumerate(seg):
-                    flat, problem = check_polygon(poly, f"{at}, field 'segmentation'[{k}]", sample.width, sample.height)
-                    if problem:
-                        imported.problems.append(problem)
-                        break
-                    polygons.append(flat)
-                else:
-                    imported.add(sample, Instance(category, polygons=polygons, iscrowd=ann.iscrowd, where=at))
-            elif isinstance(seg, _CocoRle) and seg.size == [sample.height, sample.width]:
-                rle = _rle(seg, sample, at, imported)
-                if rle is not None:
-                    imported.add(sample, Instance(category, rle=rle, iscrowd=ann.iscrowd if keep_crowd else 0, where=at))
-            else:
-                imported.problems.append(f"{at}, field 'segmentation': expected polygons or an RLE of size "
-                                         f"[{sample.height}, {sample.width}]")
+            _coco_annotation(raw_ann, f"{rel}: annotations[{j}]", names, sample, keep_crowd, imported)
         imported.samples.append(sample)
     return imported
+
+
+def _coco_annotation(raw: Any, at: str, names: dict[int, str], sample: Sample, keep_crowd: bool,
+                     imported: Imported) -> None:
+    """One annotation of a CVAT COCO export, added to `sample` as an instance, or a problem named at `at`."""
+    ann = parse(_CocoAnnotation, raw, at, imported)
+    if ann is None:
+        return
+    at = f"{at} (id={quote(ann.id)})"
+    if ann.category_id not in names:
+        imported.problems.append(f"{at}, field 'category_id': {ann.category_id} is not a known category")
+        return
+    category = names[ann.category_id]
+    seg = ann.segmentation
+    if seg == [] and ann.bbox is not None:  # a CVAT box: no segmentation
+        x, y, w, h = ann.bbox
+        if w < 0 or h < 0:
+            imported.problems.append(f"{at}, field 'bbox': a negative width or height ({w:g}x{h:g})")
+            return
+        part = box_instance(category, x, y, x + w, y + h, 0.0, "centre", f"{at}, field 'bbox'", sample, imported)
+        if part is not None:
+            part.iscrowd = ann.iscrowd
+            imported.add(sample, part)
+    elif isinstance(seg, list) and seg:
+        polygons = []
+        for k, poly in enumerate(seg):
+            flat, problem = check_polygon(poly, f"{at}, field 'segmentation'[{k}]", sample.width, sample.height)
+            if problem:
+                imported.problems.append(problem)
+                break
+            polygons.append(flat)
+        else:
+            imported.add(sample, Instance(category, polygons=polygons, iscrowd=ann.iscrowd, where=at))
+    elif isinstance(seg, _CocoRle) and seg.size == [sample.height, sample.width]:
+        rle = _rle(seg, sample, at, imported)
+        if rle is not None:
+            imported.add(sample, Instance(category, rle=rle, iscrowd=ann.iscrowd if keep_crowd else 0, where=at))
+    else:
+        imported.problems.append(f"{at}, field 'segmentation': expected polygons or an RLE of size "
+                                 f"[{sample.height}, {sample.width}]")
 
 
 def _rle(seg: _CocoRle, sample: Sample, at: str, imported: Imported) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from pydantic import Field
 from training.data.formats import (Imported, Instance, Sample, check_polygon, encode, in_image, parse, quote, read_json,
                                    sized_sample, union)
 from training.data.formats.schema import Int, Name, Points, Record
-from training.data.images import ImageError
+from maskrcnn.images import ImageError
 
 MAX_JSON_BYTES = 256 << 20  # a LabelMe file may embed its image
 AREA_SHAPES = ("polygon", "rectangle", "oriented_rectangle", "circle", "mask")

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 from pydantic import Field
 
-from training.data.sources import escapes_folder
+from maskrcnn.storage import escapes_folder
 from training.data.formats import (IMAGE_SUFFIXES, Imported, Instance, Sample, check_polygon, encode, parse, quote, read_json,
                                    sized_sample)
 from training.data.formats.cvat import box_instance
