@@ -70,7 +70,7 @@ def evaluate(dataset: Input[Dataset], model: Input[Model], tracking_uri: str, mo
     """COCO mAP (bbox, segm) and mask IoU of the candidate's serving package on the held-out split, and of
     the current `champion`'s package from the MLflow registry on the same split, with the paired bootstrap
     interval of their segm mAP difference: the gate's `evidence` (`release.gate.Evidence.to_dict()`; its
-    `champion` and `interval` are null when there is no champion). The evaluation report (per-class AP/AR,
+    `champion` and `interval` are absent when there is no champion). The evaluation report (per-class AP/AR,
     precision-recall curves, confusion matrix, threshold sweep, worst images, against the champion) is the
     step's HTML output, shown in the KFP UI, and goes to the candidate's MLflow run as gate/report.html.
     `package_digest`: the digest of the package scored (its SHA256SUMS); promote refuses any other."""

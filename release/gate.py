@@ -57,8 +57,9 @@ class Evidence:
     interval: Interval | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values (a Kubeflow step's output); `from_dict` reads them back."""
-        return asdict(self)  # nested: the champion and the interval as dicts (or None)
+        """Plain JSON values (a Kubeflow step's output, which may hold no null): the champion and the interval
+        as dicts, absent when there is none; `from_dict` reads them back."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Evidence:

@@ -60,6 +60,9 @@ def square(x: float, y: float, size: float) -> list[list[float]]:
     return [[x, y, x + size, y, x + size, y + size, x, y + size]]
 
 
+# Chromium as the browser tests run it: without its sandbox (the tests may run as root), no requests of its own
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 SERVING_MAX_BODY = 1 << 20
 SERVING_MAX_PIXELS = 1_000_000
 

@@ -62,7 +62,10 @@ def test_the_gate_judges_the_scoring_steps_typed_evidence():
     alone = Evidence(0.6, 0.8, 0.65, 0.9, 0.7)
     versus = Evidence(0.6, 0.8, 0.65, 0.9, 0.7, Champion("3", 0.57, 0.78), interval)
     for evidence in (alone, versus):
-        assert Evidence.from_dict(json.loads(json.dumps(evidence.to_dict()))) == evidence
+        plain = evidence.to_dict()
+        assert None not in plain.values()  # KFP's outputs may hold no null
+        assert Evidence.from_dict(json.loads(json.dumps(plain))) == evidence
+    assert "champion" not in alone.to_dict() and versus.to_dict()["champion"]["version"] == "3"
     assert Thresholds() == Thresholds(0.5, 0.7, 0.0, False)
     assert judge(alone, Thresholds()).promote and "no champion yet" in judge(alone, Thresholds()).reason
     assert judge(versus, Thresholds(margin=0.02)).promote

@@ -10,14 +10,13 @@ import json
 import time
 
 import pytest
+from helpers import CHROMIUM_ARGS
 from mlflow.tracking import MlflowClient
 
 from training.tracking import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, experiment_id, experiment_url
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 
 def test_the_experiment_opens_on_runs_and_charts_and_two_runs_compare(mlflow_stack, tmp_path):

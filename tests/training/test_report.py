@@ -156,7 +156,7 @@ def test_the_page_opens_in_chromium_self_contained(split, tmp_path):
     champion's comparison with the interval, and no request beyond the page itself."""
     from playwright.sync_api import sync_playwright
 
-    from tests.test_mlflow_ui import CHROMIUM_ARGS
+    from helpers import CHROMIUM_ARGS
 
     predictions, champion = _noisy(split, 0.85, 2), _noisy(split, 0.6, 3)
     cfg = EvalConfig(bootstrap_resamples=200)
