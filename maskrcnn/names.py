@@ -13,7 +13,7 @@ MODEL_NAME = "maskrcnn"  # the registered model, the InferenceService's predicto
 PIPELINE_NAME = "maskrcnn-train-gate-serve"  # the training pipeline in Kubeflow (pipelines.pipeline, release ship/retrain)
 BATCH_PIPELINE_NAME = "maskrcnn-batch-inference"
 SIGNING_KEY_ENV = "MASKRCNN_SIGNING_KEY_FILE"  # the Ed25519 private key (a file) that `release` signs packages with
-PUBLIC_KEYS_ENV = "MASKRCNN_PUBLIC_KEYS"  # trusted public keys (files or folders, `:`-separated) of the predictor and batch
+PUBLIC_KEYS_ENV = "MASKRCNN_PUBLIC_KEYS"  # the trusted public keys of the predictor and batch: a PEM file or a folder of them
 CACHE_ENV = "MASKRCNN_CACHE"  # where remote datasets and packages are cached (the serving image: /tmp/maskrcnn-serving)
 
 

@@ -31,6 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from maskrcnn.names import PUBLIC_KEYS_ENV
+
 ALGORITHM = "ed25519"
 MAX_KEY_FILE_BYTES = 64 << 10
 PEM_PUBLIC = b"-----BEGIN PUBLIC KEY-----"
@@ -87,9 +89,6 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"{path}: a {type(key).__name__}; expected an Ed25519 private key")
     return key
-
-
-from maskrcnn.names import PUBLIC_KEYS_ENV
 
 
 def public_key_sources(given: list[str] | None) -> list[str]:

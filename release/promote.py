@@ -53,6 +53,7 @@ from maskrcnn.package import DIGEST_ANNOTATION, VERSION_ANNOTATION, Package, ope
 from training.registry import (CHAMPION, DIGEST_TAG, SCORED_DIGEST_TAG, STORAGE_URI_TAG, get_alias,  # noqa: F401 (tags re-exported)
                                register_package, set_alias)
 from maskrcnn.waiting import describe, retry_call
+from maskrcnn.names import SIGNING_KEY_ENV
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -62,7 +63,6 @@ log = logging.getLogger(__name__)
 FAILED_TAG = "promotion.failed"
 INTENT_TAG = "promotion.intent"
 SIGNER_TAG = "serving.signed_by"
-from maskrcnn.names import SIGNING_KEY_ENV
 
 
 class CanaryRejected(DeployError):

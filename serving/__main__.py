@@ -23,7 +23,8 @@ from maskrcnn.onnx_runtime import DEVICES
 from maskrcnn.logs import setup_logging
 from maskrcnn.names import MODEL_NAME
 from maskrcnn.package import DIGEST_ANNOTATION, VERSION_ANNOTATION
-from maskrcnn.signature import PUBLIC_KEYS_ENV, public_key_sources  # noqa: F401 (re-exported)
+from maskrcnn.names import PUBLIC_KEYS_ENV
+from maskrcnn.signature import public_key_sources
 
 SWITCH_INTERVAL_S = 0.0005
 

@@ -128,6 +128,8 @@ def _decode_v1(dataplane, body: bytes, headers: dict[str, str]) -> tuple[Any, An
     (`serving.bodies`): the parser holds the GIL for the short rest only."""
     skeleton, lifted = lift(body)
     payload, attributes = dataplane.decode(skeleton, headers)
+    if lifted and isinstance(payload, (bytes, bytearray)):  # kserve passed it on unparsed (a non-JSON content
+        return dataplane.decode(body, headers)  # type, a CloudEvent whose data is not JSON): the body as sent
     return restore(payload, lifted), attributes
 
 

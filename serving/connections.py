@@ -81,8 +81,11 @@ def private_api_problems(protocol: type = H11Protocol, version: str | None = Non
     problems = [] if version.startswith(UVICORN_TESTED) else [
         f"uvicorn {version} is not the tested {UVICORN_TESTED}x: check serving/connections.py against it"]
     problems += [f"H11Protocol.{name}() is gone" for name in PRIVATE_API["methods"] if not callable(getattr(protocol, name, None))]
-    source = "".join(inspect.getsource(cls) for cls in protocol.__mro__ if cls.__module__ != "builtins"
-                     and not cls.__module__.startswith("asyncio"))
+    try:
+        source = "".join(inspect.getsource(cls) for cls in protocol.__mro__ if cls.__module__ != "builtins"
+                         and not cls.__module__.startswith("asyncio"))
+    except (OSError, TypeError) as exc:  # installed without its .py files: nothing can be checked
+        return [*problems, f"H11Protocol's source cannot be read to check it ({exc})"]
     problems += [f"H11Protocol no longer sets self.{name}" for name in PRIVATE_API["attributes"]
                  if f"self.{name} =" not in source and f"self.{name}:" not in source]
     return problems
@@ -105,7 +108,7 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with read time-outs, a write time-out and a connection limit; `guarded_protocol`
     makes one for a `ServingLimits` (its class attributes)."""
 
-    limits: ServingLimits = ServingLimits()
+    limits: ServingLimits  # set by `guarded_protocol` on the subclass it makes
     over_limit = b""  # the canned 503 answer
     header_timeout = b""  # the canned 408 answer
     _timer: asyncio.TimerHandle | None = None

@@ -96,7 +96,8 @@ def evaluate_package(package: Package | str | Path, split: CocoSplit, cfg: EvalC
     before = torch.get_num_threads()
     torch.set_num_threads(1 if network.backend == "onnxruntime" else threads)  # with the graph, torch only pre- and post-processes
     try:
-        return evaluate_model(package.build_model(), split, cfg or package.config.eval, network=network)
+        model = network.model if isinstance(network, EagerNetwork) else package.build_model()  # built once
+        return evaluate_model(model, split, cfg or package.config.eval, network=network)
     finally:
         torch.set_num_threads(before)
 

@@ -92,3 +92,22 @@ def test_a_v2_request_gets_its_strings_back_wherever_it_may_hold_them():
     assert len(lifted) == 4
     assert [plain(v) for v in (request.id, request.parameters["note"], request.inputs[0].parameters["p"])] == [big] * 3
     assert plain(request.inputs[0].data) == [big, "QUJD"]
+
+
+@pytest.mark.parametrize("headers", [{"content-type": "text/plain"},
+                                     {"content-type": "application/json"},
+                                     {"ce-specversion": "1.0", "ce-source": "t", "ce-type": "t", "ce-id": "1",
+                                      "content-type": "application/json"}])
+def test_the_predictor_gets_the_body_kserve_would_have_given_it(headers):
+    """Lifting is invisible: whatever kserve's decode makes of a body (parsed JSON, a CloudEvent's data, or,
+    for a content type it does not parse, the bytes as sent), `_decode_v1` gives the same."""
+    from kserve.model_repository import ModelRepository
+    from kserve.protocol.dataplane import DataPlane
+
+    from serving.app import _decode_v1
+
+    dataplane = DataPlane(model_registry=ModelRepository())
+    body = json.dumps({"instances": [{"b64": "QUJD" * 20_000}]}).encode()
+    expected, _ = dataplane.decode(body, dict(headers))
+    got, _ = _decode_v1(dataplane, body, dict(headers))
+    assert plain(got) == expected

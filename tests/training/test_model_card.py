@@ -129,3 +129,25 @@ def test_the_card_travels_in_the_package_listed_and_checked(serving_package, tmp
         open_package(bad)
     with pytest.raises(PackageError, match="contains a NUL character"):
         package.with_card("a\x00b")
+
+
+def test_a_package_scores_the_same_on_its_graph_and_its_weights_and_is_built_once(serving_package, tmp_path, monkeypatch):
+    """`evaluate_package` turns the package into a network through `Package.network` (probe-checked), on the
+    graph (`auto`) or the weights (`eager`): the same predictions within the graph's tolerance, and the eager
+    model is built once, not once for the network and again for the evaluation."""
+    from maskrcnn.config import EvalConfig, SyntheticConfig
+    from maskrcnn.package import Package
+    from training.data.coco import load_coco
+    from training.data.synthetic import synthetic_dataset
+    from training.evaluate import evaluate_package
+
+    _, val = synthetic_dataset(SyntheticConfig(num_train=2, num_val=4, image_size=96, seed=3), tmp_path)
+    split, package, cfg = load_coco(val), open_package(serving_package), EvalConfig(score_threshold=0.0)
+    built, real = [], Package.build_model
+    monkeypatch.setattr(Package, "build_model", lambda self: built.append(1) or real(self))
+    graph_metrics, graph_predictions = evaluate_package(package, split, cfg)
+    assert len(built) == 1  # the graph's run: the model only for its input sizes
+    eager_metrics, eager_predictions = evaluate_package(package, split, cfg, backend="eager")
+    assert len(built) == 2  # the eager run: once
+    assert [len(p["scores"]) for p in graph_predictions] == [len(p["scores"]) for p in eager_predictions]
+    assert graph_metrics["segm_mAP"] == pytest.approx(eager_metrics["segm_mAP"], abs=0.01)
